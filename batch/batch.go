@@ -1,0 +1,85 @@
+// Package batch groups decoded rows into batches bounded by a row count and a time
+// bound, whichever is reached first.
+package batch
+
+import (
+	"time"
+
+	"github.com/outbox-streamer/outbox-streamer/record"
+)
+
+// Batch is a contiguous run of rows from the stream: rows with sequence numbers
+// [FirstSeq, FirstSeq+len(Events)).
+type Batch struct {
+	FirstSeq uint64
+	Events   []record.Event
+	// MaxCommitLSN is the highest commit LSN among the rows; the in-flight record
+	// written before the insert covers it.
+	MaxCommitLSN uint64
+	// Opened is when the first row entered the batch.
+	Opened time.Time
+}
+
+// EndSeq is one past the last row's sequence number.
+func (b *Batch) EndSeq() uint64 { return b.FirstSeq + uint64(len(b.Events)) }
+
+// Len is the number of rows.
+func (b *Batch) Len() int { return len(b.Events) }
+
+// Builder accumulates rows until the batch is full or its time bound passes. It is not
+// safe for concurrent use: only the receive loop owns it.
+type Builder struct {
+	maxRows int
+	maxWait time.Duration
+	cur     *Batch
+}
+
+// NewBuilder returns a builder for batches of at most maxRows rows, open for at most
+// maxWait after their first row.
+func NewBuilder(maxRows int, maxWait time.Duration) *Builder {
+	if maxRows < 1 {
+		maxRows = 1
+	}
+	return &Builder{maxRows: maxRows, maxWait: maxWait}
+}
+
+// Add appends a row with sequence number seq and reports whether the batch is now full.
+// Rows must arrive with consecutive sequence numbers.
+func (b *Builder) Add(seq uint64, ev record.Event, now time.Time) (full bool) {
+	if b.cur == nil {
+		b.cur = &Batch{FirstSeq: seq, Events: make([]record.Event, 0, b.maxRows), Opened: now}
+	}
+	b.cur.Events = append(b.cur.Events, ev)
+	if ev.CommitLSN > b.cur.MaxCommitLSN {
+		b.cur.MaxCommitLSN = ev.CommitLSN
+	}
+	return len(b.cur.Events) >= b.maxRows
+}
+
+// Due reports whether the open batch has reached its time bound.
+func (b *Builder) Due(now time.Time) bool {
+	return b.cur != nil && now.Sub(b.cur.Opened) >= b.maxWait
+}
+
+// Deadline returns when the open batch must be flushed; ok is false when no batch is open.
+func (b *Builder) Deadline() (deadline time.Time, ok bool) {
+	if b.cur == nil {
+		return time.Time{}, false
+	}
+	return b.cur.Opened.Add(b.maxWait), true
+}
+
+// Take returns the open batch (nil if none) and starts a new one.
+func (b *Builder) Take() *Batch {
+	out := b.cur
+	b.cur = nil
+	return out
+}
+
+// Pending is the number of rows in the open batch.
+func (b *Builder) Pending() int {
+	if b.cur == nil {
+		return 0
+	}
+	return len(b.cur.Events)
+}

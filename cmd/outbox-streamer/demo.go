@@ -1,0 +1,127 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-streamer/outbox-streamer/sink"
+)
+
+var demoTypes = []string{"user.signed_in", "order.created", "order.paid", "payment.failed", "audit.permission_changed"}
+
+// cmdDemo writes demo events into the outbox, in transactions, and prints one progress
+// line per second with how many of them ClickHouse holds.
+func cmdDemo(args []string, stdout, stderr io.Writer) error {
+	var rate, txSize, count int
+	var duration time.Duration
+	cfg, _, err := loadConfig("demo", args, stderr, func(fs *flag.FlagSet) {
+		fs.IntVar(&rate, "rate", 200, "events per second")
+		fs.IntVar(&txSize, "tx-size", 10, "events per transaction")
+		fs.IntVar(&count, "count", 0, "stop after this many events (0: run until interrupted or --duration)")
+		fs.DurationVar(&duration, "duration", 0, "stop after this long (0: no limit)")
+	})
+	if err != nil {
+		return err
+	}
+	if rate < 1 || txSize < 1 {
+		return fmt.Errorf("--rate and --tx-size must be at least 1")
+	}
+	log := newLogger(cfg)
+	ctx, _, stop := signalContext(log)
+	defer stop()
+	if duration > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, duration)
+		defer cancel()
+	}
+	pool, err := pgxpool.New(ctx, cfg.PostgresDSN)
+	if err != nil {
+		return fmt.Errorf("connect to postgres: %w", err)
+	}
+	defer pool.Close()
+	ch, err := sink.Connect(cfg.ClickHouse)
+	if err != nil {
+		return err
+	}
+	defer ch.Close()
+	table := sink.QuoteIdent(cfg.ClickHouse.Database) + "." + sink.QuoteIdent(cfg.ClickHouse.Table)
+	var startCount uint64
+	if err := ch.QueryRow(ctx, "SELECT count() FROM "+table).Scan(&startCount); err != nil {
+		return fmt.Errorf("count rows in ClickHouse %s (has `outbox-streamer migrate up` run?): %w", table, err)
+	}
+
+	interval := time.Duration(float64(time.Second) * float64(txSize) / float64(rate))
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	report := time.NewTicker(time.Second)
+	defer report.Stop()
+	produced := 0
+	started := time.Now()
+	progress := func(final bool) {
+		var n uint64
+		qctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := ch.QueryRow(qctx, "SELECT count() FROM "+table).Scan(&n); err != nil {
+			fmt.Fprintf(stdout, "produced %d events; ClickHouse count failed: %v\n", produced, err)
+			return
+		}
+		arrived := int64(n - startCount)
+		fmt.Fprintf(stdout, "[%5.1fs] produced %d events, %d in ClickHouse %s, %d on the way\n",
+			time.Since(started).Seconds(), produced, arrived, table, int64(produced)-arrived)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			// Give the streamer a moment to deliver the tail, then report once more.
+			deadline := time.Now().Add(10 * time.Second)
+			for time.Now().Before(deadline) {
+				var n uint64
+				if err := ch.QueryRow(context.Background(), "SELECT count() FROM "+table).Scan(&n); err == nil && int64(n-startCount) >= int64(produced) {
+					break
+				}
+				time.Sleep(200 * time.Millisecond)
+			}
+			progress(true)
+			return nil
+		case <-report.C:
+			progress(false)
+		case <-tick.C:
+			if count > 0 && produced >= count {
+				continue
+			}
+			n := txSize
+			if count > 0 && produced+n > count {
+				n = count - produced
+			}
+			if err := insertDemo(ctx, pool, n, cfg.Environment); err != nil {
+				if ctx.Err() != nil {
+					continue
+				}
+				return err
+			}
+			produced += n
+			if count > 0 && produced >= count {
+				progress(false)
+			}
+		}
+	}
+}
+
+func insertDemo(ctx context.Context, pool *pgxpool.Pool, n int, env string) error {
+	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		b := &pgx.Batch{}
+		for i := 0; i < n; i++ {
+			typ := demoTypes[time.Now().Nanosecond()%len(demoTypes)]
+			b.Queue(`INSERT INTO event_outbox (event_type, event_date_time, environment, event_context, metadata_version)
+				VALUES ($1, now() AT TIME ZONE 'UTC', $2, $3, 1)`, typ, env,
+				fmt.Sprintf(`{"demo": true, "seq": %d, "user_id": %d}`, i, time.Now().UnixNano()%100000))
+		}
+		return tx.SendBatch(ctx, b).Close()
+	})
+}

@@ -1,0 +1,122 @@
+// Command outbox-streamer delivers events from the PostgreSQL transactional outbox
+// (event_outbox) into ClickHouse through a pgoutput logical replication slot.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"go.uber.org/zap"
+
+	"github.com/outbox-streamer/outbox-streamer/config"
+	"github.com/outbox-streamer/outbox-streamer/replication"
+)
+
+const usage = `outbox-streamer moves events from the PostgreSQL outbox table event_outbox into the
+ClickHouse table event_log through logical replication (pgoutput).
+
+Usage:
+  outbox-streamer run [flags]              stream inserts into ClickHouse until SIGTERM
+  outbox-streamer migrate up|down|status   apply, roll back (one step, needs --yes) or show
+                                           the migrations of both databases
+  outbox-streamer status [flags]           show the slot and the outbox's state
+  outbox-streamer demo [flags]             write demo events and show them arrive in ClickHouse
+
+Every command takes the settings below as flags or environment variables;
+"outbox-streamer COMMAND --help" lists them with their defaults.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprint(stdout, usage)
+		fs := flag.NewFlagSet("outbox-streamer", flag.ContinueOnError)
+		src := config.NewSource(fs, nil)
+		config.Bind(src, &config.Config{})
+		src.PrintUsage(stdout)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	var err error
+	switch args[0] {
+	case "run":
+		err = cmdRun(args[1:], stdout, stderr)
+	case "migrate":
+		err = cmdMigrate(args[1:], stdout, stderr)
+	case "status":
+		err = cmdStatus(args[1:], stdout, stderr)
+	case "demo":
+		err = cmdDemo(args[1:], stdout, stderr)
+	default:
+		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status or demo; see --help)\n", args[0])
+		return 2
+	}
+	var exit exitCode
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.As(err, &exit):
+		return int(exit)
+	}
+	var pre *replication.PreconditionError
+	if errors.As(err, &pre) {
+		fmt.Fprintf(stderr, "outbox-streamer: %s\n  fix: %s\n", pre.Problem, pre.Hint)
+		return 1
+	}
+	fmt.Fprintf(stderr, "outbox-streamer: %v\n", err)
+	return 1
+}
+
+// exitCode ends the process with a code and no further message.
+type exitCode int
+
+func (e exitCode) Error() string { return fmt.Sprintf("exit %d", int(e)) }
+
+// loadConfig parses a command's flags and the environment.
+func loadConfig(name string, args []string, stderr io.Writer, extra func(*flag.FlagSet)) (*config.Config, *flag.FlagSet, error) {
+	fs := flag.NewFlagSet("outbox-streamer "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	if extra != nil {
+		extra(fs)
+	}
+	cfg, _, err := config.Load(fs, args, os.Getenv)
+	if err != nil {
+		return nil, fs, err
+	}
+	return cfg, fs, nil
+}
+
+// signalContext returns a context cancelled by the first SIGINT/SIGTERM and a channel
+// closed by the second, which abandons the graceful drain.
+func signalContext(log *zap.Logger) (context.Context, <-chan struct{}, func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	hard := make(chan struct{})
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		s, ok := <-sigs
+		if !ok {
+			return
+		}
+		log.Info("stopping: flushing the open batch (signal again to abandon it)", zap.String("signal", s.String()))
+		cancel()
+		if _, ok := <-sigs; ok {
+			log.Warn("second signal: stopping without draining")
+			close(hard)
+		}
+	}()
+	return ctx, hard, func() { signal.Stop(sigs); close(sigs); cancel() }
+}

@@ -1,0 +1,149 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-streamer/outbox-streamer/replication"
+)
+
+// slotStatus is what `status` reports.
+type slotStatus struct {
+	Slot              string           `json:"slot"`
+	SlotExists        bool             `json:"slot_exists"`
+	Active            bool             `json:"active"`
+	ActivePID         int32            `json:"active_pid,omitempty"`
+	WALStatus         string           `json:"wal_status,omitempty"`
+	ConfirmedFlush    string           `json:"confirmed_flush_lsn,omitempty"`
+	CurrentWAL        string           `json:"current_wal_lsn"`
+	LagBytes          int64            `json:"lag_bytes"`
+	RetainedWALBytes  int64            `json:"retained_wal_bytes"`
+	SafeWALSize       *int64           `json:"safe_wal_size,omitempty"`
+	Counts            map[string]int64 `json:"counts"`
+	OldestUndelivered *float64         `json:"oldest_undelivered_age_seconds,omitempty"`
+}
+
+func cmdStatus(args []string, stdout, stderr io.Writer) error {
+	var asJSON bool
+	var maxLag int64
+	var maxAge time.Duration
+	cfg, _, err := loadConfig("status", args, stderr, func(fs *flag.FlagSet) {
+		fs.BoolVar(&asJSON, "json", false, "print JSON")
+		fs.Int64Var(&maxLag, "max-lag", 0, "exit 3 when the slot lags by more than this many bytes (0: no check)")
+		fs.DurationVar(&maxAge, "max-age", 0, "exit 3 when the oldest undelivered row is older than this (0: no check)")
+	})
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, cfg.PostgresDSN)
+	if err != nil {
+		return fmt.Errorf("connect to postgres: %w", err)
+	}
+	defer conn.Close(context.Background())
+
+	st := slotStatus{Slot: cfg.Slot, Counts: map[string]int64{"pending": 0, "processed": 0, "failed": 0, "dead": 0}}
+	if err := conn.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&st.CurrentWAL); err != nil {
+		return fmt.Errorf("read current WAL position: %w", err)
+	}
+	slot, err := replication.ReadSlot(ctx, conn, cfg.Slot)
+	if err != nil {
+		return err
+	}
+	st.SlotExists, st.Active, st.ActivePID, st.WALStatus = slot.Exists, slot.Active, slot.ActivePID, slot.WALStatus
+	if slot.Exists {
+		err := conn.QueryRow(ctx, `SELECT confirmed_flush_lsn::text,
+				COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint,
+				COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint,
+				safe_wal_size
+			FROM pg_replication_slots WHERE slot_name = $1`, cfg.Slot).
+			Scan(&st.ConfirmedFlush, &st.LagBytes, &st.RetainedWALBytes, &st.SafeWALSize)
+		if err != nil {
+			return fmt.Errorf("read slot lag: %w", err)
+		}
+	}
+	rows, err := conn.Query(ctx, `SELECT status, count(*) FROM event_outbox GROUP BY status`)
+	if err != nil {
+		return fmt.Errorf("count outbox rows (has `outbox-streamer migrate up` run?): %w", err)
+	}
+	for rows.Next() {
+		var s string
+		var n int64
+		if err := rows.Scan(&s, &n); err != nil {
+			return err
+		}
+		st.Counts[s] = n
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("count outbox rows: %w", err)
+	}
+	if err := conn.QueryRow(ctx, `SELECT EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - min(created_at))::float8
+		FROM event_outbox WHERE status IN ('pending', 'failed')`).Scan(&st.OldestUndelivered); err != nil {
+		return fmt.Errorf("read oldest undelivered row: %w", err)
+	}
+
+	if asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(st); err != nil {
+			return err
+		}
+	} else {
+		printStatus(stdout, st)
+	}
+	over := false
+	if maxLag > 0 && st.LagBytes > maxLag {
+		fmt.Fprintf(stderr, "outbox-streamer: slot %q lags by %d bytes, over --max-lag %d\n", cfg.Slot, st.LagBytes, maxLag)
+		over = true
+	}
+	if maxAge > 0 && st.OldestUndelivered != nil && time.Duration(*st.OldestUndelivered*float64(time.Second)) > maxAge {
+		fmt.Fprintf(stderr, "outbox-streamer: oldest undelivered row is %.0fs old, over --max-age %s\n", *st.OldestUndelivered, maxAge)
+		over = true
+	}
+	if over {
+		return exitCode(3)
+	}
+	return nil
+}
+
+func printStatus(w io.Writer, st slotStatus) {
+	if !st.SlotExists {
+		fmt.Fprintf(w, "slot %s: does not exist (created by the first `outbox-streamer run`)\n", st.Slot)
+	} else {
+		active := "inactive"
+		if st.Active {
+			active = fmt.Sprintf("active (pid %d)", st.ActivePID)
+		}
+		fmt.Fprintf(w, "slot %s: %s, wal_status %s\n", st.Slot, active, st.WALStatus)
+		fmt.Fprintf(w, "  confirmed flush %s, current WAL %s\n", st.ConfirmedFlush, st.CurrentWAL)
+		fmt.Fprintf(w, "  lag %s, retained WAL %s", bytesText(st.LagBytes), bytesText(st.RetainedWALBytes))
+		if st.SafeWALSize != nil {
+			fmt.Fprintf(w, ", safe_wal_size %s", bytesText(*st.SafeWALSize))
+		}
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintf(w, "outbox: %d pending, %d processed, %d failed, %d dead\n",
+		st.Counts["pending"], st.Counts["processed"], st.Counts["failed"], st.Counts["dead"])
+	if st.OldestUndelivered != nil {
+		fmt.Fprintf(w, "  oldest undelivered row: %s old\n", time.Duration(*st.OldestUndelivered*float64(time.Second)).Round(time.Second))
+	}
+}
+
+func bytesText(n int64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
+}

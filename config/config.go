@@ -1,0 +1,200 @@
+package config
+
+import (
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/outbox-streamer/outbox-streamer/sink"
+)
+
+// Config is the resolved configuration of the streamer.
+type Config struct {
+	Environment string
+	Debug       bool
+
+	// PostgresDSN is DATABASE_URL, or built from the POSTGRES_* parts.
+	PostgresDSN string
+	pg          struct{ host, port, user, password, db string }
+
+	ClickHouse sink.Config
+	ch         struct {
+		uri, host, port string
+		secure          bool
+	}
+
+	Slot           string
+	Publication    string
+	StatusInterval time.Duration
+	TimeZone       *time.Location
+	timeZone       string
+
+	BatchSize           int
+	BatchTimeout        time.Duration
+	ClickHouseBatchSize int
+	SweepInterval       time.Duration
+	ShutdownTimeout     time.Duration
+	RetryMaxWait        time.Duration
+
+	MaxAttempts    int
+	RetryBaseDelay time.Duration
+	RetryMaxDelay  time.Duration
+}
+
+// Bind registers every setting on src.
+func Bind(src *Source, c *Config) {
+	src.String(&c.Environment, "ENVIRONMENT", "environment", "dev", "environment name (dev, prod, ...), in logs")
+	src.Bool(&c.Debug, "DEBUG", "debug", false, "debug logging (console format on a terminal)")
+
+	src.Secret(&c.PostgresDSN, "DATABASE_URL", "database-url", "PostgreSQL connection string; when empty it is built from POSTGRES_*")
+	src.String(&c.pg.host, "POSTGRES_HOST", "", "localhost", "PostgreSQL host (when DATABASE_URL is empty)")
+	src.String(&c.pg.port, "POSTGRES_PORT", "", "5432", "PostgreSQL port (when DATABASE_URL is empty)")
+	src.String(&c.pg.user, "POSTGRES_USER", "", "postgres", "PostgreSQL user (when DATABASE_URL is empty)")
+	src.Secret(&c.pg.password, "POSTGRES_PASSWORD", "", "PostgreSQL password (when DATABASE_URL is empty)")
+	src.String(&c.pg.db, "POSTGRES_DB", "", "postgres", "PostgreSQL database (when DATABASE_URL is empty)")
+
+	src.Secret(&c.ch.uri, "CLICKHOUSE_URI", "clickhouse-uri", "ClickHouse URI (tcp://user:pass@host:9000/db or http://...:8123/db); CLICKHOUSE_* settings override its parts")
+	src.String(&c.ch.host, "CLICKHOUSE_HOST", "clickhouse-host", "localhost", "ClickHouse host")
+	src.String(&c.ch.port, "CLICKHOUSE_PORT", "clickhouse-port", "", "ClickHouse port (default 9000 for native, 8123 for http)")
+	src.String(&c.ClickHouse.User, "CLICKHOUSE_USER", "clickhouse-user", "default", "ClickHouse user")
+	src.Secret(&c.ClickHouse.Password, "CLICKHOUSE_PASSWORD", "", "ClickHouse password")
+	src.String(&c.ClickHouse.Database, "CLICKHOUSE_SCHEMA", "clickhouse-schema", "default", "ClickHouse database of the event table")
+	src.String(&c.ClickHouse.Protocol, "CLICKHOUSE_PROTOCOL", "clickhouse-protocol", "native", "native or http")
+	src.Bool(&c.ch.secure, "CLICKHOUSE_SECURE", "clickhouse-secure", false, "connect to ClickHouse with TLS")
+	src.String(&c.ClickHouse.Table, "CLICKHOUSE_EVENT_LOG_TABLE_NAME", "table", "event_log", "ClickHouse event table")
+	src.Duration(&c.ClickHouse.DialTimeout, "CLICKHOUSE_CONNECT_TIMEOUT", "clickhouse-connect-timeout", 30*time.Second, "ClickHouse connect timeout")
+	src.Duration(&c.ClickHouse.ReadTimeout, "CLICKHOUSE_SEND_RECEIVE_TIMEOUT", "clickhouse-timeout", 10*time.Second, "ClickHouse send/receive timeout per request")
+	src.Int(&c.ClickHouse.MaxContextBytes, "EVENT_MAX_CONTEXT_BYTES", "max-context-bytes", 1<<20, 1, "largest event_context delivered; larger events are failed")
+
+	src.String(&c.Slot, "REPLICATION_SLOT_NAME", "slot", "outbox_streamer", "logical replication slot (created if missing)")
+	src.String(&c.Publication, "PUBLICATION_NAME", "publication", "outbox_publication", "publication carrying inserts into event_outbox")
+	src.Duration(&c.StatusInterval, "STATUS_INTERVAL", "status-interval", time.Second, "how often the acknowledged LSN is reported to PostgreSQL")
+	src.String(&c.timeZone, "EVENT_TIME_ZONE", "time-zone", "UTC", "time zone of the outbox's TIMESTAMP (without time zone) values")
+
+	src.Int(&c.BatchSize, "EVENT_BATCH_SIZE", "batch-size", 1000, 1, "rows per batch")
+	src.Duration(&c.BatchTimeout, "EVENT_BATCH_TIMEOUT", "batch-timeout", 100*time.Millisecond, "a batch is written at the latest this long after its first row")
+	src.Int(&c.ClickHouseBatchSize, "CLICKHOUSE_BATCH_SIZE", "clickhouse-batch-size", 0, 0, "most rows per ClickHouse insert; a writer that falls behind merges queued batches up to it (0: EVENT_BATCH_SIZE)")
+	src.Duration(&c.SweepInterval, "EVENT_PROCESSING_INTERVAL", "sweep-interval", 60*time.Second, "period of the fallback sweep while streaming")
+	src.Duration(&c.ShutdownTimeout, "SHUTDOWN_TIMEOUT", "shutdown-timeout", 30*time.Second, "bound on the final flush after SIGTERM")
+	src.Duration(&c.RetryMaxWait, "RETRY_MAX_WAIT", "retry-max-wait", 30*time.Second, "cap of the backoff between retries of a transient error")
+
+	src.Int(&c.MaxAttempts, "EVENT_MAX_ATTEMPTS", "max-attempts", 10, 1, "failed deliveries after which a row becomes a dead letter")
+	src.Duration(&c.RetryBaseDelay, "EVENT_RETRY_BASE_DELAY", "retry-base-delay", 30*time.Second, "wait before a failed row is tried again; doubles per attempt")
+	src.Duration(&c.RetryMaxDelay, "EVENT_RETRY_MAX_DELAY", "retry-max-delay", time.Hour, "cap of the wait between attempts of a failed row")
+}
+
+// Load parses args and the environment into a validated Config.
+func Load(fs *flag.FlagSet, args []string, getenv func(string) string) (*Config, *Source, error) {
+	c := &Config{}
+	src := NewSource(fs, getenv)
+	Bind(src, c)
+	if err := src.Parse(args); err != nil {
+		return nil, src, err
+	}
+	if err := c.finish(src); err != nil {
+		return nil, src, err
+	}
+	return c, src, nil
+}
+
+func (c *Config) finish(src *Source) error {
+	loc, err := time.LoadLocation(c.timeZone)
+	if err != nil {
+		return fmt.Errorf("invalid EVENT_TIME_ZONE (--time-zone) %q: not a known time zone", c.timeZone)
+	}
+	c.TimeZone = loc
+
+	if c.PostgresDSN == "" {
+		u := url.URL{Scheme: "postgres", Host: net.JoinHostPort(c.pg.host, c.pg.port), Path: "/" + c.pg.db}
+		if c.pg.password != "" {
+			u.User = url.UserPassword(c.pg.user, c.pg.password)
+		} else {
+			u.User = url.User(c.pg.user)
+		}
+		c.PostgresDSN = u.String()
+	}
+
+	if c.ch.uri != "" {
+		if err := c.applyClickHouseURI(src); err != nil {
+			return err
+		}
+	}
+	c.ClickHouse.Protocol = strings.ToLower(c.ClickHouse.Protocol)
+	switch c.ClickHouse.Protocol {
+	case "native", "tcp", "clickhouse":
+		c.ClickHouse.Protocol = "native"
+	case "http", "https":
+	default:
+		return fmt.Errorf("invalid CLICKHOUSE_PROTOCOL (--clickhouse-protocol) %q: want native or http", c.ClickHouse.Protocol)
+	}
+	if c.ch.port == "" {
+		c.ch.port = "9000"
+		if c.ClickHouse.Protocol != "native" {
+			c.ch.port = "8123"
+		}
+	}
+	if p, err := strconv.Atoi(c.ch.port); err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("invalid CLICKHOUSE_PORT (--clickhouse-port) %q: want a port number", c.ch.port)
+	}
+	if c.ch.host == "" {
+		return errors.New("invalid CLICKHOUSE_HOST (--clickhouse-host): empty")
+	}
+	c.ClickHouse.Addr = net.JoinHostPort(c.ch.host, c.ch.port)
+	if c.ch.secure || c.ClickHouse.Protocol == "https" {
+		c.ClickHouse.TLS = &tls.Config{ServerName: c.ch.host, MinVersion: tls.VersionTLS12}
+	}
+	if c.ClickHouseBatchSize < c.BatchSize {
+		c.ClickHouseBatchSize = c.BatchSize
+	}
+	return c.ClickHouse.Validate()
+}
+
+// applyClickHouseURI fills the ClickHouse settings the user did not give one by one.
+func (c *Config) applyClickHouseURI(src *Source) error {
+	u, err := url.Parse(c.ch.uri)
+	if err != nil || u.Host == "" {
+		return errors.New("invalid CLICKHOUSE_URI (--clickhouse-uri): want scheme://user:password@host:port/database")
+	}
+	set := func(env string, dst *string, v string) {
+		if !src.Explicit(env) && v != "" {
+			*dst = v
+		}
+	}
+	set("CLICKHOUSE_HOST", &c.ch.host, u.Hostname())
+	set("CLICKHOUSE_PORT", &c.ch.port, u.Port())
+	set("CLICKHOUSE_PROTOCOL", &c.ClickHouse.Protocol, u.Scheme)
+	set("CLICKHOUSE_SCHEMA", &c.ClickHouse.Database, strings.TrimPrefix(u.Path, "/"))
+	if u.User != nil {
+		set("CLICKHOUSE_USER", &c.ClickHouse.User, u.User.Username())
+		if p, ok := u.User.Password(); ok {
+			set("CLICKHOUSE_PASSWORD", &c.ClickHouse.Password, p)
+		}
+	}
+	return nil
+}
+
+// RedactDSN returns a PostgreSQL connection string fit for logs: host, port, database
+// and user, never the password or other parameters.
+func RedactDSN(dsn string) string {
+	u, err := url.Parse(dsn)
+	if err != nil || u.Host == "" {
+		// Key/value form: show only the host.
+		for _, kv := range strings.Fields(dsn) {
+			if strings.HasPrefix(kv, "host=") {
+				return "postgres://" + strings.TrimPrefix(kv, "host=")
+			}
+		}
+		return "postgres://(unparsed)"
+	}
+	user := ""
+	if u.User != nil {
+		user = u.User.Username() + "@"
+	}
+	return u.Scheme + "://" + user + u.Host + u.Path
+}

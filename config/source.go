@@ -1,0 +1,194 @@
+// Package config reads the streamer's settings from flags and environment variables
+// (flags win), with defaults, and turns bad values into one clear line naming the
+// setting. Only cmd/ uses it; the other packages take plain Config structs.
+package config
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// setting is one configurable value, reachable as a flag and an environment variable.
+type setting struct {
+	env, flag, def, usage string
+	secret                bool
+	value                 string
+	explicit              bool // given by flag or environment
+	apply                 func(string) error
+}
+
+// Source collects settings for one command.
+type Source struct {
+	fs       *flag.FlagSet
+	getenv   func(string) string
+	settings []*setting
+	byEnv    map[string]*setting
+}
+
+// NewSource returns a source over fs that reads the environment with getenv
+// (os.Getenv when nil).
+func NewSource(fs *flag.FlagSet, getenv func(string) string) *Source {
+	if getenv == nil {
+		getenv = os.Getenv
+	}
+	s := &Source{fs: fs, getenv: getenv, byEnv: map[string]*setting{}}
+	fs.Usage = func() { s.PrintUsage(fs.Output()) }
+	return s
+}
+
+func (s *Source) add(st *setting) {
+	s.settings = append(s.settings, st)
+	s.byEnv[st.env] = st
+	if st.flag != "" {
+		s.fs.Func(st.flag, st.usage, func(v string) error {
+			st.value, st.explicit = v, true
+			return nil
+		})
+	}
+}
+
+// String binds a string setting.
+func (s *Source) String(p *string, env, flagName, def, usage string) {
+	s.add(&setting{env: env, flag: flagName, def: def, usage: usage, apply: func(v string) error { *p = v; return nil }})
+}
+
+// Secret binds a string setting whose value is never printed.
+func (s *Source) Secret(p *string, env, flagName, usage string) {
+	s.add(&setting{env: env, flag: flagName, usage: usage, secret: true, apply: func(v string) error { *p = v; return nil }})
+}
+
+// Int binds an integer setting of at least min.
+func (s *Source) Int(p *int, env, flagName string, def, min int, usage string) {
+	s.add(&setting{env: env, flag: flagName, def: strconv.Itoa(def), usage: usage, apply: func(v string) error {
+		n, err := strconv.Atoi(strings.TrimSpace(v))
+		if err != nil || n < min {
+			return fmt.Errorf("want an integer >= %d", min)
+		}
+		*p = n
+		return nil
+	}})
+}
+
+// Bool binds a boolean setting (true/false, 1/0, yes/no).
+func (s *Source) Bool(p *bool, env, flagName string, def bool, usage string) {
+	s.add(&setting{env: env, flag: flagName, def: strconv.FormatBool(def), usage: usage, apply: func(v string) error {
+		switch strings.ToLower(strings.TrimSpace(v)) {
+		case "1", "t", "true", "yes", "y", "on":
+			*p = true
+		case "0", "f", "false", "no", "n", "off", "":
+			*p = false
+		default:
+			return fmt.Errorf("want true or false")
+		}
+		return nil
+	}})
+}
+
+// Duration binds a duration setting. A bare number is seconds, as in the earlier
+// service ("30"); Go durations ("250ms", "1m") work too.
+func (s *Source) Duration(p *time.Duration, env, flagName string, def time.Duration, usage string) {
+	s.add(&setting{env: env, flag: flagName, def: def.String(), usage: usage, apply: func(v string) error {
+		d, err := ParseDuration(v)
+		if err != nil || d <= 0 {
+			return fmt.Errorf(`want a positive duration such as "30", "30s" or "250ms"`)
+		}
+		*p = d
+		return nil
+	}})
+}
+
+// ParseDuration accepts seconds as a bare number or a Go duration.
+func ParseDuration(v string) (time.Duration, error) {
+	v = strings.TrimSpace(v)
+	if f, err := strconv.ParseFloat(v, 64); err == nil {
+		return time.Duration(f * float64(time.Second)), nil
+	}
+	return time.ParseDuration(v)
+}
+
+// Parse parses args and then applies, for every setting, the flag if given, else the
+// environment variable if set, else the default. The first bad value is returned as
+// one line naming the setting.
+func (s *Source) Parse(args []string) error {
+	if err := s.fs.Parse(args); err != nil {
+		return err
+	}
+	for _, st := range s.settings {
+		v := st.value
+		if !st.explicit {
+			if e := s.getenv(st.env); e != "" {
+				v, st.explicit = e, true
+			} else {
+				v = st.def
+			}
+			st.value = v
+		}
+		if err := st.apply(v); err != nil {
+			shown := fmt.Sprintf("%q", v)
+			if st.secret {
+				shown = "(hidden)"
+			}
+			return fmt.Errorf("invalid %s: %s %s", st.name(), shown, err)
+		}
+	}
+	return nil
+}
+
+// Explicit reports whether the setting with this environment name was given by flag
+// or environment rather than defaulted.
+func (s *Source) Explicit(env string) bool {
+	st, ok := s.byEnv[env]
+	return ok && st.explicit
+}
+
+func (st *setting) name() string {
+	if st.flag == "" {
+		return st.env
+	}
+	return st.env + " (--" + st.flag + ")"
+}
+
+// PrintUsage lists every setting with its flag, environment variable and default.
+func (s *Source) PrintUsage(w io.Writer) {
+	fmt.Fprintf(w, "Settings (flags win over environment variables):\n")
+	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+	for _, st := range s.settings {
+		flagName := "-"
+		if st.flag != "" {
+			flagName = "--" + st.flag
+		}
+		def := st.def
+		if def == "" {
+			def = `""`
+		}
+		if st.secret {
+			def = "(secret)"
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", flagName, st.env, def, st.usage)
+	}
+	tw.Flush()
+	var other []string
+	s.fs.VisitAll(func(f *flag.Flag) {
+		if _, ok := s.byFlag(f.Name); !ok {
+			other = append(other, fmt.Sprintf("  --%s\t%s", f.Name, f.Usage))
+		}
+	})
+	if len(other) > 0 {
+		fmt.Fprintf(w, "Options:\n%s\n", strings.Join(other, "\n"))
+	}
+}
+
+func (s *Source) byFlag(name string) (*setting, bool) {
+	for _, st := range s.settings {
+		if st.flag == name {
+			return st, true
+		}
+	}
+	return nil, false
+}

@@ -1,0 +1,220 @@
+// Package e2e holds what the integration tests of several packages share: a
+// migrated outbox database and ClickHouse database per test, producers, and
+// assertions on what reached ClickHouse.
+package e2e
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/migrations"
+	"github.com/outbox-streamer/outbox-streamer/sink"
+)
+
+// Env is one test's databases: a fresh PostgreSQL database with the outbox migrated
+// and a fresh ClickHouse database with the event table.
+type Env struct {
+	DSN         string
+	Slot        string
+	Publication string
+	CH          testenv.CHServer
+	Sink        sink.Config
+	Pool        *pgxpool.Pool
+	CHConn      driver.Conn
+	Table       string // quoted db.table in ClickHouse
+}
+
+// New migrates fresh databases on the test servers.
+func New(t *testing.T, srv testenv.CHServer) *Env {
+	t.Helper()
+	dsn := testenv.NewDatabase(t)
+	chdb := testenv.NewCHDatabase(t, srv)
+	e := &Env{
+		DSN:         dsn,
+		Slot:        "s_" + randomHex(t),
+		Publication: "outbox_publication",
+		CH:          srv,
+		Sink:        sink.Config{Addr: srv.Addr, User: "default", Database: chdb, Table: "event_log"},
+	}
+	if err := e.Sink.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := migrations.Up(ctx, migrations.Config{PostgresDSN: dsn, Publication: e.Publication, ClickHouse: e.Sink}); err != nil {
+		t.Fatalf("migrate: %v", err)
+	}
+	pcfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pcfg.MaxConns = 20 // tests hold several transactions open at once
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	e.Pool = pool
+	conn, err := clickhouse.Open(srv.Options(chdb))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	e.CHConn = conn
+	e.Table = sink.QuoteIdent(chdb) + "." + sink.QuoteIdent("event_log")
+	return e
+}
+
+// Insert inserts n events in one transaction and returns the commit's WAL position.
+// With rollback, the transaction is rolled back instead.
+func (e *Env) Insert(t testing.TB, n int, rollback bool) {
+	t.Helper()
+	ctx := context.Background()
+	tx, err := e.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck
+	if _, err := tx.Exec(ctx, insertSeries, n); err != nil {
+		t.Fatalf("insert %d events: %v", n, err)
+	}
+	if rollback {
+		return
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// insertSeries inserts $1 events with varied types and times.
+const insertSeries = `INSERT INTO event_outbox (event_type, event_date_time, environment, event_context, metadata_version)
+	SELECT 'type.' || (g % 7), (now() AT TIME ZONE 'UTC') - (g % 1000) * interval '1 second', 'test',
+	       jsonb_build_object('n', g, 'note', 'event ' || g), 1
+	FROM generate_series(1, $1) AS g`
+
+// InsertTx runs fn in a transaction on its own connection.
+func (e *Env) InsertTx(t testing.TB, fn func(tx pgx.Tx) error) {
+	t.Helper()
+	if err := pgx.BeginFunc(context.Background(), e.Pool, fn); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// CurrentWAL returns pg_current_wal_lsn().
+func (e *Env) CurrentWAL(t testing.TB) uint64 {
+	t.Helper()
+	var s string
+	if err := e.Pool.QueryRow(context.Background(), "SELECT pg_current_wal_lsn()::text").Scan(&s); err != nil {
+		t.Fatal(err)
+	}
+	lsn, err := pglogrepl.ParseLSN(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return uint64(lsn)
+}
+
+// ConfirmedFlush returns the slot's confirmed_flush_lsn (0 if the slot is missing).
+func (e *Env) ConfirmedFlush(t testing.TB) uint64 {
+	t.Helper()
+	var s *string
+	err := e.Pool.QueryRow(context.Background(),
+		"SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", e.Slot).Scan(&s)
+	if err == pgx.ErrNoRows || s == nil {
+		return 0
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	lsn, err := pglogrepl.ParseLSN(*s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return uint64(lsn)
+}
+
+// Committed returns how many outbox rows exist (all committed rows) and how many
+// of them are processed.
+func (e *Env) Committed(t testing.TB) (total, processed int64) {
+	t.Helper()
+	err := e.Pool.QueryRow(context.Background(),
+		"SELECT count(*), count(*) FILTER (WHERE status = 'processed') FROM event_outbox").Scan(&total, &processed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return total, processed
+}
+
+// CHCounts returns count() and uniqExact(event_id) of the event table, without FINAL.
+func (e *Env) CHCounts(t testing.TB) (count, unique uint64) {
+	t.Helper()
+	if err := e.CHConn.QueryRow(context.Background(), "SELECT count(), uniqExact(event_id) FROM "+e.Table).Scan(&count, &unique); err != nil {
+		t.Fatalf("count ClickHouse rows: %v", err)
+	}
+	return count, unique
+}
+
+// WaitFor polls cond until it is true or the timeout passes, then fails with what.
+func WaitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// AssertExactlyDelivered checks the end state: ClickHouse holds every committed
+// outbox row exactly once (count = uniqExact = committed, without FINAL), the same
+// ids as PostgreSQL, every row is processed, and the slot confirmed walPos.
+func (e *Env) AssertExactlyDelivered(t testing.TB, timeout time.Duration, walPos uint64) {
+	t.Helper()
+	total, _ := e.Committed(t)
+	WaitFor(t, timeout, fmt.Sprintf("%d events in ClickHouse", total), func() bool {
+		c, _ := e.CHCounts(t)
+		return c >= uint64(total)
+	})
+	WaitFor(t, timeout, "every outbox row processed", func() bool {
+		_, p := e.Committed(t)
+		return p == total
+	})
+	c, u := e.CHCounts(t)
+	if c != uint64(total) || u != uint64(total) {
+		t.Fatalf("ClickHouse has count()=%d uniqExact(event_id)=%d, want both = %d committed rows", c, u, total)
+	}
+	var sumPG int64
+	if err := e.Pool.QueryRow(context.Background(), "SELECT COALESCE(sum(id), 0) FROM event_outbox").Scan(&sumPG); err != nil {
+		t.Fatal(err)
+	}
+	var sumCH uint64
+	if err := e.CHConn.QueryRow(context.Background(), "SELECT sum(event_id) FROM "+e.Table).Scan(&sumCH); err != nil {
+		t.Fatal(err)
+	}
+	if uint64(sumPG) != sumCH {
+		t.Fatalf("sum of ids differs: PostgreSQL %d, ClickHouse %d (different events delivered)", sumPG, sumCH)
+	}
+	WaitFor(t, timeout, fmt.Sprintf("slot confirmed LSN past %s", pglogrepl.LSN(walPos)), func() bool {
+		return e.ConfirmedFlush(t) >= walPos
+	})
+}
+
+func randomHex(t testing.TB) string {
+	b := make([]byte, 6)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}

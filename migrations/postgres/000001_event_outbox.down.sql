@@ -1,0 +1,3 @@
+DROP PUBLICATION IF EXISTS {{.Publication}};
+DROP TABLE IF EXISTS outbox_checkpoint;
+DROP TABLE IF EXISTS event_outbox;

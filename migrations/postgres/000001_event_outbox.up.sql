@@ -1,0 +1,46 @@
+-- The transactional outbox. Applications insert here inside their business
+-- transactions; outbox-streamer delivers the rows to ClickHouse.
+CREATE TABLE IF NOT EXISTS event_outbox (
+    id               BIGSERIAL    PRIMARY KEY,
+    event_type       VARCHAR(255) NOT NULL,
+    event_date_time  TIMESTAMP    NOT NULL,
+    environment      VARCHAR(50)  NOT NULL DEFAULT '',
+    event_context    JSONB        NOT NULL DEFAULT '{}'::jsonb,
+    metadata_version BIGINT       NOT NULL DEFAULT 1,
+    status           VARCHAR(20)  NOT NULL DEFAULT 'pending',
+    -- TIMESTAMP without time zone holds UTC: the defaults convert explicitly so the
+    -- session's TimeZone setting cannot shift them.
+    created_at       TIMESTAMP    NOT NULL DEFAULT (now() AT TIME ZONE 'UTC'),
+    updated_at       TIMESTAMP    NOT NULL DEFAULT (now() AT TIME ZONE 'UTC'),
+    -- Retry bookkeeping for rows that could not be delivered.
+    attempts         INTEGER      NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    next_attempt_at  TIMESTAMPTZ,
+    CONSTRAINT event_outbox_status_check
+        CHECK (status IN ('pending', 'processed', 'failed', 'dead'))
+);
+
+-- Partial index over undelivered rows only: the sweep, the status counts and the
+-- oldest-undelivered age read it, and it stays small however many millions of
+-- processed rows the table holds.
+CREATE INDEX IF NOT EXISTS event_outbox_undelivered_idx
+    ON event_outbox (status, next_attempt_at, id)
+    WHERE status <> 'processed';
+
+-- The in-flight record: before a batch goes to ClickHouse, the highest commit LSN in it
+-- is written here, so after a crash the streamer knows which replayed rows ClickHouse
+-- may already hold and checks them instead of inserting them twice.
+CREATE TABLE IF NOT EXISTS outbox_checkpoint (
+    slot_name    TEXT        PRIMARY KEY,
+    inflight_lsn PG_LSN      NOT NULL DEFAULT '0/0',
+    updated_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- The publication carries inserts into the outbox and nothing else.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {{.PublicationLiteral}}) THEN
+        CREATE PUBLICATION {{.Publication}} FOR TABLE event_outbox WITH (publish = 'insert');
+    END IF;
+END
+$$;

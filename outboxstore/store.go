@@ -1,0 +1,138 @@
+// Package outboxstore is the streamer's access to the event_outbox table: it moves
+// rows between pending, processed, failed and dead.
+package outboxstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Table is the outbox table's name.
+const Table = "event_outbox"
+
+// Statuses of an outbox row.
+const (
+	StatusPending   = "pending"
+	StatusProcessed = "processed"
+	StatusFailed    = "failed"
+	StatusDead      = "dead"
+)
+
+// Failure is a row that could not be delivered, and why.
+type Failure struct {
+	ID     int64
+	Reason string
+}
+
+// RetryConfig says when a failed row is tried again and when it becomes dead.
+type RetryConfig struct {
+	// MaxAttempts is how many failed deliveries make a row a dead letter (default 10).
+	MaxAttempts int
+	// BaseDelay is the wait after the first failure; it doubles per attempt
+	// (default 30 s).
+	BaseDelay time.Duration
+	// MaxDelay caps the wait (default 1 h).
+	MaxDelay time.Duration
+}
+
+func (c *RetryConfig) defaults() {
+	if c.MaxAttempts <= 0 {
+		c.MaxAttempts = 10
+	}
+	if c.BaseDelay <= 0 {
+		c.BaseDelay = 30 * time.Second
+	}
+	if c.MaxDelay <= 0 {
+		c.MaxDelay = time.Hour
+	}
+}
+
+// Store updates outbox rows.
+type Store struct {
+	pool  *pgxpool.Pool
+	retry RetryConfig
+}
+
+// New returns a store over pool.
+func New(pool *pgxpool.Pool, retry RetryConfig) *Store {
+	retry.defaults()
+	return &Store{pool: pool, retry: retry}
+}
+
+// Pool is the underlying connection pool.
+func (s *Store) Pool() *pgxpool.Pool { return s.pool }
+
+// MarkProcessed sets the rows processed in one statement.
+func (s *Store) MarkProcessed(ctx context.Context, ids []int64) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	_, err := s.pool.Exec(ctx, `UPDATE event_outbox
+		SET status = 'processed', updated_at = now() AT TIME ZONE 'UTC', last_error = NULL, next_attempt_at = NULL
+		WHERE id = ANY($1) AND status <> 'processed'`, ids)
+	if err != nil {
+		return fmt.Errorf("mark %d outbox rows processed: %w", len(ids), err)
+	}
+	return nil
+}
+
+// MarkFailed records a failed delivery of each row: attempts+1, the reason, and the
+// next attempt time with exponential backoff; a row that reaches MaxAttempts becomes
+// dead. Rows already processed are left alone.
+func (s *Store) MarkFailed(ctx context.Context, failures []Failure) error {
+	if len(failures) == 0 {
+		return nil
+	}
+	ids := make([]int64, len(failures))
+	reasons := make([]string, len(failures))
+	for i, f := range failures {
+		ids[i], reasons[i] = f.ID, truncate(f.Reason, 2000)
+	}
+	_, err := s.pool.Exec(ctx, `UPDATE event_outbox o
+		SET attempts = o.attempts + 1,
+		    status = CASE WHEN o.attempts + 1 >= $3 THEN 'dead' ELSE 'failed' END,
+		    last_error = f.reason,
+		    next_attempt_at = now() + least($5::float8, $4::float8 * power(2, o.attempts)) * interval '1 second',
+		    updated_at = now() AT TIME ZONE 'UTC'
+		FROM unnest($1::bigint[], $2::text[]) AS f(id, reason)
+		WHERE o.id = f.id AND o.status <> 'processed'`,
+		ids, reasons, s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds())
+	if err != nil {
+		return fmt.Errorf("mark %d outbox rows failed: %w", len(failures), err)
+	}
+	return nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
+
+// IsRetryable reports whether a PostgreSQL error is transient: the connection broke,
+// the server is starting or shutting down, or a serialization conflict.
+func IsRetryable(err error) bool {
+	if err == nil || errors.Is(err, context.Canceled) {
+		return false
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch pgErr.Code[:2] {
+		case "08", "53", "57": // connection exception, insufficient resources, operator intervention
+			return true
+		}
+		return pgErr.Code == "40001" || pgErr.Code == "40P01"
+	}
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false
+	}
+	// No server error: the connection failed or timed out.
+	return true
+}

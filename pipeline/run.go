@@ -1,0 +1,104 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/zap"
+
+	"github.com/outbox-streamer/outbox-streamer/batch"
+	"github.com/outbox-streamer/outbox-streamer/checkpoint"
+	"github.com/outbox-streamer/outbox-streamer/outboxstore"
+	"github.com/outbox-streamer/outbox-streamer/replication"
+	"github.com/outbox-streamer/outbox-streamer/sink"
+)
+
+// Config is everything the streaming pipeline needs.
+type Config struct {
+	Replication replication.Config
+	Run         replication.RunConfig
+	Sink        sink.Config
+	Writer      WriterConfig
+	Retry       outboxstore.RetryConfig
+	// WrapSink, when set, decorates the ClickHouse writer (instrumentation, tests).
+	WrapSink func(Sink) Sink
+}
+
+// Stream runs the streaming pipeline until ctx ends (then drains and returns nil) or
+// an error stops it. hardStop, when closed, abandons the drain.
+func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan struct{}) error {
+	ch, err := sink.Open(ctx, cfg.Sink, log)
+	if err != nil {
+		return err
+	}
+	defer ch.Close()
+
+	pool, err := pgxpool.New(ctx, cfg.Replication.DSN)
+	if err != nil {
+		return fmt.Errorf("DATABASE_URL: %w", err)
+	}
+	defer pool.Close()
+
+	stream, err := replication.Open(ctx, cfg.Replication, log)
+	if err != nil {
+		return err
+	}
+	defer stream.Close()
+
+	ck := checkpoint.NewStore(pool, cfg.Replication.Slot)
+	inflight, err := ck.Inflight(ctx)
+	if err != nil {
+		return err
+	}
+	wcfg := cfg.Writer
+	if inflight > stream.StartLSN() {
+		wcfg.InDoubtUntil = inflight
+		log.Info("rows up to the recorded in-flight LSN will be checked against ClickHouse before insert",
+			zap.String("acknowledged_lsn", pglogrepl.LSN(stream.StartLSN()).String()),
+			zap.String("inflight_lsn", pglogrepl.LSN(inflight).String()))
+	}
+	if wcfg.MaxInsertRows < cfg.Run.BatchSize {
+		wcfg.MaxInsertRows = cfg.Run.BatchSize
+	}
+	store := outboxstore.New(pool, cfg.Retry)
+	var target Sink = ch
+	if cfg.WrapSink != nil {
+		target = cfg.WrapSink(target)
+	}
+	writer := NewWriter(wcfg, target, store, ck, stream.Tracker(), log)
+
+	batches := make(chan *batch.Batch, 1)
+	writerDone := make(chan struct{})
+	writerCtx, cancelWriter := context.WithCancel(context.Background())
+	defer cancelWriter()
+	go func() {
+		select {
+		case <-hardStop:
+			cancelWriter()
+		case <-writerCtx.Done():
+		}
+	}()
+	var writerErr error
+	go func() {
+		defer close(writerDone)
+		writerErr = writer.Run(writerCtx, batches)
+	}()
+
+	streamErr := stream.Run(ctx, cfg.Run, batches, writerDone)
+	if streamErr != nil {
+		// The stream failed: the writer must not keep retrying a batch nobody will
+		// acknowledge. Unacknowledged rows are replayed on the next start.
+		cancelWriter()
+	}
+	<-writerDone
+	if writerErr != nil && !errors.Is(writerErr, context.Canceled) {
+		return fmt.Errorf("writer: %w", writerErr)
+	}
+	if streamErr != nil && !errors.Is(streamErr, replication.ErrWriterStopped) {
+		return streamErr
+	}
+	return writerErr
+}

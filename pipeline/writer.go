@@ -1,0 +1,264 @@
+// Package pipeline connects the stages: the replication stream's batches go through
+// the writer, which validates, reconciles in-doubt rows, inserts into ClickHouse,
+// updates the outbox rows' status and only then resolves them for acknowledgement.
+package pipeline
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/outbox-streamer/outbox-streamer/batch"
+	"github.com/outbox-streamer/outbox-streamer/internal/retry"
+	"github.com/outbox-streamer/outbox-streamer/outboxstore"
+	"github.com/outbox-streamer/outbox-streamer/record"
+	"github.com/outbox-streamer/outbox-streamer/sink"
+)
+
+// Sink is where events go (implemented by *sink.Writer).
+type Sink interface {
+	Validate(ev *record.Event) error
+	Insert(ctx context.Context, events []record.Event) error
+	ExistingIDs(ctx context.Context, events []record.Event) (map[int64]struct{}, error)
+}
+
+// Outbox updates the status of outbox rows (implemented by *outboxstore.Store).
+type Outbox interface {
+	MarkProcessed(ctx context.Context, ids []int64) error
+	MarkFailed(ctx context.Context, failures []outboxstore.Failure) error
+}
+
+// InflightRecorder keeps the durable in-flight record (implemented by
+// *checkpoint.Store).
+type InflightRecorder interface {
+	RecordInflight(ctx context.Context, lsn uint64) error
+}
+
+// Resolver is told which rows are durable (implemented by *checkpoint.Tracker).
+type Resolver interface {
+	Resolve(from, to uint64) error
+}
+
+// WriterConfig tunes the writer.
+type WriterConfig struct {
+	// MaxInsertRows caps the rows of one ClickHouse insert (CLICKHOUSE_BATCH_SIZE).
+	// When the writer falls behind, queued batches are merged up to this size.
+	MaxInsertRows int
+	// Retry is the backoff for transient ClickHouse and PostgreSQL errors.
+	Retry retry.Policy
+	// InDoubtUntil is the in-flight LSN recorded before the last stop: replayed rows
+	// whose commit LSN is at or below it may already be in ClickHouse and are checked.
+	InDoubtUntil uint64
+}
+
+// Writer is the consuming stage.
+type Writer struct {
+	cfg      WriterConfig
+	sink     Sink
+	outbox   Outbox
+	inflight InflightRecorder
+	resolver Resolver
+	log      *zap.Logger
+	recorded uint64
+	stats    Stats
+}
+
+// Stats counts what the writer did.
+type Stats struct {
+	Batches, Inserted, AlreadyPresent, Failed int64
+}
+
+// NewWriter returns a writer.
+func NewWriter(cfg WriterConfig, s Sink, o Outbox, inflight InflightRecorder, res Resolver, log *zap.Logger) *Writer {
+	return &Writer{cfg: cfg, sink: s, outbox: o, inflight: inflight, resolver: res, log: log.Named("writer"), recorded: cfg.InDoubtUntil}
+}
+
+// Stats returns the counters (call after Run returned, or accept a racy read).
+func (w *Writer) Stats() Stats { return w.stats }
+
+// Run writes batches from in until it is closed, then returns nil. It returns early
+// only on an error it cannot retry; ctx should end only when the process must stop
+// without draining.
+func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
+	for b := range in {
+		b = w.merge(b, in)
+		if err := w.Write(ctx, b); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// merge appends batches already queued behind b, up to MaxInsertRows, so a writer that
+// fell behind catches up with fewer, larger inserts. Queued batches are contiguous.
+func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
+	for b.Len() < w.cfg.MaxInsertRows {
+		select {
+		case next, ok := <-in:
+			if !ok {
+				return b
+			}
+			b.Events = append(b.Events, next.Events...)
+			if next.MaxCommitLSN > b.MaxCommitLSN {
+				b.MaxCommitLSN = next.MaxCommitLSN
+			}
+		default:
+			return b
+		}
+	}
+	return b
+}
+
+// Write delivers one batch: invalid rows are marked failed, the rest go to ClickHouse
+// in one insert (split only to isolate rows the server rejects), their outbox rows
+// are marked processed, and then the batch is resolved for acknowledgement.
+func (w *Writer) Write(ctx context.Context, b *batch.Batch) error {
+	start := time.Now()
+	valid := make([]record.Event, 0, b.Len())
+	var failed []outboxstore.Failure
+	for i := range b.Events {
+		ev := &b.Events[i]
+		if err := w.sink.Validate(ev); err != nil {
+			failed = append(failed, outboxstore.Failure{ID: ev.ID, Reason: "invalid event: " + err.Error()})
+			continue
+		}
+		valid = append(valid, *ev)
+	}
+
+	// Record the in-flight position before anything can reach ClickHouse, so that a
+	// crash after the insert leaves a trace that these rows must be checked.
+	if b.MaxCommitLSN > w.recorded {
+		if err := w.retry(ctx, "record in-flight batch", outboxstore.IsRetryable, func(ctx context.Context) error {
+			return w.inflight.RecordInflight(ctx, b.MaxCommitLSN)
+		}); err != nil {
+			return err
+		}
+		w.recorded = b.MaxCommitLSN
+	}
+
+	var present []int64
+	if w.cfg.InDoubtUntil > 0 {
+		var err error
+		valid, present, err = w.reconcile(ctx, valid)
+		if err != nil {
+			return err
+		}
+	}
+
+	inserted, rejected, err := w.insert(ctx, valid)
+	if err != nil {
+		return err
+	}
+	failed = append(failed, rejected...)
+
+	ids := make([]int64, 0, len(inserted)+len(present))
+	for i := range inserted {
+		ids = append(ids, inserted[i].ID)
+	}
+	ids = append(ids, present...)
+	if err := w.retry(ctx, "mark rows processed", outboxstore.IsRetryable, func(ctx context.Context) error {
+		return w.outbox.MarkProcessed(ctx, ids)
+	}); err != nil {
+		return err
+	}
+	if len(failed) > 0 {
+		for _, f := range failed {
+			w.log.Warn("event not delivered", zap.Int64("event_id", f.ID), zap.String("reason", f.Reason))
+		}
+		if err := w.retry(ctx, "mark rows failed", outboxstore.IsRetryable, func(ctx context.Context) error {
+			return w.outbox.MarkFailed(ctx, failed)
+		}); err != nil {
+			return err
+		}
+	}
+	if err := w.resolver.Resolve(b.FirstSeq, b.EndSeq()); err != nil {
+		return fmt.Errorf("resolve batch: %w", err)
+	}
+	w.stats.Batches++
+	w.stats.Inserted += int64(len(inserted))
+	w.stats.AlreadyPresent += int64(len(present))
+	w.stats.Failed += int64(len(failed))
+	w.log.Debug("batch delivered", zap.Int("rows", b.Len()), zap.Int("inserted", len(inserted)),
+		zap.Int("already_present", len(present)), zap.Int("failed", len(failed)),
+		zap.Duration("took", time.Since(start)))
+	return nil
+}
+
+// reconcile drops rows that ClickHouse already holds from an in-doubt batch (one
+// inserted before a crash but not acknowledged) and returns their ids separately so
+// they are still marked processed.
+func (w *Writer) reconcile(ctx context.Context, events []record.Event) (rest []record.Event, present []int64, err error) {
+	var doubtful []record.Event
+	for i := range events {
+		if events[i].CommitLSN != 0 && events[i].CommitLSN <= w.cfg.InDoubtUntil {
+			doubtful = append(doubtful, events[i])
+		}
+	}
+	if len(doubtful) == 0 {
+		return events, nil, nil
+	}
+	var found map[int64]struct{}
+	if err := w.retry(ctx, "look up in-doubt rows", sink.IsRetryable, func(ctx context.Context) error {
+		var err error
+		found, err = w.sink.ExistingIDs(ctx, doubtful)
+		return err
+	}); err != nil {
+		return nil, nil, err
+	}
+	if len(found) == 0 {
+		return events, nil, nil
+	}
+	rest = events[:0:0]
+	for i := range events {
+		if _, ok := found[events[i].ID]; ok {
+			present = append(present, events[i].ID)
+			continue
+		}
+		rest = append(rest, events[i])
+	}
+	w.log.Info("reconciled in-doubt rows", zap.Int("already_in_clickhouse", len(present)), zap.Int("to_insert", len(rest)))
+	return rest, present, nil
+}
+
+// insert writes events, retrying transient errors. When the server rejects the data
+// itself, it splits the batch in halves until the offending rows are isolated, so
+// one bad row never blocks the others.
+func (w *Writer) insert(ctx context.Context, events []record.Event) (inserted []record.Event, rejected []outboxstore.Failure, err error) {
+	if len(events) == 0 {
+		return nil, nil, nil
+	}
+	err = w.retry(ctx, "insert into clickhouse", sink.IsRetryable, func(ctx context.Context) error {
+		return w.sink.Insert(ctx, events)
+	})
+	if err == nil {
+		return events, nil, nil
+	}
+	if !sink.IsRowError(err) {
+		return nil, nil, err
+	}
+	if len(events) == 1 {
+		return nil, []outboxstore.Failure{{ID: events[0].ID, Reason: "clickhouse rejected the event: " + err.Error()}}, nil
+	}
+	mid := len(events) / 2
+	okA, badA, err := w.insert(ctx, events[:mid])
+	if err != nil {
+		return nil, nil, err
+	}
+	okB, badB, err := w.insert(ctx, events[mid:])
+	if err != nil {
+		return nil, nil, err
+	}
+	return append(okA, okB...), append(badA, badB...), nil
+}
+
+func (w *Writer) retry(ctx context.Context, what string, retryable func(error) bool, op func(context.Context) error) error {
+	err := retry.Do(ctx, w.cfg.Retry, retryable, func(attempt int, wait time.Duration, err error) {
+		w.log.Warn(what+" failed, retrying", zap.Int("attempt", attempt), zap.Duration("wait", wait), zap.Error(err))
+	}, op)
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	return nil
+}

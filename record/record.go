@@ -1,0 +1,30 @@
+// Package record defines the event row that flows through the pipeline, from the
+// pgoutput decoder (or the sweep's SELECT) to the ClickHouse sink.
+package record
+
+import "time"
+
+// Event is one row of event_outbox as the pipeline carries it.
+//
+// Context holds the JSON text exactly as PostgreSQL rendered it: the pipeline never
+// re-parses or re-encodes it, so what lands in ClickHouse is what the producer wrote.
+type Event struct {
+	ID              int64
+	Type            string
+	Time            time.Time
+	Environment     string
+	Context         string
+	MetadataVersion int64
+	CreatedAt       time.Time
+
+	// CommitLSN is the LSN of the commit record of the transaction that inserted the
+	// row (pgoutput's Begin.FinalLSN); zero for rows delivered by the sweep.
+	CommitLSN uint64
+	// CommitTime is when that transaction committed, for end-to-end latency.
+	CommitTime time.Time
+
+	// Problem, when not empty, says why the row cannot be delivered as decoded (a NULL in
+	// a required column, a value that does not parse). Such rows are marked failed with
+	// this reason instead of being sent to ClickHouse.
+	Problem string
+}

@@ -1,0 +1,405 @@
+package replication
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"time"
+	"unsafe"
+
+	"github.com/outbox-streamer/outbox-streamer/record"
+)
+
+// Kind says what a decoded pgoutput message was.
+type Kind uint8
+
+// Kinds of decoded messages the pipeline acts on; everything else is KindIgnored.
+const (
+	KindIgnored Kind = iota
+	KindBegin
+	KindCommit
+	KindRelation
+	// KindInsert is a row of the outbox table that the stream must deliver.
+	KindInsert
+)
+
+// Message is one decoded pgoutput (protocol version 1) message. Decode fills a
+// caller-owned Message so the hot path allocates only the row's own strings.
+type Message struct {
+	Kind Kind
+	// Begin: FinalLSN is the LSN of the commit record to come.
+	FinalLSN uint64
+	// Commit: CommitLSN is the commit record's LSN, EndLSN the position after it
+	// (what the slot is acknowledged with).
+	CommitLSN uint64
+	EndLSN    uint64
+	// Begin and Commit.
+	CommitTime time.Time
+	Xid        uint32
+	// Insert: the decoded row.
+	Event record.Event
+}
+
+// ErrMalformed is wrapped by every error about a message that cannot be decoded.
+var ErrMalformed = errors.New("malformed pgoutput message")
+
+// postgresEpoch is the zero of the replication protocol's timestamps.
+var postgresEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// Decoder turns pgoutput messages into pipeline messages. It keeps the relation
+// descriptions the server sends, so columns are mapped by name and a schema change in
+// the middle of the stream (new or reordered columns) is honoured. It is not safe for
+// concurrent use.
+type Decoder struct {
+	schema, table string
+	loc           *time.Location
+	relations     map[uint32]*relation
+
+	// The transaction being decoded, stamped on its rows.
+	txnCommitLSN  uint64
+	txnCommitTime time.Time
+}
+
+// relation is a table description from a Relation message, with the positions of the
+// outbox columns (-1 when the table has no such column).
+type relation struct {
+	outbox bool
+	ncols  int
+	pos    [numFields]int
+}
+
+// The outbox columns the decoder maps by name.
+const (
+	fID = iota
+	fType
+	fTime
+	fEnvironment
+	fContext
+	fMetadataVersion
+	fCreatedAt
+	fStatus
+	numFields
+)
+
+var fieldNames = [numFields]string{
+	fID:              "id",
+	fType:            "event_type",
+	fTime:            "event_date_time",
+	fEnvironment:     "environment",
+	fContext:         "event_context",
+	fMetadataVersion: "metadata_version",
+	fCreatedAt:       "created_at",
+	fStatus:          "status",
+}
+
+// NewDecoder returns a decoder for inserts into schema.table. Timestamps without time
+// zone are read in loc (UTC when nil).
+func NewDecoder(schema, table string, loc *time.Location) *Decoder {
+	if loc == nil {
+		loc = time.UTC
+	}
+	return &Decoder{schema: schema, table: table, loc: loc, relations: make(map[uint32]*relation)}
+}
+
+// Decode decodes one pgoutput message into m. It never panics: truncated or corrupt
+// input yields an error wrapping ErrMalformed.
+func (d *Decoder) Decode(data []byte, m *Message) (err error) {
+	defer func() {
+		// Belt and braces: the reader checks every bound, but a decoding bug must
+		// surface as an error on this message, not crash the streamer.
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%w: panic while decoding: %v", ErrMalformed, r)
+		}
+	}()
+	*m = Message{}
+	if len(data) == 0 {
+		return fmt.Errorf("%w: empty message", ErrMalformed)
+	}
+	r := reader{buf: data[1:]}
+	switch data[0] {
+	case 'B':
+		m.Kind = KindBegin
+		m.FinalLSN = r.u64()
+		m.CommitTime = pgTime(r.i64())
+		m.Xid = r.u32()
+		if r.err == nil {
+			d.txnCommitLSN, d.txnCommitTime = m.FinalLSN, m.CommitTime
+		}
+	case 'C':
+		m.Kind = KindCommit
+		r.u8() // flags, unused
+		m.CommitLSN = r.u64()
+		m.EndLSN = r.u64()
+		m.CommitTime = pgTime(r.i64())
+	case 'R':
+		m.Kind = KindRelation
+		d.decodeRelation(&r)
+	case 'I':
+		d.decodeInsert(&r, m)
+	default:
+		// Type, Origin, Update, Delete, Truncate, logical messages: not the
+		// pipeline's business (the publication carries only inserts).
+		m.Kind = KindIgnored
+	}
+	if r.err != nil {
+		return fmt.Errorf("%w: %q message: %v", ErrMalformed, data[0], r.err)
+	}
+	return nil
+}
+
+func (d *Decoder) decodeRelation(r *reader) {
+	id := r.u32()
+	ns := r.cstring()
+	name := r.cstring()
+	r.u8() // replica identity
+	n := int(r.u16())
+	rel := &relation{outbox: ns == d.schema && name == d.table, ncols: n}
+	for i := range rel.pos {
+		rel.pos[i] = -1
+	}
+	for i := 0; i < n && r.err == nil; i++ {
+		r.u8() // flags
+		col := r.cstring()
+		r.u32() // type oid
+		r.u32() // type modifier
+		for f, fname := range fieldNames {
+			if col == fname {
+				rel.pos[f] = i
+			}
+		}
+	}
+	if r.err == nil {
+		d.relations[id] = rel
+	}
+}
+
+func (d *Decoder) decodeInsert(r *reader, m *Message) {
+	id := r.u32()
+	if tag := r.u8(); r.err == nil && tag != 'N' {
+		r.fail(fmt.Errorf("insert: tuple tag %q, want 'N'", tag))
+		return
+	}
+	rel, ok := d.relations[id]
+	if r.err != nil {
+		return
+	}
+	if !ok {
+		r.fail(fmt.Errorf("insert into relation %d before its Relation message", id))
+		return
+	}
+	if !rel.outbox {
+		m.Kind = KindIgnored
+		return
+	}
+	var cols [numFields][]byte
+	var present [numFields]bool
+	n := int(r.u16())
+	for i := 0; i < n && r.err == nil; i++ {
+		kind := r.u8()
+		var val []byte
+		switch kind {
+		case 'n', 'u':
+		case 't', 'b':
+			l := r.u32()
+			val = r.bytes(int(l))
+		default:
+			if r.err == nil {
+				r.fail(fmt.Errorf("insert: column %d has unknown kind %q", i, kind))
+			}
+		}
+		for f := range rel.pos {
+			if rel.pos[f] == i {
+				cols[f] = val
+				present[f] = kind == 't'
+				if kind == 'b' {
+					r.fail(fmt.Errorf("insert: column %q in binary format", fieldNames[f]))
+				}
+			}
+		}
+	}
+	if r.err != nil {
+		return
+	}
+	if !present[fID] {
+		r.fail(errors.New(`insert: row has no "id" value (is the column missing from event_outbox?)`))
+		return
+	}
+	// Rows inserted as anything but pending (processed, failed, dead) belong to the
+	// sweep or to nobody; the stream only delivers new events.
+	if present[fStatus] && string(cols[fStatus]) != "pending" {
+		m.Kind = KindIgnored
+		return
+	}
+	m.Kind = KindInsert
+	d.fillEvent(&m.Event, &cols, &present)
+}
+
+// fillEvent converts the text columns of one row. It copies the three string columns
+// into one allocation, because the message buffer is reused by the next receive.
+func (d *Decoder) fillEvent(ev *record.Event, cols *[numFields][]byte, present *[numFields]bool) {
+	ev.CommitLSN = d.txnCommitLSN
+	ev.CommitTime = d.txnCommitTime
+	id, ok := parseInt(cols[fID])
+	if !ok {
+		ev.Problem = fmt.Sprintf("id %q is not an integer", cols[fID])
+	}
+	ev.ID = id
+
+	total := len(cols[fType]) + len(cols[fEnvironment]) + len(cols[fContext])
+	if total > 0 {
+		buf := make([]byte, 0, total)
+		buf = append(buf, cols[fType]...)
+		buf = append(buf, cols[fEnvironment]...)
+		buf = append(buf, cols[fContext]...)
+		s := unsafe.String(&buf[0], len(buf)) // buf is never written again
+		a, b := len(cols[fType]), len(cols[fType])+len(cols[fEnvironment])
+		ev.Type, ev.Environment, ev.Context = s[:a], s[a:b], s[b:]
+	}
+
+	problem := func(p string) {
+		if ev.Problem == "" {
+			ev.Problem = p
+		}
+	}
+	if !present[fType] || len(cols[fType]) == 0 {
+		problem("event_type is NULL or empty")
+	}
+	if !present[fContext] {
+		ev.Context = "{}" // a NULL context carries no data; keep the row deliverable
+	}
+	if present[fMetadataVersion] {
+		v, ok := parseInt(cols[fMetadataVersion])
+		if !ok {
+			problem(fmt.Sprintf("metadata_version %q is not an integer", cols[fMetadataVersion]))
+		}
+		ev.MetadataVersion = v
+	}
+	if !present[fTime] {
+		problem("event_date_time is NULL")
+	} else if t, err := parseTimestamp(cols[fTime], d.loc); err != nil {
+		problem(fmt.Sprintf("event_date_time: %v", err))
+	} else {
+		ev.Time = t
+	}
+	if present[fCreatedAt] {
+		if t, err := parseTimestamp(cols[fCreatedAt], d.loc); err != nil {
+			problem(fmt.Sprintf("created_at: %v", err))
+		} else {
+			ev.CreatedAt = t
+		}
+	} else {
+		ev.CreatedAt = ev.CommitTime
+	}
+}
+
+func pgTime(micros int64) time.Time {
+	return postgresEpoch.Add(time.Duration(micros) * time.Microsecond)
+}
+
+// parseInt parses a decimal int64 without allocating.
+func parseInt(b []byte) (int64, bool) {
+	if len(b) == 0 || len(b) > 20 {
+		return 0, false
+	}
+	neg := b[0] == '-'
+	if neg {
+		b = b[1:]
+		if len(b) == 0 {
+			return 0, false
+		}
+	}
+	var n uint64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		next := n*10 + uint64(c-'0')
+		if next/10 != n {
+			return 0, false
+		}
+		n = next
+	}
+	if neg {
+		if n > 1<<63 {
+			return 0, false
+		}
+		return -int64(n), true
+	}
+	if n > 1<<63-1 {
+		return 0, false
+	}
+	return int64(n), true
+}
+
+// reader reads big-endian protocol fields and records the first bound violation
+// instead of panicking; after an error every read returns zero values.
+type reader struct {
+	buf []byte
+	err error
+}
+
+func (r *reader) fail(err error) {
+	if r.err == nil {
+		r.err = err
+	}
+}
+
+func (r *reader) take(n int) []byte {
+	if r.err != nil {
+		return nil
+	}
+	if n < 0 || n > len(r.buf) {
+		r.fail(fmt.Errorf("need %d bytes, have %d", n, len(r.buf)))
+		return nil
+	}
+	b := r.buf[:n:n]
+	r.buf = r.buf[n:]
+	return b
+}
+
+func (r *reader) u8() byte {
+	if b := r.take(1); b != nil {
+		return b[0]
+	}
+	return 0
+}
+
+func (r *reader) u16() uint16 {
+	if b := r.take(2); b != nil {
+		return binary.BigEndian.Uint16(b)
+	}
+	return 0
+}
+
+func (r *reader) u32() uint32 {
+	if b := r.take(4); b != nil {
+		return binary.BigEndian.Uint32(b)
+	}
+	return 0
+}
+
+func (r *reader) u64() uint64 {
+	if b := r.take(8); b != nil {
+		return binary.BigEndian.Uint64(b)
+	}
+	return 0
+}
+
+func (r *reader) i64() int64 { return int64(r.u64()) }
+
+func (r *reader) bytes(n int) []byte { return r.take(n) }
+
+func (r *reader) cstring() string {
+	if r.err != nil {
+		return ""
+	}
+	for i, c := range r.buf {
+		if c == 0 {
+			s := string(r.buf[:i])
+			r.buf = r.buf[i+1:]
+			return s
+		}
+	}
+	r.fail(errors.New("unterminated string"))
+	return ""
+}

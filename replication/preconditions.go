@@ -1,0 +1,150 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// SlotInfo is the slot's state as pg_replication_slots shows it.
+type SlotInfo struct {
+	Exists         bool
+	Plugin         string
+	Active         bool
+	ActivePID      int32
+	ConfirmedFlush uint64
+	WALStatus      string
+}
+
+// CheckPreconditions verifies, over a normal connection, everything streaming needs,
+// and returns a *PreconditionError that says what to do when something is missing.
+func CheckPreconditions(ctx context.Context, conn *pgx.Conn, cfg Config) (SlotInfo, error) {
+	var walLevel string
+	if err := conn.QueryRow(ctx, "SHOW wal_level").Scan(&walLevel); err != nil {
+		return SlotInfo{}, fmt.Errorf("read wal_level: %w", err)
+	}
+	if walLevel != "logical" {
+		return SlotInfo{}, &PreconditionError{
+			Problem: fmt.Sprintf("wal_level is %q, logical replication needs \"logical\"", walLevel),
+			Hint:    "set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL",
+		}
+	}
+
+	var canReplicate bool
+	if err := conn.QueryRow(ctx, "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user").Scan(&canReplicate); err != nil {
+		return SlotInfo{}, fmt.Errorf("read role attributes: %w", err)
+	}
+	if !canReplicate {
+		var user string
+		_ = conn.QueryRow(ctx, "SELECT current_user").Scan(&user)
+		return SlotInfo{}, &PreconditionError{
+			Problem: fmt.Sprintf("role %q lacks the REPLICATION attribute", user),
+			Hint:    fmt.Sprintf("run ALTER ROLE %s WITH REPLICATION as a superuser", pgx.Identifier{user}.Sanitize()),
+		}
+	}
+
+	var tableExists bool
+	if err := conn.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize()).Scan(&tableExists); err != nil {
+		return SlotInfo{}, fmt.Errorf("look up table %s.%s: %w", cfg.Schema, cfg.Table, err)
+	}
+	if !tableExists {
+		return SlotInfo{}, &PreconditionError{
+			Problem: fmt.Sprintf("table %s.%s does not exist", cfg.Schema, cfg.Table),
+			Hint:    "run: outbox-streamer migrate up",
+		}
+	}
+
+	var ins, upd, del, trunc, allTables bool
+	err := conn.QueryRow(ctx, `SELECT pubinsert, pubupdate, pubdelete, pubtruncate, puballtables
+		FROM pg_publication WHERE pubname = $1`, cfg.Publication).Scan(&ins, &upd, &del, &trunc, &allTables)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return SlotInfo{}, &PreconditionError{
+			Problem: fmt.Sprintf("publication %q does not exist", cfg.Publication),
+			Hint: fmt.Sprintf("run: outbox-streamer migrate up (or CREATE PUBLICATION %s FOR TABLE %s WITH (publish = 'insert'))",
+				pgx.Identifier{cfg.Publication}.Sanitize(), pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize()),
+		}
+	}
+	if err != nil {
+		return SlotInfo{}, fmt.Errorf("read publication %q: %w", cfg.Publication, err)
+	}
+	if !ins || upd || del || trunc {
+		return SlotInfo{}, &PreconditionError{
+			Problem: fmt.Sprintf("publication %q must publish inserts only (insert=%t update=%t delete=%t truncate=%t)", cfg.Publication, ins, upd, del, trunc),
+			Hint:    fmt.Sprintf("run ALTER PUBLICATION %s SET (publish = 'insert')", pgx.Identifier{cfg.Publication}.Sanitize()),
+		}
+	}
+	var inPub bool
+	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication_tables
+		WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)`, cfg.Publication, cfg.Schema, cfg.Table).Scan(&inPub); err != nil {
+		return SlotInfo{}, fmt.Errorf("read publication tables: %w", err)
+	}
+	if !inPub {
+		return SlotInfo{}, &PreconditionError{
+			Problem: fmt.Sprintf("publication %q does not include %s.%s", cfg.Publication, cfg.Schema, cfg.Table),
+			Hint: fmt.Sprintf("run ALTER PUBLICATION %s ADD TABLE %s", pgx.Identifier{cfg.Publication}.Sanitize(),
+				pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize()),
+		}
+	}
+
+	slot, err := ReadSlot(ctx, conn, cfg.Slot)
+	if err != nil {
+		return SlotInfo{}, err
+	}
+	if slot.Exists && slot.Plugin != "pgoutput" {
+		return slot, &PreconditionError{
+			Problem: fmt.Sprintf("replication slot %q uses plugin %q, not pgoutput", cfg.Slot, slot.Plugin),
+			Hint:    "choose another REPLICATION_SLOT_NAME, or drop that slot if nothing else uses it",
+		}
+	}
+	if slot.Active {
+		return slot, SlotInUseError(cfg.Slot, slot.ActivePID)
+	}
+	return slot, nil
+}
+
+// SlotInUseError says another process streams from the slot.
+func SlotInUseError(slot string, pid int32) error {
+	who := "another process"
+	if pid > 0 {
+		who = fmt.Sprintf("server process %d", pid)
+	}
+	return &PreconditionError{
+		Problem: fmt.Sprintf("replication slot %q is in use by %s", slot, who),
+		Hint:    "another outbox-streamer (or a stale connection) is streaming from it; stop it, or wait for it to exit",
+	}
+}
+
+// ReadSlot reads the slot's row from pg_replication_slots.
+func ReadSlot(ctx context.Context, conn interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, slot string) (SlotInfo, error) {
+	var info SlotInfo
+	var confirmed *string
+	var walStatus *string
+	var pid *int32
+	err := conn.QueryRow(ctx, `SELECT plugin, active, active_pid, confirmed_flush_lsn::text, wal_status
+		FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&info.Plugin, &info.Active, &pid, &confirmed, &walStatus)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return info, nil
+	}
+	if err != nil {
+		return info, fmt.Errorf("read replication slot %q: %w", slot, err)
+	}
+	info.Exists = true
+	if pid != nil {
+		info.ActivePID = *pid
+	}
+	if walStatus != nil {
+		info.WALStatus = *walStatus
+	}
+	if confirmed != nil {
+		lsn, err := parseLSN(*confirmed)
+		if err != nil {
+			return info, fmt.Errorf("parse confirmed_flush_lsn of slot %q: %w", slot, err)
+		}
+		info.ConfirmedFlush = lsn
+	}
+	return info, nil
+}

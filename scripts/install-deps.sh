@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Installs what the tests and `make run` need to start PostgreSQL and
+# ClickHouse as local processes (no Docker), on Debian 12. Idempotent: it
+# only installs what is missing, so CI can run it on every build.
+#
+#   - PostgreSQL server binaries (/usr/lib/postgresql/*/bin)
+#   - Debian's ClickHouse 18.16 (the legacy compatibility target)
+#   - npm, only if the chDB library is not cached yet (it is fetched with
+#     `npm pack`)
+#   - the chDB library itself (ClickHouse 26.7), into ~/.cache/outbox-streamer
+#
+# Run it as root (or let it tell you the command to run as root).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+
+step() { printf 'install-deps: %s\n' "$*"; }
+
+chdb_lib="${OUTBOX_CHDB_LIB:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-streamer/chdb/26.7.3-stable.1/libchdb.so}"
+
+have_pg() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || [ -n "${OUTBOX_PG_BINDIR:-}" ]; }
+# Debian 12 installs the server as /usr/sbin/clickhouse-server.
+have_ch() { [ -x /usr/bin/clickhouse-server ] || [ -x /usr/sbin/clickhouse-server ] || [ -n "${OUTBOX_CH_LEGACY_BIN:-}" ]; }
+have_chdb() { [ -s "$chdb_lib" ]; }
+have_npm() { command -v npm >/dev/null 2>&1; }
+
+# Each entry is one apt-get install command line (its arguments).
+installs=()
+have_pg || installs+=("postgresql")
+have_ch || installs+=("clickhouse-server clickhouse-client")
+# npm drags in nodejs and many node-* packages: only when we need to download.
+if ! have_chdb && ! have_npm; then
+	installs+=("--no-install-recommends npm")
+fi
+
+if [ "${#installs[@]}" -gt 0 ]; then
+	if [ "$(id -u)" -ne 0 ]; then
+		step "missing system packages; run as root:"
+		printf '  apt-get update'
+		for i in "${installs[@]}"; do printf ' && apt-get install -y %s' "$i"; done
+		printf '\n'
+		exit 1
+	fi
+	step "apt-get update"
+	apt-get update -qq
+	for i in "${installs[@]}"; do
+		step "apt-get install -y $i"
+		# shellcheck disable=SC2086 # $i holds several words on purpose
+		apt-get install -y -qq $i >/dev/null
+	done
+else
+	step "system packages present (postgresql, clickhouse-server, chDB or npm)"
+fi
+
+if have_chdb; then
+	step "chDB library present at $chdb_lib"
+else
+	if ! command -v go >/dev/null 2>&1; then
+		step "go not found on PATH: install Go 1.26 (https://go.dev/dl/) and run this script again"
+		exit 1
+	fi
+	step "fetching the chDB library (ClickHouse 26.7, 178 MB download) into $(dirname "$chdb_lib")"
+	go run ./cmd/outbox-devenv --fetch-only
+fi
+step "done"
