@@ -5,6 +5,7 @@
 #
 #   - PostgreSQL server binaries (/usr/lib/postgresql/*/bin)
 #   - Debian's ClickHouse 18.16 (the legacy compatibility target)
+#   - promtool (Debian's prometheus package), to check the alert rules
 #   - npm, only if the chDB library is not cached yet (it is fetched with
 #     `npm pack`)
 #   - the chDB library itself (ClickHouse 26.7), into ~/.cache/outbox-streamer
@@ -24,11 +25,14 @@ have_pg() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || [ -n "${
 have_ch() { [ -x /usr/bin/clickhouse-server ] || [ -x /usr/sbin/clickhouse-server ] || [ -n "${OUTBOX_CH_LEGACY_BIN:-}" ]; }
 have_chdb() { [ -s "$chdb_lib" ]; }
 have_npm() { command -v npm >/dev/null 2>&1; }
+# promtool checks the alert rules in deploy/ (Debian's prometheus package ships it).
+have_promtool() { command -v promtool >/dev/null 2>&1; }
 
 # Each entry is one apt-get install command line (its arguments).
 installs=()
 have_pg || installs+=("postgresql")
 have_ch || installs+=("clickhouse-server clickhouse-client")
+have_promtool || installs+=("--no-install-recommends prometheus")
 # npm drags in nodejs and many node-* packages: only when we need to download.
 if ! have_chdb && ! have_npm; then
 	installs+=("--no-install-recommends npm")

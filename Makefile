@@ -1,0 +1,50 @@
+# outbox-streamer — the targets operators of the earlier service know, and a few more.
+# `make test` and `make run` need no Docker: they install what is missing (as root on
+# Debian) and start PostgreSQL and ClickHouse as local processes on free loopback ports.
+
+GO      ?= go
+BIN     := bin
+DEVENV  := $(BIN)/outbox-devenv
+STREAMER := $(BIN)/outbox-streamer
+TEST_TIMEOUT ?= 30m
+
+.PHONY: all build deps install run test test-unit fuzz lint migrate reset-test-db bench clean help
+
+all: build
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
+
+build: ## build bin/outbox-streamer (and the local-services launcher bin/outbox-devenv)
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(STREAMER) ./cmd/outbox-streamer
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(DEVENV) ./cmd/outbox-devenv
+
+deps: ## install PostgreSQL, ClickHouse 18.16, the ClickHouse 26.7 library and promtool if missing
+	./scripts/install-deps.sh
+
+install: deps build ## deps + build
+
+run: deps build ## local PostgreSQL + ClickHouse 26.7, migrate, stream, and a demo producer with progress
+	$(DEVENV) -- ./scripts/demo.sh
+
+test: deps build ## the whole suite (unit, integration, end to end) on ClickHouse 26.7 and 18.16
+	OUTBOX_TEST_REQUIRE_LEGACY=1 $(DEVENV) --legacy -- $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(TESTFLAGS) ./...
+
+test-unit: ## unit tests only (no servers)
+	$(GO) test -count=1 -short ./batch/... ./checkpoint/... ./config/... ./replication/... ./internal/retry/...
+
+fuzz: ## fuzz the pgoutput decoder for a minute
+	$(GO) test ./replication -run '^$$' -fuzz FuzzDecode -fuzztime 60s
+
+lint: ## gofmt and go vet
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+migrate: build ## apply migrations to the databases named by the environment (DATABASE_URL, CLICKHOUSE_*)
+	$(STREAMER) migrate up
+
+reset-test-db: ## remove leftovers of interrupted test runs (data dirs of local servers)
+	rm -rf "$${TMPDIR:-/tmp}"/outbox-localsvc-*
+
+clean: ## remove build output
+	rm -rf $(BIN)

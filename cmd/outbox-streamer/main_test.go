@@ -1,0 +1,221 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// binary builds the real outbox-streamer once per test run.
+func binary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "outbox-streamer-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "outbox-streamer")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			buildErr = err
+			t.Logf("%s", out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatalf("build outbox-streamer: %v", buildErr)
+	}
+	return binPath
+}
+
+// envFor is the environment pointing the binary at e's databases.
+func envFor(e *e2e.Env, extra ...string) []string {
+	host, port, _ := strings.Cut(e.Sink.Addr, ":")
+	env := []string{
+		"PATH=" + os.Getenv("PATH"),
+		"DATABASE_URL=" + e.DSN,
+		"CLICKHOUSE_HOST=" + host,
+		"CLICKHOUSE_PORT=" + port,
+		"CLICKHOUSE_SCHEMA=" + e.Sink.Database,
+		"REPLICATION_SLOT_NAME=" + e.Slot,
+		"STATUS_INTERVAL=100ms",
+		"EVENT_BATCH_TIMEOUT=50ms",
+	}
+	return append(env, extra...)
+}
+
+// runCmd runs the binary to completion and returns its exit code and output.
+func runCmd(t *testing.T, env []string, args ...string) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary(t), args...)
+	cmd.Env = env
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run %v: %v", args, err)
+	}
+	return code, out.String()
+}
+
+// startStreamer starts `outbox-streamer run` in the background.
+func startStreamer(t *testing.T, env []string) (*exec.Cmd, *bytes.Buffer) {
+	t.Helper()
+	cmd := exec.Command(binary(t), "run")
+	cmd.Env = env
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		}
+	})
+	return cmd, &out
+}
+
+func TestSIGTERMMidStreamThenRestartLosesNothing(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	env := envFor(e)
+	cmd, out := startStreamer(t, env)
+	e2e.WaitFor(t, time.Minute, "slot active", func() bool { return e.ConfirmedFlush(t) > 0 })
+
+	// A producer keeps committing while the streamer is stopped and started again.
+	ctx, stopProducer := context.WithCancel(context.Background())
+	produced := make(chan struct{})
+	go func() {
+		defer close(produced)
+		for ctx.Err() == nil {
+			_, _ = e.Pool.Exec(context.Background(), `INSERT INTO event_outbox (event_type, event_date_time, event_context)
+				SELECT 'p', now() AT TIME ZONE 'UTC', '{}' FROM generate_series(1, 200)`)
+		}
+	}()
+	e2e.WaitFor(t, time.Minute, "some events in ClickHouse", func() bool { c, _ := e.CHCounts(t); return c > 2000 })
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("streamer exited with %v after SIGTERM; output:\n%s", err, out)
+	}
+	if !strings.Contains(out.String(), "stopped streaming") {
+		t.Fatalf("no orderly stop in the output:\n%s", out)
+	}
+	_, processedAtStop := e.Committed(t)
+	startStreamer(t, env)
+	e2e.WaitFor(t, time.Minute, "more events delivered after the restart", func() bool {
+		_, processed := e.Committed(t)
+		return processed > processedAtStop+2000
+	})
+	stopProducer()
+	<-produced
+	e.AssertExactlyDelivered(t, 2*time.Minute, e.CurrentWAL(t))
+}
+
+func TestPreconditionsFailWithOneClearLine(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	ctx := context.Background()
+
+	t.Run("publication missing", func(t *testing.T) {
+		code, out := runCmd(t, envFor(e, "PUBLICATION_NAME=nope"), "run")
+		wantFailure(t, code, out, `publication "nope" does not exist`, "migrate up")
+	})
+	t.Run("publication publishes updates", func(t *testing.T) {
+		if _, err := e.Pool.Exec(ctx, "CREATE PUBLICATION too_much FOR TABLE event_outbox"); err != nil {
+			t.Fatal(err)
+		}
+		code, out := runCmd(t, envFor(e, "PUBLICATION_NAME=too_much"), "run")
+		wantFailure(t, code, out, "must publish inserts only", "ALTER PUBLICATION")
+	})
+	t.Run("no replication privilege", func(t *testing.T) {
+		if _, err := e.Pool.Exec(ctx, "CREATE ROLE plain LOGIN"); err != nil && !strings.Contains(err.Error(), "already exists") {
+			t.Fatal(err)
+		}
+		cfg, _ := pgx.ParseConfig(e.DSN)
+		dsn := strings.Replace(e.DSN, "postgres@", "plain@", 1)
+		if cfg.User != "postgres" {
+			t.Skip("test server DSN does not use the postgres user")
+		}
+		code, out := runCmd(t, envFor(e, "DATABASE_URL="+dsn), "run")
+		wantFailure(t, code, out, `role "plain" lacks the REPLICATION attribute`, "ALTER ROLE")
+	})
+	t.Run("clickhouse unreachable", func(t *testing.T) {
+		code, out := runCmd(t, envFor(e, "CLICKHOUSE_PORT=1", "CLICKHOUSE_CONNECT_TIMEOUT=2"), "run")
+		wantFailure(t, code, out, "clickhouse at 127.0.0.1:1 is unreachable", "CLICKHOUSE_HOST")
+	})
+	t.Run("slot in use", func(t *testing.T) {
+		_, _ = startStreamer(t, envFor(e))
+		e2e.WaitFor(t, time.Minute, "slot active", func() bool {
+			var active bool
+			err := e.Pool.QueryRow(ctx, "SELECT active FROM pg_replication_slots WHERE slot_name = $1", e.Slot).Scan(&active)
+			return err == nil && active
+		})
+		code, out := runCmd(t, envFor(e), "run")
+		wantFailure(t, code, out, "is in use by server process", "another outbox-streamer")
+	})
+	t.Run("bad setting", func(t *testing.T) {
+		code, out := runCmd(t, envFor(e, "EVENT_BATCH_SIZE=lots"), "run")
+		wantFailure(t, code, out, `invalid EVENT_BATCH_SIZE (--batch-size): "lots"`, "integer")
+	})
+	t.Run("password never printed", func(t *testing.T) {
+		code, out := runCmd(t, envFor(e, "DATABASE_URL=postgres://u:s3cr3t-pw@127.0.0.1:1/db", "CLICKHOUSE_PASSWORD=ch-s3cr3t"), "run")
+		if code == 0 {
+			t.Fatal("run succeeded against an unreachable PostgreSQL")
+		}
+		if strings.Contains(out, "s3cr3t") {
+			t.Fatalf("a password appears in the output:\n%s", out)
+		}
+	})
+}
+
+func wantFailure(t *testing.T, code int, out string, want ...string) {
+	t.Helper()
+	if code == 0 {
+		t.Fatalf("exit code 0, want failure; output:\n%s", out)
+	}
+	for _, w := range want {
+		if !strings.Contains(out, w) {
+			t.Fatalf("output lacks %q:\n%s", w, out)
+		}
+	}
+}
+
+func TestHelpListsEverySettingWithDefault(t *testing.T) {
+	code, out := runCmd(t, []string{"PATH=" + os.Getenv("PATH")}, "run", "--help")
+	if code != 0 {
+		t.Fatalf("run --help exited %d:\n%s", code, out)
+	}
+	for _, want := range []string{"EVENT_BATCH_SIZE", "1000", "EVENT_BATCH_TIMEOUT", "100ms", "CLICKHOUSE_EVENT_LOG_TABLE_NAME", "event_log",
+		"DATABASE_URL", "CLICKHOUSE_SEND_RECEIVE_TIMEOUT", "REPLICATION_SLOT_NAME", "--sweep"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("run --help lacks %q", want)
+		}
+	}
+}
