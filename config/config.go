@@ -41,6 +41,7 @@ type Config struct {
 	SweepInterval       time.Duration
 	ShutdownTimeout     time.Duration
 	RetryMaxWait        time.Duration
+	OutageFailAfter     time.Duration
 
 	MaxAttempts    int
 	RetryBaseDelay time.Duration
@@ -83,6 +84,7 @@ func Bind(src *Source, c *Config) {
 	src.Duration(&c.SweepInterval, "EVENT_PROCESSING_INTERVAL", "sweep-interval", 60*time.Second, "period of the fallback sweep while streaming")
 	src.Duration(&c.ShutdownTimeout, "SHUTDOWN_TIMEOUT", "shutdown-timeout", 30*time.Second, "bound on the final flush after SIGTERM")
 	src.Duration(&c.RetryMaxWait, "RETRY_MAX_WAIT", "retry-max-wait", 30*time.Second, "cap of the backoff between retries of a transient error")
+	src.Duration(&c.OutageFailAfter, "CLICKHOUSE_OUTAGE_FAIL_AFTER", "outage-fail-after", 2*time.Minute, "after ClickHouse is unavailable this long, a batch's rows are marked failed and acknowledged; the sweep delivers them later")
 
 	src.Int(&c.MaxAttempts, "EVENT_MAX_ATTEMPTS", "max-attempts", 10, 1, "failed deliveries after which a row becomes a dead letter")
 	src.Duration(&c.RetryBaseDelay, "EVENT_RETRY_BASE_DELAY", "retry-base-delay", 30*time.Second, "wait before a failed row is tried again; doubles per attempt")

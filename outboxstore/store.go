@@ -53,27 +53,38 @@ func (c *RetryConfig) defaults() {
 	}
 }
 
+// DB is what the store runs statements on: a pool, a connection or a transaction.
+type DB interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}
+
 // Store updates outbox rows.
 type Store struct {
-	pool  *pgxpool.Pool
+	db    DB
 	retry RetryConfig
 }
 
 // New returns a store over pool.
 func New(pool *pgxpool.Pool, retry RetryConfig) *Store {
 	retry.defaults()
-	return &Store{pool: pool, retry: retry}
+	return &Store{db: pool, retry: retry}
 }
 
-// Pool is the underlying connection pool.
-func (s *Store) Pool() *pgxpool.Pool { return s.pool }
+// WithTx returns a store whose statements run in tx.
+func (s *Store) WithTx(tx pgx.Tx) *Store {
+	return &Store{db: tx, retry: s.retry}
+}
+
+// Retry returns the retry configuration (with defaults filled in).
+func (s *Store) Retry() RetryConfig { return s.retry }
 
 // MarkProcessed sets the rows processed in one statement.
 func (s *Store) MarkProcessed(ctx context.Context, ids []int64) error {
 	if len(ids) == 0 {
 		return nil
 	}
-	_, err := s.pool.Exec(ctx, `UPDATE event_outbox
+	_, err := s.db.Exec(ctx, `UPDATE event_outbox
 		SET status = 'processed', updated_at = now() AT TIME ZONE 'UTC', last_error = NULL, next_attempt_at = NULL
 		WHERE id = ANY($1) AND status <> 'processed'`, ids)
 	if err != nil {
@@ -94,7 +105,7 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) error {
 	for i, f := range failures {
 		ids[i], reasons[i] = f.ID, truncate(f.Reason, 2000)
 	}
-	_, err := s.pool.Exec(ctx, `UPDATE event_outbox o
+	_, err := s.db.Exec(ctx, `UPDATE event_outbox o
 		SET attempts = o.attempts + 1,
 		    status = CASE WHEN o.attempts + 1 >= $3 THEN 'dead' ELSE 'failed' END,
 		    last_error = f.reason,
@@ -107,6 +118,58 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) error {
 		return fmt.Errorf("mark %d outbox rows failed: %w", len(failures), err)
 	}
 	return nil
+}
+
+// MarkDeferred marks rows failed without counting an attempt against them: the
+// rows are fine, the destination was unavailable. They are due again after the base
+// delay, when the sweep delivers them.
+func (s *Store) MarkDeferred(ctx context.Context, ids []int64, reason string) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	_, err := s.db.Exec(ctx, `UPDATE event_outbox
+		SET status = 'failed', last_error = $2, next_attempt_at = now() + $3::float8 * interval '1 second',
+		    updated_at = now() AT TIME ZONE 'UTC'
+		WHERE id = ANY($1) AND status IN ('pending', 'failed')`,
+		ids, truncate(reason, 2000), s.retry.BaseDelay.Seconds())
+	if err != nil {
+		return fmt.Errorf("defer %d outbox rows: %w", len(ids), err)
+	}
+	return nil
+}
+
+// MarkBackfill marks pending rows that the replication slot will never carry (they
+// predate it) failed and due now, for the sweep.
+func (s *Store) MarkBackfill(ctx context.Context, ids []int64) error {
+	_, err := s.db.Exec(ctx, `UPDATE event_outbox
+		SET status = 'failed', next_attempt_at = now(),
+		    last_error = 'backfill: committed before the replication slot existed; delivered by the sweep',
+		    updated_at = now() AT TIME ZONE 'UTC'
+		WHERE id = ANY($1) AND status = 'pending'`, ids)
+	if err != nil {
+		return fmt.Errorf("mark %d rows for backfill: %w", len(ids), err)
+	}
+	return nil
+}
+
+// NotPending returns which of ids are no longer pending (processed, failed or dead):
+// after a crash such replayed rows belong to the sweep or are done, and the stream
+// must not deliver them again.
+func (s *Store) NotPending(ctx context.Context, ids []int64) (map[int64]struct{}, error) {
+	rows, err := s.db.Query(ctx, `SELECT id FROM event_outbox WHERE id = ANY($1) AND status <> 'pending'`, ids)
+	if err != nil {
+		return nil, fmt.Errorf("read status of %d outbox rows: %w", len(ids), err)
+	}
+	defer rows.Close()
+	out := make(map[int64]struct{})
+	for rows.Next() {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			return nil, fmt.Errorf("read status of outbox rows: %w", err)
+		}
+		out[id] = struct{}{}
+	}
+	return out, rows.Err()
 }
 
 func truncate(s string, n int) string {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -14,6 +15,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 	"github.com/outbox-streamer/outbox-streamer/sink"
+	"github.com/outbox-streamer/outbox-streamer/sweep"
 )
 
 // Config is everything the streaming pipeline needs.
@@ -25,6 +27,9 @@ type Config struct {
 	Retry       outboxstore.RetryConfig
 	// WrapSink, when set, decorates the ClickHouse writer (instrumentation, tests).
 	WrapSink func(Sink) Sink
+	// SweepInterval is the period of the fallback sweep run beside the stream
+	// (EVENT_PROCESSING_INTERVAL); it also runs once at start. Zero disables it.
+	SweepInterval time.Duration
 }
 
 // Stream runs the streaming pipeline until ctx ends (then drains and returns nil) or
@@ -64,6 +69,14 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 		wcfg.MaxInsertRows = cfg.Run.BatchSize
 	}
 	store := outboxstore.New(pool, cfg.Retry)
+	if created, snapshot := stream.SlotCreated(); created {
+		n, err := sweep.Backfill(ctx, pool, snapshot, store, log)
+		if err != nil {
+			return err
+		}
+		log.Info("new replication slot: pending rows committed before it were handed to the sweep",
+			zap.Int64("backfilled_rows", n))
+	}
 	var target Sink = ch
 	if cfg.WrapSink != nil {
 		target = cfg.WrapSink(target)
@@ -87,6 +100,17 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 		writerErr = writer.Run(writerCtx, batches)
 	}()
 
+	sweepCtx, cancelSweep := context.WithCancel(ctx)
+	sweepDone := make(chan struct{})
+	go func() {
+		defer close(sweepDone)
+		if cfg.SweepInterval > 0 {
+			sweeper := sweep.New(sweep.Config{BatchSize: cfg.Run.BatchSize, TimeZone: cfg.Replication.TimeZone}, pool, ch, store, log)
+			runSweeps(sweepCtx, sweeper, cfg.SweepInterval, log)
+		}
+	}()
+	defer func() { cancelSweep(); <-sweepDone }()
+
 	streamErr := stream.Run(ctx, cfg.Run, batches, writerDone)
 	if streamErr != nil {
 		// The stream failed: the writer must not keep retrying a batch nobody will
@@ -101,4 +125,21 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 		return streamErr
 	}
 	return writerErr
+}
+
+// runSweeps sweeps at once and then every interval until ctx ends. A sweep that finds
+// ClickHouse unavailable just waits for the next period.
+func runSweeps(ctx context.Context, s *sweep.Sweeper, interval time.Duration, log *zap.Logger) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if _, err := s.Run(ctx); err != nil && ctx.Err() == nil {
+			log.Warn("sweep stopped early; next attempt in one period", zap.Error(err), zap.Duration("period", interval))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }

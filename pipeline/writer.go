@@ -28,6 +28,8 @@ type Sink interface {
 type Outbox interface {
 	MarkProcessed(ctx context.Context, ids []int64) error
 	MarkFailed(ctx context.Context, failures []outboxstore.Failure) error
+	MarkDeferred(ctx context.Context, ids []int64, reason string) error
+	NotPending(ctx context.Context, ids []int64) (map[int64]struct{}, error)
 }
 
 // InflightRecorder keeps the durable in-flight record (implemented by
@@ -51,6 +53,11 @@ type WriterConfig struct {
 	// InDoubtUntil is the in-flight LSN recorded before the last stop: replayed rows
 	// whose commit LSN is at or below it may already be in ClickHouse and are checked.
 	InDoubtUntil uint64
+	// OutageFailAfter bounds how long a batch is retried while ClickHouse is
+	// unavailable (CLICKHOUSE_OUTAGE_FAIL_AFTER). After it the rows are marked failed
+	// with a next-attempt time and acknowledged, so the slot does not retain WAL while
+	// ClickHouse is away; the sweep delivers them later. Zero retries forever.
+	OutageFailAfter time.Duration
 }
 
 // Writer is the consuming stage.
@@ -67,7 +74,7 @@ type Writer struct {
 
 // Stats counts what the writer did.
 type Stats struct {
-	Batches, Inserted, AlreadyPresent, Failed int64
+	Batches, Inserted, AlreadyPresent, Failed, Deferred int64
 }
 
 // NewWriter returns a writer.
@@ -147,11 +154,25 @@ func (w *Writer) Write(ctx context.Context, b *batch.Batch) error {
 		}
 	}
 
-	inserted, rejected, err := w.insert(ctx, valid)
+	inserted, rejected, deferred, outageErr, err := w.insertBounded(ctx, valid)
 	if err != nil {
 		return err
 	}
 	failed = append(failed, rejected...)
+	if len(deferred) > 0 {
+		ids := make([]int64, len(deferred))
+		for i := range deferred {
+			ids[i] = deferred[i].ID
+		}
+		reason := fmt.Sprintf("clickhouse unavailable for over %s: %v", w.cfg.OutageFailAfter, outageErr)
+		w.log.Error("clickhouse unavailable: batch marked failed for the sweep to deliver later",
+			zap.Int("rows", len(ids)), zap.Error(outageErr))
+		if err := w.retry(ctx, "mark rows failed after outage", outboxstore.IsRetryable, func(ctx context.Context) error {
+			return w.outbox.MarkDeferred(ctx, ids, reason)
+		}); err != nil {
+			return err
+		}
+	}
 
 	ids := make([]int64, 0, len(inserted)+len(present))
 	for i := range inserted {
@@ -180,22 +201,48 @@ func (w *Writer) Write(ctx context.Context, b *batch.Batch) error {
 	w.stats.Inserted += int64(len(inserted))
 	w.stats.AlreadyPresent += int64(len(present))
 	w.stats.Failed += int64(len(failed))
+	w.stats.Deferred += int64(len(deferred))
 	w.log.Debug("batch delivered", zap.Int("rows", b.Len()), zap.Int("inserted", len(inserted)),
 		zap.Int("already_present", len(present)), zap.Int("failed", len(failed)),
 		zap.Duration("took", time.Since(start)))
 	return nil
 }
 
-// reconcile drops rows that ClickHouse already holds from an in-doubt batch (one
-// inserted before a crash but not acknowledged) and returns their ids separately so
+// reconcile handles the rows of an in-doubt batch (one that may have reached
+// ClickHouse, or been marked failed, before a crash but was not acknowledged). Rows
+// that are no longer pending belong to the sweep or are done: they are dropped. Rows
+// ClickHouse already holds are dropped from the insert and returned separately so
 // they are still marked processed.
 func (w *Writer) reconcile(ctx context.Context, events []record.Event) (rest []record.Event, present []int64, err error) {
-	var doubtful []record.Event
+	var doubtIDs []int64
 	for i := range events {
+		if events[i].CommitLSN != 0 && events[i].CommitLSN <= w.cfg.InDoubtUntil {
+			doubtIDs = append(doubtIDs, events[i].ID)
+		}
+	}
+	if len(doubtIDs) == 0 {
+		return events, nil, nil
+	}
+	var owned map[int64]struct{}
+	if err := w.retry(ctx, "read status of in-doubt rows", outboxstore.IsRetryable, func(ctx context.Context) error {
+		var err error
+		owned, err = w.outbox.NotPending(ctx, doubtIDs)
+		return err
+	}); err != nil {
+		return nil, nil, err
+	}
+	var doubtful []record.Event
+	kept := events[:0:0]
+	for i := range events {
+		if _, ok := owned[events[i].ID]; ok {
+			continue
+		}
+		kept = append(kept, events[i])
 		if events[i].CommitLSN != 0 && events[i].CommitLSN <= w.cfg.InDoubtUntil {
 			doubtful = append(doubtful, events[i])
 		}
 	}
+	events = kept
 	if len(doubtful) == 0 {
 		return events, nil, nil
 	}
@@ -222,14 +269,41 @@ func (w *Writer) reconcile(ctx context.Context, events []record.Event) (rest []r
 	return rest, present, nil
 }
 
+// insertBounded is insert with the outage bound: when ClickHouse stays unavailable
+// longer than OutageFailAfter, the events come back as deferred with the last error.
+func (w *Writer) insertBounded(ctx context.Context, events []record.Event) (inserted []record.Event, rejected []outboxstore.Failure, deferred []record.Event, outageErr, err error) {
+	start := time.Now()
+	retryable := func(err error) bool {
+		return sink.IsRetryable(err) && (w.cfg.OutageFailAfter <= 0 || time.Since(start) < w.cfg.OutageFailAfter)
+	}
+	inserted, rejected, err = w.insert(ctx, events, retryable)
+	if err != nil && sink.IsRetryable(err) && ctx.Err() == nil {
+		// The bound passed: hand the rows still undelivered to the sweep.
+		done := make(map[int64]struct{}, len(inserted)+len(rejected))
+		for i := range inserted {
+			done[inserted[i].ID] = struct{}{}
+		}
+		for _, f := range rejected {
+			done[f.ID] = struct{}{}
+		}
+		for i := range events {
+			if _, ok := done[events[i].ID]; !ok {
+				deferred = append(deferred, events[i])
+			}
+		}
+		return inserted, rejected, deferred, err, nil
+	}
+	return inserted, rejected, nil, nil, err
+}
+
 // insert writes events, retrying transient errors. When the server rejects the data
 // itself, it splits the batch in halves until the offending rows are isolated, so
 // one bad row never blocks the others.
-func (w *Writer) insert(ctx context.Context, events []record.Event) (inserted []record.Event, rejected []outboxstore.Failure, err error) {
+func (w *Writer) insert(ctx context.Context, events []record.Event, retryable func(error) bool) (inserted []record.Event, rejected []outboxstore.Failure, err error) {
 	if len(events) == 0 {
 		return nil, nil, nil
 	}
-	err = w.retry(ctx, "insert into clickhouse", sink.IsRetryable, func(ctx context.Context) error {
+	err = w.retry(ctx, "insert into clickhouse", retryable, func(ctx context.Context) error {
 		return w.sink.Insert(ctx, events)
 	})
 	if err == nil {
@@ -242,13 +316,13 @@ func (w *Writer) insert(ctx context.Context, events []record.Event) (inserted []
 		return nil, []outboxstore.Failure{{ID: events[0].ID, Reason: "clickhouse rejected the event: " + err.Error()}}, nil
 	}
 	mid := len(events) / 2
-	okA, badA, err := w.insert(ctx, events[:mid])
+	okA, badA, err := w.insert(ctx, events[:mid], retryable)
 	if err != nil {
-		return nil, nil, err
+		return okA, badA, err
 	}
-	okB, badB, err := w.insert(ctx, events[mid:])
+	okB, badB, err := w.insert(ctx, events[mid:], retryable)
 	if err != nil {
-		return nil, nil, err
+		return append(okA, okB...), append(badA, badB...), err
 	}
 	return append(okA, okB...), append(badA, badB...), nil
 }

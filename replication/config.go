@@ -65,6 +65,9 @@ func (c *Config) Validate() error {
 type PreconditionError struct {
 	Problem string
 	Hint    string
+	// SlotInUse marks the one precondition that passes by itself: another
+	// connection streaming from the slot.
+	SlotInUse bool
 }
 
 func (e *PreconditionError) Error() string { return e.Problem + ": " + e.Hint }

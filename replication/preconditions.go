@@ -111,8 +111,9 @@ func SlotInUseError(slot string, pid int32) error {
 		who = fmt.Sprintf("server process %d", pid)
 	}
 	return &PreconditionError{
-		Problem: fmt.Sprintf("replication slot %q is in use by %s", slot, who),
-		Hint:    "another outbox-streamer (or a stale connection) is streaming from it; stop it, or wait for it to exit",
+		Problem:   fmt.Sprintf("replication slot %q is in use by %s", slot, who),
+		Hint:      "another outbox-streamer (or a stale connection) is streaming from it; stop it, or wait for it to exit",
+		SlotInUse: true,
 	}
 }
 

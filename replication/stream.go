@@ -57,6 +57,16 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 	if err != nil {
 		return nil, err
 	}
+	if slot.Exists && slot.WALStatus == "lost" {
+		// The server removed WAL the slot still needed (max_slot_wal_keep_size): it can
+		// never stream again. A new slot plus a backfill of what is still pending
+		// recovers without losing or duplicating events.
+		log.Warn("replication slot was invalidated (wal_status lost); dropping and recreating it, rows it missed are backfilled through the sweep")
+		if _, err := plain.Exec(ctx, "SELECT pg_drop_replication_slot($1)", cfg.Slot); err != nil {
+			return nil, fmt.Errorf("drop invalidated replication slot %q: %w", cfg.Slot, err)
+		}
+		slot.Exists = false
+	}
 
 	rcfg, err := pgconn.ParseConfig(cfg.DSN)
 	if err != nil {
@@ -128,6 +138,8 @@ type RunConfig struct {
 	// OnProgress, if set, is called after each status update with the acknowledged
 	// LSN and the server's WAL end as last seen.
 	OnProgress func(acked, serverWALEnd uint64)
+	// OnStreaming, if set, is called once the server accepted START_REPLICATION.
+	OnStreaming func()
 }
 
 // Run streams until ctx ends or an error occurs. Decoded rows go into batches handed
@@ -166,6 +178,9 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 	}
 	s.log.Info("streaming", zap.String("from_lsn", pglogrepl.LSN(s.startLSN).String()),
 		zap.String("publication", s.cfg.Publication))
+	if rc.OnStreaming != nil {
+		rc.OnStreaming()
+	}
 
 	builder := batch.NewBuilder(rc.BatchSize, rc.BatchTimeout)
 	var serverWALEnd uint64

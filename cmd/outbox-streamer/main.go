@@ -23,9 +23,12 @@ ClickHouse table event_log through logical replication (pgoutput).
 
 Usage:
   outbox-streamer run [flags]              stream inserts into ClickHouse until SIGTERM
+                                           (one leader per slot; others wait as standby)
+  outbox-streamer run --sweep [flags]      deliver due failed rows once, print a summary
   outbox-streamer migrate up|down|status   apply, roll back (one step, needs --yes) or show
                                            the migrations of both databases
   outbox-streamer status [flags]           show the slot and the outbox's state
+  outbox-streamer dead-letters list|requeue  inspect and re-drive rows that exhausted attempts
   outbox-streamer demo [flags]             write demo events and show them arrive in ClickHouse
 
 Every command takes the settings below as flags or environment variables;
@@ -58,8 +61,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdStatus(args[1:], stdout, stderr)
 	case "demo":
 		err = cmdDemo(args[1:], stdout, stderr)
+	case "dead-letters":
+		err = cmdDeadLetters(args[1:], stdout, stderr)
 	default:
-		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status or demo; see --help)\n", args[0])
+		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters or demo; see --help)\n", args[0])
 		return 2
 	}
 	var exit exitCode

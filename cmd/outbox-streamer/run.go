@@ -1,41 +1,184 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"syscall"
+	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
 	"github.com/outbox-streamer/outbox-streamer/config"
 	"github.com/outbox-streamer/outbox-streamer/internal/retry"
+	"github.com/outbox-streamer/outbox-streamer/leader"
 	"github.com/outbox-streamer/outbox-streamer/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/replication"
+	"github.com/outbox-streamer/outbox-streamer/sink"
+	"github.com/outbox-streamer/outbox-streamer/sweep"
 )
 
 func cmdRun(args []string, stdout, stderr io.Writer) error {
-	var sweep bool
+	var once bool
 	cfg, _, err := loadConfig("run", args, stderr, func(fs *flag.FlagSet) {
-		fs.BoolVar(&sweep, "sweep", false, "run one fallback sweep over failed rows, print a summary and exit")
+		fs.BoolVar(&once, "sweep", false, "run one fallback sweep over due failed rows, print a summary and exit")
 	})
 	if err != nil {
 		return err
 	}
 	log := newLogger(cfg)
 	defer log.Sync() //nolint:errcheck // nothing useful to do on a failed flush of stderr
-	if sweep {
-		return fmt.Errorf("--sweep is not available in this build yet")
+	ctx, hard, stop := signalContext(log)
+	defer stop()
+	if once {
+		return runSweepOnce(ctx, cfg, log, stdout)
 	}
 	log.Info("starting outbox-streamer",
 		zap.String("postgres", config.RedactDSN(cfg.PostgresDSN)),
 		zap.String("clickhouse", cfg.ClickHouse.Addr), zap.String("clickhouse_database", cfg.ClickHouse.Database),
 		zap.String("table", cfg.ClickHouse.Table), zap.String("slot", cfg.Slot),
 		zap.Int("batch_size", cfg.BatchSize), zap.Duration("batch_timeout", cfg.BatchTimeout))
+	return supervise(ctx, cfg, log, hard)
+}
 
-	ctx, hard, stop := signalContext(log)
-	defer stop()
-	return pipeline.Stream(ctx, pipelineConfig(cfg), log, hard)
+// supervise leads the slot (or waits as standby) and keeps the pipeline running:
+// after a transient failure — PostgreSQL restarted, a connection dropped — it waits
+// with capped backoff and resumes from the acknowledged position. Configuration
+// problems end the process with one clear line. Before the first successful start any
+// failure is final, so a wrong setting is reported instead of retried forever.
+func supervise(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-chan struct{}) error {
+	policy := retry.Policy{Initial: 500 * time.Millisecond, Max: cfg.RetryMaxWait}
+	streamed := false
+	for attempt := 1; ; attempt++ {
+		lock, err := leader.Acquire(ctx, leader.Config{DSN: cfg.PostgresDSN, Slot: cfg.Slot}, log, nil)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if !streamed {
+				return err
+			}
+		} else {
+			err = streamAsLeader(ctx, cfg, log, hard, lock, func() { streamed, attempt = true, 0 })
+			lock.Release()
+			if err == nil || ctx.Err() != nil {
+				return err
+			}
+		}
+		if !transient(err) || (!streamed && !slotBusy(err)) {
+			return err
+		}
+		wait := policy.Delay(attempt)
+		log.Warn("streaming interrupted; resuming from the acknowledged position", zap.Error(err), zap.Duration("retry_in", wait))
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+	}
+}
+
+// streamAsLeader runs the pipeline while the leader lock holds; losing the lock's
+// session stops streaming at once, without draining.
+func streamAsLeader(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-chan struct{}, lock *leader.Lock, onStreaming func()) error {
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	abandon := make(chan struct{})
+	lost := false
+	go func() {
+		select {
+		case <-lock.Lost():
+			lost = true
+			close(abandon)
+			cancel()
+		case <-hard:
+			close(abandon)
+		case <-runCtx.Done():
+		}
+	}()
+	pcfg := pipelineConfig(cfg)
+	pcfg.Run.OnStreaming = onStreaming
+	err := pipeline.Stream(runCtx, pcfg, log, abandon)
+	if lost && ctx.Err() == nil {
+		return errLeaderLost
+	}
+	return err
+}
+
+var errLeaderLost = errors.New("lost the leader lock's session")
+
+// transient reports whether err may pass by itself (a restart, a dropped
+// connection, a busy slot), as opposed to a configuration or data problem.
+func transient(err error) bool {
+	if errors.Is(err, errLeaderLost) || errors.Is(err, replication.ErrWriterStopped) || slotBusy(err) {
+		return true
+	}
+	if errors.Is(err, replication.ErrMalformed) {
+		return false
+	}
+	var pre *replication.PreconditionError
+	if errors.As(err, &pre) {
+		return false
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch pgErr.Code[:2] {
+		case "08", "53", "57", "58":
+			return true
+		}
+		return pgErr.Code == "55006" || pgErr.Code == "40001" || pgErr.Code == "40P01"
+	}
+	var connectErr *pgconn.ConnectError
+	var netErr net.Error
+	return errors.As(err, &connectErr) || errors.As(err, &netErr) || pgconn.SafeToRetry(err) || pgconn.Timeout(err) ||
+		sink.IsRetryable(err) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET)
+}
+
+// slotBusy reports the slot being used by another connection: after a takeover the
+// old leader's walsender may hold it for a moment longer.
+func slotBusy(err error) bool {
+	var pre *replication.PreconditionError
+	if errors.As(err, &pre) && pre.SlotInUse {
+		return true
+	}
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "55006"
+}
+
+// runSweepOnce is `run --sweep`: one sweep over due failed rows, then a summary.
+func runSweepOnce(ctx context.Context, cfg *config.Config, log *zap.Logger, stdout io.Writer) error {
+	ch, err := sink.Open(ctx, cfg.ClickHouse, log)
+	if err != nil {
+		return err
+	}
+	defer ch.Close()
+	pool, err := pgxpool.New(ctx, cfg.PostgresDSN)
+	if err != nil {
+		return fmt.Errorf("DATABASE_URL: %w", err)
+	}
+	defer pool.Close()
+	store := outboxstore.New(pool, retryConfig(cfg))
+	s := sweep.New(sweep.Config{BatchSize: cfg.BatchSize, TimeZone: cfg.TimeZone}, pool, ch, store, log)
+	res, err := s.Run(ctx)
+	var left struct{ failed, dead int64 }
+	if qerr := pool.QueryRow(context.Background(), `SELECT count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'dead')
+		FROM event_outbox WHERE status <> 'processed'`).Scan(&left.failed, &left.dead); qerr != nil && err == nil {
+		err = fmt.Errorf("count remaining rows: %w", qerr)
+	}
+	fmt.Fprintf(stdout, "sweep: %d delivered, %d already in ClickHouse, %d failed again, %d became dead letters in %s; now %d failed, %d dead\n",
+		res.Delivered, res.AlreadyPresent, res.Failed, res.Dead, res.Took.Round(time.Millisecond), left.failed, left.dead)
+	return err
+}
+
+func retryConfig(cfg *config.Config) outboxstore.RetryConfig {
+	return outboxstore.RetryConfig{MaxAttempts: cfg.MaxAttempts, BaseDelay: cfg.RetryBaseDelay, MaxDelay: cfg.RetryMaxDelay}
 }
 
 func pipelineConfig(cfg *config.Config) pipeline.Config {
@@ -54,13 +197,11 @@ func pipelineConfig(cfg *config.Config) pipeline.Config {
 		},
 		Sink: cfg.ClickHouse,
 		Writer: pipeline.WriterConfig{
-			MaxInsertRows: cfg.ClickHouseBatchSize,
-			Retry:         retry.Policy{Max: cfg.RetryMaxWait},
+			MaxInsertRows:   cfg.ClickHouseBatchSize,
+			Retry:           retry.Policy{Max: cfg.RetryMaxWait},
+			OutageFailAfter: cfg.OutageFailAfter,
 		},
-		Retry: outboxstore.RetryConfig{
-			MaxAttempts: cfg.MaxAttempts,
-			BaseDelay:   cfg.RetryBaseDelay,
-			MaxDelay:    cfg.RetryMaxDelay,
-		},
+		Retry:         retryConfig(cfg),
+		SweepInterval: cfg.SweepInterval,
 	}
 }

@@ -35,10 +35,17 @@ type Env struct {
 	Table       string // quoted db.table in ClickHouse
 }
 
-// New migrates fresh databases on the test servers.
+// New migrates fresh databases on the shared test servers.
 func New(t *testing.T, srv testenv.CHServer) *Env {
 	t.Helper()
-	dsn := testenv.NewDatabase(t)
+	return NewOn(t, testenv.Postgres(t), srv)
+}
+
+// NewOn migrates fresh databases on the PostgreSQL server with superuser DSN
+// serverDSN (a private one, for tests that restart it) and on srv.
+func NewOn(t *testing.T, serverDSN string, srv testenv.CHServer) *Env {
+	t.Helper()
+	dsn := testenv.NewDatabaseOn(t, serverDSN)
 	chdb := testenv.NewCHDatabase(t, srv)
 	e := &Env{
 		DSN:         dsn,

@@ -1,0 +1,405 @@
+// Package metrics holds the streamer's Prometheus metrics, the poller that reads the
+// replication slot's and the outbox's state from PostgreSQL, and the HTTP server that
+// exposes /metrics, /healthz and /readyz.
+//
+// Every metric lives on a registry of its own (with the Go runtime and process
+// collectors), so nothing a library registers on the global default registry leaks
+// into the endpoint. Names follow Prometheus conventions: prefix outbox_streamer_, base
+// units (seconds, bytes), _total on counters.
+//
+// All methods of *Metrics accept a nil receiver and then do nothing, so code paths and
+// tests without metrics need no checks.
+package metrics
+
+import (
+	"maps"
+	"slices"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/outbox-streamer/outbox-streamer/record"
+)
+
+// Namespace is the prefix of every metric of the streamer.
+const Namespace = "outbox_streamer"
+
+// Stages for AddError. They are fixed label values: an unknown stage is counted as
+// StageOther so that a typo cannot create unbounded series.
+const (
+	StageReplication  = "replication"       // receive loop, replication connection
+	StageDecode       = "decode"            // pgoutput messages the decoder rejected
+	StageInsert       = "clickhouse_insert" // ClickHouse inserts and in-doubt lookups
+	StageStatusUpdate = "status_update"     // marking outbox rows processed/failed
+	StageCheckpoint   = "checkpoint"        // in-flight record, acknowledgements
+	StageSweep        = "sweep"             // the fallback sweep
+	StageLeader       = "leader"            // the leader lock
+	StagePoller       = "slot_poller"       // the SlotPoller's queries
+	StageOther        = "other"             // anything else
+)
+
+// Stages lists every value AddError records, in a stable order.
+var Stages = []string{StageReplication, StageDecode, StageInsert, StageStatusUpdate,
+	StageCheckpoint, StageSweep, StageLeader, StagePoller, StageOther}
+
+// Outbox row statuses, the values of the status label of outbox_rows.
+var Statuses = []string{"pending", "processed", "failed", "dead"}
+
+// Sweep results, the values of the result label of sweep_rows_total.
+var SweepResults = []string{"delivered", "failed", "dead"}
+
+// Metrics is the set of the streamer's metrics. Create it with New; a nil *Metrics is
+// a valid no-op.
+type Metrics struct {
+	reg *prometheus.Registry
+
+	rowsReceived       prometheus.Counter
+	rowsDelivered      prometheus.Counter
+	rowsFailed         prometheus.Counter
+	rowsDead           prometheus.Counter
+	rowsAlreadyPresent prometheus.Counter
+	batches            prometheus.Counter
+	sweepRuns          prometheus.Counter
+	sweepRows          *prometheus.CounterVec
+	errors             *prometheus.CounterVec
+
+	batchRows       prometheus.Histogram
+	insertDuration  prometheus.Histogram
+	statusDuration  prometheus.Histogram
+	commitToCHDelay prometheus.Histogram
+
+	ackedLSN           prometheus.Gauge
+	slotLag            *prometheus.GaugeVec
+	slotRetained       *prometheus.GaugeVec
+	slotSafeWAL        *prometheus.GaugeVec
+	slotActive         *prometheus.GaugeVec
+	outboxRows         *prometheus.GaugeVec
+	oldestUndelivered  prometheus.Gauge
+	leader             prometheus.Gauge
+	lastBatchTimestamp prometheus.Gauge
+	up                 prometheus.Gauge
+
+	stages map[string]prometheus.Counter
+}
+
+// New returns the metrics registered on a new registry together with the Go runtime
+// and process collectors. Every labelled series with a fixed label set (statuses,
+// sweep results, error stages) is created at zero so that rate() and alerts see it
+// before the first event.
+func New() *Metrics {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	f := factory{reg}
+	m := &Metrics{reg: reg}
+
+	m.rowsReceived = f.counter("rows_received_total", "Outbox rows decoded from the replication stream.")
+	m.rowsDelivered = f.counter("rows_delivered_total", "Rows this process inserted into ClickHouse (streamed and swept).")
+	m.rowsFailed = f.counter("rows_failed_total", "Rows marked failed (to be retried by the sweep).")
+	m.rowsDead = f.counter("rows_dead_total", "Rows that became dead letters after their last allowed attempt.")
+	m.rowsAlreadyPresent = f.counter("rows_already_present_total",
+		"Rows of an in-doubt batch that ClickHouse already held after a restart, so they were not inserted again.")
+	m.batches = f.counter("batches_total", "Batches written to ClickHouse.")
+	m.sweepRuns = f.counter("sweep_runs_total", "Runs of the fallback sweep.")
+	m.sweepRows = f.counterVec("sweep_rows_total", "Rows handled by the fallback sweep, by result.", "result")
+	m.errors = f.counterVec("errors_total", "Errors by pipeline stage (retried ones included).", "stage")
+
+	m.batchRows = f.histogram("batch_rows", "Rows per batch inserted into ClickHouse.",
+		[]float64{1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000})
+	m.insertDuration = f.histogram("clickhouse_insert_duration_seconds", "Duration of one ClickHouse insert.",
+		[]float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30})
+	m.statusDuration = f.histogram("status_update_duration_seconds",
+		"Duration of one update of outbox rows' status in PostgreSQL.",
+		[]float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10})
+	// From 5 ms (a fast path on one host) to 60 s (batch timeout plus a slow insert
+	// plus retries): beyond that the number is an outage, which the lag gauges show.
+	m.commitToCHDelay = f.histogram("commit_to_clickhouse_latency_seconds",
+		"Time from the commit of a row's PostgreSQL transaction to ClickHouse accepting the row.",
+		[]float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60})
+
+	m.ackedLSN = f.gauge("acknowledged_lsn",
+		"The LSN last confirmed to PostgreSQL as flushed, as a number (exact below 2^53 bytes of WAL).")
+	m.slotLag = f.gaugeVec("slot_lag_bytes", "Current WAL position minus the slot's confirmed_flush_lsn.", "slot")
+	m.slotRetained = f.gaugeVec("slot_retained_wal_bytes", "WAL the slot keeps on disk: current WAL position minus its restart_lsn.", "slot")
+	m.slotSafeWAL = f.gaugeVec("slot_safe_wal_size_bytes",
+		"Bytes of WAL that can still be written before the slot risks invalidation (pg_replication_slots.safe_wal_size); absent when max_slot_wal_keep_size is unlimited.", "slot")
+	m.slotActive = f.gaugeVec("slot_active", "1 when a walsender streams from the slot, 0 when nobody does or the slot does not exist.", "slot")
+	m.outboxRows = f.gaugeVec("outbox_rows",
+		"Outbox rows by status; pending, failed and dead are exact, processed is estimated from pg_class.reltuples.", "status")
+	m.oldestUndelivered = f.gauge("oldest_undelivered_age_seconds", "Age of the oldest pending or failed outbox row (0 when there is none).")
+	m.leader = f.gauge("leader", "1 while this process holds the leader lock and streams, 0 while it stands by.")
+	m.lastBatchTimestamp = f.gauge("last_batch_timestamp_seconds", "Unix time of the last batch written to ClickHouse (0 before the first).")
+	m.up = f.gauge("up", "1 while the process runs and its pipeline is healthy, 0 when it is failing.")
+
+	m.stages = make(map[string]prometheus.Counter, len(Stages))
+	for _, s := range Stages {
+		m.stages[s] = m.errors.WithLabelValues(s)
+	}
+	for _, r := range SweepResults {
+		m.sweepRows.WithLabelValues(r)
+	}
+	for _, s := range Statuses {
+		m.outboxRows.WithLabelValues(s)
+	}
+	m.up.Set(1)
+	return m
+}
+
+// Registry is the registry holding the metrics, for the HTTP handler and bridges; nil
+// for a nil *Metrics.
+func (m *Metrics) Registry() *prometheus.Registry {
+	if m == nil {
+		return nil
+	}
+	return m.reg
+}
+
+// AddReceived counts rows decoded from the replication stream.
+func (m *Metrics) AddReceived(n int) {
+	if m == nil || n <= 0 {
+		return
+	}
+	m.rowsReceived.Add(float64(n))
+}
+
+// ObserveBatch records one batch written to ClickHouse: rows rows in insert time
+// (the whole insert, retries and splits included), and stamps the time of the last
+// batch. Call it once per batch the writer completes.
+func (m *Metrics) ObserveBatch(rows int, insert time.Duration) {
+	if m == nil {
+		return
+	}
+	m.batches.Inc()
+	m.batchRows.Observe(float64(rows))
+	m.insertDuration.Observe(insert.Seconds())
+	m.lastBatchTimestamp.Set(float64(time.Now().UnixNano()) / 1e9)
+}
+
+// AddDelivered counts rows inserted into ClickHouse by this process.
+func (m *Metrics) AddDelivered(n int) {
+	if m == nil || n <= 0 {
+		return
+	}
+	m.rowsDelivered.Add(float64(n))
+}
+
+// ObserveCommitLatency records the end-to-end latency of one row: from the commit of
+// its PostgreSQL transaction to accepted, when ClickHouse accepted it. A zero commit
+// time (rows delivered by the sweep carry none) is skipped, and so is a negative
+// latency from clocks that disagree.
+func (m *Metrics) ObserveCommitLatency(commit, accepted time.Time) {
+	if m == nil || commit.IsZero() {
+		return
+	}
+	if d := accepted.Sub(commit); d >= 0 {
+		m.commitToCHDelay.Observe(d.Seconds())
+	}
+}
+
+// ObserveDelivered counts the rows ClickHouse accepted at accepted and records the
+// commit-to-ClickHouse latency of each one that carries its commit time.
+func (m *Metrics) ObserveDelivered(accepted time.Time, events []record.Event) {
+	if m == nil {
+		return
+	}
+	m.AddDelivered(len(events))
+	for i := range events {
+		m.ObserveCommitLatency(events[i].CommitTime, accepted)
+	}
+}
+
+// AddAlreadyPresent counts in-doubt rows found in ClickHouse during reconciliation.
+func (m *Metrics) AddAlreadyPresent(n int) {
+	if m == nil || n <= 0 {
+		return
+	}
+	m.rowsAlreadyPresent.Add(float64(n))
+}
+
+// AddFailed counts rows marked failed.
+func (m *Metrics) AddFailed(n int) {
+	if m == nil || n <= 0 {
+		return
+	}
+	m.rowsFailed.Add(float64(n))
+}
+
+// AddDead counts rows that became dead letters.
+func (m *Metrics) AddDead(n int) {
+	if m == nil || n <= 0 {
+		return
+	}
+	m.rowsDead.Add(float64(n))
+}
+
+// ObserveStatusUpdate records the duration of one status update of outbox rows.
+func (m *Metrics) ObserveStatusUpdate(d time.Duration) {
+	if m == nil {
+		return
+	}
+	m.statusDuration.Observe(d.Seconds())
+}
+
+// ObserveSweep records one run of the fallback sweep and the rows it delivered, marked
+// failed and turned into dead letters. The sweep's rows are also counted by
+// rows_delivered_total / rows_failed_total / rows_dead_total, so those totals hold
+// for both paths.
+func (m *Metrics) ObserveSweep(delivered, failed, dead int) {
+	if m == nil {
+		return
+	}
+	m.sweepRuns.Inc()
+	for i, n := range []int{delivered, failed, dead} {
+		if n > 0 {
+			m.sweepRows.WithLabelValues(SweepResults[i]).Add(float64(n))
+		}
+	}
+	m.AddDelivered(delivered)
+	m.AddFailed(failed)
+	m.AddDead(dead)
+}
+
+// AddError counts one error of a stage (one of the Stage* constants).
+func (m *Metrics) AddError(stage string) {
+	if m == nil {
+		return
+	}
+	c, ok := m.stages[stage]
+	if !ok {
+		c = m.stages[StageOther]
+	}
+	c.Inc()
+}
+
+// SetAckedLSN records the LSN last confirmed to PostgreSQL.
+func (m *Metrics) SetAckedLSN(lsn uint64) {
+	if m == nil {
+		return
+	}
+	m.ackedLSN.Set(float64(lsn))
+}
+
+// SetLeader records whether this process holds the leader lock.
+func (m *Metrics) SetLeader(leader bool) {
+	if m == nil {
+		return
+	}
+	m.leader.Set(boolFloat(leader))
+}
+
+// SetUp records whether the process is healthy (1, the initial value) or failing.
+func (m *Metrics) SetUp(up bool) {
+	if m == nil {
+		return
+	}
+	m.up.Set(boolFloat(up))
+}
+
+// SlotStats is the replication slot's state as the SlotPoller reads it.
+type SlotStats struct {
+	Slot string
+	// Exists is false when the slot is missing; the other fields are then ignored.
+	Exists bool
+	Active bool
+	// LagBytes is pg_current_wal_lsn() - confirmed_flush_lsn; nil when unknown (a lost slot).
+	LagBytes *float64
+	// RetainedBytes is pg_current_wal_lsn() - restart_lsn; nil when unknown.
+	RetainedBytes *float64
+	// SafeWALSize is pg_replication_slots.safe_wal_size; nil when
+	// max_slot_wal_keep_size is unlimited.
+	SafeWALSize *float64
+}
+
+// SetSlot records the slot's state. Values that are unknown remove their series
+// rather than report a misleading zero.
+func (m *Metrics) SetSlot(s SlotStats) {
+	if m == nil {
+		return
+	}
+	m.slotActive.WithLabelValues(s.Slot).Set(boolFloat(s.Exists && s.Active))
+	set := func(v *prometheus.GaugeVec, p *float64) {
+		if s.Exists && p != nil {
+			v.WithLabelValues(s.Slot).Set(*p)
+		} else {
+			v.DeleteLabelValues(s.Slot)
+		}
+	}
+	set(m.slotLag, s.LagBytes)
+	set(m.slotRetained, s.RetainedBytes)
+	set(m.slotSafeWAL, s.SafeWALSize)
+}
+
+// OutboxStats is the outbox table's state as the SlotPoller reads it.
+type OutboxStats struct {
+	// Rows by status. A status missing from the map is reported as 0, except
+	// "processed", whose series is removed when missing (its estimate is unknown).
+	Rows map[string]float64
+	// OldestUndeliveredAge is the age of the oldest pending or failed row; zero when
+	// there is none.
+	OldestUndeliveredAge time.Duration
+}
+
+// SetOutbox records the outbox table's state.
+func (m *Metrics) SetOutbox(s OutboxStats) {
+	if m == nil {
+		return
+	}
+	for _, st := range Statuses {
+		v, ok := s.Rows[st]
+		if !ok && st == "processed" {
+			m.outboxRows.DeleteLabelValues(st)
+			continue
+		}
+		m.outboxRows.WithLabelValues(st).Set(v)
+	}
+	// Unexpected statuses (a newer schema) are reported too rather than hidden.
+	for _, st := range slices.Sorted(maps.Keys(s.Rows)) {
+		if !slices.Contains(Statuses, st) {
+			m.outboxRows.WithLabelValues(st).Set(s.Rows[st])
+		}
+	}
+	m.oldestUndelivered.Set(s.OldestUndeliveredAge.Seconds())
+}
+
+func boolFloat(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// factory creates metrics with the namespace and registers them.
+type factory struct{ reg prometheus.Registerer }
+
+func (f factory) counter(name, help string) prometheus.Counter {
+	c := prometheus.NewCounter(prometheus.CounterOpts{Namespace: Namespace, Name: name, Help: help})
+	f.reg.MustRegister(c)
+	return c
+}
+
+func (f factory) counterVec(name, help string, labels ...string) *prometheus.CounterVec {
+	c := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: name, Help: help}, labels)
+	f.reg.MustRegister(c)
+	return c
+}
+
+func (f factory) gauge(name, help string) prometheus.Gauge {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Name: name, Help: help})
+	f.reg.MustRegister(g)
+	return g
+}
+
+func (f factory) gaugeVec(name, help string, labels ...string) *prometheus.GaugeVec {
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: Namespace, Name: name, Help: help}, labels)
+	f.reg.MustRegister(g)
+	return g
+}
+
+func (f factory) histogram(name, help string, buckets []float64) prometheus.Histogram {
+	h := prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: Namespace, Name: name, Help: help, Buckets: buckets})
+	f.reg.MustRegister(h)
+	return h
+}

@@ -1,0 +1,249 @@
+package pipeline_test
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/outboxstore"
+	"github.com/outbox-streamer/outbox-streamer/pipeline"
+	"github.com/outbox-streamer/outbox-streamer/record"
+	"github.com/outbox-streamer/outbox-streamer/replication"
+	"github.com/outbox-streamer/outbox-streamer/sink"
+	"github.com/outbox-streamer/outbox-streamer/sweep"
+)
+
+// startWith runs the pipeline with cfg adjusted by tweak; it returns a stop func
+// and the channel carrying Stream's result.
+func startWith(t *testing.T, e *e2e.Env, tweak func(*pipeline.Config)) (stop func() error) {
+	t.Helper()
+	cfg := pipeline.Config{
+		Replication: replication.Config{DSN: e.DSN, Slot: e.Slot, Publication: e.Publication, StatusInterval: 100 * time.Millisecond},
+		Run:         replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond},
+		Sink:        e.Sink,
+		Retry:       outboxstore.RetryConfig{BaseDelay: 200 * time.Millisecond, MaxDelay: time.Second},
+	}
+	if tweak != nil {
+		tweak(&cfg)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	log := zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))
+	go func() { done <- pipeline.Stream(ctx, cfg, log, nil) }()
+	var once sync.Once
+	var result error
+	stop = func() error {
+		once.Do(func() {
+			cancel()
+			select {
+			case result = <-done:
+			case <-time.After(time.Minute):
+				result = errors.New("pipeline did not stop within a minute")
+			}
+		})
+		return result
+	}
+	t.Cleanup(func() { _ = stop() })
+	return stop
+}
+
+// crashAfterInsert lets the first insert reach ClickHouse and then fails the writer
+// as a crash between the insert and the status update would.
+type crashAfterInsert struct {
+	pipeline.Sink
+	once sync.Once
+}
+
+var errCrash = errors.New("simulated crash after the ClickHouse insert")
+
+func (c *crashAfterInsert) Insert(ctx context.Context, events []record.Event) error {
+	if err := c.Sink.Insert(ctx, events); err != nil {
+		return err
+	}
+	crashed := false
+	c.once.Do(func() { crashed = true })
+	if crashed {
+		return errCrash
+	}
+	return nil
+}
+
+// TestInDoubtBatchIsReconciled: the first batch reaches ClickHouse, then the writer
+// dies before marking rows processed or acknowledging. On restart the replayed rows
+// are found in ClickHouse (thanks to the in-flight record) and not inserted again.
+func TestInDoubtBatchIsReconciled(t *testing.T) {
+	for _, srv := range testenv.ClickHouseServers(t) {
+		t.Run(srv.Name, func(t *testing.T) {
+			e := e2e.New(t, srv)
+			stop := startWith(t, e, func(c *pipeline.Config) {
+				c.WrapSink = func(s pipeline.Sink) pipeline.Sink { return &crashAfterInsert{Sink: s} }
+			})
+			waitStreaming(t, e)
+			e.Insert(t, 3000, false)
+			e2e.WaitFor(t, time.Minute, "the first batch in ClickHouse", func() bool { c, _ := e.CHCounts(t); return c > 0 })
+			if err := stop(); !errors.Is(err, errCrash) {
+				t.Fatalf("pipeline returned %v, want the simulated crash", err)
+			}
+			if _, processed := e.Committed(t); processed != 0 {
+				t.Fatalf("%d rows processed although the crash came before the status update", processed)
+			}
+			startWith(t, e, nil)
+			e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+		})
+	}
+}
+
+// TestOutageMarksFailedThenSweepDelivers: with ClickHouse down past the bound, the
+// rows become failed with a next attempt, the slot is acknowledged past them (the
+// outbox, not the slot, buffers), and once ClickHouse is back the sweep delivers.
+func TestOutageMarksFailedThenSweepDelivers(t *testing.T) {
+	ch := testenv.PrivateClickHouse(t, false)
+	e := e2e.New(t, testenv.CHServerOf(ch))
+	startWith(t, e, func(c *pipeline.Config) {
+		c.Writer.OutageFailAfter = time.Second
+		c.SweepInterval = 300 * time.Millisecond
+		c.Sink.DialTimeout = time.Second
+		c.Sink.ReadTimeout = 2 * time.Second
+	})
+	waitStreaming(t, e)
+	if err := ch.Halt(); err != nil {
+		t.Fatal(err)
+	}
+	e.Insert(t, 300, false)
+	after := e.CurrentWAL(t)
+	e2e.WaitFor(t, time.Minute, "rows marked failed during the outage", func() bool {
+		var failed int
+		_ = e.Pool.QueryRow(context.Background(), `SELECT count(*) FROM event_outbox
+			WHERE status = 'failed' AND next_attempt_at IS NOT NULL AND last_error LIKE 'clickhouse unavailable%'`).Scan(&failed)
+		return failed == 300
+	})
+	e2e.WaitFor(t, time.Minute, "slot acknowledged past the failed rows", func() bool { return e.ConfirmedFlush(t) >= after })
+	if err := ch.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	e.AssertExactlyDelivered(t, 2*time.Minute, after)
+}
+
+// TestBadRowIsolated: a row whose time ClickHouse cannot hold is marked failed with
+// a reason; the rest of its batch is delivered.
+func TestBadRowIsolated(t *testing.T) {
+	for _, srv := range testenv.ClickHouseServers(t) {
+		t.Run(srv.Name, func(t *testing.T) {
+			e := e2e.New(t, srv)
+			startWith(t, e, nil)
+			waitStreaming(t, e)
+			bad := "2300-01-01 00:00:00" // past DateTime64's 2299 and DateTime's 2106
+			if srv.Legacy {
+				bad = "1960-01-01 00:00:00" // DateTime would wrap it to 2096
+			}
+			ctx := context.Background()
+			if _, err := e.Pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time)
+				SELECT 'ok', now() AT TIME ZONE 'UTC' FROM generate_series(1, 50)
+				UNION ALL SELECT 'bad', $1::timestamp
+				UNION ALL SELECT 'ok', now() AT TIME ZONE 'UTC' FROM generate_series(1, 50)`, bad); err != nil {
+				t.Fatal(err)
+			}
+			e2e.WaitFor(t, time.Minute, "good rows delivered and the bad one failed", func() bool {
+				var processed, failed int
+				_ = e.Pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE status = 'processed'),
+					count(*) FILTER (WHERE status = 'failed' AND last_error LIKE '%outside what ClickHouse stores%')
+					FROM event_outbox`).Scan(&processed, &failed)
+				return processed == 100 && failed == 1
+			})
+			if c, u := e.CHCounts(t); c != 100 || u != 100 {
+				t.Fatalf("ClickHouse holds count=%d uniq=%d, want 100 good rows", c, u)
+			}
+			var wrapped uint64
+			if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+e.Table+" WHERE event_type = 'bad'").Scan(&wrapped); err != nil || wrapped != 0 {
+				t.Fatalf("bad row reached ClickHouse (%d rows, err %v)", wrapped, err)
+			}
+		})
+	}
+}
+
+// TestRowsOlderThanTheSlotAreBackfilled: rows committed before the first start (no
+// slot yet) are delivered through the sweep, exactly once, beside streamed ones.
+func TestRowsOlderThanTheSlotAreBackfilled(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e.Insert(t, 2500, false) // before the slot exists
+	startWith(t, e, func(c *pipeline.Config) { c.SweepInterval = time.Hour }) // the start-up sweep must do it
+	waitStreaming(t, e)
+	e.Insert(t, 700, false)
+	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+}
+
+// TestConcurrentSweepersDeliverEachRowOnce runs four sweepers over the same failed
+// rows at once.
+func TestConcurrentSweepersDeliverEachRowOnce(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e.Insert(t, 5000, false)
+	ctx := context.Background()
+	if _, err := e.Pool.Exec(ctx, `UPDATE event_outbox SET status = 'failed', next_attempt_at = now()`); err != nil {
+		t.Fatal(err)
+	}
+	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
+	var wg sync.WaitGroup
+	results := make([]sweep.Result, 4)
+	errs := make([]error, 4)
+	for i := range results {
+		w, err := sink.Open(ctx, e.Sink, log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer w.Close()
+		s := sweep.New(sweep.Config{BatchSize: 200}, e.Pool, w, outboxstore.New(e.Pool, outboxstore.RetryConfig{}), log)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i], errs[i] = s.Run(ctx)
+		}()
+	}
+	wg.Wait()
+	var delivered int64
+	busy := 0
+	for i, r := range results {
+		if errs[i] != nil {
+			t.Fatalf("sweeper %d: %v", i, errs[i])
+		}
+		delivered += r.Delivered
+		if r.Delivered > 0 {
+			busy++
+		}
+	}
+	if delivered != 5000 {
+		t.Fatalf("sweepers delivered %d rows together, want 5000", delivered)
+	}
+	t.Logf("%d of 4 sweepers took part", busy)
+	if c, u := e.CHCounts(t); c != 5000 || u != 5000 {
+		t.Fatalf("ClickHouse holds count=%d uniq=%d, want 5000", c, u)
+	}
+}
+
+// TestSchemaChangeWhileStreaming adds and reorders columns mid-stream: every event
+// keeps flowing (columns are mapped by name; unknown columns are ignored).
+func TestSchemaChangeWhileStreaming(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	startWith(t, e, nil)
+	waitStreaming(t, e)
+	ctx := context.Background()
+	e.Insert(t, 500, false)
+	if _, err := e.Pool.Exec(ctx, `ALTER TABLE event_outbox ADD COLUMN tenant TEXT DEFAULT 'acme'`); err != nil {
+		t.Fatal(err)
+	}
+	e.Insert(t, 500, false)
+	if _, err := e.Pool.Exec(ctx, `INSERT INTO event_outbox (tenant, event_type, event_date_time) VALUES ('x', 'with.tenant', now() AT TIME ZONE 'UTC')`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Pool.Exec(ctx, `ALTER TABLE event_outbox DROP COLUMN tenant`); err != nil {
+		t.Fatal(err)
+	}
+	e.Insert(t, 500, false)
+	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+}
