@@ -172,7 +172,7 @@ func TestBadRowIsolated(t *testing.T) {
 // slot yet) are delivered through the sweep, exactly once, beside streamed ones.
 func TestRowsOlderThanTheSlotAreBackfilled(t *testing.T) {
 	e := e2e.New(t, testenv.ModernClickHouse(t))
-	e.Insert(t, 2500, false) // before the slot exists
+	e.Insert(t, 2500, false)                                                  // before the slot exists
 	startWith(t, e, func(c *pipeline.Config) { c.SweepInterval = time.Hour }) // the start-up sweep must do it
 	waitStreaming(t, e)
 	e.Insert(t, 700, false)

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/outbox-streamer/outbox-streamer/outbox"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -113,15 +114,20 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 	}
 }
 
+// insertDemo writes n demo events in one transaction through package outbox, as a
+// service would (one COPY for the lot).
 func insertDemo(ctx context.Context, pool *pgxpool.Pool, n int, env string) error {
 	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		b := &pgx.Batch{}
-		for i := 0; i < n; i++ {
-			typ := demoTypes[time.Now().Nanosecond()%len(demoTypes)]
-			b.Queue(`INSERT INTO event_outbox (event_type, event_date_time, environment, event_context, metadata_version)
-				VALUES ($1, now() AT TIME ZONE 'UTC', $2, $3, 1)`, typ, env,
-				fmt.Sprintf(`{"demo": true, "seq": %d, "user_id": %d}`, i, time.Now().UnixNano()%100000))
+		evs := make([]outbox.Event, n)
+		for i := range evs {
+			evs[i] = outbox.Event{
+				Type:        demoTypes[time.Now().Nanosecond()%len(demoTypes)],
+				Time:        time.Now(),
+				Environment: env,
+				Context:     map[string]any{"demo": true, "seq": i, "user_id": time.Now().UnixNano() % 100000},
+			}
 		}
-		return tx.SendBatch(ctx, b).Close()
+		_, err := outbox.AppendBatch(ctx, tx, evs)
+		return err
 	})
 }

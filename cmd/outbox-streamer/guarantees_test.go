@@ -1,0 +1,158 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+)
+
+// TestDeadLetterAndRequeue: a row ClickHouse cannot hold fails, is retried by the
+// sweep until it becomes a dead letter, is listed with its reason, and after the
+// operator fixes and requeues it, the next sweep delivers it.
+func TestDeadLetterAndRequeue(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	env := envFor(e, "EVENT_MAX_ATTEMPTS=2", "EVENT_RETRY_BASE_DELAY=0.05", "EVENT_RETRY_MAX_DELAY=0.1")
+	ctx := context.Background()
+	var id int64
+	if err := e.Pool.QueryRow(ctx, `INSERT INTO event_outbox (event_type, event_date_time, status, next_attempt_at)
+		VALUES ('poison', '2300-01-01', 'failed', now()) RETURNING id`).Scan(&id); err != nil {
+		t.Fatal(err)
+	}
+	sweepUntil := func(want string) {
+		t.Helper()
+		e2e.WaitFor(t, 30*time.Second, "row status "+want, func() bool {
+			code, out := runCmd(t, env, "run", "--sweep")
+			if code != 0 {
+				t.Fatalf("run --sweep exited %d:\n%s", code, out)
+			}
+			var status string
+			_ = e.Pool.QueryRow(ctx, "SELECT status FROM event_outbox WHERE id = $1", id).Scan(&status)
+			return status == want
+		})
+	}
+	sweepUntil("dead")
+
+	code, out := runCmd(t, env, "dead-letters", "list")
+	if code != 0 || !strings.Contains(out, fmt.Sprint(id)) || !strings.Contains(out, "outside what ClickHouse stores") {
+		t.Fatalf("dead-letters list (exit %d) does not show the row and its reason:\n%s", code, out)
+	}
+	if _, err := e.Pool.Exec(ctx, "UPDATE event_outbox SET event_date_time = '2026-01-01' WHERE id = $1", id); err != nil {
+		t.Fatal(err)
+	}
+	code, out = runCmd(t, env, "dead-letters", "requeue", "--id", fmt.Sprint(id))
+	if code != 0 || !strings.Contains(out, "requeued 1 dead letter") {
+		t.Fatalf("requeue (exit %d):\n%s", code, out)
+	}
+	sweepUntil("processed")
+	if c, u := e.CHCounts(t); c != 1 || u != 1 {
+		t.Fatalf("ClickHouse holds count=%d uniq=%d, want the one requeued event", c, u)
+	}
+}
+
+// TestStandbyTakesOverWhenTheLeaderDies runs two instances on one slot: the second
+// waits; after SIGKILL of the first it takes over and every event is delivered once.
+func TestStandbyTakesOverWhenTheLeaderDies(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	env := envFor(e)
+	leaderCmd, _ := startStreamer(t, env)
+	e2e.WaitFor(t, time.Minute, "leader streaming", func() bool { return e.ConfirmedFlush(t) > 0 && slotPID(t, e) != 0 })
+	standby, standbyOut := startStreamer(t, env)
+	e2e.WaitFor(t, time.Minute, "standby waiting", func() bool {
+		return strings.Contains(standbyOut.String(), "waiting as hot standby")
+	})
+	e.Insert(t, 1000, false)
+	e2e.WaitFor(t, time.Minute, "first events delivered", func() bool { _, p := e.Committed(t); return p == 1000 })
+
+	if err := leaderCmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	_ = leaderCmd.Wait()
+	e.Insert(t, 1000, false)
+	e2e.WaitFor(t, time.Minute, "standby streaming", func() bool {
+		return strings.Contains(standbyOut.String(), "took over as leader") && slotPID(t, e) != 0
+	})
+	t.Logf("standby took over %s after the leader's SIGKILL", time.Since(killed).Round(time.Millisecond))
+	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+	_ = standby
+}
+
+// TestLeaderStopsWhenItsLockSessionDies terminates the leader's lock session: it must
+// stop streaming at once (and then compete for the lock again).
+func TestLeaderStopsWhenItsLockSessionDies(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	_, out := startStreamer(t, envFor(e))
+	e2e.WaitFor(t, time.Minute, "streaming", func() bool { return slotPID(t, e) != 0 })
+	if _, err := e.Pool.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE datname = current_database() AND query LIKE '%pg_try_advisory_lock%' AND pid <> pg_backend_pid()`); err != nil {
+		t.Fatal(err)
+	}
+	e2e.WaitFor(t, time.Minute, "the leader noticing the lost lock", func() bool {
+		return strings.Contains(out.String(), "lost the leader lock")
+	})
+	e2e.WaitFor(t, time.Minute, "streaming again after re-acquiring the lock", func() bool {
+		return strings.Count(out.String(), `"streaming"`) >= 2
+	})
+	e.Insert(t, 100, false)
+	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+}
+
+// TestInvalidatedSlotIsRecreatedAndBackfilled makes the server invalidate the slot
+// (max_slot_wal_keep_size) while the streamer is stopped with undelivered rows; the
+// next start recreates the slot and delivers the rows through the backfill.
+func TestInvalidatedSlotIsRecreatedAndBackfilled(t *testing.T) {
+	pg := testenv.PrivatePostgres(t)
+	e := e2e.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
+	ctx := context.Background()
+	for _, q := range []string{"ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'", "SELECT pg_reload_conf()"} {
+		if _, err := e.Pool.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	env := envFor(e)
+	cmd, out := startStreamer(t, env)
+	e.Insert(t, 100, false)
+	e2e.WaitFor(t, time.Minute, "first rows delivered", func() bool { _, p := e.Committed(t); return p == 100 })
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("streamer: %v\n%s", err, out)
+	}
+	e.Insert(t, 500, false) // pending, only in the slot's WAL
+	for _, q := range []string{
+		"CREATE TABLE filler (x text)",
+		"INSERT INTO filler SELECT repeat('x', 2000) FROM generate_series(1, 40000)",
+		"SELECT pg_switch_wal()",
+		"CHECKPOINT",
+	} {
+		if _, err := e.Pool.Exec(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	var walStatus string
+	if err := e.Pool.QueryRow(ctx, "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", e.Slot).Scan(&walStatus); err != nil {
+		t.Fatal(err)
+	}
+	if walStatus != "lost" {
+		t.Fatalf("slot wal_status = %q after the filler WAL, want lost (test set-up)", walStatus)
+	}
+	_, out2 := startStreamer(t, env)
+	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+	if !strings.Contains(out2.String(), "invalidated") || !strings.Contains(out2.String(), `"backfilled_rows":500`) {
+		t.Fatalf("logs do not say the slot was recreated and 500 rows backfilled:\n%s", out2)
+	}
+}
+
+func slotPID(t *testing.T, e *e2e.Env) int32 {
+	var pid *int32
+	_ = e.Pool.QueryRow(context.Background(), "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", e.Slot).Scan(&pid)
+	if pid == nil {
+		return 0
+	}
+	return *pid
+}
