@@ -1,0 +1,199 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/loadgen"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+)
+
+// supervisor keeps one streamer process running, restarting it when it exits, as a
+// process manager would.
+type supervisor struct {
+	t    *testing.T
+	env  []string
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+	out  bytes.Buffer
+	stop chan struct{}
+	done chan struct{}
+	runs int
+}
+
+func superviseStreamer(t *testing.T, env []string) *supervisor {
+	s := &supervisor{t: t, env: env, stop: make(chan struct{}), done: make(chan struct{})}
+	go s.loop()
+	t.Cleanup(s.shutdown)
+	return s
+}
+
+func (s *supervisor) loop() {
+	defer close(s.done)
+	for {
+		cmd := exec.Command(binary(s.t), "run")
+		cmd.Env = s.env
+		s.mu.Lock()
+		cmd.Stdout, cmd.Stderr = &lockedWriter{mu: &s.mu, w: &s.out}, &lockedWriter{mu: &s.mu, w: &s.out}
+		err := cmd.Start()
+		s.cmd = cmd
+		s.runs++
+		s.mu.Unlock()
+		if err == nil {
+			_ = cmd.Wait()
+		}
+		select {
+		case <-s.stop:
+			return
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
+}
+
+// kill sends SIGKILL to the current streamer process.
+func (s *supervisor) kill() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd != nil && s.cmd.Process != nil {
+		_ = s.cmd.Process.Kill()
+	}
+}
+
+func (s *supervisor) shutdown() {
+	select {
+	case <-s.stop:
+		return
+	default:
+	}
+	close(s.stop)
+	s.kill()
+	<-s.done
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  *bytes.Buffer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+// TestChaos drives the real binary while a producer commits at least 200,000 events
+// in mixed transactions with rollbacks; meanwhile the streamer is SIGKILLed and
+// restarted at random moments, ClickHouse is stopped for a while and PostgreSQL is
+// restarted. At the end ClickHouse must hold every committed event exactly once
+// (without FINAL), every row must be processed and the slot caught up.
+// OUTBOX_CHAOS_SEED replays a run.
+func TestChaos(t *testing.T) {
+	if testing.Short() {
+		t.Skip("chaos test skipped in -short mode")
+	}
+	seed := time.Now().UnixNano()
+	if s := os.Getenv("OUTBOX_CHAOS_SEED"); s != "" {
+		seed, _ = strconv.ParseInt(s, 10, 64)
+	}
+	t.Logf("chaos seed %d (OUTBOX_CHAOS_SEED=%d replays it)", seed, seed)
+	rng := rand.New(rand.NewPCG(uint64(seed), 0))
+
+	pg := testenv.PrivatePostgres(t)
+	ch := testenv.PrivateClickHouse(t, false)
+	e := e2e.NewOn(t, pg.DSN(), testenv.CHServerOf(ch))
+	env := envFor(e,
+		"CLICKHOUSE_OUTAGE_FAIL_AFTER=2s", "EVENT_PROCESSING_INTERVAL=1s", "RETRY_MAX_WAIT=1s",
+		"EVENT_RETRY_BASE_DELAY=0.5", "EVENT_RETRY_MAX_DELAY=2", "CLICKHOUSE_CONNECT_TIMEOUT=2", "CLICKHOUSE_SEND_RECEIVE_TIMEOUT=5")
+	sup := superviseStreamer(t, env)
+	e2e.WaitFor(t, time.Minute, "streamer streaming", func() bool { return e.ConfirmedFlush(t) > 0 })
+
+	pcfg, err := pgxpool.ParseConfig(e.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pcfg.MaxConns = 4
+	pool, err := pgxpool.NewWithConfig(context.Background(), pcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	loadDone := make(chan loadgen.Stats, 1)
+	go func() {
+		st, err := loadgen.Run(ctx, pool, loadgen.Config{
+			Rate: 6000, TxSize: 40, RollbackFraction: 0.1, Connections: 2, Count: 200000,
+			Copy: true, KeepGoing: true, Seed: seed,
+		}, nil)
+		if err != nil {
+			t.Errorf("load generator: %v", err)
+		}
+		loadDone <- st
+	}()
+	// One transaction far larger than a batch, in the middle of the chaos.
+	bigDone := make(chan struct{})
+	go func() {
+		defer close(bigDone)
+		time.Sleep(2 * time.Second)
+		for attempt := 0; attempt < 20; attempt++ {
+			_, err := pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, event_context)
+				SELECT 'big', now() AT TIME ZONE 'UTC', '{}' FROM generate_series(1, 20000)`)
+			if err == nil {
+				return
+			}
+			time.Sleep(time.Second)
+		}
+	}()
+
+	kills, outages, pgRestarts := 0, 0, 0
+	pause := func() { time.Sleep(time.Duration(500+rng.IntN(2500)) * time.Millisecond) }
+	for kills < 6 {
+		pause()
+		sup.kill()
+		kills++
+		switch kills {
+		case 2:
+			pause()
+			if err := ch.Halt(); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(time.Duration(3000+rng.IntN(3000)) * time.Millisecond)
+			if err := ch.Start(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			outages++
+		case 4:
+			pause()
+			if err := pg.Restart(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			pgRestarts++
+		}
+	}
+	st := <-loadDone
+	<-bigDone
+	t.Logf("producer: %d events committed, %d rolled back, %d failed, %d in doubt; chaos: %d SIGKILLs, %d ClickHouse outages, %d PostgreSQL restarts, %d streamer starts",
+		st.Committed, st.RolledBack, st.Failed, st.InDoubt, kills, outages, pgRestarts, sup.runs)
+	if st.Committed < 200000 {
+		t.Fatalf("producer committed only %d events", st.Committed)
+	}
+	e.AssertExactlyDelivered(t, 5*time.Minute, e.CurrentWAL(t))
+	e2e.WaitFor(t, time.Minute, "slot lag near zero", func() bool {
+		var lag int64
+		_ = e.Pool.QueryRow(context.Background(), `SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+			FROM pg_replication_slots WHERE slot_name = $1`, e.Slot).Scan(&lag)
+		return lag < 64*1024
+	})
+	total, _ := e.Committed(t)
+	t.Logf("chaos survived: %d committed rows delivered exactly once", total)
+}

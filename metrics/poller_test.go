@@ -1,0 +1,220 @@
+package metrics
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/migrations"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// downDB fails every query, like a PostgreSQL that is unreachable.
+type downDB struct{ calls int }
+
+type errRow struct{ err error }
+
+func (r errRow) Scan(...any) error { return r.err }
+
+var errDown = errors.New("connection refused")
+
+func (d *downDB) Query(context.Context, string, ...any) (pgx.Rows, error) {
+	d.calls++
+	return nil, errDown
+}
+
+func (d *downDB) QueryRow(context.Context, string, ...any) pgx.Row {
+	d.calls++
+	return errRow{errDown}
+}
+
+func TestPollerCountsErrorsAndKeepsRunning(t *testing.T) {
+	m := New()
+	db := &downDB{}
+	p, err := NewSlotPoller(PollerConfig{Slot: "s", Interval: time.Millisecond}, db, m, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Poll(context.Background()); !errors.Is(err, errDown) {
+		t.Fatalf("Poll = %v, want the database's error", err)
+	}
+	if got := testutil.ToFloat64(m.errors.WithLabelValues(StagePoller)); got != 2 {
+		t.Errorf(`errors_total{stage="slot_poller"} = %v after one failed poll, want 2 (slot and outbox)`, got)
+	}
+
+	// Run keeps polling through failures and returns nil when its context ends.
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for testutil.ToFloat64(m.errors.WithLabelValues(StagePoller)) < 10 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run = %v, want nil", err)
+	}
+	if got := testutil.ToFloat64(m.errors.WithLabelValues(StagePoller)); got < 10 {
+		t.Errorf("Run stopped polling after failures: %v errors counted", got)
+	}
+}
+
+func TestPollerConfigValidate(t *testing.T) {
+	if _, err := NewSlotPoller(PollerConfig{}, &downDB{}, nil, nil); err == nil {
+		t.Error("a poller without a slot name was accepted")
+	}
+	c := PollerConfig{Slot: "s"}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if c.Interval != 10*time.Second || c.Timeout != 5*time.Second || c.Schema != "public" || c.Table != "event_outbox" {
+		t.Errorf("defaults not filled: %+v", c)
+	}
+}
+
+// outboxDB returns a pool on a fresh database holding the project's outbox schema.
+func outboxDB(t *testing.T) *pgxpool.Pool {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("needs PostgreSQL (skipped with -short)")
+	}
+	dsn := testenv.NewDatabase(t)
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	sqls, err := migrations.Rendered("postgres", map[string]string{"Publication": "outbox_pub", "PublicationLiteral": "'outbox_pub'"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, sql := range sqls {
+		if strings.HasSuffix(name, ".up.sql") {
+			if _, err := pool.Exec(ctx, sql); err != nil {
+				t.Fatalf("apply %s: %v", name, err)
+			}
+		}
+	}
+	return pool
+}
+
+func TestPollerAgainstPostgres(t *testing.T) {
+	pool := outboxDB(t)
+	ctx := context.Background()
+	slot := "poller_" + fmt.Sprint(time.Now().UnixNano()%1e9)
+
+	m := New()
+	p, err := NewSlotPoller(PollerConfig{Slot: slot}, pool, m, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// No slot yet, empty outbox.
+	if err := p.Poll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := testutil.ToFloat64(m.slotActive.WithLabelValues(slot)); got != 0 {
+		t.Errorf("slot_active of a missing slot = %v", got)
+	}
+	if n := testutil.CollectAndCount(m.slotLag); n != 0 {
+		t.Errorf("slot_lag_bytes reported for a missing slot")
+	}
+
+	if _, err := pool.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_, _ = pool.Exec(context.Background(), "SELECT pg_drop_replication_slot($1)", slot)
+	})
+	// 300 delivered rows, 5 pending (the oldest an hour old), 2 failed, 1 dead; then
+	// ANALYZE so reltuples is exact for the processed estimate.
+	if _, err := pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, status, created_at)
+		SELECT 't', now(), s, (now() AT TIME ZONE 'UTC') - age
+		FROM (SELECT 'processed' AS s, interval '2 hours' AS age FROM generate_series(1, 300)
+		      UNION ALL SELECT 'pending', interval '1 minute' FROM generate_series(1, 4)
+		      UNION ALL SELECT 'pending', interval '1 hour'
+		      UNION ALL SELECT 'failed', interval '10 minutes' FROM generate_series(1, 2)
+		      UNION ALL SELECT 'dead', interval '3 hours') AS rows`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, "ANALYZE event_outbox"); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := p.Poll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for st, want := range map[string]float64{"pending": 5, "failed": 2, "dead": 1, "processed": 300} {
+		if got := testutil.ToFloat64(m.outboxRows.WithLabelValues(st)); got != want {
+			t.Errorf("outbox_rows{status=%q} = %v, want %v", st, got, want)
+		}
+	}
+	// The dead row is older, but it is parked, not waiting: the age is the pending one's.
+	if age := testutil.ToFloat64(m.oldestUndelivered); age < 3590 || age > 3700 {
+		t.Errorf("oldest_undelivered_age_seconds = %v, want about 3600", age)
+	}
+	if got := testutil.ToFloat64(m.slotActive.WithLabelValues(slot)); got != 0 {
+		t.Errorf("slot_active = %v for a slot nobody streams from", got)
+	}
+	// The inserts happened after the slot was created: the slot lags by at least their WAL.
+	if lag := testutil.ToFloat64(m.slotLag.WithLabelValues(slot)); lag <= 0 {
+		t.Errorf("slot_lag_bytes = %v, want > 0 after writes past the slot", lag)
+	}
+	if ret := testutil.ToFloat64(m.slotRetained.WithLabelValues(slot)); ret < testutil.ToFloat64(m.slotLag.WithLabelValues(slot)) {
+		t.Errorf("slot_retained_wal_bytes = %v, smaller than the lag", ret)
+	}
+	var keep string
+	if err := pool.QueryRow(ctx, "SHOW max_slot_wal_keep_size").Scan(&keep); err != nil {
+		t.Fatal(err)
+	}
+	if safe := testutil.CollectAndCount(m.slotSafeWAL); (keep == "-1") != (safe == 0) {
+		t.Errorf("max_slot_wal_keep_size %s but %d safe_wal_size series", keep, safe)
+	}
+
+	// A missing table is an error for the outbox part, but the slot is still read.
+	p2, err := NewSlotPoller(PollerConfig{Slot: slot, Table: "no_such_table"}, pool, m, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p2.Poll(ctx); err == nil || !strings.Contains(err.Error(), "no_such_table") {
+		t.Errorf("Poll of a missing table = %v", err)
+	}
+}
+
+// TestOutboxQueryUsesThePartialIndex guards the promise that a poll never scans the
+// whole table: with many processed rows the planner must read the partial index.
+func TestOutboxQueryUsesThePartialIndex(t *testing.T) {
+	pool := outboxDB(t)
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, status)
+		SELECT 't', now(), CASE WHEN g % 5000 = 0 THEN 'pending' ELSE 'processed' END
+		FROM generate_series(1, 200000) AS g`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, "ANALYZE event_outbox"); err != nil {
+		t.Fatal(err)
+	}
+	rows, err := pool.Query(ctx, "EXPLAIN "+fmt.Sprintf(outboxQuery, `"public"."event_outbox"`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := strings.Join(plan, "\n")
+	if strings.Contains(text, "Seq Scan") || !strings.Contains(text, "event_outbox_undelivered_idx") {
+		t.Errorf("the outbox query does not use the partial index:\n%s", text)
+	}
+}
