@@ -46,7 +46,7 @@ func TestMetricsRecordWhatTheyAreTold(t *testing.T) {
 	m.ObserveDelivered(now, []record.Event{
 		{ID: 1, CommitTime: now.Add(-30 * time.Millisecond)},
 		{ID: 2, CommitTime: now.Add(-2 * time.Second)},
-		{ID: 3},                                // from the sweep: no commit time
+		{ID: 3},                                 // from the sweep: no commit time
 		{ID: 4, CommitTime: now.Add(time.Hour)}, // clock skew: not observed
 	})
 	m.AddAlreadyPresent(7)

@@ -1,0 +1,154 @@
+package outbox_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/outbox"
+	"github.com/outbox-streamer/outbox-streamer/pipeline"
+	"github.com/outbox-streamer/outbox-streamer/replication"
+)
+
+// startPipeline runs the streaming pipeline in-process until the test ends, as
+// pipeline's own integration tests do.
+func startPipeline(t *testing.T, e *e2e.Env) {
+	t.Helper()
+	cfg := pipeline.Config{
+		Replication: replication.Config{DSN: e.DSN, Slot: e.Slot, Publication: e.Publication, StatusInterval: 100 * time.Millisecond},
+		Run:         replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond},
+		Sink:        e.Sink,
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
+	go func() { done <- pipeline.Stream(ctx, cfg, log, nil) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("pipeline returned %v", err)
+			}
+		case <-time.After(time.Minute):
+			t.Error("pipeline did not stop within a minute")
+		}
+	})
+	e2e.WaitFor(t, time.Minute, "replication slot active", func() bool {
+		var active bool
+		err := e.Pool.QueryRow(context.Background(), "SELECT active FROM pg_replication_slots WHERE slot_name = $1", e.Slot).Scan(&active)
+		return err == nil && active
+	})
+}
+
+// TestRolledBackNeverReachesClickHouse streams into a real ClickHouse: events
+// appended in transactions that roll back (one of them after a later
+// transaction committed) never arrive, those that commit arrive exactly once
+// with their fields intact.
+func TestRolledBackNeverReachesClickHouse(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	startPipeline(t, e)
+	ctx := context.Background()
+	b := make([]byte, 8)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	run := hex.EncodeToString(b)
+	rolledBack := "rolled-back-" + run
+	committed := "committed-" + run
+	mark := func(marker string, n int) []outbox.Event {
+		evs := make([]outbox.Event, n)
+		for i := range evs {
+			evs[i] = outbox.Event{Type: "test.batch", Time: time.Now(), Environment: "e2e", Context: map[string]any{"marker": marker, "i": i}}
+		}
+		return evs
+	}
+
+	// A rolled-back transaction with one Append and a COPY of 500.
+	tx, err := e.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := outbox.Append(ctx, tx, mark(rolledBack, 1)[0]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := outbox.AppendBatch(ctx, tx, mark(rolledBack, 500)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	// A transaction that stays open while another commits, then rolls back.
+	late, err := e.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer late.Rollback(ctx) //nolint:errcheck
+	if _, err := outbox.Append(ctx, late, mark(rolledBack, 1)[0]); err != nil {
+		t.Fatal(err)
+	}
+
+	// The committed events: one with fields to check, and a COPY of 500.
+	at := time.Date(2024, 2, 29, 23, 59, 58, 987654321, time.FixedZone("UTC-7", -7*3600))
+	want := outbox.Event{Type: "order.paid", Time: at, Environment: "e2e", MetadataVersion: 2,
+		RawContext: []byte(`{"marker":"` + committed + `","amount":12.50,"note":"é \"quoted\""}`)}
+	var id int64
+	err = pgx.BeginFunc(ctx, e.Pool, func(tx pgx.Tx) error {
+		var err error
+		if id, err = outbox.Append(ctx, tx, want); err != nil {
+			return err
+		}
+		_, err = outbox.AppendBatch(ctx, tx, mark(committed, 500))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := late.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	walPos := e.CurrentWAL(t)
+
+	countMarker := func(marker string) uint64 {
+		var n uint64
+		if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+e.Table+" WHERE position(event_context, ?) > 0", marker).Scan(&n); err != nil {
+			t.Fatalf("count %s in ClickHouse: %v", marker, err)
+		}
+		return n
+	}
+	e2e.WaitFor(t, time.Minute, "the committed events in ClickHouse", func() bool { return countMarker(committed) == 501 })
+	// The rolled-back transactions come before the committed one in the WAL
+	// (or end after it, without a commit): had the streamer delivered them,
+	// they would be there by now.
+	if n := countMarker(rolledBack); n != 0 {
+		t.Fatalf("%d rolled-back events reached ClickHouse", n)
+	}
+	e.AssertExactlyDelivered(t, time.Minute, walPos)
+
+	var (
+		gotType, gotEnv, gotContext string
+		gotTime                     time.Time
+		gotVersion                  int64
+	)
+	err = e.CHConn.QueryRow(ctx, "SELECT event_type, event_date_time, environment, event_context, metadata_version FROM "+e.Table+" WHERE event_id = ?", uint64(id)).
+		Scan(&gotType, &gotTime, &gotEnv, &gotContext, &gotVersion)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantTime := at.UTC().Truncate(time.Microsecond)
+	if gotType != want.Type || !gotTime.Equal(wantTime) || gotEnv != want.Environment || gotVersion != 2 {
+		t.Fatalf("ClickHouse holds %q %s %q v%d, want %q %s %q v2", gotType, gotTime.UTC().Format(time.RFC3339Nano), gotEnv, gotVersion,
+			want.Type, wantTime.Format(time.RFC3339Nano), want.Environment)
+	}
+	jsonEqual(t, gotContext, map[string]any{"marker": committed, "amount": 12.5, "note": `é "quoted"`})
+	t.Logf("ClickHouse context: %s", gotContext)
+}
