@@ -42,6 +42,7 @@ type Config struct {
 	ShutdownTimeout     time.Duration
 	RetryMaxWait        time.Duration
 	OutageFailAfter     time.Duration
+	SlotBusyTimeout     time.Duration
 
 	MaxAttempts    int
 	RetryBaseDelay time.Duration
@@ -75,6 +76,7 @@ func Bind(src *Source, c *Config) {
 
 	src.String(&c.Slot, "REPLICATION_SLOT_NAME", "slot", "outbox_streamer", "logical replication slot (created if missing)")
 	src.String(&c.Publication, "PUBLICATION_NAME", "publication", "outbox_publication", "publication carrying inserts into event_outbox")
+	src.Duration(&c.SlotBusyTimeout, "SLOT_BUSY_TIMEOUT", "slot-busy-timeout", 30*time.Second, "on start, how long to wait for a slot held by another connection (a previous leader's walsender) before giving up")
 	src.Duration(&c.StatusInterval, "STATUS_INTERVAL", "status-interval", time.Second, "how often the acknowledged LSN is reported to PostgreSQL")
 	src.String(&c.timeZone, "EVENT_TIME_ZONE", "time-zone", "UTC", "time zone of the outbox's TIMESTAMP (without time zone) values")
 

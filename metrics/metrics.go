@@ -131,7 +131,7 @@ func New() *Metrics {
 		"Outbox rows by status; pending, failed and dead are exact, processed is estimated from pg_class.reltuples.", "status")
 	m.oldestUndelivered = f.gauge("oldest_undelivered_age_seconds", "Age of the oldest pending or failed outbox row (0 when there is none).")
 	m.leader = f.gauge("leader", "1 while this process holds the leader lock and streams, 0 while it stands by.")
-	m.lastBatchTimestamp = f.gauge("last_batch_timestamp_seconds", "Unix time of the last batch written to ClickHouse (0 before the first).")
+	m.lastBatchTimestamp = f.gauge("last_batch_timestamp_seconds", "Unix time of the last batch (streamed or swept) written to ClickHouse (0 before the first).")
 	m.up = f.gauge("up", "1 while the process runs and its pipeline is healthy, 0 when it is failing.")
 
 	m.stages = make(map[string]prometheus.Counter, len(Stages))
@@ -260,6 +260,11 @@ func (m *Metrics) ObserveSweep(delivered, failed, dead int) {
 	m.AddDelivered(delivered)
 	m.AddFailed(failed)
 	m.AddDead(dead)
+	if delivered > 0 {
+		// Rows reached ClickHouse: the "stale" alert must not fire while the sweep
+		// alone delivers (a backfill, or recovery after an outage).
+		m.lastBatchTimestamp.Set(float64(time.Now().UnixNano()) / 1e9)
+	}
 }
 
 // AddError counts one error of a stage (one of the Stage* constants).

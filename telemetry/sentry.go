@@ -134,7 +134,7 @@ func (c *sentryCore) Write(ent zapcore.Entry, fields []zapcore.Field) error {
 	}
 	// The stack of the logging call site: errors here are plain wrapped errors
 	// without stack traces of their own.
-	st := sentry.NewStacktrace()
+	st := callerStack()
 	if n := len(ev.Exception); n > 0 {
 		ev.Exception[n-1].Stacktrace = st
 	} else {
@@ -146,6 +146,28 @@ func (c *sentryCore) Write(ent zapcore.Entry, fields []zapcore.Field) error {
 		c.hub.Flush(sentryFlushTimeout)
 	}
 	return nil
+}
+
+// selfModule is this package's import path as Sentry stack frames name it.
+const selfModule = "github.com/outbox-streamer/outbox-streamer/telemetry"
+
+// callerStack is the current stack without the frames of zap and of this core, so the
+// top frame is the code that logged.
+func callerStack() *sentry.Stacktrace {
+	st := sentry.NewStacktrace()
+	if st == nil {
+		return nil
+	}
+	frames := st.Frames[:0]
+	for _, f := range st.Frames {
+		own := f.Module == selfModule && (strings.HasPrefix(f.Function, "(*sentryCore)") || f.Function == "callerStack")
+		if own || strings.HasPrefix(f.Module, "go.uber.org/zap") {
+			continue
+		}
+		frames = append(frames, f)
+	}
+	st.Frames = frames
+	return st
 }
 
 // Sync flushes queued events, so that logger.Sync() at exit also empties the Sentry

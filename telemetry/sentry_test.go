@@ -183,8 +183,13 @@ func TestSentryCoreLevels(t *testing.T) {
 	if conn["host"] != "db" || conn["password"] != redacted {
 		t.Errorf("nested object = %#v, want host kept and password redacted", conn)
 	}
-	if len(ev.Threads) == 0 || ev.Threads[0].Stacktrace == nil {
-		t.Error("no stack trace of the logging call site")
+	if len(ev.Threads) == 0 || ev.Threads[0].Stacktrace == nil || len(ev.Threads[0].Stacktrace.Frames) == 0 {
+		t.Fatal("no stack trace of the logging call site")
+	}
+	// Sentry shows the last frame as the top: it must be this test, not zap.
+	frames := ev.Threads[0].Stacktrace.Frames
+	if top := frames[len(frames)-1]; top.Function != "TestSentryCoreLevels" {
+		t.Errorf("top frame is %s.%s, want the logging call site", top.Module, top.Function)
 	}
 }
 

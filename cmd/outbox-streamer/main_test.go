@@ -12,7 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
@@ -170,14 +172,9 @@ func TestPreconditionsFailWithOneClearLine(t *testing.T) {
 		code, out := runCmd(t, envFor(e, "CLICKHOUSE_PORT=1", "CLICKHOUSE_CONNECT_TIMEOUT=2"), "run")
 		wantFailure(t, code, out, "clickhouse at 127.0.0.1:1 is unreachable", "CLICKHOUSE_HOST")
 	})
-	t.Run("slot in use", func(t *testing.T) {
-		_, _ = startStreamer(t, envFor(e))
-		e2e.WaitFor(t, time.Minute, "slot active", func() bool {
-			var active bool
-			err := e.Pool.QueryRow(ctx, "SELECT active FROM pg_replication_slots WHERE slot_name = $1", e.Slot).Scan(&active)
-			return err == nil && active
-		})
-		code, out := runCmd(t, envFor(e), "run")
+	t.Run("slot in use by another program", func(t *testing.T) {
+		holdSlot(t, e)
+		code, out := runCmd(t, envFor(e, "SLOT_BUSY_TIMEOUT=1s"), "run")
 		wantFailure(t, code, out, "is in use by server process", "another outbox-streamer")
 	})
 	t.Run("bad setting", func(t *testing.T) {
@@ -193,6 +190,30 @@ func TestPreconditionsFailWithOneClearLine(t *testing.T) {
 			t.Fatalf("a password appears in the output:\n%s", out)
 		}
 	})
+}
+
+// holdSlot streams from e's slot with a bare replication connection, as a foreign
+// program would, until the test ends.
+func holdSlot(t *testing.T, e *e2e.Env) {
+	t.Helper()
+	ctx := context.Background()
+	cfg, err := pgconn.ParseConfig(e.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.RuntimeParams["replication"] = "database"
+	conn, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	if _, err := pglogrepl.CreateReplicationSlot(ctx, conn, e.Slot, "pgoutput", pglogrepl.CreateReplicationSlotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := pglogrepl.StartReplication(ctx, conn, e.Slot, 0, pglogrepl.StartReplicationOptions{
+		PluginArgs: []string{"proto_version '1'", "publication_names 'outbox_publication'"}}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func wantFailure(t *testing.T, code int, out string, want ...string) {

@@ -55,6 +55,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 func supervise(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-chan struct{}) error {
 	policy := retry.Policy{Initial: 500 * time.Millisecond, Max: cfg.RetryMaxWait}
 	streamed := false
+	var busySince time.Time
 	for attempt := 1; ; attempt++ {
 		lock, err := leader.Acquire(ctx, leader.Config{DSN: cfg.PostgresDSN, Slot: cfg.Slot}, log, nil)
 		if err != nil {
@@ -73,6 +74,15 @@ func supervise(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-
 		}
 		if !transient(err) || (!streamed && !slotBusy(err)) {
 			return err
+		}
+		if slotBusy(err) && !streamed {
+			// A new leader may find the old leader's walsender still holding the slot
+			// for a moment; a slot held for long is someone else's: say so.
+			if busySince.IsZero() {
+				busySince = time.Now()
+			} else if time.Since(busySince) > cfg.SlotBusyTimeout {
+				return err
+			}
 		}
 		wait := policy.Delay(attempt)
 		log.Warn("streaming interrupted; resuming from the acknowledged position", zap.Error(err), zap.Duration("retry_in", wait))
