@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 )
 
@@ -214,6 +215,20 @@ func holdSlot(t *testing.T, e *e2e.Env) {
 		PluginArgs: []string{"proto_version '1'", "publication_names 'outbox_publication'"}}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestWALLevelNotLogicalFailsClearly runs against a server with wal_level=replica.
+func TestWALLevelNotLogicalFailsClearly(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	pg, err := localsvc.StartPostgres(ctx, localsvc.PostgresOptions{Settings: map[string]string{"wal_level": "replica"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pg.Stop()
+	e := e2e.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
+	code, out := runCmd(t, envFor(e), "run")
+	wantFailure(t, code, out, `wal_level is "replica"`, "set wal_level = logical")
 }
 
 func wantFailure(t *testing.T, code int, out string, want ...string) {
