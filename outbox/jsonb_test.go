@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 
@@ -19,7 +20,7 @@ var jsonbCases = []struct {
 	in   string
 	want int
 }{
-	{`{"a":1,"b":[1,2,{}],"c":[]}`, 34},   // {"a": 1, "b": [1, 2, {}], "c": []}
+	{`{"a":1,"b":[1,2,{}],"c":[]}`, 34},    // {"a": 1, "b": [1, 2, {}], "c": []}
 	{`-0`, 1},                              // 0
 	{`-0.0`, 3},                            // 0.0
 	{`0.00e1`, 3},                          // 0.0
@@ -193,4 +194,24 @@ func randomNumber(rng *rand.Rand) string {
 		sb.WriteString(fmt.Sprint(rng.IntN(40)))
 	}
 	return sb.String()
+}
+
+// FuzzJSONBTextLen: any valid JSON is measured without a panic, and a
+// document that is accepted has a positive length.
+func FuzzJSONBTextLen(f *testing.F) {
+	for _, c := range jsonbCases {
+		f.Add([]byte(c.in))
+	}
+	for _, in := range jsonbRejected {
+		f.Add([]byte(in))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if !json.Valid(b) || !utf8.Valid(b) {
+			return
+		}
+		n, err := jsonbTextLen(b)
+		if err == nil && n <= 0 {
+			t.Fatalf("jsonbTextLen(%q) = %d", b, n)
+		}
+	})
 }

@@ -247,3 +247,30 @@ func TestSchemaChangeWhileStreaming(t *testing.T) {
 	e.Insert(t, 500, false)
 	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
 }
+
+// TestQuietOutboxDoesNotPinWAL: another table is busy while the outbox is quiet; the
+// slot's confirmed position must follow the server's WAL end (keepalives), so the
+// WAL the slot holds back stays small.
+func TestQuietOutboxDoesNotPinWAL(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	startWith(t, e, nil)
+	waitStreaming(t, e)
+	ctx := context.Background()
+	if _, err := e.Pool.Exec(ctx, "CREATE TABLE busy (id bigserial, payload text)"); err != nil {
+		t.Fatal(err)
+	}
+	start := e.CurrentWAL(t)
+	for i := 0; i < 100; i++ {
+		if _, err := e.Pool.Exec(ctx, "INSERT INTO busy (payload) SELECT repeat('x', 200) FROM generate_series(1, 1000)"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	end := e.CurrentWAL(t)
+	if end-start < 16<<20 {
+		t.Fatalf("the busy table wrote only %d bytes of WAL; the test needs more", end-start)
+	}
+	e2e.WaitFor(t, time.Minute, "confirmed LSN following the WAL end of the busy table", func() bool {
+		return e.ConfirmedFlush(t) >= end
+	})
+	t.Logf("busy table wrote %d MiB of WAL; the quiet outbox's slot confirmed past all of it", (end-start)>>20)
+}
