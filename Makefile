@@ -15,8 +15,10 @@ all: build
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
 
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+
 build: ## build bin/outbox-streamer (and the local-services launcher bin/outbox-devenv)
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(STREAMER) ./cmd/outbox-streamer
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o $(STREAMER) ./cmd/outbox-streamer
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(DEVENV) ./cmd/outbox-devenv
 
 deps: ## install PostgreSQL, ClickHouse 18.16, the ClickHouse 26.7 library and promtool if missing

@@ -44,6 +44,11 @@ type Config struct {
 	OutageFailAfter     time.Duration
 	SlotBusyTimeout     time.Duration
 
+	MetricsAddr  string
+	SentryDSN    string
+	SentryEnv    string
+	OTLPEndpoint string
+
 	MaxAttempts    int
 	RetryBaseDelay time.Duration
 	RetryMaxDelay  time.Duration
@@ -88,6 +93,10 @@ func Bind(src *Source, c *Config) {
 	src.Duration(&c.RetryMaxWait, "RETRY_MAX_WAIT", "retry-max-wait", 30*time.Second, "cap of the backoff between retries of a transient error")
 	src.Duration(&c.OutageFailAfter, "CLICKHOUSE_OUTAGE_FAIL_AFTER", "outage-fail-after", 2*time.Minute, "after ClickHouse is unavailable this long, a batch's rows are marked failed and acknowledged; the sweep delivers them later")
 
+	src.String(&c.MetricsAddr, "METRICS_ADDR", "metrics-addr", "127.0.0.1:9187", "address of /metrics, /healthz and /readyz (loopback by default; empty disables)")
+	src.Secret(&c.SentryDSN, "SENTRY_CONFIG_DSN", "sentry-dsn", "send errors to Sentry when set")
+	src.String(&c.SentryEnv, "SENTRY_CONFIG_ENVIRONMENT", "sentry-environment", "", "Sentry environment (default: ENVIRONMENT)")
+	src.String(&c.OTLPEndpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp-endpoint", "", "OTLP/HTTP endpoint (e.g. http://otel-collector:4318) for traces and metrics; empty disables")
 	src.Int(&c.MaxAttempts, "EVENT_MAX_ATTEMPTS", "max-attempts", 10, 1, "failed deliveries after which a row becomes a dead letter")
 	src.Duration(&c.RetryBaseDelay, "EVENT_RETRY_BASE_DELAY", "retry-base-delay", 30*time.Second, "wait before a failed row is tried again; doubles per attempt")
 	src.Duration(&c.RetryMaxDelay, "EVENT_RETRY_MAX_DELAY", "retry-max-delay", time.Hour, "cap of the wait between attempts of a failed row")
@@ -113,6 +122,9 @@ func (c *Config) finish(src *Source) error {
 		return fmt.Errorf("invalid EVENT_TIME_ZONE (--time-zone) %q: not a known time zone", c.timeZone)
 	}
 	c.TimeZone = loc
+	if c.SentryEnv == "" {
+		c.SentryEnv = c.Environment
+	}
 
 	if c.PostgresDSN == "" {
 		u := url.URL{Scheme: "postgres", Host: net.JoinHostPort(c.pg.host, c.pg.port), Path: "/" + c.pg.db}

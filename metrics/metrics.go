@@ -43,10 +43,10 @@ const (
 var Stages = []string{StageReplication, StageDecode, StageInsert, StageStatusUpdate,
 	StageCheckpoint, StageSweep, StageLeader, StagePoller, StageOther}
 
-// Outbox row statuses, the values of the status label of outbox_rows.
+// Statuses are the outbox row statuses, the values of the status label of outbox_rows.
 var Statuses = []string{"pending", "processed", "failed", "dead"}
 
-// Sweep results, the values of the result label of sweep_rows_total.
+// SweepResults are the values of the result label of sweep_rows_total.
 var SweepResults = []string{"delivered", "failed", "dead"}
 
 // Metrics is the set of the streamer's metrics. Create it with New; a nil *Metrics is

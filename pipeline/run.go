@@ -12,6 +12,7 @@ import (
 
 	"github.com/outbox-streamer/outbox-streamer/batch"
 	"github.com/outbox-streamer/outbox-streamer/checkpoint"
+	"github.com/outbox-streamer/outbox-streamer/metrics"
 	"github.com/outbox-streamer/outbox-streamer/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 	"github.com/outbox-streamer/outbox-streamer/sink"
@@ -27,6 +28,8 @@ type Config struct {
 	Retry       outboxstore.RetryConfig
 	// WrapSink, when set, decorates the ClickHouse writer (instrumentation, tests).
 	WrapSink func(Sink) Sink
+	// Metrics receives counters, timings and the acknowledged LSN (nil: none).
+	Metrics *metrics.Metrics
 	// SweepInterval is the period of the fallback sweep run beside the stream
 	// (EVENT_PROCESSING_INTERVAL); it also runs once at start. Zero disables it.
 	SweepInterval time.Duration
@@ -59,6 +62,10 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 		return err
 	}
 	wcfg := cfg.Writer
+	wcfg.Metrics = cfg.Metrics
+	if cfg.Metrics != nil {
+		cfg.Run.Observer = cfg.Metrics
+	}
 	if inflight > stream.StartLSN() {
 		wcfg.InDoubtUntil = inflight
 		log.Info("rows up to the recorded in-flight LSN will be checked against ClickHouse before insert",
@@ -106,7 +113,7 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 		defer close(sweepDone)
 		if cfg.SweepInterval > 0 {
 			sweeper := sweep.New(sweep.Config{BatchSize: cfg.Run.BatchSize, TimeZone: cfg.Replication.TimeZone}, pool, ch, store, log)
-			runSweeps(sweepCtx, sweeper, cfg.SweepInterval, log)
+			runSweeps(sweepCtx, sweeper, cfg.SweepInterval, cfg.Metrics, log)
 		}
 	}()
 	defer func() { cancelSweep(); <-sweepDone }()
@@ -129,11 +136,13 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 
 // runSweeps sweeps at once and then every interval until ctx ends. A sweep that finds
 // ClickHouse unavailable just waits for the next period.
-func runSweeps(ctx context.Context, s *sweep.Sweeper, interval time.Duration, log *zap.Logger) {
+func runSweeps(ctx context.Context, s *sweep.Sweeper, interval time.Duration, m *metrics.Metrics, log *zap.Logger) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		if _, err := s.Run(ctx); err != nil && ctx.Err() == nil {
+		res, err := s.Run(ctx)
+		ObserveSweep(m, res, err)
+		if err != nil && ctx.Err() == nil {
 			log.Warn("sweep stopped early; next attempt in one period", zap.Error(err), zap.Duration("period", interval))
 		}
 		select {
@@ -141,5 +150,14 @@ func runSweeps(ctx context.Context, s *sweep.Sweeper, interval time.Duration, lo
 			return
 		case <-t.C:
 		}
+	}
+}
+
+// ObserveSweep records a sweep's result in m.
+func ObserveSweep(m *metrics.Metrics, res sweep.Result, err error) {
+	m.ObserveSweep(int(res.Delivered), int(res.Failed), int(res.Dead))
+	m.AddAlreadyPresent(int(res.AlreadyPresent))
+	if err != nil && !errors.Is(err, context.Canceled) {
+		m.AddError(metrics.StageSweep)
 	}
 }

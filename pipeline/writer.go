@@ -8,13 +8,16 @@ import (
 	"fmt"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 
 	"github.com/outbox-streamer/outbox-streamer/batch"
 	"github.com/outbox-streamer/outbox-streamer/internal/retry"
+	"github.com/outbox-streamer/outbox-streamer/metrics"
 	"github.com/outbox-streamer/outbox-streamer/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/record"
 	"github.com/outbox-streamer/outbox-streamer/sink"
+	"github.com/outbox-streamer/outbox-streamer/telemetry"
 )
 
 // Sink is where events go (implemented by *sink.Writer).
@@ -58,6 +61,8 @@ type WriterConfig struct {
 	// with a next-attempt time and acknowledged, so the slot does not retain WAL while
 	// ClickHouse is away; the sweep delivers them later. Zero retries forever.
 	OutageFailAfter time.Duration
+	// Metrics receives the writer's counters and timings (nil: none).
+	Metrics *metrics.Metrics
 }
 
 // Writer is the consuming stage.
@@ -121,8 +126,16 @@ func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
 // Write delivers one batch: invalid rows are marked failed, the rest go to ClickHouse
 // in one insert (split only to isolate rows the server rejects), their outbox rows
 // are marked processed, and then the batch is resolved for acknowledgement.
-func (w *Writer) Write(ctx context.Context, b *batch.Batch) error {
+func (w *Writer) Write(ctx context.Context, b *batch.Batch) (err error) {
 	start := time.Now()
+	m := w.cfg.Metrics
+	var firstLSN uint64
+	if b.Len() > 0 {
+		firstLSN = b.Events[0].CommitLSN
+	}
+	ctx, span := telemetry.StartBatchSpan(ctx, b.Len(), firstLSN, b.MaxCommitLSN)
+	var nInserted, nPresent, nFailed int
+	defer func() { telemetry.EndBatchSpan(span, nInserted, nPresent, nFailed, err) }()
 	valid := make([]record.Event, 0, b.Len())
 	var failed []outboxstore.Failure
 	for i := range b.Events {
@@ -138,7 +151,11 @@ func (w *Writer) Write(ctx context.Context, b *batch.Batch) error {
 	// crash after the insert leaves a trace that these rows must be checked.
 	if b.MaxCommitLSN > w.recorded {
 		if err := w.retry(ctx, "record in-flight batch", outboxstore.IsRetryable, func(ctx context.Context) error {
-			return w.inflight.RecordInflight(ctx, b.MaxCommitLSN)
+			err := w.inflight.RecordInflight(ctx, b.MaxCommitLSN)
+			if err != nil {
+				m.AddError(metrics.StageCheckpoint)
+			}
+			return err
 		}); err != nil {
 			return err
 		}
@@ -154,9 +171,15 @@ func (w *Writer) Write(ctx context.Context, b *batch.Batch) error {
 		}
 	}
 
+	insertStart := time.Now()
 	inserted, rejected, deferred, outageErr, err := w.insertBounded(ctx, valid)
 	if err != nil {
 		return err
+	}
+	if len(inserted) > 0 {
+		accepted := time.Now()
+		m.ObserveBatch(len(inserted), accepted.Sub(insertStart))
+		m.ObserveDelivered(accepted, inserted)
 	}
 	failed = append(failed, rejected...)
 	if len(deferred) > 0 {
@@ -167,7 +190,7 @@ func (w *Writer) Write(ctx context.Context, b *batch.Batch) error {
 		reason := fmt.Sprintf("clickhouse unavailable for over %s: %v", w.cfg.OutageFailAfter, outageErr)
 		w.log.Error("clickhouse unavailable: batch marked failed for the sweep to deliver later",
 			zap.Int("rows", len(ids)), zap.Error(outageErr))
-		if err := w.retry(ctx, "mark rows failed after outage", outboxstore.IsRetryable, func(ctx context.Context) error {
+		if err := w.statusUpdate(ctx, span, "mark rows failed after outage", len(ids), func(ctx context.Context) error {
 			return w.outbox.MarkDeferred(ctx, ids, reason)
 		}); err != nil {
 			return err
@@ -179,7 +202,7 @@ func (w *Writer) Write(ctx context.Context, b *batch.Batch) error {
 		ids = append(ids, inserted[i].ID)
 	}
 	ids = append(ids, present...)
-	if err := w.retry(ctx, "mark rows processed", outboxstore.IsRetryable, func(ctx context.Context) error {
+	if err := w.statusUpdate(ctx, span, "mark rows processed", len(ids), func(ctx context.Context) error {
 		return w.outbox.MarkProcessed(ctx, ids)
 	}); err != nil {
 		return err
@@ -188,7 +211,7 @@ func (w *Writer) Write(ctx context.Context, b *batch.Batch) error {
 		for _, f := range failed {
 			w.log.Warn("event not delivered", zap.Int64("event_id", f.ID), zap.String("reason", f.Reason))
 		}
-		if err := w.retry(ctx, "mark rows failed", outboxstore.IsRetryable, func(ctx context.Context) error {
+		if err := w.statusUpdate(ctx, span, "mark rows failed", len(failed), func(ctx context.Context) error {
 			return w.outbox.MarkFailed(ctx, failed)
 		}); err != nil {
 			return err
@@ -197,6 +220,9 @@ func (w *Writer) Write(ctx context.Context, b *batch.Batch) error {
 	if err := w.resolver.Resolve(b.FirstSeq, b.EndSeq()); err != nil {
 		return fmt.Errorf("resolve batch: %w", err)
 	}
+	nInserted, nPresent, nFailed = len(inserted), len(present), len(failed)+len(deferred)
+	m.AddAlreadyPresent(len(present))
+	m.AddFailed(len(failed) + len(deferred))
 	w.stats.Batches++
 	w.stats.Inserted += int64(len(inserted))
 	w.stats.AlreadyPresent += int64(len(present))
@@ -250,6 +276,9 @@ func (w *Writer) reconcile(ctx context.Context, events []record.Event) (rest []r
 	if err := w.retry(ctx, "look up in-doubt rows", sink.IsRetryable, func(ctx context.Context) error {
 		var err error
 		found, err = w.sink.ExistingIDs(ctx, doubtful)
+		if err != nil {
+			w.cfg.Metrics.AddError(metrics.StageInsert)
+		}
 		return err
 	}); err != nil {
 		return nil, nil, err
@@ -304,7 +333,13 @@ func (w *Writer) insert(ctx context.Context, events []record.Event, retryable fu
 		return nil, nil, nil
 	}
 	err = w.retry(ctx, "insert into clickhouse", retryable, func(ctx context.Context) error {
-		return w.sink.Insert(ctx, events)
+		t0 := time.Now()
+		err := w.sink.Insert(ctx, events)
+		telemetry.RecordInsert(trace.SpanFromContext(ctx), len(events), time.Since(t0), err)
+		if err != nil {
+			w.cfg.Metrics.AddError(metrics.StageInsert)
+		}
+		return err
 	})
 	if err == nil {
 		return events, nil, nil
@@ -325,6 +360,23 @@ func (w *Writer) insert(ctx context.Context, events []record.Event, retryable fu
 		return append(okA, okB...), append(badA, badB...), err
 	}
 	return append(okA, okB...), append(badA, badB...), nil
+}
+
+// statusUpdate runs one outbox status change with retries, timing it for the
+// metrics and the batch's span.
+func (w *Writer) statusUpdate(ctx context.Context, span trace.Span, what string, rows int, op func(context.Context) error) error {
+	t0 := time.Now()
+	err := w.retry(ctx, what, outboxstore.IsRetryable, func(ctx context.Context) error {
+		err := op(ctx)
+		if err != nil {
+			w.cfg.Metrics.AddError(metrics.StageStatusUpdate)
+		}
+		return err
+	})
+	d := time.Since(t0)
+	w.cfg.Metrics.ObserveStatusUpdate(d)
+	telemetry.RecordStatusUpdate(span, rows, d, err)
+	return err
 }
 
 func (w *Writer) retry(ctx context.Context, what string, retryable func(error) bool, op func(context.Context) error) error {

@@ -140,6 +140,15 @@ type RunConfig struct {
 	OnProgress func(acked, serverWALEnd uint64)
 	// OnStreaming, if set, is called once the server accepted START_REPLICATION.
 	OnStreaming func()
+	// Observer, if set, is told how many rows were received and what was
+	// acknowledged (implemented by *metrics.Metrics).
+	Observer Observer
+}
+
+// Observer follows the stream's progress.
+type Observer interface {
+	AddReceived(n int)
+	SetAckedLSN(lsn uint64)
 }
 
 // Run streams until ctx ends or an error occurs. Decoded rows go into batches handed
@@ -192,6 +201,9 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 	// A batch that could not be handed over because ctx ended is kept in s.held for
 	// the shutdown path, never dropped.
 	emit := func(ctx context.Context, b *batch.Batch) error {
+		if rc.Observer != nil {
+			rc.Observer.AddReceived(b.Len())
+		}
 		if ctx.Err() != nil {
 			s.held = b
 			return ctx.Err()
@@ -263,6 +275,9 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 			}
 			if rc.OnProgress != nil {
 				rc.OnProgress(s.lastSent, serverWALEnd)
+			}
+			if rc.Observer != nil {
+				rc.Observer.SetAckedLSN(s.lastSent)
 			}
 		}
 	}

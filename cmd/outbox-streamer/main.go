@@ -30,6 +30,8 @@ Usage:
   outbox-streamer status [flags]           show the slot and the outbox's state
   outbox-streamer dead-letters list|requeue  inspect and re-drive rows that exhausted attempts
   outbox-streamer demo [flags]             write demo events and show them arrive in ClickHouse
+  outbox-streamer healthcheck              probe the local /healthz (for container health checks)
+  outbox-streamer version                  print the version
 
 Every command takes the settings below as flags or environment variables;
 "outbox-streamer COMMAND --help" lists them with their defaults.
@@ -63,6 +65,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdDemo(args[1:], stdout, stderr)
 	case "dead-letters":
 		err = cmdDeadLetters(args[1:], stdout, stderr)
+	case "healthcheck":
+		err = cmdHealthcheck(args[1:], stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "outbox-streamer", version)
 	default:
 		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters or demo; see --help)\n", args[0])
 		return 2

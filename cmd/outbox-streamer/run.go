@@ -17,6 +17,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/config"
 	"github.com/outbox-streamer/outbox-streamer/internal/retry"
 	"github.com/outbox-streamer/outbox-streamer/leader"
+	"github.com/outbox-streamer/outbox-streamer/metrics"
 	"github.com/outbox-streamer/outbox-streamer/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/replication"
@@ -39,12 +40,17 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	if once {
 		return runSweepOnce(ctx, cfg, log, stdout)
 	}
-	log.Info("starting outbox-streamer",
+	log, obs, err := setupObservability(ctx, cfg, log)
+	defer obs.close()
+	if err != nil {
+		return err
+	}
+	log.Info("starting outbox-streamer", zap.String("version", version),
 		zap.String("postgres", config.RedactDSN(cfg.PostgresDSN)),
 		zap.String("clickhouse", cfg.ClickHouse.Addr), zap.String("clickhouse_database", cfg.ClickHouse.Database),
 		zap.String("table", cfg.ClickHouse.Table), zap.String("slot", cfg.Slot),
 		zap.Int("batch_size", cfg.BatchSize), zap.Duration("batch_timeout", cfg.BatchTimeout))
-	return supervise(ctx, cfg, log, hard)
+	return supervise(ctx, cfg, log, hard, obs)
 }
 
 // supervise leads the slot (or waits as standby) and keeps the pipeline running:
@@ -52,26 +58,40 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 // with capped backoff and resumes from the acknowledged position. Configuration
 // problems end the process with one clear line. Before the first successful start any
 // failure is final, so a wrong setting is reported instead of retried forever.
-func supervise(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-chan struct{}) error {
+func supervise(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-chan struct{}, obs *observability) error {
+	m := obs.metrics
 	policy := retry.Policy{Initial: 500 * time.Millisecond, Max: cfg.RetryMaxWait}
 	streamed := false
 	var busySince time.Time
 	for attempt := 1; ; attempt++ {
-		lock, err := leader.Acquire(ctx, leader.Config{DSN: cfg.PostgresDSN, Slot: cfg.Slot}, log, nil)
+		lock, err := leader.Acquire(ctx, leader.Config{DSN: cfg.PostgresDSN, Slot: cfg.Slot}, log, func() {
+			m.SetLeader(false)
+			obs.set(stateStandby)
+		})
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
+			m.AddError(metrics.StageLeader)
 			if !streamed {
 				return err
 			}
 		} else {
-			err = streamAsLeader(ctx, cfg, log, hard, lock, func() { streamed, attempt = true, 0 })
+			m.SetLeader(true)
+			err = streamAsLeader(ctx, cfg, log, hard, lock, m, func() {
+				streamed, attempt = true, 0
+				obs.set(stateStreaming)
+				m.SetUp(true)
+			})
 			lock.Release()
+			m.SetLeader(false)
 			if err == nil || ctx.Err() != nil {
 				return err
 			}
 		}
+		obs.set(stateRetrying)
+		m.SetUp(false)
+		m.AddError(metrics.StageReplication)
 		if !transient(err) || (!streamed && !slotBusy(err)) {
 			return err
 		}
@@ -96,7 +116,7 @@ func supervise(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-
 
 // streamAsLeader runs the pipeline while the leader lock holds; losing the lock's
 // session stops streaming at once, without draining.
-func streamAsLeader(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-chan struct{}, lock *leader.Lock, onStreaming func()) error {
+func streamAsLeader(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-chan struct{}, lock *leader.Lock, m *metrics.Metrics, onStreaming func()) error {
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	abandon := make(chan struct{})
@@ -114,6 +134,7 @@ func streamAsLeader(ctx context.Context, cfg *config.Config, log *zap.Logger, ha
 	}()
 	pcfg := pipelineConfig(cfg)
 	pcfg.Run.OnStreaming = onStreaming
+	pcfg.Metrics = m
 	err := pipeline.Stream(runCtx, pcfg, log, abandon)
 	if lost && ctx.Err() == nil {
 		return errLeaderLost

@@ -61,7 +61,10 @@ type Config struct {
 	ContextBytes int
 	// KeepGoing makes a failed transaction count in Stats and be followed by
 	// a short, growing pause instead of ending the run: for chaos tests that
-	// take the database away on purpose.
+	// take the database away on purpose. Each transaction then also fetches
+	// its id (one more round trip), so that a COMMIT whose answer is lost
+	// with the connection can be resolved afterwards with txid_status and
+	// still be counted exactly.
 	KeepGoing bool
 	// TxTimeout bounds one transaction. Transactions in flight when the
 	// context ends are finished, not abandoned, so that every event is
@@ -133,8 +136,14 @@ type Stats struct {
 	// FailedTx is the number of those transactions.
 	FailedTx int64
 	// InDoubt is the number of events whose COMMIT got no answer (the
-	// connection broke): they may or may not be committed.
+	// connection broke) and whose outcome could not be found out (with
+	// KeepGoing it is looked up once the database is back, within TxTimeout):
+	// they may or may not be committed.
 	InDoubt int64
+	// Resolved is the number of events whose COMMIT answer was lost but
+	// whose outcome txid_status told; they are counted in Committed or
+	// Failed as it said.
+	Resolved int64
 	// Elapsed is the time since the run started.
 	Elapsed time.Duration
 }
@@ -222,7 +231,7 @@ type generator struct {
 	committed, committedTx   atomic.Int64
 	rolledBack, rolledBackTx atomic.Int64
 	failed, failedTx         atomic.Int64
-	inDoubt                  atomic.Int64
+	inDoubt, resolved        atomic.Int64
 }
 
 func (g *generator) stats() Stats {
@@ -234,6 +243,7 @@ func (g *generator) stats() Stats {
 		Failed:       g.failed.Load(),
 		FailedTx:     g.failedTx.Load(),
 		InDoubt:      g.inDoubt.Load(),
+		Resolved:     g.resolved.Load(),
 		Elapsed:      time.Since(g.start),
 	}
 }
@@ -383,6 +393,13 @@ func (g *generator) transaction(ctx context.Context, rng *rand.Rand, w int, seq 
 	if err != nil {
 		return fail(fmt.Errorf("loadgen: begin: %w", err))
 	}
+	var xid int64
+	if g.cfg.KeepGoing {
+		if err := tx.QueryRow(txCtx, "SELECT txid_current()").Scan(&xid); err != nil {
+			_ = tx.Rollback(txCtx)
+			return fail(fmt.Errorf("loadgen: txid_current: %w", err))
+		}
+	}
 	if err := g.write(txCtx, tx, evs); err != nil {
 		_ = tx.Rollback(txCtx)
 		return fail(err)
@@ -397,19 +414,72 @@ func (g *generator) transaction(ctx context.Context, rng *rand.Rand, w int, seq 
 		return nil
 	}
 	if err := tx.Commit(txCtx); err != nil {
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) || errors.Is(err, pgx.ErrTxCommitRollback) {
-			// The server answered: the transaction is rolled back.
+		if commitRefused(err) {
 			return fail(fmt.Errorf("loadgen: commit: %w", err))
 		}
-		// No answer: the COMMIT may have been applied. The reservation is
-		// not returned, so Count is never overshot.
+		// No answer: the COMMIT may have been applied.
+		switch status := g.txStatus(ctx, xid); status {
+		case "committed":
+			g.resolved.Add(int64(n))
+			g.committed.Add(int64(n))
+			g.committedTx.Add(1)
+			return fmt.Errorf("loadgen: commit (answer lost, but txid_status says committed): %w", err)
+		case "aborted":
+			g.resolved.Add(int64(n))
+			return fail(fmt.Errorf("loadgen: commit (answer lost, txid_status says aborted): %w", err))
+		}
+		// The reservation is not returned, so Count is never overshot.
 		g.inDoubt.Add(int64(n))
 		return fmt.Errorf("loadgen: commit (outcome unknown): %w", err)
 	}
 	g.committed.Add(int64(n))
 	g.committedTx.Add(1)
 	return nil
+}
+
+// commitRefused reports whether a failed COMMIT is known to have rolled the
+// transaction back: the server answered with an ERROR (a serialization
+// failure, a deferred constraint), or pgx found the transaction already
+// aborted. A FATAL (the server shutting down) or a broken connection says
+// nothing about whether the commit record was written.
+func commitRefused(err error) bool {
+	if errors.Is(err, pgx.ErrTxCommitRollback) {
+		return true
+	}
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return false
+	}
+	severity := pgErr.SeverityUnlocalized
+	if severity == "" {
+		severity = pgErr.Severity
+	}
+	return severity == "ERROR"
+}
+
+// txStatus asks PostgreSQL, on a new connection, whether transaction xid
+// committed: "committed", "aborted", or "" when xid is 0 (not fetched) or
+// the answer cannot be had within TxTimeout. It retries while the database is
+// unreachable (a restart) and while the old backend is still finishing.
+func (g *generator) txStatus(ctx context.Context, xid int64) string {
+	if xid == 0 {
+		return ""
+	}
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), g.cfg.TxTimeout)
+	defer cancel()
+	for pause := 50 * time.Millisecond; ; pause = min(2*pause, time.Second) {
+		var status *string
+		err := g.pool.QueryRow(rctx, "SELECT txid_status($1)", xid).Scan(&status)
+		if err == nil && status != nil && *status != "in progress" {
+			return *status
+		}
+		if err == nil && status == nil {
+			return "" // too old to be known: cannot happen within TxTimeout
+		}
+		if sleep(rctx, pause) != nil {
+			return ""
+		}
+	}
 }
 
 // write appends the events to tx.

@@ -204,3 +204,51 @@ func TestConfigValidate(t *testing.T) {
 		t.Fatalf("defaults %+v", c)
 	}
 }
+
+// TestRunKeepGoingCountsExactlyUnderKills terminates the generator's
+// connections over and over while it runs. Transactions fail at every stage,
+// some of them in the middle of COMMIT; with KeepGoing those are looked up
+// with txid_status, so Stats.Committed still equals the rows in PostgreSQL.
+func TestRunKeepGoingCountsExactlyUnderKills(t *testing.T) {
+	pool := newPool(t, true)
+	ctx := context.Background()
+	killer, err := pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer killer.Release()
+	var killed int
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			var n int
+			if err := killer.QueryRow(ctx, `SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+				WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'`).Scan(&n); err != nil {
+				t.Errorf("terminate backends: %v", err)
+				return
+			}
+			killed += n
+		}
+	}()
+	stats, err := loadgen.Run(ctx, pool, loadgen.Config{TxSize: 20, Connections: 4, KeepGoing: true, Duration: 3 * time.Second, Seed: 9}, nil)
+	close(stop)
+	<-done
+	if err != nil {
+		t.Fatal(err)
+	}
+	total, _ := outboxCounts(t, pool)
+	t.Logf("%d backends terminated; %+v; PostgreSQL has %d rows", killed, stats, total)
+	if stats.Committed == 0 || stats.FailedTx == 0 {
+		t.Fatalf("stats %+v: the test wants both commits and failures", stats)
+	}
+	if stats.InDoubt != 0 || total != stats.Committed {
+		t.Fatalf("Stats.Committed %d (in doubt %d), PostgreSQL has %d rows", stats.Committed, stats.InDoubt, total)
+	}
+}

@@ -1,0 +1,140 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/zap"
+
+	"github.com/outbox-streamer/outbox-streamer/config"
+	"github.com/outbox-streamer/outbox-streamer/metrics"
+	"github.com/outbox-streamer/outbox-streamer/telemetry"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// state is what /readyz reports.
+type state int32
+
+const (
+	stateStarting state = iota
+	stateStandby
+	stateStreaming
+	stateRetrying
+)
+
+var stateText = map[state]string{
+	stateStarting:  "starting",
+	stateStandby:   "standby: waiting for the leader lock",
+	stateStreaming: "leader: streaming",
+	stateRetrying:  "retrying after an error",
+}
+
+// observability holds what run sets up for operators: Sentry, OpenTelemetry, the
+// metrics endpoint and the slot poller.
+type observability struct {
+	metrics *metrics.Metrics
+	state   atomic.Int32
+	stop    []func()
+}
+
+func (o *observability) set(s state) { o.state.Store(int32(s)) }
+
+func (o *observability) health() (bool, string) {
+	s := state(o.state.Load())
+	return s == stateStandby || s == stateStreaming, stateText[s]
+}
+
+// close stops everything, last started first.
+func (o *observability) close() {
+	for i := len(o.stop) - 1; i >= 0; i-- {
+		o.stop[i]()
+	}
+}
+
+// setupObservability starts Sentry, OTLP export, the HTTP endpoint and the slot
+// poller. It returns the logger with the Sentry hook. The endpoint outlives the
+// signal context so /healthz answers during the drain.
+func setupObservability(ctx context.Context, cfg *config.Config, log *zap.Logger) (*zap.Logger, *observability, error) {
+	o := &observability{metrics: metrics.New()}
+	flush, err := telemetry.InitSentry(cfg.SentryDSN, cfg.SentryEnv, version)
+	if err != nil {
+		return log, o, fmt.Errorf("SENTRY_CONFIG_DSN: %w", err)
+	}
+	o.stop = append(o.stop, flush)
+	log = telemetry.WithSentry(log).With(zap.String("slot", cfg.Slot))
+
+	shutdownOTel, err := telemetry.InitOTel(ctx, telemetry.OTelConfig{
+		Endpoint: cfg.OTLPEndpoint, ServiceName: "outbox-streamer", ServiceVersion: version,
+		Environment: cfg.Environment, Slot: cfg.Slot, Gatherer: o.metrics.Registry(),
+	}, log)
+	if err != nil {
+		return log, o, fmt.Errorf("OTEL_EXPORTER_OTLP_ENDPOINT: %w", err)
+	}
+	o.stop = append(o.stop, func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = shutdownOTel(sctx)
+	})
+
+	if cfg.MetricsAddr != "" {
+		srv, err := metrics.Listen(cfg.MetricsAddr, o.metrics.Registry(), o.health, log)
+		if err != nil {
+			return log, o, fmt.Errorf("METRICS_ADDR %s: %w", cfg.MetricsAddr, err)
+		}
+		sctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); _ = srv.Serve(sctx) }()
+		o.stop = append(o.stop, func() { cancel(); <-done })
+		log.Info("serving /metrics, /healthz and /readyz", zap.String("addr", srv.Addr().String()))
+	}
+
+	pcfg, err := pgxpool.ParseConfig(cfg.PostgresDSN)
+	if err != nil {
+		return log, o, fmt.Errorf("DATABASE_URL: %w", err)
+	}
+	pcfg.MaxConns = 2
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		return log, o, fmt.Errorf("DATABASE_URL: %w", err)
+	}
+	poller, err := metrics.NewSlotPoller(metrics.PollerConfig{Slot: cfg.Slot}, pool, o.metrics, log)
+	if err != nil {
+		pool.Close()
+		return log, o, err
+	}
+	pctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = poller.Run(pctx) }()
+	o.stop = append(o.stop, func() { cancel(); <-done; pool.Close() })
+	return log, o, nil
+}
+
+// cmdHealthcheck probes the local /healthz, for container health checks (the image
+// has no shell or curl).
+func cmdHealthcheck(args []string, stdout, stderr io.Writer) error {
+	cfg, _, err := loadConfig("healthcheck", args, stderr, nil)
+	if err != nil {
+		return err
+	}
+	host, port, err := net.SplitHostPort(cfg.MetricsAddr)
+	if err != nil {
+		return fmt.Errorf("METRICS_ADDR %q: %w", cfg.MetricsAddr, err)
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if err := metrics.Probe(ctx, "http://"+net.JoinHostPort(host, port)+"/healthz"); err != nil {
+		return fmt.Errorf("unhealthy: %w", err)
+	}
+	fmt.Fprintln(stdout, "ok")
+	return nil
+}
