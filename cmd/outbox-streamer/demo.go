@@ -64,7 +64,7 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 	defer report.Stop()
 	produced := 0
 	started := time.Now()
-	progress := func(final bool) {
+	progress := func() {
 		var n uint64
 		qctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -76,26 +76,26 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintf(stdout, "[%5.1fs] produced %d events, %d in ClickHouse %s, %d on the way\n",
 			time.Since(started).Seconds(), produced, arrived, table, int64(produced)-arrived)
 	}
+	// finish gives the streamer a moment to deliver the tail, then reports once more.
+	finish := func() error {
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			var n uint64
+			if err := ch.QueryRow(context.Background(), "SELECT count() FROM "+table).Scan(&n); err == nil && int64(n-startCount) >= int64(produced) {
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		progress()
+		return nil
+	}
 	for {
 		select {
 		case <-ctx.Done():
-			// Give the streamer a moment to deliver the tail, then report once more.
-			deadline := time.Now().Add(10 * time.Second)
-			for time.Now().Before(deadline) {
-				var n uint64
-				if err := ch.QueryRow(context.Background(), "SELECT count() FROM "+table).Scan(&n); err == nil && int64(n-startCount) >= int64(produced) {
-					break
-				}
-				time.Sleep(200 * time.Millisecond)
-			}
-			progress(true)
-			return nil
+			return finish()
 		case <-report.C:
-			progress(false)
+			progress()
 		case <-tick.C:
-			if count > 0 && produced >= count {
-				continue
-			}
 			n := txSize
 			if count > 0 && produced+n > count {
 				n = count - produced
@@ -108,7 +108,7 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 			}
 			produced += n
 			if count > 0 && produced >= count {
-				progress(false)
+				return finish()
 			}
 		}
 	}

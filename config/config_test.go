@@ -1,0 +1,98 @@
+package config
+
+import (
+	"flag"
+	"io"
+	"strings"
+	"testing"
+	"time"
+)
+
+func load(t *testing.T, env map[string]string, args ...string) (*Config, error) {
+	t.Helper()
+	fs := flag.NewFlagSet("test", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	cfg, _, err := Load(fs, args, func(k string) string { return env[k] })
+	return cfg, err
+}
+
+func TestDefaults(t *testing.T) {
+	cfg, err := load(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.BatchSize != 1000 || cfg.BatchTimeout != 100*time.Millisecond || cfg.ClickHouseBatchSize != 1000 ||
+		cfg.SweepInterval != time.Minute || cfg.ClickHouse.Table != "event_log" || cfg.ClickHouse.Addr != "localhost:9000" ||
+		cfg.ClickHouse.DialTimeout != 30*time.Second || cfg.ClickHouse.ReadTimeout != 10*time.Second ||
+		cfg.MetricsAddr != "127.0.0.1:9187" || cfg.PostgresDSN != "postgres://postgres@localhost:5432/postgres" {
+		t.Fatalf("defaults = %+v", cfg)
+	}
+}
+
+func TestFlagsWinOverEnvironment(t *testing.T) {
+	cfg, err := load(t, map[string]string{"EVENT_BATCH_SIZE": "50", "CLICKHOUSE_CONNECT_TIMEOUT": "5"}, "--batch-size", "70")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.BatchSize != 70 || cfg.ClickHouse.DialTimeout != 5*time.Second {
+		t.Fatalf("batch size %d, connect timeout %s", cfg.BatchSize, cfg.ClickHouse.DialTimeout)
+	}
+}
+
+func TestBadValuesNameTheSetting(t *testing.T) {
+	cases := []struct {
+		env  map[string]string
+		want string
+	}{
+		{map[string]string{"EVENT_BATCH_SIZE": "0"}, "invalid EVENT_BATCH_SIZE (--batch-size)"},
+		{map[string]string{"EVENT_BATCH_TIMEOUT": "soon"}, "invalid EVENT_BATCH_TIMEOUT (--batch-timeout)"},
+		{map[string]string{"DEBUG": "maybe"}, "invalid DEBUG (--debug)"},
+		{map[string]string{"CLICKHOUSE_PORT": "ninety"}, "invalid CLICKHOUSE_PORT (--clickhouse-port)"},
+		{map[string]string{"CLICKHOUSE_PROTOCOL": "grpc"}, "invalid CLICKHOUSE_PROTOCOL"},
+		{map[string]string{"EVENT_TIME_ZONE": "Mars/Olympus"}, "invalid EVENT_TIME_ZONE"},
+		{map[string]string{"CLICKHOUSE_URI": "::nonsense"}, "invalid CLICKHOUSE_URI"},
+	}
+	for _, c := range cases {
+		_, err := load(t, c.env)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%v: error %v, want it to contain %q", c.env, err, c.want)
+		}
+	}
+}
+
+func TestSecretsAreNotEchoed(t *testing.T) {
+	_, err := load(t, map[string]string{"CLICKHOUSE_URI": "http://u:hunter2@[bad"})
+	if err == nil || strings.Contains(err.Error(), "hunter2") {
+		t.Fatalf("error %v echoes the secret", err)
+	}
+}
+
+func TestClickHouseURIAndOverrides(t *testing.T) {
+	cfg, err := load(t, map[string]string{
+		"CLICKHOUSE_URI":  "http://alice:pw@ch.example:8123/analytics",
+		"CLICKHOUSE_USER": "bob",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := cfg.ClickHouse
+	if c.Addr != "ch.example:8123" || c.Protocol != "http" || c.Database != "analytics" || c.User != "bob" || c.Password != "pw" {
+		t.Fatalf("clickhouse config = %+v", c)
+	}
+}
+
+func TestPostgresPartsAndRedaction(t *testing.T) {
+	cfg, err := load(t, map[string]string{"POSTGRES_HOST": "db", "POSTGRES_USER": "app", "POSTGRES_PASSWORD": "p@ss word", "POSTGRES_DB": "shop"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(cfg.PostgresDSN, "postgres://app:") || !strings.HasSuffix(cfg.PostgresDSN, "@db:5432/shop") {
+		t.Fatalf("DSN = %q", cfg.PostgresDSN)
+	}
+	if got := RedactDSN(cfg.PostgresDSN); got != "postgres://app@db:5432/shop" {
+		t.Fatalf("RedactDSN = %q", got)
+	}
+	if got := RedactDSN("host=db user=app password=secret"); strings.Contains(got, "secret") {
+		t.Fatalf("RedactDSN(key/value) = %q", got)
+	}
+}
