@@ -74,21 +74,12 @@ type Writer struct {
 	resolver Resolver
 	log      *zap.Logger
 	recorded uint64
-	stats    Stats
-}
-
-// Stats counts what the writer did.
-type Stats struct {
-	Batches, Inserted, AlreadyPresent, Failed, Deferred int64
 }
 
 // NewWriter returns a writer.
 func NewWriter(cfg WriterConfig, s Sink, o Outbox, inflight InflightRecorder, res Resolver, log *zap.Logger) *Writer {
 	return &Writer{cfg: cfg, sink: s, outbox: o, inflight: inflight, resolver: res, log: log.Named("writer"), recorded: cfg.InDoubtUntil}
 }
-
-// Stats returns the counters (call after Run returned, or accept a racy read).
-func (w *Writer) Stats() Stats { return w.stats }
 
 // Run writes batches from in until it is closed, then returns nil. It returns early
 // only on an error it cannot retry; ctx should end only when the process must stop
@@ -223,11 +214,6 @@ func (w *Writer) Write(ctx context.Context, b *batch.Batch) (err error) {
 	nInserted, nPresent, nFailed = len(inserted), len(present), len(failed)+len(deferred)
 	m.AddAlreadyPresent(len(present))
 	m.AddFailed(len(failed) + len(deferred))
-	w.stats.Batches++
-	w.stats.Inserted += int64(len(inserted))
-	w.stats.AlreadyPresent += int64(len(present))
-	w.stats.Failed += int64(len(failed))
-	w.stats.Deferred += int64(len(deferred))
 	w.log.Debug("batch delivered", zap.Int("rows", b.Len()), zap.Int("inserted", len(inserted)),
 		zap.Int("already_present", len(present)), zap.Int("failed", len(failed)),
 		zap.Duration("took", time.Since(start)))
