@@ -201,9 +201,6 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 	// A batch that could not be handed over because ctx ended is kept in s.held for
 	// the shutdown path, never dropped.
 	emit := func(ctx context.Context, b *batch.Batch) error {
-		if rc.Observer != nil {
-			rc.Observer.AddReceived(b.Len())
-		}
 		if ctx.Err() != nil {
 			s.held = b
 			return ctx.Err()
@@ -213,6 +210,9 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 		for {
 			select {
 			case out <- b:
+				if rc.Observer != nil {
+					rc.Observer.AddReceived(b.Len())
+				}
 				return nil
 			case <-writerDone:
 				return ErrWriterStopped
