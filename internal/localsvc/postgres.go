@@ -38,9 +38,11 @@ type PostgresOptions struct {
 	Dir string
 	// Port to listen on; 0 picks a free one.
 	Port int
-	// Durable keeps PostgreSQL's defaults for fsync, synchronous_commit and
-	// full_page_writes. By default they are off: faster, and crash safety
-	// of throwaway test data does not matter.
+	// Durable keeps PostgreSQL's defaults for fsync and full_page_writes. By
+	// default they are off: faster, and crash safety of throwaway test data
+	// does not matter. synchronous_commit stays on either way: with it off,
+	// the walsender sends a commit only after the WAL writer's next flush (up
+	// to three wal_writer_delay periods), which would distort latency.
 	Durable bool
 	// Settings are extra server settings passed as -c name=value.
 	Settings map[string]string
@@ -177,7 +179,6 @@ func (p *Postgres) startLocked(ctx context.Context) error {
 	}
 	if !p.opts.Durable {
 		settings["fsync"] = "off"
-		settings["synchronous_commit"] = "off"
 		settings["full_page_writes"] = "off"
 	}
 	maps.Copy(settings, p.opts.Settings)
