@@ -38,6 +38,10 @@ test-unit: ## unit tests only (no servers)
 fuzz: ## fuzz the pgoutput decoder for a minute
 	$(GO) test ./replication -run '^$$' -fuzz FuzzDecode -fuzztime 60s
 
+bench: deps build ## benchmark against a bare slot reader and the polling design: one table (BENCHFLAGS='--reps 1 --rows 50000' for a quick run, --json FILE, --profile DIR)
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/outbox-bench ./bench
+	$(BIN)/outbox-bench --streamer $(STREAMER) $(BENCHFLAGS)
+
 lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...

@@ -6,6 +6,7 @@ package leader
 import (
 	"context"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -37,6 +38,13 @@ type Lock struct {
 // instance computes the same one.
 const lockKey = "hashtext('outbox-streamer:' || $1)"
 
+// HolderQuery returns the application_name of the session holding the lock of slot
+// $1 (no row when nobody leads). An advisory lock on a bigint key shows in pg_locks
+// as classid (high half) and objid (low half).
+const HolderQuery = `SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+	WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+	  AND ((l.classid::bigint << 32) | l.objid::bigint) = ` + lockKey + `::bigint`
+
 // Acquire waits until this process holds the slot's leader lock or ctx ends. While
 // another instance leads it logs that it waits as a standby.
 func Acquire(ctx context.Context, cfg Config, log *zap.Logger, onStandby func()) (*Lock, error) {
@@ -44,7 +52,14 @@ func Acquire(ctx context.Context, cfg Config, log *zap.Logger, onStandby func())
 		cfg.PollInterval = time.Second
 	}
 	log = log.Named("leader").With(zap.String("slot", cfg.Slot))
-	conn, err := pgx.Connect(ctx, cfg.DSN)
+	pcfg, err := pgx.ParseConfig(cfg.DSN)
+	if err != nil {
+		return nil, fmt.Errorf("DATABASE_URL: %w", err)
+	}
+	// The session's name tells operators (and `outbox-streamer status`) who leads.
+	host, _ := os.Hostname()
+	pcfg.RuntimeParams["application_name"] = fmt.Sprintf("outbox-streamer leader %s pid %d", host, os.Getpid())
+	conn, err := pgx.ConnectConfig(ctx, pcfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect for the leader lock: %w", err)
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/outbox-streamer/outbox-streamer/leader"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 
@@ -27,6 +29,7 @@ type slotStatus struct {
 	SafeWALSize       *int64           `json:"safe_wal_size,omitempty"`
 	Counts            map[string]int64 `json:"counts"`
 	OldestUndelivered *float64         `json:"oldest_undelivered_age_seconds,omitempty"`
+	Leader            string           `json:"leader,omitempty"`
 }
 
 func cmdStatus(args []string, stdout, stderr io.Writer) error {
@@ -68,6 +71,9 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("read slot lag: %w", err)
 		}
+	}
+	if err := conn.QueryRow(ctx, leader.HolderQuery, cfg.Slot).Scan(&st.Leader); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return fmt.Errorf("read the leader lock: %w", err)
 	}
 	rows, err := conn.Query(ctx, `SELECT status, count(*) FROM event_outbox GROUP BY status`)
 	if err != nil {
@@ -128,6 +134,11 @@ func printStatus(w io.Writer, st slotStatus) {
 			fmt.Fprintf(w, ", safe_wal_size %s", bytesText(*st.SafeWALSize))
 		}
 		fmt.Fprintln(w)
+	}
+	if st.Leader != "" {
+		fmt.Fprintf(w, "leader: %s\n", st.Leader)
+	} else {
+		fmt.Fprintln(w, "leader: none (no outbox-streamer holds the lock)")
 	}
 	fmt.Fprintf(w, "outbox: %d pending, %d processed, %d failed, %d dead\n",
 		st.Counts["pending"], st.Counts["processed"], st.Counts["failed"], st.Counts["dead"])
