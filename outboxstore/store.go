@@ -84,13 +84,83 @@ func (s *Store) MarkProcessed(ctx context.Context, ids []int64) error {
 	if len(ids) == 0 {
 		return nil
 	}
-	_, err := s.db.Exec(ctx, `UPDATE event_outbox
-		SET status = 'processed', updated_at = now() AT TIME ZONE 'UTC', last_error = NULL, next_attempt_at = NULL
-		WHERE id = ANY($1) AND status <> 'processed'`, ids)
+	err := s.untilVisible(ctx, ids, func(ctx context.Context, ids []int64) (pgx.Rows, error) {
+		return s.db.Query(ctx, `UPDATE event_outbox
+			SET status = 'processed', updated_at = now() AT TIME ZONE 'UTC', last_error = NULL, next_attempt_at = NULL
+			WHERE id = ANY($1) AND status <> 'processed'
+			RETURNING id`, ids)
+	})
 	if err != nil {
 		return fmt.Errorf("mark %d outbox rows processed: %w", len(ids), err)
 	}
 	return nil
+}
+
+// ErrNotVisible means rows received from the replication stream did not become
+// visible to other sessions in time. Logical decoding can send a transaction a moment
+// before its commit is visible to new snapshots, so an UPDATE right after delivery
+// may find nothing; the store retries such rows until they are visible.
+var ErrNotVisible = errors.New("rows from the replication stream are not visible yet")
+
+// untilVisible runs update (an UPDATE ... RETURNING id over the given ids) and then
+// again for the rows it did not touch that are not visible at all yet, until every
+// row was updated or is visible in a state the update leaves alone (processed, dead).
+// Without this, a row whose commit became visible a millisecond late would stay
+// pending forever although ClickHouse has it.
+func (s *Store) untilVisible(ctx context.Context, ids []int64, update func(context.Context, []int64) (pgx.Rows, error)) error {
+	const maxWait = 30 * time.Second
+	start := time.Now()
+	wait := time.Millisecond
+	for {
+		rows, err := update(ctx, ids)
+		if err != nil {
+			return err
+		}
+		touched, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+		if err != nil {
+			return err
+		}
+		if len(touched) == len(ids) {
+			return nil
+		}
+		rest := without(ids, touched)
+		rows, err = s.db.Query(ctx, `SELECT id FROM event_outbox WHERE id = ANY($1)`, rest)
+		if err != nil {
+			return err
+		}
+		visible, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+		if err != nil {
+			return err
+		}
+		ids = without(rest, visible)
+		if len(ids) == 0 {
+			return nil
+		}
+		if time.Since(start) > maxWait {
+			return fmt.Errorf("%w: %d rows after %s (ids %v...)", ErrNotVisible, len(ids), maxWait, ids[:min(len(ids), 5)])
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, 100*time.Millisecond)
+	}
+}
+
+// without returns the ids of all that are not in drop.
+func without(all, drop []int64) []int64 {
+	skip := make(map[int64]struct{}, len(drop))
+	for _, id := range drop {
+		skip[id] = struct{}{}
+	}
+	out := make([]int64, 0, len(all)-len(drop))
+	for _, id := range all {
+		if _, ok := skip[id]; !ok {
+			out = append(out, id)
+		}
+	}
+	return out
 }
 
 // MarkFailed records a failed delivery of each row: attempts+1, the reason, and the
@@ -100,20 +170,28 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) error {
 	if len(failures) == 0 {
 		return nil
 	}
+	reasonOf := make(map[int64]string, len(failures))
 	ids := make([]int64, len(failures))
-	reasons := make([]string, len(failures))
 	for i, f := range failures {
-		ids[i], reasons[i] = f.ID, truncate(f.Reason, 2000)
+		ids[i] = f.ID
+		reasonOf[f.ID] = truncate(f.Reason, 2000)
 	}
-	_, err := s.db.Exec(ctx, `UPDATE event_outbox o
-		SET attempts = o.attempts + 1,
-		    status = CASE WHEN o.attempts + 1 >= $3 THEN 'dead' ELSE 'failed' END,
-		    last_error = f.reason,
-		    next_attempt_at = now() + least($5::float8, $4::float8 * power(2, o.attempts)) * interval '1 second',
-		    updated_at = now() AT TIME ZONE 'UTC'
-		FROM unnest($1::bigint[], $2::text[]) AS f(id, reason)
-		WHERE o.id = f.id AND o.status <> 'processed'`,
-		ids, reasons, s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds())
+	err := s.untilVisible(ctx, ids, func(ctx context.Context, ids []int64) (pgx.Rows, error) {
+		reasons := make([]string, len(ids))
+		for i, id := range ids {
+			reasons[i] = reasonOf[id]
+		}
+		return s.db.Query(ctx, `UPDATE event_outbox o
+			SET attempts = o.attempts + 1,
+			    status = CASE WHEN o.attempts + 1 >= $3 THEN 'dead' ELSE 'failed' END,
+			    last_error = f.reason,
+			    next_attempt_at = now() + least($5::float8, $4::float8 * power(2, o.attempts)) * interval '1 second',
+			    updated_at = now() AT TIME ZONE 'UTC'
+			FROM unnest($1::bigint[], $2::text[]) AS f(id, reason)
+			WHERE o.id = f.id AND o.status <> 'processed'
+			RETURNING o.id`,
+			ids, reasons, s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds())
+	})
 	if err != nil {
 		return fmt.Errorf("mark %d outbox rows failed: %w", len(failures), err)
 	}
@@ -127,11 +205,14 @@ func (s *Store) MarkDeferred(ctx context.Context, ids []int64, reason string) er
 	if len(ids) == 0 {
 		return nil
 	}
-	_, err := s.db.Exec(ctx, `UPDATE event_outbox
-		SET status = 'failed', last_error = $2, next_attempt_at = now() + $3::float8 * interval '1 second',
-		    updated_at = now() AT TIME ZONE 'UTC'
-		WHERE id = ANY($1) AND status IN ('pending', 'failed')`,
-		ids, truncate(reason, 2000), s.retry.BaseDelay.Seconds())
+	err := s.untilVisible(ctx, ids, func(ctx context.Context, ids []int64) (pgx.Rows, error) {
+		return s.db.Query(ctx, `UPDATE event_outbox
+			SET status = 'failed', last_error = $2, next_attempt_at = now() + $3::float8 * interval '1 second',
+			    updated_at = now() AT TIME ZONE 'UTC'
+			WHERE id = ANY($1) AND status IN ('pending', 'failed')
+			RETURNING id`,
+			ids, truncate(reason, 2000), s.retry.BaseDelay.Seconds())
+	})
 	if err != nil {
 		return fmt.Errorf("defer %d outbox rows: %w", len(ids), err)
 	}

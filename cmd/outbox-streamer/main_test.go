@@ -308,3 +308,18 @@ func TestHelpListsEverySettingWithDefault(t *testing.T) {
 		}
 	}
 }
+
+// TestSIGTERMDuringStartExitsZero stops the streamer before it streams: an orderly
+// stop, exit 0.
+func TestSIGTERMDuringStartExitsZero(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e.Insert(t, 20000, false) // a backfill to work on while starting
+	cmd, out := startStreamer(t, envFor(e))
+	e2e.WaitFor(t, time.Minute, "start-up under way", func() bool { return strings.Contains(out.String(), "starting outbox-streamer") })
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("exit %v after SIGTERM during start-up:\n%s", err, out)
+	}
+}

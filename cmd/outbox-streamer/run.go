@@ -85,7 +85,15 @@ func supervise(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-
 			})
 			lock.Release()
 			m.SetLeader(false)
-			if err == nil || ctx.Err() != nil {
+			if err == nil {
+				return nil
+			}
+			if ctx.Err() != nil {
+				// Stopped by a signal. A failure that is only the cancellation (a
+				// signal during start-up) is an orderly stop: exit 0.
+				if errors.Is(err, context.Canceled) {
+					return nil
+				}
 				return err
 			}
 		}

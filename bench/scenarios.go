@@ -1,0 +1,538 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/loadgen"
+)
+
+const stopTimeout = 2 * time.Minute
+
+// startStreaming starts the binary on e and waits until it streams from the slot
+// (creating the slot if it does not exist yet).
+func (b *bench) startStreaming(ctx context.Context, e *dbEnv, key string, extra ...string) (*streamer, error) {
+	s, err := startStreamer(b.cfg.Streamer, e.streamerEnv(extra...), b.logPath(key))
+	if err != nil {
+		return nil, err
+	}
+	e.watch = s.err
+	if err := e.waitActive(ctx, time.Minute); err != nil {
+		_ = s.Stop(stopTimeout)
+		return nil, err
+	}
+	return s, nil
+}
+
+// runDrain is scenario c: the slot is created by a first start of the streamer on
+// the empty table (then stopped), the backlog is committed, and a second start is
+// timed from launch until every row is in ClickHouse and processed; the slot's
+// confirmed LSN passing the last commit is waited for (and reported) separately,
+// because the streamer reports it only every STATUS_INTERVAL.
+func runDrain(ctx context.Context, b *bench, key string, extra ...string) (map[string]float64, error) {
+	e, err := newEnv(ctx, b.srv)
+	if err != nil {
+		return nil, err
+	}
+	defer e.close()
+	s, err := b.startStreaming(ctx, e, key, extra...)
+	if err != nil {
+		return nil, err
+	}
+	e.watch = nil
+	if err := s.Stop(stopTimeout); err != nil {
+		return nil, err
+	}
+	target, err := e.insertBacklog(ctx, b.cfg.Rows, b.cfg.TxSize)
+	if err != nil {
+		return nil, err
+	}
+	if err := e.settle(ctx); err != nil {
+		return nil, err
+	}
+
+	meter := &cpuMeter{}
+	c0 := meter.sample()
+	s, err = startStreamer(b.cfg.Streamer, e.streamerEnv(extra...), b.logPath(key))
+	if err != nil {
+		return nil, err
+	}
+	defer s.Stop(stopTimeout) //nolint:errcheck // stopped explicitly below; this is for early returns
+	meter.streamerPID = s.Pid()
+	e.watch = s.err
+	if err := e.waitCH(ctx, uint64(b.cfg.Rows), b.cfg.Timeout); err != nil {
+		return nil, err
+	}
+	use := meter.sample().since(c0)
+	if err := e.waitConfirmed(ctx, target, b.cfg.Timeout); err != nil {
+		return nil, err
+	}
+	ackedAt := time.Now()
+	done, err := e.lastProcessed(ctx)
+	if err != nil {
+		return nil, err
+	}
+	_, hwm, _ := s.memStatus()
+	e.watch = nil
+	if err := s.Stop(stopTimeout); err != nil {
+		return nil, err
+	}
+	verr := e.verifyDelivered(ctx, int64(b.cfg.Rows), nil)
+	if verr != nil && !isUnprocessed(verr) {
+		return nil, verr
+	}
+	took := done.Sub(s.Started)
+	if took <= 0 {
+		return nil, fmt.Errorf("last row processed at %s, before the streamer started at %s", done, s.Started)
+	}
+	b.note(key, use)
+	m := map[string]float64{
+		"rows":             float64(b.cfg.Rows),
+		"seconds":          took.Seconds(),
+		"rows_per_s":       float64(b.cfg.Rows) / took.Seconds(),
+		"ack_after_done_s": ackedAt.Sub(done).Seconds(),
+		"peak_rss_mib":     float64(hwm) / (1 << 20),
+	}
+	if n, err := e.chInserts(ctx); err == nil && n > 0 {
+		m["ch_inserts"] = float64(n)
+		m["rows_per_insert"] = float64(b.cfg.Rows) / float64(n)
+	}
+	if at, ok := s.streamingAt(); ok {
+		m["startup_s"] = at.Sub(s.Started).Seconds()
+		if d := done.Sub(at); d > 0 {
+			m["rows_per_s_from_streaming"] = float64(b.cfg.Rows) / d.Seconds()
+		}
+	}
+	return m, verr
+}
+
+// runLive is scenario d: the streamer runs while loadgen commits Rows events as
+// fast as it can (COPY, transactions of TxSize, LiveConns connections).
+func runLive(ctx context.Context, b *bench) (map[string]float64, error) {
+	e, err := newEnv(ctx, b.srv)
+	if err != nil {
+		return nil, err
+	}
+	defer e.close()
+	s, err := b.startStreaming(ctx, e, "d")
+	if err != nil {
+		return nil, err
+	}
+	defer s.Stop(stopTimeout) //nolint:errcheck // stopped explicitly below; this is for early returns
+	meter := &cpuMeter{streamerPID: s.Pid()}
+	c0 := meter.sample()
+	pstart := time.Now()
+	st, err := loadgen.Run(ctx, e.Pool, loadgen.Config{
+		Copy: true, TxSize: b.cfg.TxSize, Rate: 0, Count: int64(b.cfg.Rows), Connections: b.cfg.LiveConns,
+		Seed: 1, Environment: "bench",
+	}, nil)
+	pend := time.Now()
+	if err != nil {
+		return nil, fmt.Errorf("producer: %w", err)
+	}
+	if st.Committed != int64(b.cfg.Rows) {
+		return nil, fmt.Errorf("producer committed %d events, want %d", st.Committed, b.cfg.Rows)
+	}
+	target, err := e.currentWAL(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := e.waitCH(ctx, uint64(b.cfg.Rows), b.cfg.Timeout); err != nil {
+		return nil, err
+	}
+	use := meter.sample().since(c0)
+	if err := e.waitConfirmed(ctx, target, b.cfg.Timeout); err != nil {
+		return nil, err
+	}
+	last, err := e.lastInserted(ctx)
+	if err != nil {
+		return nil, err
+	}
+	e.watch = nil
+	if err := s.Stop(stopTimeout); err != nil {
+		return nil, err
+	}
+	verr := e.verifyDelivered(ctx, int64(b.cfg.Rows), nil)
+	if verr != nil && !isUnprocessed(verr) {
+		return nil, verr
+	}
+	b.note("d", use)
+	n := float64(b.cfg.Rows)
+	inserts, _ := e.chInserts(ctx)
+	return map[string]float64{
+		"ch_inserts":            float64(inserts),
+		"rows":                  n,
+		"producer_seconds":      pend.Sub(pstart).Seconds(),
+		"producer_rows_per_s":   n / pend.Sub(pstart).Seconds(),
+		"delivery_seconds":      last.Sub(pstart).Seconds(),
+		"delivery_rows_per_s":   n / last.Sub(pstart).Seconds(),
+		"tail_after_producer_s": last.Sub(pend).Seconds(),
+	}, verr
+}
+
+// commitRec is a committed event and when its transaction's COMMIT returned.
+type commitRec struct {
+	id int64
+	at time.Time
+}
+
+// latencySQL inserts $3 events in one statement, which is its own transaction
+// (autocommit): the statement's result arriving means the commit is done.
+const latencySQL = `INSERT INTO event_outbox (event_type, event_date_time, environment, event_context, metadata_version)
+	SELECT 'latency.probe', now() AT TIME ZONE 'UTC', 'bench',
+	       jsonb_build_object('worker', $1::int, 'seq', $2::bigint + g, 'user_id', (($2::bigint + g) * 7919) % 100000), 1
+	FROM generate_series(1, $3::int) AS g
+	RETURNING id`
+
+// latencyProducer commits transactions of txSize events at rate events/s for dur,
+// from workers connections sharing one schedule, and records each event's commit
+// time (when the statement's result arrived). lateMax is how far behind schedule
+// the producer fell at worst.
+func latencyProducer(ctx context.Context, pool *pgxpool.Pool, rate float64, txSize, workers int, dur time.Duration) (recs []commitRec, lateMax time.Duration, err error) {
+	var (
+		mu   sync.Mutex
+		next = time.Now()
+		end  = next.Add(dur)
+		step = time.Duration(float64(txSize) / rate * float64(time.Second))
+		seq  int64
+		wg   sync.WaitGroup
+		errs = make([]error, workers)
+		out  = make([][]commitRec, workers)
+	)
+	for w := range workers {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				mu.Lock()
+				at := next
+				next = next.Add(step)
+				first := seq
+				seq += int64(txSize)
+				mu.Unlock()
+				if !at.Before(end) {
+					return
+				}
+				if d := time.Until(at); d > 0 {
+					time.Sleep(d)
+				} else {
+					mu.Lock()
+					lateMax = max(lateMax, -d)
+					mu.Unlock()
+				}
+				rows, err := pool.Query(ctx, latencySQL, w, first, txSize)
+				if err != nil {
+					errs[w] = err
+					return
+				}
+				var ids []int64
+				for rows.Next() {
+					var id int64
+					if err := rows.Scan(&id); err != nil {
+						errs[w] = err
+						rows.Close()
+						return
+					}
+					ids = append(ids, id)
+				}
+				rows.Close()
+				committed := time.Now()
+				if err := rows.Err(); err != nil {
+					errs[w] = err
+					return
+				}
+				for _, id := range ids {
+					out[w] = append(out[w], commitRec{id: id, at: committed})
+				}
+			}
+		})
+	}
+	wg.Wait()
+	for w := range workers {
+		if errs[w] != nil {
+			return nil, lateMax, errs[w]
+		}
+		recs = append(recs, out[w]...)
+	}
+	return recs, lateMax, nil
+}
+
+// chWatcher polls ClickHouse for newly visible events and records when each was
+// first seen. The writer inserts batches one after another in commit order, so a
+// poll for commit_lsn >= the highest seen so far returns everything new (and the
+// few already-seen rows of a transaction split across two inserts).
+type chWatcher struct {
+	e        *dbEnv
+	interval time.Duration
+	mu       sync.Mutex
+	seen     map[int64]time.Time
+	polls    int
+	slowest  time.Duration
+	err      error
+}
+
+func (w *chWatcher) run(ctx context.Context) {
+	var maxLSN uint64
+	t := time.NewTicker(w.interval)
+	defer t.Stop()
+	for {
+		issued := time.Now()
+		rows, err := w.e.CH.Query(ctx, "SELECT event_id, commit_lsn FROM "+w.e.Table+" WHERE commit_lsn >= ?", maxLSN)
+		if err != nil {
+			if ctx.Err() == nil {
+				w.mu.Lock()
+				w.err = err
+				w.mu.Unlock()
+			}
+			return
+		}
+		w.mu.Lock()
+		for rows.Next() {
+			var id, lsn uint64
+			if err := rows.Scan(&id, &lsn); err != nil {
+				w.err = err
+				break
+			}
+			if _, ok := w.seen[int64(id)]; !ok {
+				w.seen[int64(id)] = issued
+			}
+			maxLSN = max(maxLSN, lsn)
+		}
+		w.polls++
+		w.slowest = max(w.slowest, time.Since(issued))
+		w.mu.Unlock()
+		rows.Close()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (w *chWatcher) count() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.seen)
+}
+
+// runLatency is scenario e: a paced producer while the streamer runs. An event's
+// latency is measured from the time its COMMIT returned to the producer to
+//   - the first poll of ClickHouse (every LatencyPoll) that saw it: the time the
+//     poll was issued, so never earlier than the row became visible and at most one
+//     interval plus a query later (the table's figures), and
+//   - ClickHouse's inserted_at, now64(6) of the INSERT that carried it, which is
+//     when that INSERT query started — before its data was even sent, so it misses
+//     the insert's own duration (a lower bound).
+//
+// Both clocks are this machine's.
+func runLatency(ctx context.Context, b *bench) (map[string]float64, error) {
+	e, err := newEnv(ctx, b.srv)
+	if err != nil {
+		return nil, err
+	}
+	defer e.close()
+	s, err := b.startStreaming(ctx, e, "e")
+	if err != nil {
+		return nil, err
+	}
+	defer s.Stop(stopTimeout) //nolint:errcheck // stopped explicitly below; this is for early returns
+	w := &chWatcher{e: e, interval: b.cfg.LatencyPoll, seen: map[int64]time.Time{}}
+	wctx, stopWatch := context.WithCancel(ctx)
+	watchDone := make(chan struct{})
+	go func() { defer close(watchDone); w.run(wctx) }()
+	defer func() { stopWatch(); <-watchDone }()
+
+	meter := &cpuMeter{streamerPID: s.Pid()}
+	c0 := meter.sample()
+	pstart := time.Now()
+	recs, lateMax, err := latencyProducer(ctx, e.Pool, b.cfg.LatencyRate, b.cfg.LatencyTx, b.cfg.LatencyWorkers, b.cfg.LatencyDuration)
+	pend := time.Now()
+	if err != nil {
+		return nil, fmt.Errorf("latency producer: %w", err)
+	}
+	target, err := e.currentWAL(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := e.waitCH(ctx, uint64(len(recs)), b.cfg.Timeout); err != nil {
+		return nil, err
+	}
+	use := meter.sample().since(c0)
+	if err := poll(ctx, time.Minute, 10*time.Millisecond, "the watcher to see every event", func() (bool, error) {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return len(w.seen) >= len(recs), w.err
+	}); err != nil {
+		return nil, err
+	}
+	stopWatch()
+	<-watchDone
+	if err := e.waitConfirmed(ctx, target, b.cfg.Timeout); err != nil {
+		return nil, err
+	}
+	e.watch = nil
+	if err := s.Stop(stopTimeout); err != nil {
+		return nil, err
+	}
+	committed := make(map[int64]time.Time, len(recs))
+	for _, r := range recs {
+		committed[r.id] = r.at
+	}
+	verr := e.verifyDelivered(ctx, int64(len(recs)), committed)
+	if verr != nil && !isUnprocessed(verr) {
+		return nil, verr
+	}
+	rows, err := e.CH.Query(ctx, "SELECT event_id, inserted_at FROM "+e.Table)
+	if err != nil {
+		return nil, err
+	}
+	seenLat := make([]float64, 0, len(recs))
+	insLat := make([]float64, 0, len(recs))
+	for rows.Next() {
+		var id uint64
+		var at time.Time
+		if err := rows.Scan(&id, &at); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		c, ok := committed[int64(id)]
+		if !ok {
+			rows.Close()
+			return nil, fmt.Errorf("event %d in ClickHouse was not committed by the producer", id)
+		}
+		insLat = append(insLat, at.Sub(c).Seconds()*1000)
+		seenLat = append(seenLat, w.seen[int64(id)].Sub(c).Seconds()*1000)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	if len(insLat) != len(recs) {
+		return nil, fmt.Errorf("%d latencies for %d events", len(insLat), len(recs))
+	}
+	inserts, err := e.chInserts(ctx)
+	if err != nil {
+		return nil, err
+	}
+	sort.Float64s(seenLat)
+	sort.Float64s(insLat)
+	b.note("e", use)
+	return map[string]float64{
+		"events":               float64(len(recs)),
+		"producer_rate":        float64(len(recs)) / pend.Sub(pstart).Seconds(),
+		"producer_late_max_ms": lateMax.Seconds() * 1000,
+		"p50_ms":               percentile(seenLat, 50),
+		"p95_ms":               percentile(seenLat, 95),
+		"p99_ms":               percentile(seenLat, 99),
+		"max_ms":               seenLat[len(seenLat)-1],
+		"min_ms":               seenLat[0],
+		"inserted_at_p50_ms":   percentile(insLat, 50),
+		"inserted_at_p95_ms":   percentile(insLat, 95),
+		"inserted_at_p99_ms":   percentile(insLat, 99),
+		"inserted_at_max_ms":   insLat[len(insLat)-1],
+		"poll_interval_ms":     b.cfg.LatencyPoll.Seconds() * 1000,
+		"polls":                float64(w.polls),
+		"slowest_poll_ms":      w.slowest.Seconds() * 1000,
+		"ch_inserts":           float64(inserts),
+		"rows_per_insert":      float64(len(recs)) / float64(max(inserts, 1)),
+	}, verr
+}
+
+// percentile is the nearest-rank percentile of sorted values.
+func percentile(sorted []float64, p float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	rank := int(float64(len(sorted))*p/100+0.999999) - 1
+	return sorted[min(max(rank, 0), len(sorted)-1)]
+}
+
+// runMemory is scenario f: the streamer's peak resident set (VmHWM) through one
+// transaction of BigTx rows, committed while it streams.
+func runMemory(ctx context.Context, b *bench) (map[string]float64, error) {
+	e, err := newEnv(ctx, b.srv)
+	if err != nil {
+		return nil, err
+	}
+	defer e.close()
+	s, err := b.startStreaming(ctx, e, "f")
+	if err != nil {
+		return nil, err
+	}
+	defer s.Stop(stopTimeout) //nolint:errcheck // stopped explicitly below; this is for early returns
+	idleRSS, _, err := s.memStatus()
+	if err != nil {
+		return nil, err
+	}
+	var maxRSS int64
+	stopSampling := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			if rss, _, err := s.memStatus(); err == nil && rss > maxRSS {
+				maxRSS = rss
+			}
+			select {
+			case <-stopSampling:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	meter := &cpuMeter{streamerPID: s.Pid()}
+	c0 := meter.sample()
+	t0 := time.Now()
+	if _, err := e.Pool.Exec(ctx, backlogSQL, b.cfg.BigTx, 0); err != nil {
+		close(stopSampling)
+		return nil, fmt.Errorf("insert the big transaction: %w", err)
+	}
+	committed := time.Now()
+	target, err := e.currentWAL(ctx)
+	if err == nil {
+		err = e.waitCH(ctx, uint64(b.cfg.BigTx), b.cfg.Timeout)
+	}
+	if err == nil {
+		err = e.waitConfirmed(ctx, target, b.cfg.Timeout)
+	}
+	close(stopSampling)
+	<-sampled
+	if err != nil {
+		return nil, err
+	}
+	use := meter.sample().since(c0)
+	last, err := e.lastProcessed(ctx)
+	if err != nil {
+		return nil, err
+	}
+	_, hwm, err := s.memStatus()
+	if err != nil {
+		return nil, err
+	}
+	e.watch = nil
+	if err := s.Stop(stopTimeout); err != nil {
+		return nil, err
+	}
+	verr := e.verifyDelivered(ctx, int64(b.cfg.BigTx), nil)
+	if verr != nil && !isUnprocessed(verr) {
+		return nil, verr
+	}
+	b.note("f", use)
+	inserts, _ := e.chInserts(ctx)
+	const mib = 1 << 20
+	return map[string]float64{
+		"rows":                float64(b.cfg.BigTx),
+		"peak_rss_mib":        float64(hwm) / mib,
+		"sampled_max_rss_mib": float64(maxRSS) / mib,
+		"idle_rss_mib":        float64(idleRSS) / mib,
+		"insert_seconds":      committed.Sub(t0).Seconds(),
+		"delivery_seconds":    last.Sub(committed).Seconds(),
+		"ch_inserts":          float64(inserts),
+	}, verr
+}
