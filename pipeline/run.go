@@ -90,7 +90,10 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 	}
 	writer := NewWriter(wcfg, target, store, ck, stream.Tracker(), log)
 
-	batches := make(chan *batch.Batch, 1)
+	// Room for as many batches as one merged insert holds, so a writer that fell
+	// behind finds them queued and merges them (CLICKHOUSE_BATCH_SIZE); memory stays
+	// bounded by that many rows.
+	batches := make(chan *batch.Batch, max(1, wcfg.MaxInsertRows/max(1, cfg.Run.BatchSize)))
 	writerDone := make(chan struct{})
 	writerCtx, cancelWriter := context.WithCancel(context.Background())
 	defer cancelWriter()

@@ -6,6 +6,7 @@ package pipeline
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/trace"
@@ -84,14 +85,46 @@ func NewWriter(cfg WriterConfig, s Sink, o Outbox, inflight InflightRecorder, re
 // Run writes batches from in until it is closed, then returns nil. It returns early
 // only on an error it cannot retry; ctx should end only when the process must stop
 // without draining.
+//
+// Two stages overlap: while the status of batch N is written to PostgreSQL, batch N+1
+// goes to ClickHouse. Acknowledgement order is unaffected: the Tracker only moves
+// over contiguous resolved rows, and each batch's in-flight record is written before
+// its insert, so a crash between the two stages is reconciled like any other.
 func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
-	for b := range in {
-		b = w.merge(b, in)
-		if err := w.Write(ctx, b); err != nil {
-			return err
+	outcomes := make(chan *outcome, 1)
+	settled := make(chan struct{})
+	var settleErr error
+	var settleFailed atomic.Bool
+	go func() {
+		defer close(settled)
+		for o := range outcomes {
+			if settleErr != nil {
+				o.end(settleErr) // after a failure, drain without touching the outbox
+				continue
+			}
+			if settleErr = w.settle(ctx, o); settleErr != nil {
+				settleFailed.Store(true)
+			}
 		}
+	}()
+	var err error
+	for b := range in {
+		if settleFailed.Load() {
+			break
+		}
+		b = w.merge(b, in)
+		var o *outcome
+		if o, err = w.deliver(ctx, b); err != nil {
+			break
+		}
+		outcomes <- o
 	}
-	return nil
+	close(outcomes)
+	<-settled
+	if err == nil {
+		err = settleErr
+	}
+	return err
 }
 
 // merge appends batches already queued behind b, up to MaxInsertRows, so a writer that
@@ -114,25 +147,54 @@ func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
 	return b
 }
 
-// Write delivers one batch: invalid rows are marked failed, the rest go to ClickHouse
-// in one insert (split only to isolate rows the server rejects), their outbox rows
-// are marked processed, and then the batch is resolved for acknowledgement.
-func (w *Writer) Write(ctx context.Context, b *batch.Batch) (err error) {
-	start := time.Now()
+// outcome is a batch that went through ClickHouse and whose outbox rows still need
+// their new status.
+type outcome struct {
+	b         *batch.Batch
+	span      trace.Span
+	start     time.Time
+	processed []int64               // in ClickHouse: inserted now or found there
+	failed    []outboxstore.Failure // invalid, or rejected by the server
+	deferred  []int64               // ClickHouse unavailable past the outage bound
+	outageErr error
+	inserted  int
+	present   int
+}
+
+func (o *outcome) end(err error) {
+	telemetry.EndBatchSpan(o.span, o.inserted, o.present, len(o.failed)+len(o.deferred), err)
+}
+
+// Write delivers one batch and settles it (both stages, one after the other).
+func (w *Writer) Write(ctx context.Context, b *batch.Batch) error {
+	o, err := w.deliver(ctx, b)
+	if err != nil {
+		return err
+	}
+	return w.settle(ctx, o)
+}
+
+// deliver is the first stage: invalid rows are set aside as failed, the in-flight
+// record is written, in-doubt rows are reconciled, and the rest go to ClickHouse in
+// one insert (split only to isolate rows the server rejects).
+func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err error) {
 	m := w.cfg.Metrics
 	var firstLSN uint64
 	if b.Len() > 0 {
 		firstLSN = b.Events[0].CommitLSN
 	}
-	ctx, span := telemetry.StartBatchSpan(ctx, b.Len(), firstLSN, b.MaxCommitLSN)
-	var nInserted, nPresent, nFailed int
-	defer func() { telemetry.EndBatchSpan(span, nInserted, nPresent, nFailed, err) }()
+	o := &outcome{b: b, start: time.Now()}
+	ctx, o.span = telemetry.StartBatchSpan(ctx, b.Len(), firstLSN, b.MaxCommitLSN)
+	defer func() {
+		if err != nil {
+			o.end(err)
+		}
+	}()
 	valid := make([]record.Event, 0, b.Len())
-	var failed []outboxstore.Failure
 	for i := range b.Events {
 		ev := &b.Events[i]
 		if err := w.sink.Validate(ev); err != nil {
-			failed = append(failed, outboxstore.Failure{ID: ev.ID, Reason: "invalid event: " + err.Error()})
+			o.failed = append(o.failed, outboxstore.Failure{ID: ev.ID, Reason: "invalid event: " + err.Error()})
 			continue
 		}
 		valid = append(valid, *ev)
@@ -148,75 +210,81 @@ func (w *Writer) Write(ctx context.Context, b *batch.Batch) (err error) {
 			}
 			return err
 		}); err != nil {
-			return err
+			return nil, err
 		}
 		w.recorded = b.MaxCommitLSN
 	}
 
 	var present []int64
 	if w.cfg.InDoubtUntil > 0 {
-		var err error
-		valid, present, err = w.reconcile(ctx, valid)
-		if err != nil {
-			return err
+		if valid, present, err = w.reconcile(ctx, valid); err != nil {
+			return nil, err
 		}
 	}
 
 	insertStart := time.Now()
 	inserted, rejected, deferred, outageErr, err := w.insertBounded(ctx, valid)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if len(inserted) > 0 {
 		accepted := time.Now()
 		m.ObserveBatch(len(inserted), accepted.Sub(insertStart))
 		m.ObserveDelivered(accepted, inserted)
 	}
-	failed = append(failed, rejected...)
-	if len(deferred) > 0 {
-		ids := make([]int64, len(deferred))
-		for i := range deferred {
-			ids[i] = deferred[i].ID
-		}
-		reason := fmt.Sprintf("clickhouse unavailable for over %s: %v", w.cfg.OutageFailAfter, outageErr)
+	o.failed = append(o.failed, rejected...)
+	o.processed = make([]int64, 0, len(inserted)+len(present))
+	for i := range inserted {
+		o.processed = append(o.processed, inserted[i].ID)
+	}
+	o.processed = append(o.processed, present...)
+	for i := range deferred {
+		o.deferred = append(o.deferred, deferred[i].ID)
+	}
+	o.outageErr = outageErr
+	o.inserted, o.present = len(inserted), len(present)
+	return o, nil
+}
+
+// settle is the second stage: the outbox rows get their new status in PostgreSQL,
+// and only then is the batch resolved for acknowledgement.
+func (w *Writer) settle(ctx context.Context, o *outcome) (err error) {
+	defer func() { o.end(err) }()
+	m := w.cfg.Metrics
+	ctx = trace.ContextWithSpan(ctx, o.span)
+	if len(o.deferred) > 0 {
+		reason := fmt.Sprintf("clickhouse unavailable for over %s: %v", w.cfg.OutageFailAfter, o.outageErr)
 		w.log.Error("clickhouse unavailable: batch marked failed for the sweep to deliver later",
-			zap.Int("rows", len(ids)), zap.Error(outageErr))
-		if err := w.statusUpdate(ctx, span, "mark rows failed after outage", len(ids), func(ctx context.Context) error {
-			return w.outbox.MarkDeferred(ctx, ids, reason)
+			zap.Int("rows", len(o.deferred)), zap.Error(o.outageErr))
+		if err := w.statusUpdate(ctx, o.span, "mark rows failed after outage", len(o.deferred), func(ctx context.Context) error {
+			return w.outbox.MarkDeferred(ctx, o.deferred, reason)
 		}); err != nil {
 			return err
 		}
 	}
-
-	ids := make([]int64, 0, len(inserted)+len(present))
-	for i := range inserted {
-		ids = append(ids, inserted[i].ID)
-	}
-	ids = append(ids, present...)
-	if err := w.statusUpdate(ctx, span, "mark rows processed", len(ids), func(ctx context.Context) error {
-		return w.outbox.MarkProcessed(ctx, ids)
+	if err := w.statusUpdate(ctx, o.span, "mark rows processed", len(o.processed), func(ctx context.Context) error {
+		return w.outbox.MarkProcessed(ctx, o.processed)
 	}); err != nil {
 		return err
 	}
-	if len(failed) > 0 {
-		for _, f := range failed {
+	if len(o.failed) > 0 {
+		for _, f := range o.failed {
 			w.log.Warn("event not delivered", zap.Int64("event_id", f.ID), zap.String("reason", f.Reason))
 		}
-		if err := w.statusUpdate(ctx, span, "mark rows failed", len(failed), func(ctx context.Context) error {
-			return w.outbox.MarkFailed(ctx, failed)
+		if err := w.statusUpdate(ctx, o.span, "mark rows failed", len(o.failed), func(ctx context.Context) error {
+			return w.outbox.MarkFailed(ctx, o.failed)
 		}); err != nil {
 			return err
 		}
 	}
-	if err := w.resolver.Resolve(b.FirstSeq, b.EndSeq()); err != nil {
+	if err := w.resolver.Resolve(o.b.FirstSeq, o.b.EndSeq()); err != nil {
 		return fmt.Errorf("resolve batch: %w", err)
 	}
-	nInserted, nPresent, nFailed = len(inserted), len(present), len(failed)+len(deferred)
-	m.AddAlreadyPresent(len(present))
-	m.AddFailed(len(failed) + len(deferred))
-	w.log.Debug("batch delivered", zap.Int("rows", b.Len()), zap.Int("inserted", len(inserted)),
-		zap.Int("already_present", len(present)), zap.Int("failed", len(failed)),
-		zap.Duration("took", time.Since(start)))
+	m.AddAlreadyPresent(o.present)
+	m.AddFailed(len(o.failed) + len(o.deferred))
+	w.log.Debug("batch delivered", zap.Int("rows", o.b.Len()), zap.Int("inserted", o.inserted),
+		zap.Int("already_present", o.present), zap.Int("failed", len(o.failed)+len(o.deferred)),
+		zap.Duration("took", time.Since(o.start)))
 	return nil
 }
 

@@ -227,6 +227,11 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 		}
 	}
 
+	// The receive deadline (next status update or batch time bound) lives in a context
+	// reused across messages: one per wake-up instead of one per message, which was a
+	// quarter of the loop's CPU in profiles.
+	var recv deadlineCtx
+	defer recv.release()
 	for {
 		if ctx.Err() != nil {
 			return s.shutdown(rc, builder, emit, closeOut, writerDone, serverWALEnd)
@@ -235,9 +240,7 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 		if d, ok := builder.Deadline(); ok && d.Before(deadline) {
 			deadline = d
 		}
-		rctx, cancel := context.WithDeadline(ctx, deadline)
-		raw, err := s.conn.ReceiveMessage(rctx)
-		cancel()
+		raw, err := s.conn.ReceiveMessage(recv.until(ctx, deadline))
 		if err != nil {
 			if ctx.Err() != nil && !s.conn.IsClosed() {
 				continue // stopping: the loop's first check runs the shutdown path
@@ -377,6 +380,29 @@ func (s *Stream) shutdown(rc RunConfig, builder *batch.Builder, emit func(contex
 		s.log.Debug("end copy mode", zap.Error(err))
 	}
 	return nil
+}
+
+// deadlineCtx is a receive deadline reused until it passes or an earlier one is
+// needed.
+type deadlineCtx struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	at     time.Time
+}
+
+func (d *deadlineCtx) until(parent context.Context, at time.Time) context.Context {
+	if d.ctx == nil || d.ctx.Err() != nil || at.Before(d.at) {
+		d.release()
+		d.ctx, d.cancel = context.WithDeadline(parent, at)
+		d.at = at
+	}
+	return d.ctx
+}
+
+func (d *deadlineCtx) release() {
+	if d.cancel != nil {
+		d.cancel()
+	}
 }
 
 func escapeLiteral(s string) string {
