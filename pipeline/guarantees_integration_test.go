@@ -29,6 +29,9 @@ func startWith(t *testing.T, e *e2e.Env, tweak func(*pipeline.Config)) (stop fun
 		Run:         replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond},
 		Sink:        e.Sink,
 		Retry:       outboxstore.RetryConfig{BaseDelay: 200 * time.Millisecond, MaxDelay: time.Second},
+		// Rows that land in the slot's creation snapshot are backfilled; the sweep
+		// delivers them.
+		SweepInterval: time.Second,
 	}
 	if tweak != nil {
 		tweak(&cfg)

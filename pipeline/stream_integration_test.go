@@ -2,6 +2,7 @@ package pipeline_test
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -32,6 +33,9 @@ func start(t *testing.T, e *e2e.Env, wrap func(pipeline.Sink) pipeline.Sink) *ru
 		Run:         replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond},
 		Sink:        e.Sink,
 		WrapSink:    wrap,
+		// Rows that land in the slot's creation snapshot are backfilled; the sweep
+		// delivers them.
+		SweepInterval: time.Second,
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &running{cancel: cancel, done: make(chan error, 1)}
@@ -59,12 +63,15 @@ func (r *running) stop(t *testing.T) {
 	}
 }
 
-// waitStreaming waits until the slot exists and is active.
+// waitStreaming waits until the slot's walsender runs START_REPLICATION. (The slot
+// is active already while it is being created, before the snapshot that decides
+// which rows are streamed and which are backfilled.)
 func waitStreaming(t *testing.T, e *e2e.Env) {
-	e2e.WaitFor(t, time.Minute, "slot active", func() bool {
-		var active bool
-		err := e.Pool.QueryRow(context.Background(), "SELECT active FROM pg_replication_slots WHERE slot_name = $1", e.Slot).Scan(&active)
-		return err == nil && active
+	e2e.WaitFor(t, time.Minute, "slot streaming", func() bool {
+		var query string
+		err := e.Pool.QueryRow(context.Background(), `SELECT a.query FROM pg_replication_slots s
+			JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = $1`, e.Slot).Scan(&query)
+		return err == nil && strings.HasPrefix(query, "START_REPLICATION")
 	})
 }
 
