@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CLICKHOUSE_SCHEMA="${CLICKHOUSE_SCHEMA:-outbox}"
+# Another program may hold the default metrics port: take a free one (the streamer
+# logs which) unless one was chosen.
+export METRICS_ADDR="${METRICS_ADDR:-127.0.0.1:0}"
 bin=bin/outbox-streamer
 log="${TMPDIR:-/tmp}/outbox-streamer-demo.log"
 
