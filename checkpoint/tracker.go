@@ -143,11 +143,3 @@ func (t *Tracker) FollowServer(walEnd uint64) uint64 {
 	}
 	return t.safeLSN
 }
-
-// Unresolved returns how many received rows are not yet durable (for backpressure
-// decisions and metrics).
-func (t *Tracker) Unresolved() uint64 {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.nextSeq - t.resolved
-}

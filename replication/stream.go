@@ -135,9 +135,6 @@ type RunConfig struct {
 	// ShutdownTimeout bounds the final flush and acknowledgement after ctx ends
 	// (default 30 s).
 	ShutdownTimeout time.Duration
-	// OnProgress, if set, is called after each status update with the acknowledged
-	// LSN and the server's WAL end as last seen.
-	OnProgress func(acked, serverWALEnd uint64)
 	// OnStreaming, if set, is called once the server accepted START_REPLICATION.
 	OnStreaming func()
 	// Observer, if set, is told how many rows were received and what was
@@ -275,9 +272,6 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 		if now.Sub(s.lastStatus) >= s.cfg.StatusInterval {
 			if err := s.sendStatus(serverWALEnd, false); err != nil {
 				return err
-			}
-			if rc.OnProgress != nil {
-				rc.OnProgress(s.lastSent, serverWALEnd)
 			}
 			if rc.Observer != nil {
 				rc.Observer.SetAckedLSN(s.lastSent)

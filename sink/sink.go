@@ -77,7 +77,6 @@ type Writer struct {
 	conn   driver.Conn
 	cfg    Config
 	legacy bool
-	ver    string
 	table  string // quoted db.table
 	log    *zap.Logger
 	minT   time.Time
@@ -101,7 +100,7 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Writer, error) {
 		conn.Close()
 		return nil, fmt.Errorf("clickhouse at %s is unreachable (check CLICKHOUSE_HOST/CLICKHOUSE_PORT/CLICKHOUSE_PROTOCOL and credentials): %w", cfg.Addr, err)
 	}
-	w := &Writer{conn: conn, cfg: cfg, legacy: legacy, ver: ver, table: QuoteIdent(cfg.Database) + "." + QuoteIdent(cfg.Table), log: log.Named("sink")}
+	w := &Writer{conn: conn, cfg: cfg, legacy: legacy, table: QuoteIdent(cfg.Database) + "." + QuoteIdent(cfg.Table), log: log.Named("sink")}
 	w.minT, w.maxT = TimeRange(legacy)
 	w.log.Info("connected to clickhouse", zap.String("addr", cfg.Addr), zap.String("version", ver), zap.Bool("legacy_schema", legacy))
 	return w, nil
@@ -154,15 +153,6 @@ func TimeRange(legacy bool) (min, max time.Time) {
 	}
 	return time.Date(1900, 1, 1, 0, 0, 0, 0, time.UTC), time.Date(2299, 12, 31, 23, 59, 59, 999999000, time.UTC)
 }
-
-// Legacy reports whether the server uses the legacy (18.x-style) schema.
-func (w *Writer) Legacy() bool { return w.legacy }
-
-// ServerVersion is the server's version string.
-func (w *Writer) ServerVersion() string { return w.ver }
-
-// Conn is the underlying connection (for migrations and status queries).
-func (w *Writer) Conn() driver.Conn { return w.conn }
 
 // Close closes the connection.
 func (w *Writer) Close() error { return w.conn.Close() }

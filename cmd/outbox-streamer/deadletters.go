@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -56,13 +55,11 @@ func cmdDeadLetters(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, cfg.PostgresDSN)
+	conn, ctx, done, err := connectPostgres(cfg, 5*time.Minute)
 	if err != nil {
-		return fmt.Errorf("connect to postgres: %w", err)
+		return err
 	}
-	defer conn.Close(context.Background())
+	defer done()
 
 	if action == "list" {
 		rows, err := conn.Query(ctx, `SELECT id, event_type, event_date_time, attempts, COALESCE(last_error, ''), updated_at

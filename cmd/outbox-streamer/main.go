@@ -11,6 +11,9 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"go.uber.org/zap"
 
@@ -108,6 +111,17 @@ func loadConfig(name string, args []string, stderr io.Writer, extra func(*flag.F
 		return nil, fs, err
 	}
 	return cfg, fs, nil
+}
+
+// connectPostgres opens one plain connection for a short command, bounded by timeout.
+func connectPostgres(cfg *config.Config, timeout time.Duration) (*pgx.Conn, context.Context, func(), error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	conn, err := pgx.Connect(ctx, cfg.PostgresDSN)
+	if err != nil {
+		cancel()
+		return nil, nil, nil, fmt.Errorf("connect to postgres: %w", err)
+	}
+	return conn, ctx, func() { conn.Close(context.Background()); cancel() }, nil
 }
 
 // signalContext returns a context cancelled by the first SIGINT/SIGTERM and a channel

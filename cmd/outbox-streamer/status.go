@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -44,13 +43,11 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, cfg.PostgresDSN)
+	conn, ctx, done, err := connectPostgres(cfg, 30*time.Second)
 	if err != nil {
-		return fmt.Errorf("connect to postgres: %w", err)
+		return err
 	}
-	defer conn.Close(context.Background())
+	defer done()
 
 	st := slotStatus{Slot: cfg.Slot, Counts: map[string]int64{"pending": 0, "processed": 0, "failed": 0, "dead": 0}}
 	if err := conn.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&st.CurrentWAL); err != nil {
