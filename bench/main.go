@@ -264,7 +264,9 @@ func startServers(ctx context.Context, cfg benchConfig) (*servers, func(), error
 	if err != nil {
 		return nil, nil, fmt.Errorf("start PostgreSQL: %w", err)
 	}
-	ch, err := localsvc.StartClickHouse(ctx, localsvc.ClickHouseOptions{})
+	// Direct: the reset shield's forwarding would cost throughput, and the
+	// bench never resets a connection mid-query (it stops streamers with SIGTERM).
+	ch, err := localsvc.StartClickHouse(ctx, localsvc.ClickHouseOptions{Direct: true})
 	if err != nil {
 		_ = pg.Stop()
 		return nil, nil, fmt.Errorf("start ClickHouse: %w", err)

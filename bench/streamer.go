@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
 )
 
 // streamer is the real binary, `outbox-streamer run`, as a child process.
@@ -58,7 +60,7 @@ func startStreamer(bin string, env []string, logPath string) (*streamer, error) 
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	s := &streamer{cmd: cmd, logPath: logPath, done: make(chan struct{})}
 	s.Started = time.Now()
-	if err := cmd.Start(); err != nil {
+	if err := localsvc.StartChild(cmd); err != nil {
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
 	go func() {

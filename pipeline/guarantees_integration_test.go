@@ -88,7 +88,7 @@ func TestInDoubtBatchIsReconciled(t *testing.T) {
 			stop := startWith(t, e, func(c *pipeline.Config) {
 				c.WrapSink = func(s pipeline.Sink) pipeline.Sink { return &crashAfterInsert{Sink: s} }
 			})
-			waitStreaming(t, e)
+			e.WaitStreaming(t)
 			e.Insert(t, 3000, false)
 			e2e.WaitFor(t, time.Minute, "the first batch in ClickHouse", func() bool { c, _ := e.CHCounts(t); return c > 0 })
 			if err := stop(); !errors.Is(err, errCrash) {
@@ -115,7 +115,7 @@ func TestOutageMarksFailedThenSweepDelivers(t *testing.T) {
 		c.Sink.DialTimeout = time.Second
 		c.Sink.ReadTimeout = 2 * time.Second
 	})
-	waitStreaming(t, e)
+	e.WaitStreaming(t)
 	if err := ch.Halt(); err != nil {
 		t.Fatal(err)
 	}
@@ -141,7 +141,7 @@ func TestBadRowIsolated(t *testing.T) {
 		t.Run(srv.Name, func(t *testing.T) {
 			e := e2e.New(t, srv)
 			startWith(t, e, nil)
-			waitStreaming(t, e)
+			e.WaitStreaming(t)
 			bad := "2300-01-01 00:00:00" // past DateTime64's 2299 and DateTime's 2106
 			if srv.Legacy {
 				bad = "1960-01-01 00:00:00" // DateTime would wrap it to 2096
@@ -177,7 +177,7 @@ func TestRowsOlderThanTheSlotAreBackfilled(t *testing.T) {
 	e := e2e.New(t, testenv.ModernClickHouse(t))
 	e.Insert(t, 2500, false)                                                  // before the slot exists
 	startWith(t, e, func(c *pipeline.Config) { c.SweepInterval = time.Hour }) // the start-up sweep must do it
-	waitStreaming(t, e)
+	e.WaitStreaming(t)
 	e.Insert(t, 700, false)
 	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
 }
@@ -234,7 +234,7 @@ func TestConcurrentSweepersDeliverEachRowOnce(t *testing.T) {
 func TestSchemaChangeWhileStreaming(t *testing.T) {
 	e := e2e.New(t, testenv.ModernClickHouse(t))
 	startWith(t, e, nil)
-	waitStreaming(t, e)
+	e.WaitStreaming(t)
 	ctx := context.Background()
 	e.Insert(t, 500, false)
 	if _, err := e.Pool.Exec(ctx, `ALTER TABLE event_outbox ADD COLUMN tenant TEXT DEFAULT 'acme'`); err != nil {
@@ -257,7 +257,7 @@ func TestSchemaChangeWhileStreaming(t *testing.T) {
 func TestQuietOutboxDoesNotPinWAL(t *testing.T) {
 	e := e2e.New(t, testenv.ModernClickHouse(t))
 	startWith(t, e, nil)
-	waitStreaming(t, e)
+	e.WaitStreaming(t)
 	ctx := context.Background()
 	if _, err := e.Pool.Exec(ctx, "CREATE TABLE busy (id bigserial, payload text)"); err != nil {
 		t.Fatal(err)

@@ -2,7 +2,6 @@ package pipeline_test
 
 import (
 	"context"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -63,18 +62,6 @@ func (r *running) stop(t *testing.T) {
 	}
 }
 
-// waitStreaming waits until the slot's walsender runs START_REPLICATION. (The slot
-// is active already while it is being created, before the snapshot that decides
-// which rows are streamed and which are backfilled.)
-func waitStreaming(t *testing.T, e *e2e.Env) {
-	e2e.WaitFor(t, time.Minute, "slot streaming", func() bool {
-		var query string
-		err := e.Pool.QueryRow(context.Background(), `SELECT a.query FROM pg_replication_slots s
-			JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = $1`, e.Slot).Scan(&query)
-		return err == nil && strings.HasPrefix(query, "START_REPLICATION")
-	})
-}
-
 // TestStreamDeliversExactlyTheCommittedEvents streams 100,000 events in transactions
 // of 1, 100 and 10,000 rows, with rolled-back transactions, savepoints and
 // concurrent interleaved transactions committing out of id order, into each
@@ -84,7 +71,7 @@ func TestStreamDeliversExactlyTheCommittedEvents(t *testing.T) {
 		t.Run(srv.Name, func(t *testing.T) {
 			e := e2e.New(t, srv)
 			r := start(t, e, nil)
-			waitStreaming(t, e)
+			e.WaitStreaming(t)
 			began := time.Now()
 
 			// 2,000 single-row transactions, with a rollback every tenth.
@@ -188,7 +175,7 @@ func TestAcknowledgeOnlyAfterClickHouseAccepted(t *testing.T) {
 	e := e2e.New(t, testenv.ModernClickHouse(t))
 	gate := &gatedSink{entered: make(chan struct{}), release: make(chan struct{})}
 	start(t, e, func(s pipeline.Sink) pipeline.Sink { gate.Sink = s; return gate })
-	waitStreaming(t, e)
+	e.WaitStreaming(t)
 
 	e.Insert(t, 500, false)
 	after := e.CurrentWAL(t)
@@ -236,7 +223,7 @@ func TestRestartMidTransactionIsExactlyOnce(t *testing.T) {
 					}
 				}}
 			})
-			waitStreaming(t, e)
+			e.WaitStreaming(t)
 			// Far larger than what the stream buffers (a batch being built, one
 			// queued, one held), so the stop lands inside the transaction.
 			e.Insert(t, 20000, false)

@@ -24,6 +24,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -99,7 +100,14 @@ func run() int {
 		return 0
 	}
 
-	env, stop, err := startServices(ctx, *legacy, *baseDir)
+	crashes, err := newCrashLog()
+	if err != nil {
+		endStartup()
+		logf("%v", err)
+		return 1
+	}
+	defer crashes.remove()
+	env, stop, err := startServices(ctx, *legacy, *baseDir, crashes.report)
 	endStartup()
 	defer func() {
 		if err := stop(); err != nil {
@@ -115,6 +123,7 @@ func run() int {
 		return 1
 	}
 
+	env = append(env, envCrashFile+"="+crashes.path)
 	if len(args) == 0 {
 		for _, kv := range env {
 			fmt.Printf("export %s\n", shellQuoteKV(kv))
@@ -122,13 +131,63 @@ func run() int {
 		logf("services running; press Ctrl-C to stop them")
 		return signalExitCode(<-sigs)
 	}
-	return runCommand(sigs, args, env)
+	code := runCommand(sigs, args, env)
+	if n := crashes.count(); n > 0 {
+		logf("%d server crash(es) while %s ran (reported above): failing", n, args[0])
+		if code == 0 {
+			code = 1
+		}
+	}
+	return code
 }
+
+// envCrashFile tells tests where crash reports of our servers are appended
+// (internal/testenv reads it).
+const envCrashFile = "OUTBOX_TEST_CRASH_FILE"
+
+// crashLog reports crashes of our servers the moment they happen: on stderr
+// and appended to a file the command can read.
+type crashLog struct {
+	path string
+	mu   sync.Mutex
+	n    int
+}
+
+func newCrashLog() (*crashLog, error) {
+	f, err := os.CreateTemp("", "outbox-devenv-crashes-*.log")
+	if err != nil {
+		return nil, fmt.Errorf("create crash report file: %w", err)
+	}
+	f.Close()
+	return &crashLog{path: f.Name()}, nil
+}
+
+func (l *crashLog) report(c *localsvc.Crash) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.n++
+	logf("SERVER CRASHED: %v", c)
+	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		logf("record crash in %s: %v", l.path, err)
+		return
+	}
+	defer f.Close()
+	fmt.Fprintf(f, "%v\n\n", c)
+}
+
+func (l *crashLog) count() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.n
+}
+
+func (l *crashLog) remove() { _ = os.Remove(l.path) }
 
 // startServices starts what the environment does not provide and returns
 // the variables for the command and a function stopping exactly what was
 // started (newest first).
-func startServices(ctx context.Context, legacy bool, baseDir string) (env []string, stop func() error, err error) {
+func startServices(ctx context.Context, legacy bool, baseDir string, onCrash func(*localsvc.Crash)) (env []string, stop func() error, err error) {
 	var stops []func() error
 	stop = func() error {
 		var errs []error
@@ -153,7 +212,7 @@ func startServices(ctx context.Context, legacy bool, baseDir string) (env []stri
 		set(envPGDSN, dsn)
 	} else {
 		began := time.Now()
-		pg, err := localsvc.StartPostgres(ctx, localsvc.PostgresOptions{BaseDir: baseDir})
+		pg, err := localsvc.StartPostgres(ctx, localsvc.PostgresOptions{BaseDir: baseDir, OnCrash: onCrash})
 		if err != nil {
 			return nil, stop, fmt.Errorf("start postgres: %w", err)
 		}
@@ -183,7 +242,10 @@ func startServices(ctx context.Context, legacy bool, baseDir string) (env []stri
 		}
 	} else {
 		began := time.Now()
-		ch, err := localsvc.StartClickHouse(ctx, localsvc.ClickHouseOptions{BaseDir: baseDir})
+		// OUTBOX_TEST_NO_RESET_SHIELD=1 exposes the server's own native port
+		// (see internal/localsvc/shield.go for why there is a shield).
+		ch, err := localsvc.StartClickHouse(ctx, localsvc.ClickHouseOptions{BaseDir: baseDir, OnCrash: onCrash,
+			Direct: os.Getenv("OUTBOX_TEST_NO_RESET_SHIELD") == "1"})
 		if err != nil {
 			return nil, stop, fmt.Errorf("start clickhouse: %w", err)
 		}
@@ -206,7 +268,7 @@ func startServices(ctx context.Context, legacy bool, baseDir string) (env []stri
 			set(envCHLegacyAddr, addr)
 		} else {
 			began := time.Now()
-			ch, err := localsvc.StartClickHouseLegacy(ctx, localsvc.ClickHouseOptions{BaseDir: baseDir})
+			ch, err := localsvc.StartClickHouseLegacy(ctx, localsvc.ClickHouseOptions{BaseDir: baseDir, OnCrash: onCrash})
 			if errors.Is(err, localsvc.ErrNotInstalled) {
 				return nil, stop, fmt.Errorf("--legacy needs Debian's ClickHouse 18.16: run `apt-get install -y clickhouse-server` (as root): %w", err)
 			}
@@ -237,7 +299,7 @@ func runCommand(sigs <-chan os.Signal, args, env []string) int {
 	// If we are killed outright the servers die with us; so should the
 	// command that depends on them.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
-	if err := cmd.Start(); err != nil {
+	if err := localsvc.StartChild(cmd); err != nil {
 		logf("run %s: %v", args[0], err)
 		return 127
 	}

@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -118,6 +119,19 @@ func (e *Env) InsertTx(t testing.TB, fn func(tx pgx.Tx) error) {
 	}
 }
 
+// WaitStreaming waits until the slot's walsender runs START_REPLICATION. (The
+// slot is active already while it is being created, before the snapshot that
+// decides which rows are streamed and which are backfilled.)
+func (e *Env) WaitStreaming(t testing.TB) {
+	t.Helper()
+	WaitFor(t, time.Minute, "slot streaming", func() bool {
+		var query string
+		err := e.Pool.QueryRow(context.Background(), `SELECT a.query FROM pg_replication_slots s
+			JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = $1`, e.Slot).Scan(&query)
+		return err == nil && strings.HasPrefix(query, "START_REPLICATION")
+	})
+}
+
 // CurrentWAL returns pg_current_wal_lsn().
 func (e *Env) CurrentWAL(t testing.TB) uint64 {
 	t.Helper()
@@ -167,16 +181,20 @@ func (e *Env) Committed(t testing.TB) (total, processed int64) {
 func (e *Env) CHCounts(t testing.TB) (count, unique uint64) {
 	t.Helper()
 	if err := e.CHConn.QueryRow(context.Background(), "SELECT count(), uniqExact(event_id) FROM "+e.Table).Scan(&count, &unique); err != nil {
-		t.Fatalf("count ClickHouse rows: %v", err)
+		t.Fatalf("count ClickHouse rows: %v%s", err, testenv.CrashNote())
 	}
 	return count, unique
 }
 
 // WaitFor polls cond until it is true or the timeout passes, then fails with what.
+// A crashed test server fails it at once, naming the crash.
 func WaitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !cond() {
+		if err := testenv.Crashes(); err != nil {
+			t.Fatalf("waiting for %s: a test server crashed:\n%v", what, err)
+		}
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out after %s waiting for %s", timeout, what)
 		}

@@ -49,6 +49,16 @@ type ClickHouseOptions struct {
 	// else /usr/bin/clickhouse-server, /usr/sbin/clickhouse-server (where
 	// Debian 12 puts it) or clickhouse-server on PATH.
 	Binary string
+
+	// Direct lets clients reach the modern server's native port without the
+	// reset shield (see shield.go), for benchmarks that must not pay for a
+	// forwarder and never reset a connection mid-query. The legacy server is
+	// always direct: it does not have the bug.
+	Direct bool
+	// OnCrash, when set, is called (from another goroutine) as soon as the
+	// server ends, or hangs after a fatal error, without Halt, Kill,
+	// Restart or Stop having asked it to.
+	OnCrash func(*Crash)
 }
 
 // ClickHouse is a ClickHouse server started by StartClickHouse (modern,
@@ -56,7 +66,8 @@ type ClickHouseOptions struct {
 type ClickHouse struct {
 	// Host is the address the server listens on: 127.0.0.1.
 	Host string
-	// TCPPort is the native-protocol port, HTTPPort the HTTP port.
+	// TCPPort is the native-protocol port clients use (the reset shield's
+	// for the modern server), HTTPPort the HTTP port.
 	TCPPort, HTTPPort int
 	// Version is what SELECT version() returns, e.g. "26.7.2.1".
 	Version string
@@ -72,10 +83,14 @@ type ClickHouse struct {
 	exe     string // launcher (modern) or clickhouse-server (legacy)
 	lib     string // libchdb.so (modern)
 
-	mu      sync.Mutex
-	proc    *process
-	stdin   io.WriteCloser // modern: closing it stops the server cleanly
-	stopped bool
+	mu         sync.Mutex
+	proc       *process
+	stdin      io.WriteCloser // modern: closing it stops the server cleanly
+	stopped    bool
+	nativePort int           // the server's own native port (0 until known)
+	shield     *resetShield  // nil when clients connect directly
+	crash      *Crash        // the last crash since the last start
+	log        *fatalScanner // what the server logged since the last start
 }
 
 // Addr returns the native-protocol address, "127.0.0.1:TCPPort".
@@ -109,6 +124,13 @@ func StartClickHouse(ctx context.Context, opts ClickHouseOptions) (*ClickHouse, 
 	c := &ClickHouse{exe: exe, lib: lib}
 	if err := c.init(opts, "ch"); err != nil {
 		return nil, err
+	}
+	if !opts.Direct {
+		// Clients get the shield's port; the server's own is chosen freely.
+		c.shield = &resetShield{port: c.TCPPort}
+		c.TCPPort = 0
+	} else {
+		c.nativePort = c.TCPPort
 	}
 	// Port 0 lets the server bind any free port and report it, which
 	// avoids the race of picking a port ourselves.
@@ -144,6 +166,7 @@ func StartClickHouseLegacy(ctx context.Context, opts ClickHouseOptions) (*ClickH
 				continue
 			}
 		}
+		c.nativePort = c.TCPPort
 		err = c.Start(ctx)
 		if err == nil {
 			return c, nil
@@ -223,6 +246,7 @@ func (c *ClickHouse) Start(ctx context.Context) error {
 }
 
 func (c *ClickHouse) startLocked(ctx context.Context) error {
+	c.log = newFatalScanner(c.LogPath)
 	var err error
 	if c.Legacy {
 		err = c.startLegacyProcess()
@@ -234,13 +258,16 @@ func (c *ClickHouse) startLocked(ctx context.Context) error {
 	}
 	portsFile := filepath.Join(c.Dir, "ports.tsv")
 	err = waitReady(ctx, c.proc, c.opts.StartTimeout, func(ctx context.Context) error {
-		if c.TCPPort == 0 || c.HTTPPort == 0 {
+		if !c.Legacy && (c.nativePort == 0 || c.HTTPPort == 0) {
 			if err := c.readPorts(portsFile); err != nil {
 				return err
 			}
 		}
 		return ping(ctx, c.HTTPAddr())
 	})
+	if err == nil {
+		err = c.openClientPort()
+	}
 	if err == nil {
 		err = c.queryVersion(ctx)
 	}
@@ -250,9 +277,65 @@ func (c *ClickHouse) startLocked(ctx context.Context) error {
 		if strings.Contains(logs, "Address already in use") {
 			err = fmt.Errorf("%w: %w", errPortInUse, err)
 		}
-		return c.withLogs(fmt.Errorf("clickhouse (%s) on ports %d/%d: %w", c.kind(), c.TCPPort, c.HTTPPort, err))
+		return c.withLogs(fmt.Errorf("clickhouse (%s) on ports %d/%d: %w", c.kind(), c.nativePort, c.HTTPPort, err))
 	}
+	c.crash = nil
+	proc, scanner := c.proc, c.log
+	proc.arm(func(exit error) { c.reportCrash(proc, scanner, exit) })
+	go watchFatal(proc, scanner)
 	return nil
+}
+
+// openClientPort makes the native port reachable for clients: through the
+// reset shield (which forwards to the server's own port) or directly.
+func (c *ClickHouse) openClientPort() error {
+	if c.shield == nil {
+		c.TCPPort = c.nativePort
+		return nil
+	}
+	c.shield.upstream = net.JoinHostPort(c.Host, strconv.Itoa(c.nativePort))
+	if err := c.shield.listen(); err != nil {
+		return err
+	}
+	c.TCPPort = c.shield.port
+	return nil
+}
+
+// closeClientPort stops new client connections through the shield while the
+// server is down, so that clients see "connection refused" as they would
+// without it.
+func (c *ClickHouse) closeClientPort() {
+	if c.shield != nil {
+		c.shield.pause()
+	}
+}
+
+// reportCrash records and reports a crash of proc.
+func (c *ClickHouse) reportCrash(proc *process, scanner *fatalScanner, exit error) {
+	cr := &Crash{
+		Service: fmt.Sprintf("clickhouse (%s) on %s", c.kind(), net.JoinHostPort(c.Host, strconv.Itoa(c.nativePort))),
+		Pid:     proc.cmd.Process.Pid,
+		At:      time.Now(),
+		Status:  exit.Error(),
+		Log:     scanner.excerpt() + "\n--- last lines of " + c.OutputPath + " ---\n" + tailFile(c.OutputPath, 5),
+	}
+	c.mu.Lock()
+	if c.proc == proc {
+		c.crash = cr
+		c.closeClientPort()
+	}
+	c.mu.Unlock()
+	if c.opts.OnCrash != nil {
+		c.opts.OnCrash(cr)
+	}
+}
+
+// Crash returns how the server crashed, if it did since it was last
+// started; nil otherwise.
+func (c *ClickHouse) Crash() *Crash {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.crash
 }
 
 func (c *ClickHouse) kind() string {
@@ -283,7 +366,7 @@ func (c *ClickHouse) startModernProcess() error {
 	cmd := exec.Command(c.exe,
 		"--path="+c.DataDir,
 		"--listen_host="+c.Host,
-		"--tcp_port="+strconv.Itoa(c.TCPPort),
+		"--tcp_port="+strconv.Itoa(c.nativePort),
 		"--http_port="+strconv.Itoa(c.HTTPPort),
 		"--logger.log="+c.LogPath,
 		"--log-level=information",
@@ -325,7 +408,7 @@ func (c *ClickHouse) readPorts(path string) error {
 	if err := errors.Join(err1, err2); err != nil || tcp == 0 || http == 0 {
 		return fmt.Errorf("unexpected ports file %q: %v", data, err)
 	}
-	c.TCPPort, c.HTTPPort = tcp, http
+	c.nativePort, c.HTTPPort = tcp, http
 	return nil
 }
 
@@ -383,7 +466,7 @@ func (c *ClickHouse) writeLegacyConfig(path string) error {
     <uncompressed_cache_size>67108864</uncompressed_cache_size>
     <mlock_executable>false</mlock_executable>
 </yandex>
-`, xmlEscape(c.LogPath), xmlEscape(filepath.Join(c.Dir, "clickhouse.err.log")), c.Host, c.TCPPort, c.HTTPPort,
+`, xmlEscape(c.LogPath), xmlEscape(filepath.Join(c.Dir, "clickhouse.err.log")), c.Host, c.nativePort, c.HTTPPort,
 		xmlEscape(c.DataDir), xmlEscape(usersPath))
 	users := `<?xml version="1.0"?>
 <yandex>
@@ -476,6 +559,7 @@ func (c *ClickHouse) Halt() error {
 }
 
 func (c *ClickHouse) haltLocked(timeout time.Duration) error {
+	c.closeClientPort()
 	if c.proc == nil {
 		return nil
 	}
@@ -499,6 +583,7 @@ func (c *ClickHouse) haltLocked(timeout time.Duration) error {
 func (c *ClickHouse) Kill() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.closeClientPort()
 	if c.proc == nil {
 		return nil
 	}
@@ -580,4 +665,14 @@ func quoteCH(s string) string {
 // xmlEscape escapes s for XML text content.
 func xmlEscape(s string) string {
 	return strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;").Replace(s)
+}
+
+// Pid returns the server process's pid, or 0 when it is not running.
+func (c *ClickHouse) Pid() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.proc == nil || c.proc.exited() {
+		return 0
+	}
+	return c.proc.cmd.Process.Pid
 }

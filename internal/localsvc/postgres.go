@@ -1,6 +1,7 @@
 package localsvc
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -52,6 +53,9 @@ type PostgresOptions struct {
 	// StartTimeout bounds the wait for the server to accept connections.
 	// Default 30 s.
 	StartTimeout time.Duration
+	// OnCrash, when set, is called (from another goroutine) as soon as the
+	// postmaster ends without Halt, Kill, Restart or Stop having asked it to.
+	OnCrash func(*Crash)
 }
 
 // Postgres is a PostgreSQL server started by StartPostgres.
@@ -74,6 +78,7 @@ type Postgres struct {
 	mu      sync.Mutex
 	proc    *process
 	stopped bool
+	crash   *Crash // the last crash since the last start
 }
 
 // StartPostgres initialises a cluster configured for logical replication
@@ -220,7 +225,28 @@ func (p *Postgres) startLocked(ctx context.Context) error {
 		}
 		return withLog(fmt.Errorf("postgres on port %d: %w", p.Port, err), p.LogPath)
 	}
+	p.crash = nil
+	proc.arm(func(exit error) {
+		c := &Crash{Service: fmt.Sprintf("postgres on 127.0.0.1:%d", p.Port), Pid: proc.cmd.Process.Pid,
+			At: time.Now(), Status: exit.Error(), Log: tailFile(p.LogPath, logTailLines)}
+		p.mu.Lock()
+		if p.proc == proc {
+			p.crash = c
+		}
+		p.mu.Unlock()
+		if p.opts.OnCrash != nil {
+			p.opts.OnCrash(c)
+		}
+	})
 	return nil
+}
+
+// Crash returns how the server crashed, if it did since it was last
+// started; nil otherwise.
+func (p *Postgres) Crash() *Crash {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.crash
 }
 
 // Halt shuts the server down cleanly (fast shutdown: open sessions are
@@ -357,9 +383,14 @@ func (p *Postgres) initdb(ctx context.Context) error {
 		"-D", p.DataDir, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync")
 	cmd.Dir = p.Dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: p.cred, Pdeathsig: syscall.SIGKILL}
-	out, err := cmd.CombinedOutput()
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := StartChild(cmd)
+	if err == nil {
+		err = cmd.Wait()
+	}
 	if err != nil {
-		return fmt.Errorf("postgres: initdb %s: %w\n%s", p.DataDir, err, lastLines(string(out), logTailLines))
+		return fmt.Errorf("postgres: initdb %s: %w\n%s", p.DataDir, err, lastLines(out.String(), logTailLines))
 	}
 	return nil
 }
@@ -450,4 +481,14 @@ func checkReachable(dir string, cred *syscall.Credential) error {
 			return nil
 		}
 	}
+}
+
+// Pid returns the server process's pid, or 0 when it is not running.
+func (p *Postgres) Pid() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.proc == nil || p.proc.exited() {
+		return 0
+	}
+	return p.proc.cmd.Process.Pid
 }

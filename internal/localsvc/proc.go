@@ -10,8 +10,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -44,6 +46,115 @@ type process struct {
 	cmd  *exec.Cmd
 	done chan struct{} // closed when the process has exited
 	err  error         // Wait's result, readable after done is closed
+
+	mu       sync.Mutex
+	intended bool             // we asked it to stop or killed it: its exit is no crash
+	onCrash  func(exit error) // armed once the server was ready; see arm
+	hungNote string           // set when the harness killed a server that hung after a fatal error
+}
+
+// Crash reports a server that ended without being asked to: it exited, died
+// of a signal, or hung after its own fatal-error handler ran (the modern
+// ClickHouse does that) and was killed by the harness.
+type Crash struct {
+	// Service names the server, e.g. "clickhouse (modern) on 127.0.0.1:9000".
+	Service string
+	// Pid is the server process's pid.
+	Pid int
+	// At is when the harness noticed.
+	At time.Time
+	// Status is how it ended: "signal: aborted", "exit status 1", ...
+	Status string
+	// Log holds the lines of its logs that explain it.
+	Log string
+}
+
+func (c *Crash) Error() string {
+	return fmt.Sprintf("%s (pid %d) crashed at %s: %s\n--- its logs ---\n%s",
+		c.Service, c.Pid, c.At.Format("15:04:05.000"), c.Status, c.Log)
+}
+
+// arm makes the process call onCrash (once, from its wait goroutine) if it
+// exits without markIntended having been called. It is armed only after the
+// server became ready, so a failed start is reported by the start itself.
+func (p *process) arm(onCrash func(exit error)) {
+	p.mu.Lock()
+	p.onCrash = onCrash
+	p.mu.Unlock()
+	// It may have died between becoming ready and being armed. Report from
+	// another goroutine: the caller may hold the lock the callback takes.
+	if p.exited() {
+		go p.reportExit()
+	}
+}
+
+// markIntended records that we are stopping or killing the process.
+func (p *process) markIntended() {
+	p.mu.Lock()
+	p.intended = true
+	p.mu.Unlock()
+}
+
+// reportExit calls the crash callback if the exit was not intended.
+func (p *process) reportExit() {
+	p.mu.Lock()
+	f := p.onCrash
+	p.onCrash = nil
+	intended := p.intended
+	note := p.hungNote
+	p.mu.Unlock()
+	if f == nil || intended {
+		return
+	}
+	exit := p.err
+	if note != "" {
+		exit = errors.New(note)
+	} else if exit == nil {
+		exit = errors.New("exit status 0")
+	}
+	f(exit)
+}
+
+// killHung kills a process that is alive but no longer serving, recording
+// why, so that the crash report says so instead of "signal: killed".
+func (p *process) killHung(note string) {
+	p.mu.Lock()
+	p.hungNote = note
+	p.mu.Unlock()
+	_ = p.signalTree(syscall.SIGKILL)
+}
+
+// spawnRequests carries commands to the one goroutine that starts children.
+var (
+	spawnOnce     sync.Once
+	spawnRequests chan spawnRequest
+)
+
+type spawnRequest struct {
+	cmd *exec.Cmd
+	err chan error
+}
+
+// StartChild starts cmd from a goroutine locked to an OS thread that lives
+// as long as this process. The kernel sends a child's parent-death signal
+// (SysProcAttr.Pdeathsig) when the thread that forked it exits, not when the
+// process does (golang/go#27505); forking from a thread that never exits
+// makes the signal mean what it says: "our process died".
+func StartChild(cmd *exec.Cmd) error {
+	spawnOnce.Do(func() {
+		spawnRequests = make(chan spawnRequest)
+		go func() {
+			// Never unlocked: a goroutine that exits locked would end the
+			// thread, and this one never exits.
+			runtime.LockOSThread()
+			for r := range spawnRequests {
+				r.err <- r.cmd.Start()
+			}
+		}()
+	})
+	r := spawnRequest{cmd: cmd, err: make(chan error, 1)}
+	spawnRequests <- r
+	return <-r.err
 }
 
 // startProcess starts cmd with stdout and stderr appended to logPath.
@@ -51,9 +162,8 @@ type process struct {
 // Ctrl-C reaches only our process, which then stops servers in order) and
 // asks the kernel to send it pdeathsig when our process dies.
 //
-// The parent-death signal is tied to the OS thread that forks the child; Go
-// only ends threads of goroutines that exit while locked to their thread,
-// which nothing here does, so in practice it fires when our process dies.
+// The parent-death signal is tied to the OS thread that forks the child,
+// so the fork happens on a thread that never exits (see StartChild).
 func startProcess(cmd *exec.Cmd, logPath string, pdeathsig syscall.Signal) (*process, error) {
 	logFile, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
@@ -72,13 +182,14 @@ func startProcess(cmd *exec.Cmd, logPath string, pdeathsig syscall.Signal) (*pro
 	cmd.SysProcAttr.Setpgid = true
 	cmd.SysProcAttr.Pdeathsig = pdeathsig
 	fmt.Fprintf(logFile, "\n=== %s starting: %s\n", time.Now().Format(time.RFC3339Nano), strings.Join(cmd.Args, " "))
-	if err := cmd.Start(); err != nil {
+	if err := StartChild(cmd); err != nil {
 		return nil, fmt.Errorf("start %s: %w", cmd.Path, err)
 	}
 	p := &process{cmd: cmd, done: make(chan struct{})}
 	go func() {
 		p.err = cmd.Wait()
 		close(p.done)
+		p.reportExit()
 	}()
 	return p, nil
 }
@@ -198,6 +309,7 @@ func (p *process) wait(timeout time.Duration) bool {
 // process has exited.
 func (p *process) stop(request func() error, timeout time.Duration) error {
 	var reqErr error
+	p.markIntended()
 	if !p.exited() {
 		// A frozen server would not act on the request until resumed.
 		_ = p.thaw()
@@ -214,6 +326,7 @@ func (p *process) stop(request func() error, timeout time.Duration) error {
 // kill kills the process and its descendants with SIGKILL and waits for
 // the process.
 func (p *process) kill() error {
+	p.markIntended()
 	var ds []int
 	if !p.exited() {
 		ds = descendants(p.cmd.Process.Pid)

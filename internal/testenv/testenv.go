@@ -48,6 +48,13 @@ const (
 	// EnvRequireLegacy, set to "1", makes a missing legacy ClickHouse a
 	// test failure instead of a skip.
 	EnvRequireLegacy = "OUTBOX_TEST_REQUIRE_LEGACY"
+	// EnvNoResetShield, set to "1", connects tests straight to the modern
+	// ClickHouse's native port, without the reset shield of localsvc: to
+	// reproduce the server's abort on mid-query resets.
+	EnvNoResetShield = "OUTBOX_TEST_NO_RESET_SHIELD"
+	// EnvCrashFile names a file where outbox-devenv appends a report for
+	// each of its servers that crashes (see Crashes).
+	EnvCrashFile = "OUTBOX_TEST_CRASH_FILE"
 )
 
 // startTimeout bounds starting one shared service. It is generous because
@@ -93,7 +100,87 @@ var (
 	// started (shared and private servers).
 	stopMu sync.Mutex
 	stops  []func() error
+
+	// crashMu guards crashes: every crash of a shared server this binary
+	// started, and crashes of private servers while their test runs.
+	crashMu sync.Mutex
+	crashes []crashRecord
 )
+
+type crashRecord struct {
+	crash *localsvc.Crash
+	owner testing.TB // the test of a private server; nil for shared ones
+}
+
+// recordCrash remembers a crash of a shared server this binary started.
+func recordCrash(c *localsvc.Crash) {
+	crashMu.Lock()
+	defer crashMu.Unlock()
+	crashes = append(crashes, crashRecord{crash: c})
+}
+
+// Crashes returns every crash of a test server seen so far — of the
+// servers this binary started and, under outbox-devenv, of the servers it
+// started — or nil. Tests that wait for something check it so that a dead
+// server fails them at once, with its exit status and logs, instead of
+// after a timeout with "connection refused".
+func Crashes() error {
+	crashMu.Lock()
+	var errs []error
+	for _, r := range crashes {
+		errs = append(errs, r.crash)
+	}
+	crashMu.Unlock()
+	if path := os.Getenv(EnvCrashFile); path != "" {
+		if data, err := os.ReadFile(path); err == nil && len(strings.TrimSpace(string(data))) > 0 {
+			errs = append(errs, fmt.Errorf("outbox-devenv reports:\n%s", data))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// CrashNote is "" when no server crashed, else a paragraph quoting
+// Crashes, for appending to failure messages.
+func CrashNote() string {
+	if err := Crashes(); err != nil {
+		return "\n--- a test server crashed ---\n" + err.Error()
+	}
+	return ""
+}
+
+// reportCrashesTo makes crashes of t's private server fail t at once and
+// show in Crashes while t runs. Reports stop when t ends.
+func reportCrashesTo(t testing.TB) func(*localsvc.Crash) {
+	var (
+		mu   sync.Mutex
+		done bool
+	)
+	t.Cleanup(func() {
+		mu.Lock()
+		done = true
+		mu.Unlock()
+		crashMu.Lock()
+		defer crashMu.Unlock()
+		kept := crashes[:0]
+		for _, r := range crashes {
+			if r.owner != t {
+				kept = append(kept, r)
+			}
+		}
+		crashes = kept
+	})
+	return func(c *localsvc.Crash) {
+		mu.Lock()
+		defer mu.Unlock()
+		if done {
+			return
+		}
+		crashMu.Lock()
+		crashes = append(crashes, crashRecord{crash: c, owner: t})
+		crashMu.Unlock()
+		t.Errorf("testenv: %v", c)
+	}
+}
 
 // Main runs the tests of a test binary: it must be called from TestMain.
 // It turns the binary into the modern ClickHouse launcher when asked to,
@@ -137,7 +224,7 @@ func Postgres(t testing.TB) string {
 		return dsn
 	}
 	pg := startShared(t, &pgSvc, "PostgreSQL", func(ctx context.Context) (*localsvc.Postgres, error) {
-		return localsvc.StartPostgres(ctx, localsvc.PostgresOptions{})
+		return localsvc.StartPostgres(ctx, localsvc.PostgresOptions{OnCrash: recordCrash})
 	})
 	return pg.DSN()
 }
@@ -160,7 +247,7 @@ func PrivatePostgres(t testing.TB) *localsvc.Postgres {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
-	pg, err := localsvc.StartPostgres(ctx, localsvc.PostgresOptions{})
+	pg, err := localsvc.StartPostgres(ctx, localsvc.PostgresOptions{OnCrash: reportCrashesTo(t)})
 	if err != nil {
 		t.Fatalf("testenv: start private PostgreSQL: %v", err)
 	}
@@ -305,7 +392,7 @@ func ModernClickHouse(t testing.TB) CHServer {
 		return CHServer{Name: "modern", Addr: addr, HTTPAddr: os.Getenv(EnvCHHTTPAddr)}
 	}
 	ch := startShared(t, &modernSvc, "modern ClickHouse", func(ctx context.Context) (*localsvc.ClickHouse, error) {
-		return localsvc.StartClickHouse(ctx, localsvc.ClickHouseOptions{})
+		return localsvc.StartClickHouse(ctx, localsvc.ClickHouseOptions{OnCrash: recordCrash, Direct: noShield()})
 	})
 	return CHServer{Name: "modern", Addr: ch.Addr(), HTTPAddr: ch.HTTPAddr()}
 }
@@ -338,7 +425,7 @@ func legacyClickHouse(t testing.TB) (CHServer, error) {
 		return CHServer{}, err
 	}
 	ch := startShared(t, &legacySvc, "legacy ClickHouse", func(ctx context.Context) (*localsvc.ClickHouse, error) {
-		return localsvc.StartClickHouseLegacy(ctx, localsvc.ClickHouseOptions{})
+		return localsvc.StartClickHouseLegacy(ctx, localsvc.ClickHouseOptions{OnCrash: recordCrash})
 	})
 	return CHServer{Name: "legacy", Addr: ch.Addr(), HTTPAddr: ch.HTTPAddr(), Legacy: true}, nil
 }
@@ -388,13 +475,14 @@ func PrivateClickHouse(t testing.TB, legacy bool) *localsvc.ClickHouse {
 		ch  *localsvc.ClickHouse
 		err error
 	)
+	opts := localsvc.ClickHouseOptions{OnCrash: reportCrashesTo(t), Direct: noShield()}
 	if legacy {
-		ch, err = localsvc.StartClickHouseLegacy(ctx, localsvc.ClickHouseOptions{})
+		ch, err = localsvc.StartClickHouseLegacy(ctx, opts)
 		if errors.Is(err, localsvc.ErrNotInstalled) && os.Getenv(EnvRequireLegacy) != "1" {
 			t.Skipf("testenv: %v", err)
 		}
 	} else {
-		ch, err = localsvc.StartClickHouse(ctx, localsvc.ClickHouseOptions{})
+		ch, err = localsvc.StartClickHouse(ctx, opts)
 	}
 	if err != nil {
 		t.Fatalf("testenv: start private ClickHouse: %v", err)
@@ -403,6 +491,9 @@ func PrivateClickHouse(t testing.TB, legacy bool) *localsvc.ClickHouse {
 	t.Cleanup(func() { _ = ch.Stop() })
 	return ch
 }
+
+// noShield reports whether EnvNoResetShield asks for direct connections.
+func noShield() bool { return os.Getenv(EnvNoResetShield) == "1" }
 
 // CHServerOf describes a ClickHouse started with PrivateClickHouse.
 func CHServerOf(ch *localsvc.ClickHouse) CHServer {
