@@ -1,0 +1,261 @@
+package pipeline_test
+
+// Tests for the delivery holes of issue 11: each failed on the main of
+// 2026-12-01 and passes since.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/outboxstore"
+	"github.com/outbox-streamer/outbox-streamer/pipeline"
+	"github.com/outbox-streamer/outbox-streamer/record"
+	"github.com/outbox-streamer/outbox-streamer/sink"
+	"github.com/outbox-streamer/outbox-streamer/sweep"
+)
+
+// waitCaughtUp waits until the slot confirmed the WAL position of now.
+func waitCaughtUp(t *testing.T, e *e2e.Env, timeout time.Duration) {
+	t.Helper()
+	pos := e.CurrentWAL(t)
+	e2e.WaitFor(t, timeout, "slot confirmed past the last commit", func() bool { return e.ConfirmedFlush(t) >= pos })
+}
+
+// statusCounts returns the number of outbox rows per status.
+func statusCounts(t *testing.T, e *e2e.Env) map[string]int {
+	t.Helper()
+	rows, err := e.Pool.Query(context.Background(), "SELECT status, count(*) FROM event_outbox GROUP BY status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]int{}
+	for rows.Next() {
+		var s string
+		var n int
+		if err := rows.Scan(&s, &n); err != nil {
+			t.Fatal(err)
+		}
+		out[s] = n
+	}
+	return out
+}
+
+// TestVanishedRowDoesNotStall (item 1): a transaction inserts an event and
+// deletes it again. pgoutput carries the insert, never the delete; the
+// streamer must settle the row that no longer exists instead of waiting for
+// it for ever, and the slot must keep moving — also after a restart.
+func TestVanishedRowDoesNotStall(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	stop := startWith(t, e, nil)
+	e.WaitStreaming(t)
+	ctx := context.Background()
+	e.InsertTx(t, func(tx pgx.Tx) error {
+		var id int64
+		if err := tx.QueryRow(ctx, `INSERT INTO event_outbox (event_type, event_date_time)
+			VALUES ('vanishing', now() AT TIME ZONE 'UTC') RETURNING id`).Scan(&id); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, "DELETE FROM event_outbox WHERE id = $1", id)
+		return err
+	})
+	e.Insert(t, 100, false)
+	// Well inside the 30 s that the visibility wait used to take before it
+	// failed (and was retried for ever).
+	waitCaughtUp(t, e, 15*time.Second)
+	e2e.WaitFor(t, 15*time.Second, "the 100 events processed", func() bool { return statusCounts(t, e)["processed"] == 100 })
+
+	// The same after a restart that replays the row (a delete of a row in
+	// flight while the streamer is down).
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	e.InsertTx(t, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time)
+			SELECT 'vanishing', now() AT TIME ZONE 'UTC' FROM generate_series(1, 10)`)
+		if err != nil {
+			return err
+		}
+		_, err = tx.Exec(ctx, "DELETE FROM event_outbox WHERE event_type = 'vanishing'")
+		return err
+	})
+	e.Insert(t, 50, false)
+	startWith(t, e, nil)
+	waitCaughtUp(t, e, 15*time.Second)
+	e2e.WaitFor(t, 15*time.Second, "150 events processed", func() bool { return statusCounts(t, e)["processed"] == 150 })
+}
+
+// TestSweepSurvivesPoisonedRow (item 5): a failed row the sweep cannot even
+// read into Go (event_date_time = 'infinity') must become failed or dead with
+// its reason; the 20 due rows behind it are delivered.
+func TestSweepSurvivesPoisonedRow(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	ctx := context.Background()
+	if _, err := e.Pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, status, next_attempt_at)
+		VALUES ('poison', 'infinity', 'failed', now() - interval '1 hour')`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, status, next_attempt_at)
+		SELECT 'ok', now() AT TIME ZONE 'UTC', 'failed', now() FROM generate_series(1, 20)`); err != nil {
+		t.Fatal(err)
+	}
+	res, err := sweepOnce(t, e)
+	if err != nil {
+		t.Fatalf("sweep: %v", err)
+	}
+	if res.Delivered != 20 {
+		t.Errorf("sweep delivered %d rows, want the 20 good ones", res.Delivered)
+	}
+	var reason string
+	if err := e.Pool.QueryRow(ctx, "SELECT coalesce(last_error, '') FROM event_outbox WHERE event_type = 'poison' AND status IN ('failed', 'dead')").Scan(&reason); err != nil {
+		t.Fatalf("poisoned row not failed: %v", err)
+	}
+	if !strings.Contains(reason, "infinity") {
+		t.Errorf("poisoned row's reason %q does not say what is wrong", reason)
+	}
+}
+
+func sweepOnce(t *testing.T, e *e2e.Env) (sweep.Result, error) {
+	t.Helper()
+	ctx := context.Background()
+	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
+	w, err := sink.Open(ctx, e.Sink, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	s := sweep.New(sweep.Config{BatchSize: 100}, e.Pool, w, outboxstore.New(e.Pool, outboxstore.RetryConfig{}), log)
+	return s.Run(ctx)
+}
+
+// TestFailedRowWithoutNextAttemptIsDelivered (item 6): a row inserted as failed
+// without next_attempt_at is due, not forgotten.
+func TestFailedRowWithoutNextAttemptIsDelivered(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	if _, err := e.Pool.Exec(context.Background(), `INSERT INTO event_outbox (event_type, event_date_time, status)
+		SELECT 'ok', now() AT TIME ZONE 'UTC', 'failed' FROM generate_series(1, 5)`); err != nil {
+		t.Fatal(err)
+	}
+	res, err := sweepOnce(t, e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Delivered != 5 {
+		t.Fatalf("sweep delivered %d rows, want 5", res.Delivered)
+	}
+}
+
+// TestStrandedRowsAreRescued (items 2 and 6): rows the stream will never carry
+// — committed before a slot that was created by hand (the state a crash
+// during the backfill leaves too), published while the table was dropped from
+// the publication, or moved back to pending by hand — are delivered by the
+// sweep's safety net, exactly once, while the stream goes on.
+func TestStrandedRowsAreRescued(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	ctx := context.Background()
+	e.Insert(t, 300, false) // before the slot
+	if _, err := e.Pool.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", e.Slot); err != nil {
+		t.Fatal(err)
+	}
+	startWith(t, e, func(c *pipeline.Config) { c.SweepInterval = 300 * time.Millisecond })
+	e.WaitStreaming(t)
+	e.Insert(t, 200, false) // streamed
+	e2e.WaitFor(t, time.Minute, "pre-slot and streamed rows processed", func() bool { return statusCounts(t, e)["processed"] == 500 })
+
+	// Rows while the table is not in the publication.
+	if _, err := e.Pool.Exec(ctx, "ALTER PUBLICATION "+pgx.Identifier{e.Publication}.Sanitize()+" DROP TABLE event_outbox"); err != nil {
+		t.Fatal(err)
+	}
+	e.Insert(t, 50, false)
+	if _, err := e.Pool.Exec(ctx, "ALTER PUBLICATION "+pgx.Identifier{e.Publication}.Sanitize()+" ADD TABLE event_outbox"); err != nil {
+		t.Fatal(err)
+	}
+	e.Insert(t, 50, false)
+	// Rows moved back to pending by hand.
+	if _, err := e.Pool.Exec(ctx, "UPDATE event_outbox SET status = 'pending' WHERE id IN (SELECT id FROM event_outbox ORDER BY id LIMIT 10)"); err != nil {
+		t.Fatal(err)
+	}
+	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+}
+
+// ambiguousOnce lets an insert reach ClickHouse and then reports the failure
+// a dropped connection gives (the answer lost), once: the outcome of the
+// insert is unknown to the writer.
+type ambiguousOnce struct {
+	pipeline.Sink
+	fired atomic.Bool
+}
+
+func (a *ambiguousOnce) Insert(ctx context.Context, events []record.Event) error {
+	if err := a.Sink.Insert(ctx, events); err != nil {
+		return err
+	}
+	if len(events) >= 100 && a.fired.CompareAndSwap(false, true) {
+		return fmt.Errorf("insert %d rows: read: %w", len(events), io.ErrUnexpectedEOF)
+	}
+	return nil
+}
+
+// TestAmbiguousInsertIsNotRepeated (item 3): ClickHouse accepted an insert
+// but the answer was lost. Re-sending blindly writes every row twice; the
+// writer must find out what ClickHouse holds first.
+func TestAmbiguousInsertIsNotRepeated(t *testing.T) {
+	for _, srv := range testenv.ClickHouseServers(t) {
+		t.Run(srv.Name, func(t *testing.T) {
+			e := e2e.New(t, srv)
+			amb := &ambiguousOnce{}
+			startWith(t, e, func(c *pipeline.Config) {
+				c.WrapSink = func(s pipeline.Sink) pipeline.Sink { amb.Sink = s; return amb }
+			})
+			e.WaitStreaming(t)
+			e.Insert(t, 2000, false)
+			e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+			if !amb.fired.Load() {
+				t.Fatal("the fault was never injected")
+			}
+		})
+	}
+}
+
+// TestStartDuringClickHouseOutage (item 4): started while ClickHouse is down,
+// the streamer streams anyway: after the outage bound rows become failed with
+// a next attempt, the slot moves, and the sweep delivers once ClickHouse is
+// back.
+func TestStartDuringClickHouseOutage(t *testing.T) {
+	ch := testenv.PrivateClickHouse(t, false)
+	e := e2e.New(t, testenv.CHServerOf(ch))
+	if err := ch.Halt(); err != nil {
+		t.Fatal(err)
+	}
+	stop := startWith(t, e, func(c *pipeline.Config) {
+		c.Writer.OutageFailAfter = time.Second
+		c.SweepInterval = 300 * time.Millisecond
+		c.Sink.DialTimeout = time.Second
+		c.Sink.ReadTimeout = 2 * time.Second
+	})
+	e.WaitStreaming(t)
+	e.Insert(t, 300, false)
+	after := e.CurrentWAL(t)
+	e2e.WaitFor(t, time.Minute, "rows marked failed during the outage", func() bool { return statusCounts(t, e)["failed"] == 300 })
+	e2e.WaitFor(t, time.Minute, "slot acknowledged past the failed rows", func() bool { return e.ConfirmedFlush(t) >= after })
+	if err := ch.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	e.AssertExactlyDelivered(t, 2*time.Minute, after)
+	if err := stop(); err != nil {
+		t.Fatalf("pipeline: %v", err)
+	}
+}
+
+var _ = errors.New
