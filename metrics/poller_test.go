@@ -95,7 +95,7 @@ func outboxDB(t *testing.T) *pgxpool.Pool {
 		t.Fatal(err)
 	}
 	t.Cleanup(pool.Close)
-	sqls, err := migrations.Rendered("postgres", map[string]string{"Publication": "outbox_pub", "PublicationLiteral": "'outbox_pub'"})
+	sqls, err := migrations.Rendered("postgres", migrations.PostgresData("outbox_pub"))
 	if err != nil {
 		t.Fatal(err)
 	}

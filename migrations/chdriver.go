@@ -83,11 +83,16 @@ func (d *chDriver) Run(r io.Reader) error {
 	return nil
 }
 
+// splitStatements splits a migration into statements at semicolons outside
+// quotes ('...', "...", `...`, with ClickHouse's backslash escapes) and
+// outside -- comments, and drops comment-only lines. Identifiers from
+// configuration are quoted into the migrations and may hold semicolons.
 func splitStatements(body []byte) []string {
 	var out []string
-	for _, part := range bytes.Split(body, []byte(";")) {
+	var cur strings.Builder
+	flush := func() {
 		var lines []string
-		for _, l := range strings.Split(string(part), "\n") {
+		for _, l := range strings.Split(cur.String(), "\n") {
 			if t := strings.TrimSpace(l); t != "" && !strings.HasPrefix(t, "--") {
 				lines = append(lines, l)
 			}
@@ -95,7 +100,39 @@ func splitStatements(body []byte) []string {
 		if len(lines) > 0 {
 			out = append(out, strings.Join(lines, "\n"))
 		}
+		cur.Reset()
 	}
+	var quote byte // the open quote, or 0
+	for i := 0; i < len(body); i++ {
+		c := body[i]
+		switch {
+		case quote != 0:
+			cur.WriteByte(c)
+			if c == '\\' && i+1 < len(body) {
+				i++
+				cur.WriteByte(body[i])
+			} else if c == quote {
+				quote = 0
+			}
+		case c == '\'' || c == '"' || c == '`':
+			quote = c
+			cur.WriteByte(c)
+		case c == '-' && i+1 < len(body) && body[i+1] == '-':
+			// A comment runs to the end of the line; keep it (flush drops
+			// comment-only lines) but never split inside it.
+			end := bytes.IndexByte(body[i:], '\n')
+			if end < 0 {
+				end = len(body) - i
+			}
+			cur.Write(body[i : i+end])
+			i += end - 1
+		case c == ';':
+			flush()
+		default:
+			cur.WriteByte(c)
+		}
+	}
+	flush()
 	return out
 }
 

@@ -172,10 +172,7 @@ func postgresMigrator(ctx context.Context, cfg Config) (*migrate.Migrate, error)
 		db.Close()
 		return nil, fmt.Errorf("prepare postgres migrations: %w", err)
 	}
-	src, err := render("postgres", map[string]string{
-		"Publication":        pgx.Identifier{cfg.Publication}.Sanitize(),
-		"PublicationLiteral": quoteLiteral(cfg.Publication),
-	})
+	src, err := render("postgres", PostgresData(cfg.Publication))
 	if err != nil {
 		return nil, err
 	}
@@ -263,6 +260,27 @@ func render(dir string, data map[string]string) (source.Driver, error) {
 		return nil, fmt.Errorf("load %s migrations: %w", dir, err)
 	}
 	return src, nil
+}
+
+// PostgresData is the template data of the PostgreSQL migrations for the
+// publication name (from PUBLICATION_NAME), quoted for every place it goes.
+func PostgresData(publication string) map[string]string {
+	return map[string]string{
+		"Publication":        pgx.Identifier{publication}.Sanitize(),
+		"PublicationLiteral": quoteLiteral(publication),
+		"DollarTag":          dollarTag(publication),
+	}
+}
+
+// dollarTag returns a dollar-quote tag ($outbox$, $outbox_x$, ...) that does
+// not occur in s, so that s, quoted inside a body delimited by it, cannot end
+// the body early (a name holding "$$" would otherwise run as SQL).
+func dollarTag(s string) string {
+	tag := "outbox"
+	for strings.Contains(s, "$"+tag+"$") {
+		tag += "_x"
+	}
+	return "$" + tag + "$"
 }
 
 // quoteLiteral quotes s as a PostgreSQL string literal.

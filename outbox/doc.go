@@ -37,7 +37,7 @@
 //   - Type is set and at most MaxTypeLength characters; Environment at most
 //     MaxEnvironmentLength characters; both valid UTF-8 without NUL bytes.
 //   - Time is set and within TimeRange: what ClickHouse's DateTime64(6) holds,
-//     1900-01-01 to 2299-12-31, or with Options.LegacyClickHouse what the
+//     1900-01-01 to 2262-04-11, or with Options.LegacyClickHouse what the
 //     legacy DateTime holds, 1970-01-01 to 2106-02-07.
 //   - The context is JSON that PostgreSQL's jsonb accepts (no \u0000, no
 //     unpaired surrogate escapes, numbers within numeric's range) and, as

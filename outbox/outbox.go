@@ -6,6 +6,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"time"
@@ -72,7 +73,7 @@ type Options struct {
 	MaxContextBytes int
 	// LegacyClickHouse restricts Event.Time to what a legacy ClickHouse
 	// DateTime column holds (1970-01-01 00:00:00 to 2106-02-07 06:28:15 UTC)
-	// instead of DateTime64(6) (1900-01-01 to 2299-12-31). Set it when the
+	// instead of DateTime64(6) (1900-01-01 to 2262-04-11). Set it when the
 	// streamer writes to a ClickHouse older than 22.x.
 	LegacyClickHouse bool
 	// Environment is written for events whose Environment is empty.
@@ -228,8 +229,9 @@ func Validate(ev Event) error {
 }
 
 // TimeRange returns the earliest and latest event times the streamer can
-// deliver faithfully: what ClickHouse's DateTime64(6) holds (1900-01-01 to
-// 2299-12-31), or with legacy the legacy DateTime (whole seconds from
+// deliver faithfully: what ClickHouse's DateTime64(6) holds as the streamer's
+// client writes it (1900-01-01 to 2262-04-11 23:47:16.854775: the client
+// goes through nanoseconds since 1970 in an int64), or with legacy the legacy DateTime (whole seconds from
 // 1970-01-01 to 2106-02-07 06:28:15 UTC). ClickHouse would silently wrap a
 // time outside it, so the streamer fails such rows; Append refuses them.
 func TimeRange(legacy bool) (min, max time.Time) {
@@ -238,7 +240,7 @@ func TimeRange(legacy bool) (min, max time.Time) {
 	if legacy {
 		return time.Unix(0, 0).UTC(), time.Unix(1<<32-1, 0).UTC()
 	}
-	return time.Date(1900, 1, 1, 0, 0, 0, 0, time.UTC), time.Date(2299, 12, 31, 23, 59, 59, 999999000, time.UTC)
+	return time.Date(1900, 1, 1, 0, 0, 0, 0, time.UTC), time.Unix(0, math.MaxInt64).UTC().Truncate(time.Microsecond)
 }
 
 // row is an event that passed validation, encoded for the database.

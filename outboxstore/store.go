@@ -6,7 +6,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -174,7 +176,7 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) error {
 	ids := make([]int64, len(failures))
 	for i, f := range failures {
 		ids[i] = f.ID
-		reasonOf[f.ID] = truncate(f.Reason, 2000)
+		reasonOf[f.ID] = cleanReason(f.Reason, maxReasonBytes)
 	}
 	err := s.untilVisible(ctx, ids, func(ctx context.Context, ids []int64) (pgx.Rows, error) {
 		reasons := make([]string, len(ids))
@@ -211,7 +213,7 @@ func (s *Store) MarkDeferred(ctx context.Context, ids []int64, reason string) er
 			    updated_at = now() AT TIME ZONE 'UTC'
 			WHERE id = ANY($1) AND status IN ('pending', 'failed')
 			RETURNING id`,
-			ids, truncate(reason, 2000), s.retry.BaseDelay.Seconds())
+			ids, cleanReason(reason, maxReasonBytes), s.retry.BaseDelay.Seconds())
 	})
 	if err != nil {
 		return fmt.Errorf("defer %d outbox rows: %w", len(ids), err)
@@ -253,11 +255,24 @@ func (s *Store) NotPending(ctx context.Context, ids []int64) (map[int64]struct{}
 	return out, rows.Err()
 }
 
-func truncate(s string, n int) string {
+// maxReasonBytes bounds a stored error reason.
+const maxReasonBytes = 2000
+
+// cleanReason makes an error reason storable in a text column: valid UTF-8
+// without NUL bytes (PostgreSQL rejects both with 22021, which would fail
+// the status update for ever), cut to at most n bytes on a character
+// boundary.
+func cleanReason(s string, n int) string {
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	s = strings.ReplaceAll(s, "\x00", "\\0")
 	if len(s) <= n {
 		return s
 	}
-	return s[:n] + "…"
+	cut := n
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
 }
 
 // IsRetryable reports whether a PostgreSQL error is transient: the connection broke,

@@ -259,3 +259,58 @@ func TestStartDuringClickHouseOutage(t *testing.T) {
 }
 
 var _ = errors.New
+
+// TestTimeEdgesRoundTrip (item 8): the first and last times the sink accepts
+// come back from ClickHouse unchanged on both server versions, and one
+// microsecond (or second) beyond them is refused, never wrapped
+// (2290-01-01 used to be stored as 1705-06-13).
+func TestTimeEdgesRoundTrip(t *testing.T) {
+	for _, srv := range testenv.ClickHouseServers(t) {
+		t.Run(srv.Name, func(t *testing.T) {
+			e := e2e.New(t, srv)
+			ctx := context.Background()
+			w, err := sink.Open(ctx, e.Sink, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer w.Close()
+			lo, hi := sink.TimeRange(srv.Legacy)
+			step := time.Microsecond
+			if srv.Legacy {
+				step = time.Second
+			}
+			for _, bad := range []time.Time{lo.Add(-step), hi.Add(step), time.Date(2290, 1, 1, 0, 0, 0, 0, time.UTC)} {
+				if err := w.Validate(&record.Event{Type: "x", Time: bad, CreatedAt: lo}); err == nil {
+					t.Errorf("Validate accepted %s, outside %s..%s", bad, lo, hi)
+				}
+			}
+			events := []record.Event{
+				{ID: 1, Type: "lo", Time: lo, CreatedAt: lo, Context: "{}"},
+				{ID: 2, Type: "hi", Time: hi, CreatedAt: hi, Context: "{}"},
+			}
+			for i := range events {
+				if err := w.Validate(&events[i]); err != nil {
+					t.Fatalf("Validate(%s): %v", events[i].Time, err)
+				}
+			}
+			if err := w.Insert(ctx, events); err != nil {
+				t.Fatal(err)
+			}
+			for _, ev := range events {
+				var got, gotCreated time.Time
+				if err := e.CHConn.QueryRow(ctx, "SELECT event_date_time, created_at FROM "+e.Table+" WHERE event_id = ?", uint64(ev.ID)).Scan(&got, &gotCreated); err != nil {
+					t.Fatal(err)
+				}
+				if !got.Equal(ev.Time) || !gotCreated.Equal(ev.CreatedAt) {
+					t.Errorf("%s: wrote %s, ClickHouse holds %s / %s", ev.Type, ev.Time.Format(time.RFC3339Nano),
+						got.UTC().Format(time.RFC3339Nano), gotCreated.UTC().Format(time.RFC3339Nano))
+				}
+			}
+			// The in-doubt lookup searches by time: it must find the edge rows.
+			found, err := w.ExistingIDs(ctx, events)
+			if err != nil || len(found) != 2 {
+				t.Errorf("ExistingIDs found %v (%v), want both edge rows", found, err)
+			}
+		})
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"time"
@@ -146,12 +147,15 @@ func DetectVersion(ctx context.Context, conn driver.Conn) (legacy bool, version 
 }
 
 // TimeRange is the range of times the event table's time columns hold without
-// wrapping: DateTime64(6) on modern servers, DateTime on legacy ones.
+// wrapping: DateTime on legacy servers (1970 to 2106); on modern ones
+// DateTime64(6) holds 1900 to 2299, but clickhouse-go converts a time.Time
+// through UnixNano, which overflows after 2262-04-11 23:47:16.854775807 (2290
+// was stored as 1705): the range ends there, cut to microseconds.
 func TimeRange(legacy bool) (min, max time.Time) {
 	if legacy {
 		return time.Unix(0, 0).UTC(), time.Unix(1<<32-1, 0).UTC()
 	}
-	return time.Date(1900, 1, 1, 0, 0, 0, 0, time.UTC), time.Date(2299, 12, 31, 23, 59, 59, 999999000, time.UTC)
+	return time.Date(1900, 1, 1, 0, 0, 0, 0, time.UTC), time.Unix(0, math.MaxInt64).UTC().Truncate(time.Microsecond)
 }
 
 // Close closes the connection.
@@ -255,7 +259,13 @@ func (w *Writer) ExistingIDs(ctx context.Context, events []record.Event) (map[in
 	sb.WriteString(") AND event_date_time >= ")
 	sb.WriteString(w.timeLiteral(minT.Truncate(time.Second)))
 	sb.WriteString(" AND event_date_time <= ")
-	sb.WriteString(w.timeLiteral(maxT.Truncate(time.Second).Add(time.Second)))
+	// Whole seconds around the range; on a legacy server the second after
+	// its last one would wrap to 1970.
+	upper := maxT.Truncate(time.Second).Add(time.Second)
+	if upper.After(w.maxT) {
+		upper = w.maxT
+	}
+	sb.WriteString(w.timeLiteral(upper))
 	rows, err := w.conn.Query(ctx, sb.String())
 	if err != nil {
 		return nil, fmt.Errorf("look up %d event ids in %s: %w", len(events), w.table, err)
@@ -275,11 +285,11 @@ func (w *Writer) ExistingIDs(ctx context.Context, events []record.Event) (map[in
 }
 
 func (w *Writer) timeLiteral(t time.Time) string {
-	s := t.UTC().Format("2006-01-02 15:04:05")
+	// Numbers, not date strings: nothing to parse, and no time zone rules.
 	if w.legacy {
-		return "toDateTime('" + s + "', 'UTC')"
+		return "toDateTime(" + strconv.FormatInt(t.Unix(), 10) + ", 'UTC')"
 	}
-	return "toDateTime64('" + s + "', 6, 'UTC')"
+	return "fromUnixTimestamp64Micro(toInt64(" + strconv.FormatInt(t.UnixMicro(), 10) + "), 'UTC')"
 }
 
 // QuoteIdent quotes a ClickHouse identifier with backticks.

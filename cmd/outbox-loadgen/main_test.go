@@ -18,7 +18,7 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 func TestRunCount(t *testing.T) {
 	dsn := testenv.NewDatabase(t)
 	ctx := context.Background()
-	files, err := migrations.Rendered("postgres", map[string]string{"Publication": `"p"`, "PublicationLiteral": `'p'`})
+	files, err := migrations.Rendered("postgres", migrations.PostgresData("p"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -36,10 +36,7 @@ func newPool(t *testing.T, schema bool) *pgxpool.Pool {
 	if !schema {
 		return pool
 	}
-	files, err := migrations.Rendered("postgres", map[string]string{
-		"Publication":        `"outbox_publication"`,
-		"PublicationLiteral": `'outbox_publication'`,
-	})
+	files, err := migrations.Rendered("postgres", migrations.PostgresData("outbox_publication"))
 	if err != nil {
 		t.Fatal(err)
 	}

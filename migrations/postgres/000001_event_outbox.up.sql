@@ -36,11 +36,12 @@ CREATE TABLE IF NOT EXISTS outbox_checkpoint (
     updated_at   TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
--- The publication carries inserts into the outbox and nothing else.
-DO $$
+-- The publication carries inserts into the outbox and nothing else. The body's
+-- dollar-quote tag is chosen so that the configured name cannot end it.
+DO {{.DollarTag}}
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {{.PublicationLiteral}}) THEN
         CREATE PUBLICATION {{.Publication}} FOR TABLE event_outbox WITH (publish = 'insert');
     END IF;
 END
-$$;
+{{.DollarTag}};
