@@ -115,7 +115,7 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 	go func() {
 		defer close(sweepDone)
 		if cfg.SweepInterval > 0 {
-			sweeper := sweep.New(sweep.Config{BatchSize: cfg.Run.BatchSize, TimeZone: cfg.Replication.TimeZone}, pool, ch, store, log)
+			sweeper := sweep.New(sweep.Config{BatchSize: cfg.Run.BatchSize, TimeZone: cfg.Replication.TimeZone, Slot: cfg.Replication.Slot}, pool, ch, store, log)
 			runSweeps(sweepCtx, sweeper, cfg.SweepInterval, cfg.Metrics, log)
 		}
 	}()

@@ -70,3 +70,17 @@ func IsRowError(err error) bool {
 	}
 	return false
 }
+
+// IsBatchError reports whether the server refused an insert for its size or
+// spread rather than for any value in it: too many parts (one insert over
+// more than 100 monthly partitions) or the query's memory limit (a batch of
+// huge contexts). Retrying the same insert fails the same way; smaller ones
+// may pass, and a single row refused so is a bad row. Such errors are also
+// IsRetryable, because on a busy server they can be transient.
+func IsBatchError(err error) bool {
+	var ex *clickhouse.Exception
+	if !errors.As(err, &ex) {
+		return false
+	}
+	return ex.Code == 241 || ex.Code == 252 // MEMORY_LIMIT_EXCEEDED, TOO_MANY_PARTS
+}

@@ -8,9 +8,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
@@ -34,6 +36,10 @@ type Config struct {
 	TimeZone *time.Location
 	// ProgressEvery is how often a long sweep logs its progress (default 10 s).
 	ProgressEvery time.Duration
+	// Slot is the replication slot the stream reads. When set, each sweep
+	// also rescues stranded pending rows (see rescueStranded); empty
+	// disables that.
+	Slot string
 }
 
 // Result summarises a sweep.
@@ -42,8 +48,16 @@ type Result struct {
 	AlreadyPresent int64 // found in ClickHouse (an earlier attempt got there) and marked processed
 	Failed         int64 // still failed, to be retried later
 	Dead           int64 // became dead letters in this sweep
+	Rescued        int64 // pending rows the stream had passed, handed to this sweep
 	Rounds         int
 	Took           time.Duration
+}
+
+// Add returns the sum of two results.
+func (r Result) Add(o Result) Result {
+	return Result{Delivered: r.Delivered + o.Delivered, AlreadyPresent: r.AlreadyPresent + o.AlreadyPresent,
+		Failed: r.Failed + o.Failed, Dead: r.Dead + o.Dead, Rescued: r.Rescued + o.Rescued,
+		Rounds: r.Rounds + o.Rounds, Took: r.Took + o.Took}
 }
 
 // Sweeper delivers due failed rows.
@@ -53,6 +67,7 @@ type Sweeper struct {
 	sink  Sink
 	store *outboxstore.Store
 	log   *zap.Logger
+	mark  *streamMark // taken by the last sweep, for the next one's rescue
 }
 
 // New returns a sweeper.
@@ -77,6 +92,10 @@ var ErrUnavailable = errors.New("clickhouse unavailable")
 func (s *Sweeper) Run(ctx context.Context) (Result, error) {
 	var res Result
 	start := time.Now()
+	if err := s.rescueStranded(ctx, &res); err != nil {
+		// Only the safety net is late; due failed rows still go.
+		s.log.Warn("rescue of stranded pending rows failed; next sweep tries again", zap.Error(err))
+	}
 	lastLog := start
 	for ctx.Err() == nil {
 		n, err := s.round(ctx, &res)
@@ -113,11 +132,13 @@ func (s *Sweeper) round(ctx context.Context, res *Result) (int, error) {
 	}
 	defer tx.Rollback(context.Background()) //nolint:errcheck // after Commit this is a no-op
 
+	// A failed row without next_attempt_at (inserted so by hand or by an
+	// older tool) is due now, not never.
 	rows, err := tx.Query(ctx, `SELECT id, event_type, event_date_time, environment, event_context::text,
 			metadata_version, created_at, attempts
 		FROM event_outbox
-		WHERE status = 'failed' AND next_attempt_at <= now()
-		ORDER BY next_attempt_at, id
+		WHERE status = 'failed' AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+		ORDER BY next_attempt_at NULLS FIRST, id
 		LIMIT $1
 		FOR UPDATE SKIP LOCKED`, s.cfg.BatchSize)
 	if err != nil {
@@ -126,13 +147,11 @@ func (s *Sweeper) round(ctx context.Context, res *Result) (int, error) {
 	var events []record.Event
 	attempts := map[int64]int{}
 	for rows.Next() {
-		var ev record.Event
-		var n int
-		if err := rows.Scan(&ev.ID, &ev.Type, &ev.Time, &ev.Environment, &ev.Context, &ev.MetadataVersion, &ev.CreatedAt, &n); err != nil {
+		ev, n, err := s.scanRow(rows)
+		if err != nil {
 			rows.Close()
-			return 0, fmt.Errorf("sweep: read row: %w", err)
+			return 0, err
 		}
-		ev.Time, ev.CreatedAt = inZone(ev.Time, s.cfg.TimeZone), inZone(ev.CreatedAt, s.cfg.TimeZone)
 		attempts[ev.ID] = n
 		events = append(events, ev)
 	}
@@ -167,11 +186,14 @@ func (s *Sweeper) round(ctx context.Context, res *Result) (int, error) {
 	}
 	inserted := len(toInsert)
 	if err := s.sink.Insert(ctx, toInsert); err != nil {
-		if !sink.IsRowError(err) {
+		if !sink.IsRowError(err) && !sink.IsBatchError(err) {
 			return 0, s.unavailable(err)
 		}
 		// Isolate the rows the server rejects one by one: the sweep is not the hot
-		// path, and its batches hold only the rows that failed before.
+		// path, and its batches hold only the rows that failed before. A refusal
+		// caused by the insert's own size or spread (too many parts, memory)
+		// passes for small inserts; a row refused so even alone counts an
+		// attempt like any bad row, so it ends as a dead letter, never a loop.
 		inserted, done = 0, done[:0]
 		for i := range valid {
 			if _, ok := present[valid[i].ID]; ok {
@@ -179,7 +201,7 @@ func (s *Sweeper) round(ctx context.Context, res *Result) (int, error) {
 				continue
 			}
 			if err := s.sink.Insert(ctx, valid[i:i+1]); err != nil {
-				if !sink.IsRowError(err) {
+				if !sink.IsRowError(err) && !sink.IsBatchError(err) {
 					return 0, s.unavailable(err)
 				}
 				failures = append(failures, outboxstore.Failure{ID: valid[i].ID, Reason: "clickhouse rejected the event: " + err.Error()})
@@ -211,6 +233,48 @@ func (s *Sweeper) round(ctx context.Context, res *Result) (int, error) {
 		s.log.Warn("event not delivered", zap.Int64("event_id", f.ID), zap.String("reason", f.Reason))
 	}
 	return len(events), nil
+}
+
+// scanRow reads one due row. Values Go cannot represent (a timestamp of
+// 'infinity', a NULL where the table had none) do not fail the sweep: the
+// event carries the problem, so the row becomes failed or dead with it and
+// the rows behind it go on.
+func (s *Sweeper) scanRow(rows pgx.Rows) (record.Event, int, error) {
+	var (
+		ev             record.Event
+		typ, env, ectx pgtype.Text
+		at, created    pgtype.Timestamp
+		version, n     pgtype.Int8
+	)
+	if err := rows.Scan(&ev.ID, &typ, &at, &env, &ectx, &version, &created, &n); err != nil {
+		return ev, 0, fmt.Errorf("sweep: read row: %w", err)
+	}
+	ev.Type, ev.Environment, ev.Context, ev.MetadataVersion = typ.String, env.String, ectx.String, version.Int64
+	var problems []string
+	for _, c := range []struct {
+		name string
+		v    pgtype.Timestamp
+		dst  *time.Time
+	}{{"event_date_time", at, &ev.Time}, {"created_at", created, &ev.CreatedAt}} {
+		switch {
+		case !c.v.Valid:
+			problems = append(problems, c.name+" is NULL")
+		case c.v.InfinityModifier == pgtype.Infinity:
+			problems = append(problems, c.name+" is infinity, which ClickHouse cannot hold")
+		case c.v.InfinityModifier == pgtype.NegativeInfinity:
+			problems = append(problems, c.name+" is -infinity, which ClickHouse cannot hold")
+		default:
+			*c.dst = inZone(c.v.Time, s.cfg.TimeZone)
+		}
+	}
+	if !typ.Valid {
+		problems = append(problems, "event_type is NULL")
+	}
+	if !ectx.Valid {
+		ev.Context = "{}"
+	}
+	ev.Problem = strings.Join(problems, "; ")
+	return ev, int(n.Int64), nil
 }
 
 func (s *Sweeper) unavailable(err error) error {
