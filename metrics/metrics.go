@@ -59,6 +59,7 @@ type Metrics struct {
 	rowsFailed         prometheus.Counter
 	rowsDead           prometheus.Counter
 	rowsAlreadyPresent prometheus.Counter
+	rowsVanished       prometheus.Counter
 	batches            prometheus.Counter
 	sweepRuns          prometheus.Counter
 	sweepRows          *prometheus.CounterVec
@@ -100,6 +101,8 @@ func New() *Metrics {
 	m.rowsDelivered = f.counter("rows_delivered_total", "Rows this process inserted into ClickHouse (streamed and swept).")
 	m.rowsFailed = f.counter("rows_failed_total", "Rows marked failed (to be retried by the sweep).")
 	m.rowsDead = f.counter("rows_dead_total", "Rows that became dead letters after their last allowed attempt.")
+	m.rowsVanished = f.counter("rows_vanished_total",
+		"Streamed rows that no longer existed in the outbox when their status was to be set (deleted in or after their transaction); settled, not waited for.")
 	m.rowsAlreadyPresent = f.counter("rows_already_present_total",
 		"Rows of an in-doubt batch that ClickHouse already held after a restart, so they were not inserted again.")
 	m.batches = f.counter("batches_total", "Batches written to ClickHouse.")
@@ -217,6 +220,15 @@ func (m *Metrics) AddAlreadyPresent(n int) {
 		return
 	}
 	m.rowsAlreadyPresent.Add(float64(n))
+}
+
+// AddVanished counts streamed rows that were gone from the outbox when their
+// status was set.
+func (m *Metrics) AddVanished(n int) {
+	if m == nil || n <= 0 {
+		return
+	}
+	m.rowsVanished.Add(float64(n))
 }
 
 // AddFailed counts rows marked failed.

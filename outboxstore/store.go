@@ -30,6 +30,8 @@ const (
 type Failure struct {
 	ID     int64
 	Reason string
+	// Xid is the inserting transaction's id for streamed rows (see Ref).
+	Xid uint32
 }
 
 // RetryConfig says when a failed row is tried again and when it becomes dead.
@@ -81,21 +83,39 @@ func (s *Store) WithTx(tx pgx.Tx) *Store {
 // Retry returns the retry configuration (with defaults filled in).
 func (s *Store) Retry() RetryConfig { return s.retry }
 
-// MarkProcessed sets the rows processed in one statement.
-func (s *Store) MarkProcessed(ctx context.Context, ids []int64) error {
-	if len(ids) == 0 {
-		return nil
+// Ref names an outbox row the pipeline settles: its id and the 32-bit id of
+// the transaction that inserted it (from the replication stream; 0 for rows
+// the sweep read, which it holds locked).
+type Ref struct {
+	ID  int64
+	Xid uint32
+}
+
+// RefsOf returns refs without transaction ids, for rows a caller holds locked.
+func RefsOf(ids []int64) []Ref {
+	refs := make([]Ref, len(ids))
+	for i, id := range ids {
+		refs[i] = Ref{ID: id}
 	}
-	err := s.untilVisible(ctx, ids, func(ctx context.Context, ids []int64) (pgx.Rows, error) {
+	return refs
+}
+
+// MarkProcessed sets the rows processed in one statement. It returns the ids
+// of rows that no longer exist (see untilVisible): settled, never waited for.
+func (s *Store) MarkProcessed(ctx context.Context, refs []Ref) (vanished []int64, err error) {
+	if len(refs) == 0 {
+		return nil, nil
+	}
+	vanished, err = s.untilVisible(ctx, refs, "status = 'processed'", func(ctx context.Context, ids []int64) (pgx.Rows, error) {
 		return s.db.Query(ctx, `UPDATE event_outbox
 			SET status = 'processed', updated_at = now() AT TIME ZONE 'UTC', last_error = NULL, next_attempt_at = NULL
 			WHERE id = ANY($1) AND status <> 'processed'
 			RETURNING id`, ids)
 	})
 	if err != nil {
-		return fmt.Errorf("mark %d outbox rows processed: %w", len(ids), err)
+		return vanished, fmt.Errorf("mark %d outbox rows processed: %w", len(refs), err)
 	}
-	return nil
+	return vanished, nil
 }
 
 // ErrNotVisible means rows received from the replication stream did not become
@@ -104,62 +124,142 @@ func (s *Store) MarkProcessed(ctx context.Context, ids []int64) error {
 // may find nothing; the store retries such rows until they are visible.
 var ErrNotVisible = errors.New("rows from the replication stream are not visible yet")
 
-// untilVisible runs update (an UPDATE ... RETURNING id over the given ids) and then
-// again for the rows it did not touch that are not visible at all yet, until every
-// row was updated or is visible in a state the update leaves alone (processed, dead).
-// Without this, a row whose commit became visible a millisecond late would stay
-// pending forever although ClickHouse has it.
-func (s *Store) untilVisible(ctx context.Context, ids []int64, update func(context.Context, []int64) (pgx.Rows, error)) error {
+// untilVisible runs update (an UPDATE ... RETURNING id over the given ids) until
+// every row was updated, is in a state the update leaves alone (leftAlone, an SQL
+// condition on the row), or no longer exists.
+//
+// A streamed row the update does not find is one of two things. Its commit may not
+// be visible yet: logical decoding can send a transaction a moment before new
+// snapshots see it, and giving up on such a row would leave it pending although
+// ClickHouse has it. Or it is gone: deleted in its own transaction (pgoutput
+// carries the insert, never the delete), by a retention job, or by hand — waiting
+// for it would stall acknowledgement for ever. The transaction id tells them apart:
+// once the inserting transaction is visible in a snapshot, a later statement that
+// does not find the row proves it gone. Those ids are returned as vanished.
+func (s *Store) untilVisible(ctx context.Context, refs []Ref, leftAlone string, update func(context.Context, []int64) (pgx.Rows, error)) (vanished []int64, err error) {
 	const maxWait = 30 * time.Second
 	start := time.Now()
 	wait := time.Millisecond
 	for {
-		rows, err := update(ctx, ids)
+		rows, err := update(ctx, idsOf(refs))
 		if err != nil {
-			return err
+			return vanished, err
 		}
 		touched, err := pgx.CollectRows(rows, pgx.RowTo[int64])
 		if err != nil {
-			return err
+			return vanished, err
 		}
-		if len(touched) == len(ids) {
-			return nil
+		if len(touched) == len(refs) {
+			return vanished, nil
 		}
-		rest := without(ids, touched)
-		rows, err = s.db.Query(ctx, `SELECT id FROM event_outbox WHERE id = ANY($1)`, rest)
+		rest := without(refs, touched)
+		// First which inserting transactions are visible now, then which rows
+		// exist: a later statement sees at least what the earlier one did.
+		committed, err := s.visibleXids(ctx, rest)
 		if err != nil {
-			return err
+			return vanished, err
 		}
-		visible, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+		rows, err = s.db.Query(ctx, `SELECT id, `+leftAlone+` FROM event_outbox WHERE id = ANY($1)`, idsOf(rest))
 		if err != nil {
-			return err
+			return vanished, err
 		}
-		ids = without(rest, visible)
-		if len(ids) == 0 {
-			return nil
+		exists := map[int64]bool{} // id -> left alone by the update
+		for rows.Next() {
+			var id int64
+			var alone bool
+			if err := rows.Scan(&id, &alone); err != nil {
+				rows.Close()
+				return vanished, err
+			}
+			exists[id] = alone
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return vanished, err
+		}
+		refs = refs[:0:0]
+		for _, r := range rest {
+			alone, ok := exists[r.ID]
+			switch {
+			case ok && alone:
+				// done: in a state the update leaves alone
+			case ok:
+				refs = append(refs, r) // became visible since the update: update again
+			case r.Xid != 0 && committed[r.Xid]:
+				vanished = append(vanished, r.ID)
+			default:
+				refs = append(refs, r) // not visible yet
+			}
+		}
+		if len(refs) == 0 {
+			return vanished, nil
 		}
 		if time.Since(start) > maxWait {
-			return fmt.Errorf("%w: %d rows after %s (ids %v...)", ErrNotVisible, len(ids), maxWait, ids[:min(len(ids), 5)])
+			return vanished, fmt.Errorf("%w: %d rows after %s (ids %v...)", ErrNotVisible, len(refs), maxWait, idsOf(refs[:min(len(refs), 5)]))
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return vanished, ctx.Err()
 		case <-time.After(wait):
 		}
 		wait = min(wait*2, 100*time.Millisecond)
 	}
 }
 
-// without returns the ids of all that are not in drop.
-func without(all, drop []int64) []int64 {
+// visibleXids returns which of the refs' transaction ids are visible (committed
+// and seen) in a snapshot taken now. A 32-bit id is widened to the 64-bit form
+// txid_visible_in_snapshot wants: it is in the snapshot's epoch, or in the one
+// before when it is above the low half of the snapshot's xmax.
+func (s *Store) visibleXids(ctx context.Context, refs []Ref) (map[uint32]bool, error) {
+	var xids []int64
+	seen := map[uint32]bool{}
+	for _, r := range refs {
+		if r.Xid != 0 && !seen[r.Xid] {
+			seen[r.Xid] = true
+			xids = append(xids, int64(r.Xid))
+		}
+	}
+	out := map[uint32]bool{}
+	if len(xids) == 0 {
+		return out, nil
+	}
+	rows, err := s.db.Query(ctx, `WITH snap AS (SELECT txid_current_snapshot() AS s)
+		SELECT x FROM snap, unnest($1::bigint[]) AS x
+		WHERE txid_visible_in_snapshot(
+		        (((txid_snapshot_xmax(snap.s) >> 32)
+		          - CASE WHEN x > (txid_snapshot_xmax(snap.s) & 4294967295) THEN 1 ELSE 0 END) << 32) | x,
+		        snap.s)`, xids)
+	if err != nil {
+		return nil, fmt.Errorf("check which transactions are visible: %w", err)
+	}
+	visible, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return nil, fmt.Errorf("check which transactions are visible: %w", err)
+	}
+	for _, x := range visible {
+		out[uint32(x)] = true
+	}
+	return out, nil
+}
+
+func idsOf(refs []Ref) []int64 {
+	ids := make([]int64, len(refs))
+	for i, r := range refs {
+		ids[i] = r.ID
+	}
+	return ids
+}
+
+// without returns the refs whose ids are not in drop.
+func without(all []Ref, drop []int64) []Ref {
 	skip := make(map[int64]struct{}, len(drop))
 	for _, id := range drop {
 		skip[id] = struct{}{}
 	}
-	out := make([]int64, 0, len(all)-len(drop))
-	for _, id := range all {
-		if _, ok := skip[id]; !ok {
-			out = append(out, id)
+	out := make([]Ref, 0, len(all))
+	for _, r := range all {
+		if _, ok := skip[r.ID]; !ok {
+			out = append(out, r)
 		}
 	}
 	return out
@@ -167,18 +267,19 @@ func without(all, drop []int64) []int64 {
 
 // MarkFailed records a failed delivery of each row: attempts+1, the reason, and the
 // next attempt time with exponential backoff; a row that reaches MaxAttempts becomes
-// dead. Rows already processed are left alone.
-func (s *Store) MarkFailed(ctx context.Context, failures []Failure) error {
+// dead. Rows already processed are left alone; rows that no longer exist are
+// returned as vanished.
+func (s *Store) MarkFailed(ctx context.Context, failures []Failure) (vanished []int64, err error) {
 	if len(failures) == 0 {
-		return nil
+		return nil, nil
 	}
 	reasonOf := make(map[int64]string, len(failures))
-	ids := make([]int64, len(failures))
+	refs := make([]Ref, len(failures))
 	for i, f := range failures {
-		ids[i] = f.ID
+		refs[i] = Ref{ID: f.ID, Xid: f.Xid}
 		reasonOf[f.ID] = cleanReason(f.Reason, maxReasonBytes)
 	}
-	err := s.untilVisible(ctx, ids, func(ctx context.Context, ids []int64) (pgx.Rows, error) {
+	vanished, err = s.untilVisible(ctx, refs, "status = 'processed'", func(ctx context.Context, ids []int64) (pgx.Rows, error) {
 		reasons := make([]string, len(ids))
 		for i, id := range ids {
 			reasons[i] = reasonOf[id]
@@ -195,19 +296,20 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) error {
 			ids, reasons, s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds())
 	})
 	if err != nil {
-		return fmt.Errorf("mark %d outbox rows failed: %w", len(failures), err)
+		return vanished, fmt.Errorf("mark %d outbox rows failed: %w", len(failures), err)
 	}
-	return nil
+	return vanished, nil
 }
 
 // MarkDeferred marks rows failed without counting an attempt against them: the
 // rows are fine, the destination was unavailable. They are due again after the base
-// delay, when the sweep delivers them.
-func (s *Store) MarkDeferred(ctx context.Context, ids []int64, reason string) error {
-	if len(ids) == 0 {
-		return nil
+// delay, when the sweep delivers them. Rows that no longer exist are returned as
+// vanished.
+func (s *Store) MarkDeferred(ctx context.Context, refs []Ref, reason string) (vanished []int64, err error) {
+	if len(refs) == 0 {
+		return nil, nil
 	}
-	err := s.untilVisible(ctx, ids, func(ctx context.Context, ids []int64) (pgx.Rows, error) {
+	vanished, err = s.untilVisible(ctx, refs, "status NOT IN ('pending', 'failed')", func(ctx context.Context, ids []int64) (pgx.Rows, error) {
 		return s.db.Query(ctx, `UPDATE event_outbox
 			SET status = 'failed', last_error = $2, next_attempt_at = now() + $3::float8 * interval '1 second',
 			    updated_at = now() AT TIME ZONE 'UTC'
@@ -216,9 +318,9 @@ func (s *Store) MarkDeferred(ctx context.Context, ids []int64, reason string) er
 			ids, cleanReason(reason, maxReasonBytes), s.retry.BaseDelay.Seconds())
 	})
 	if err != nil {
-		return fmt.Errorf("defer %d outbox rows: %w", len(ids), err)
+		return vanished, fmt.Errorf("defer %d outbox rows: %w", len(refs), err)
 	}
-	return nil
+	return vanished, nil
 }
 
 // MarkBackfill marks pending rows that the replication slot will never carry (they

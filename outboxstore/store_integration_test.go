@@ -2,6 +2,7 @@ package outboxstore_test
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -25,11 +26,15 @@ func TestStatusUpdateWaitsForRowsToBecomeVisible(t *testing.T) {
 		update func(id int64) error
 		want   string
 	}{
-		{"processed", func(id int64) error { return store.MarkProcessed(ctx, []int64{id}) }, "processed"},
+		{"processed", func(id int64) error { _, err := store.MarkProcessed(ctx, outboxstore.RefsOf([]int64{id})); return err }, "processed"},
 		{"failed", func(id int64) error {
-			return store.MarkFailed(ctx, []outboxstore.Failure{{ID: id, Reason: "bad"}})
+			_, err := store.MarkFailed(ctx, []outboxstore.Failure{{ID: id, Reason: "bad"}})
+			return err
 		}, "failed"},
-		{"deferred", func(id int64) error { return store.MarkDeferred(ctx, []int64{id}, "down") }, "failed"},
+		{"deferred", func(id int64) error {
+			_, err := store.MarkDeferred(ctx, outboxstore.RefsOf([]int64{id}), "down")
+			return err
+		}, "failed"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			tx, err := e.Pool.Begin(ctx)
@@ -83,10 +88,77 @@ func TestStatusUpdateLeavesFinishedRowsAlone(t *testing.T) {
 	}
 	rows.Close()
 	store := outboxstore.New(e.Pool, outboxstore.RetryConfig{})
-	if err := store.MarkDeferred(ctx, ids, "down"); err != nil {
+	if _, err := store.MarkDeferred(ctx, outboxstore.RefsOf(ids), "down"); err != nil {
 		t.Fatal(err)
 	}
 	if _, p := e.Committed(t); p != 10 {
 		t.Fatalf("%d rows processed after deferring finished rows, want all 10 untouched", p)
+	}
+}
+
+// TestVanishedRowsAreSettled (issue 11 item 1): a row whose inserting
+// transaction committed but which no longer exists (deleted in the same
+// transaction, or afterwards) is reported as vanished at once, for each kind
+// of status update, instead of being waited for until ErrNotVisible.
+func TestVanishedRowsAreSettled(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	ctx := context.Background()
+	store := outboxstore.New(e.Pool, outboxstore.RetryConfig{})
+	gone := func() outboxstore.Ref {
+		var id, xid int64
+		if err := e.Pool.QueryRow(ctx, `WITH ins AS (INSERT INTO event_outbox (event_type, event_date_time)
+			VALUES ('x', now() AT TIME ZONE 'UTC') RETURNING id, xmin::text::bigint AS xid)
+			SELECT id, xid FROM ins`).Scan(&id, &xid); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.Pool.Exec(ctx, "DELETE FROM event_outbox WHERE id = $1", id); err != nil {
+			t.Fatal(err)
+		}
+		return outboxstore.Ref{ID: id, Xid: uint32(xid)}
+	}
+	for _, c := range []struct {
+		name   string
+		update func(r outboxstore.Ref) ([]int64, error)
+	}{
+		{"processed", func(r outboxstore.Ref) ([]int64, error) { return store.MarkProcessed(ctx, []outboxstore.Ref{r}) }},
+		{"failed", func(r outboxstore.Ref) ([]int64, error) {
+			return store.MarkFailed(ctx, []outboxstore.Failure{{ID: r.ID, Xid: r.Xid, Reason: "bad"}})
+		}},
+		{"deferred", func(r outboxstore.Ref) ([]int64, error) { return store.MarkDeferred(ctx, []outboxstore.Ref{r}, "down") }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := gone()
+			start := time.Now()
+			vanished, err := c.update(r)
+			if err != nil {
+				t.Fatalf("status update of a vanished row: %v", err)
+			}
+			if len(vanished) != 1 || vanished[0] != r.ID {
+				t.Fatalf("vanished = %v, want [%d]", vanished, r.ID)
+			}
+			t.Logf("settled as vanished after %v", time.Since(start).Round(time.Millisecond))
+		})
+	}
+}
+
+// TestReasonsAreStorable (issue 11 item 7): reasons that are long with a
+// multibyte character at the cut, or hold NUL bytes or invalid UTF-8, are
+// stored; PostgreSQL used to reject them (22021) and the writer looped.
+func TestReasonsAreStorable(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	ctx := context.Background()
+	store := outboxstore.New(e.Pool, outboxstore.RetryConfig{})
+	for _, reason := range []string{strings.Repeat("a", 1999) + "ééé", "nul \x00 byte", "bad \xff utf-8"} {
+		var id int64
+		if err := e.Pool.QueryRow(ctx, `INSERT INTO event_outbox (event_type, event_date_time)
+			VALUES ('x', now() AT TIME ZONE 'UTC') RETURNING id`).Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := store.MarkFailed(ctx, []outboxstore.Failure{{ID: id, Reason: reason}}); err != nil {
+			t.Errorf("MarkFailed with reason of %d bytes: %v", len(reason), err)
+		}
+		if _, err := store.MarkDeferred(ctx, outboxstore.RefsOf([]int64{id}), reason); err != nil {
+			t.Errorf("MarkDeferred with reason of %d bytes: %v", len(reason), err)
+		}
 	}
 }

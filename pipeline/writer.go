@@ -30,9 +30,9 @@ type Sink interface {
 
 // Outbox updates the status of outbox rows (implemented by *outboxstore.Store).
 type Outbox interface {
-	MarkProcessed(ctx context.Context, ids []int64) error
-	MarkFailed(ctx context.Context, failures []outboxstore.Failure) error
-	MarkDeferred(ctx context.Context, ids []int64, reason string) error
+	MarkProcessed(ctx context.Context, refs []outboxstore.Ref) (vanished []int64, err error)
+	MarkFailed(ctx context.Context, failures []outboxstore.Failure) (vanished []int64, err error)
+	MarkDeferred(ctx context.Context, refs []outboxstore.Ref, reason string) (vanished []int64, err error)
 	NotPending(ctx context.Context, ids []int64) (map[int64]struct{}, error)
 }
 
@@ -153,9 +153,10 @@ type outcome struct {
 	b         *batch.Batch
 	span      trace.Span
 	start     time.Time
-	processed []int64               // in ClickHouse: inserted now or found there
+	processed []outboxstore.Ref     // in ClickHouse: inserted now or found there
 	failed    []outboxstore.Failure // invalid, or rejected by the server
-	deferred  []int64               // ClickHouse unavailable past the outage bound
+	deferred  []outboxstore.Ref     // ClickHouse unavailable past the outage bound
+	vanished  int                   // gone from the outbox when their status was set
 	outageErr error
 	inserted  int
 	present   int
@@ -194,7 +195,7 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 	for i := range b.Events {
 		ev := &b.Events[i]
 		if err := w.sink.Validate(ev); err != nil {
-			o.failed = append(o.failed, outboxstore.Failure{ID: ev.ID, Reason: "invalid event: " + err.Error()})
+			o.failed = append(o.failed, outboxstore.Failure{ID: ev.ID, Xid: ev.Xid, Reason: "invalid event: " + err.Error()})
 			continue
 		}
 		valid = append(valid, *ev)
@@ -215,7 +216,7 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 		w.recorded = b.MaxCommitLSN
 	}
 
-	var present []int64
+	var present []outboxstore.Ref
 	if w.cfg.InDoubtUntil > 0 {
 		if valid, present, err = w.reconcile(ctx, valid); err != nil {
 			return nil, err
@@ -233,13 +234,13 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 		m.ObserveDelivered(accepted, inserted)
 	}
 	o.failed = append(o.failed, rejected...)
-	o.processed = make([]int64, 0, len(inserted)+len(present))
+	o.processed = make([]outboxstore.Ref, 0, len(inserted)+len(present))
 	for i := range inserted {
-		o.processed = append(o.processed, inserted[i].ID)
+		o.processed = append(o.processed, refOf(&inserted[i]))
 	}
 	o.processed = append(o.processed, present...)
 	for i := range deferred {
-		o.deferred = append(o.deferred, deferred[i].ID)
+		o.deferred = append(o.deferred, refOf(&deferred[i]))
 	}
 	o.outageErr = outageErr
 	o.inserted, o.present = len(inserted), len(present)
@@ -257,13 +258,17 @@ func (w *Writer) settle(ctx context.Context, o *outcome) (err error) {
 		w.log.Error("clickhouse unavailable: batch marked failed for the sweep to deliver later",
 			zap.Int("rows", len(o.deferred)), zap.Error(o.outageErr))
 		if err := w.statusUpdate(ctx, o.span, "mark rows failed after outage", len(o.deferred), func(ctx context.Context) error {
-			return w.outbox.MarkDeferred(ctx, o.deferred, reason)
+			gone, err := w.outbox.MarkDeferred(ctx, o.deferred, reason)
+			o.vanished += len(gone)
+			return err
 		}); err != nil {
 			return err
 		}
 	}
 	if err := w.statusUpdate(ctx, o.span, "mark rows processed", len(o.processed), func(ctx context.Context) error {
-		return w.outbox.MarkProcessed(ctx, o.processed)
+		gone, err := w.outbox.MarkProcessed(ctx, o.processed)
+		o.vanished += len(gone)
+		return err
 	}); err != nil {
 		return err
 	}
@@ -272,7 +277,9 @@ func (w *Writer) settle(ctx context.Context, o *outcome) (err error) {
 			w.log.Warn("event not delivered", zap.Int64("event_id", f.ID), zap.String("reason", f.Reason))
 		}
 		if err := w.statusUpdate(ctx, o.span, "mark rows failed", len(o.failed), func(ctx context.Context) error {
-			return w.outbox.MarkFailed(ctx, o.failed)
+			gone, err := w.outbox.MarkFailed(ctx, o.failed)
+			o.vanished += len(gone)
+			return err
 		}); err != nil {
 			return err
 		}
@@ -281,6 +288,11 @@ func (w *Writer) settle(ctx context.Context, o *outcome) (err error) {
 		return fmt.Errorf("resolve batch: %w", err)
 	}
 	m.AddAlreadyPresent(o.present)
+	if o.vanished > 0 {
+		// Deleted in their own transaction, or while in flight: nothing to wait for.
+		m.AddVanished(o.vanished)
+		w.log.Info("rows gone from the outbox before their status was set: settled", zap.Int("rows", o.vanished))
+	}
 	m.AddFailed(len(o.failed) + len(o.deferred))
 	w.log.Debug("batch delivered", zap.Int("rows", o.b.Len()), zap.Int("inserted", o.inserted),
 		zap.Int("already_present", o.present), zap.Int("failed", len(o.failed)+len(o.deferred)),
@@ -293,7 +305,7 @@ func (w *Writer) settle(ctx context.Context, o *outcome) (err error) {
 // that are no longer pending belong to the sweep or are done: they are dropped. Rows
 // ClickHouse already holds are dropped from the insert and returned separately so
 // they are still marked processed.
-func (w *Writer) reconcile(ctx context.Context, events []record.Event) (rest []record.Event, present []int64, err error) {
+func (w *Writer) reconcile(ctx context.Context, events []record.Event) (rest []record.Event, present []outboxstore.Ref, err error) {
 	var doubtIDs []int64
 	for i := range events {
 		if events[i].CommitLSN != 0 && events[i].CommitLSN <= w.cfg.InDoubtUntil {
@@ -343,7 +355,7 @@ func (w *Writer) reconcile(ctx context.Context, events []record.Event) (rest []r
 	rest = events[:0:0]
 	for i := range events {
 		if _, ok := found[events[i].ID]; ok {
-			present = append(present, events[i].ID)
+			present = append(present, refOf(&events[i]))
 			continue
 		}
 		rest = append(rest, events[i])
@@ -402,7 +414,7 @@ func (w *Writer) insert(ctx context.Context, events []record.Event, retryable fu
 		return nil, nil, err
 	}
 	if len(events) == 1 {
-		return nil, []outboxstore.Failure{{ID: events[0].ID, Reason: "clickhouse rejected the event: " + err.Error()}}, nil
+		return nil, []outboxstore.Failure{{ID: events[0].ID, Xid: events[0].Xid, Reason: "clickhouse rejected the event: " + err.Error()}}, nil
 	}
 	mid := len(events) / 2
 	okA, badA, err := w.insert(ctx, events[:mid], retryable)
@@ -415,6 +427,8 @@ func (w *Writer) insert(ctx context.Context, events []record.Event, retryable fu
 	}
 	return append(okA, okB...), append(badA, badB...), nil
 }
+
+func refOf(ev *record.Event) outboxstore.Ref { return outboxstore.Ref{ID: ev.ID, Xid: ev.Xid} }
 
 // statusUpdate runs one outbox status change with retries, timing it for the
 // metrics and the batch's span.

@@ -22,6 +22,10 @@ type Event struct {
 	CommitLSN uint64
 	// CommitTime is when that transaction committed, for end-to-end latency.
 	CommitTime time.Time
+	// Xid is the (32-bit) id of that transaction, from pgoutput's Begin; zero
+	// for rows delivered by the sweep. It tells a row that is not visible yet
+	// from one that was deleted (see outboxstore).
+	Xid uint32
 
 	// Problem, when not empty, says why the row cannot be delivered as decoded (a NULL in
 	// a required column, a value that does not parse). Such rows are marked failed with

@@ -57,6 +57,7 @@ type Decoder struct {
 
 	// The transaction being decoded, stamped on its rows.
 	txnCommitLSN  uint64
+	txnXid        uint32
 	txnCommitTime time.Time
 }
 
@@ -123,7 +124,7 @@ func (d *Decoder) Decode(data []byte, m *Message) (err error) {
 		m.CommitTime = pgTime(r.i64())
 		m.Xid = r.u32()
 		if r.err == nil {
-			d.txnCommitLSN, d.txnCommitTime = m.FinalLSN, m.CommitTime
+			d.txnCommitLSN, d.txnCommitTime, d.txnXid = m.FinalLSN, m.CommitTime, m.Xid
 		}
 	case 'C':
 		m.Kind = KindCommit
@@ -239,6 +240,7 @@ func (d *Decoder) decodeInsert(r *reader, m *Message) {
 func (d *Decoder) fillEvent(ev *record.Event, cols *[numFields][]byte, present *[numFields]bool) {
 	ev.CommitLSN = d.txnCommitLSN
 	ev.CommitTime = d.txnCommitTime
+	ev.Xid = d.txnXid
 	id, ok := parseInt(cols[fID])
 	if !ok {
 		ev.Problem = fmt.Sprintf("id %q is not an integer", cols[fID])

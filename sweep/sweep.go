@@ -212,10 +212,11 @@ func (s *Sweeper) round(ctx context.Context, res *Result) (int, error) {
 		}
 	}
 	store := s.store.WithTx(tx)
-	if err := store.MarkProcessed(ctx, done); err != nil {
+	// The rows are locked by this transaction: none can vanish.
+	if _, err := store.MarkProcessed(ctx, outboxstore.RefsOf(done)); err != nil {
 		return 0, err
 	}
-	if err := store.MarkFailed(ctx, failures); err != nil {
+	if _, err := store.MarkFailed(ctx, failures); err != nil {
 		return 0, err
 	}
 	if err := tx.Commit(ctx); err != nil {
