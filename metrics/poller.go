@@ -137,7 +137,7 @@ const slotQuery = `SELECT active,
 	pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8,
 	pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8,
 	safe_wal_size::float8
-FROM pg_replication_slots WHERE slot_name = $1`
+FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()`
 
 func (p *SlotPoller) readSlot(ctx context.Context) (SlotStats, error) {
 	s := SlotStats{Slot: p.cfg.Slot, Exists: true}

@@ -38,7 +38,9 @@ type Config struct {
 // Stream runs the streaming pipeline until ctx ends (then drains and returns nil) or
 // an error stops it. hardStop, when closed, abandons the drain.
 func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan struct{}) error {
-	ch, err := sink.Open(ctx, cfg.Sink, log)
+	// Lazily: ClickHouse may be down at start; the writer's outage bound and
+	// the sweep deal with that, while the slot is read (the outbox buffers).
+	ch, err := sink.OpenLazy(cfg.Sink, log)
 	if err != nil {
 		return err
 	}

@@ -23,9 +23,15 @@ import (
 
 // Sink is where events go (implemented by *sink.Writer).
 type Sink interface {
+	// Ready connects (learns the server's version) unless done already;
+	// Validate needs it.
+	Ready(ctx context.Context) error
 	Validate(ev *record.Event) error
 	Insert(ctx context.Context, events []record.Event) error
 	ExistingIDs(ctx context.Context, events []record.Event) (map[int64]struct{}, error)
+	// IdempotentResend reports whether an insert may be sent again as it is
+	// after a failure with an unknown outcome (see sink.Writer).
+	IdempotentResend() bool
 }
 
 // Outbox updates the status of outbox rows (implemented by *outboxstore.Store).
@@ -191,6 +197,18 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 			o.end(err)
 		}
 	}()
+	// The outage bound runs from here: connecting, the in-doubt lookup and
+	// the insert all count against it, so a streamer started (or restarted)
+	// while ClickHouse is down hands the rows to the sweep after the bound
+	// instead of waiting, or exiting, while the slot retains WAL.
+	outageStart := time.Now()
+	if err := w.retry(ctx, "connect to clickhouse", w.withinOutage(outageStart), w.sink.Ready); err != nil {
+		if !w.outage(ctx, err) {
+			return nil, err
+		}
+		w.deferAll(o, b.Events, err)
+		return o, nil
+	}
 	valid := make([]record.Event, 0, b.Len())
 	for i := range b.Events {
 		ev := &b.Events[i]
@@ -218,13 +236,21 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 
 	var present []outboxstore.Ref
 	if w.cfg.InDoubtUntil > 0 {
-		if valid, present, err = w.reconcile(ctx, valid); err != nil {
-			return nil, err
+		var rest []record.Event
+		if rest, present, err = w.reconcile(ctx, valid, w.withinOutage(outageStart)); err != nil {
+			if !w.outage(ctx, err) {
+				return nil, err
+			}
+			// The sweep looks in ClickHouse before it inserts: deferring
+			// in-doubt rows cannot duplicate them.
+			w.deferAll(o, valid, err)
+			return o, nil
 		}
+		valid = rest
 	}
 
 	insertStart := time.Now()
-	inserted, rejected, deferred, outageErr, err := w.insertBounded(ctx, valid)
+	inserted, rejected, deferred, outageErr, err := w.insertBounded(ctx, valid, outageStart)
 	if err != nil {
 		return nil, err
 	}
@@ -305,7 +331,7 @@ func (w *Writer) settle(ctx context.Context, o *outcome) (err error) {
 // that are no longer pending belong to the sweep or are done: they are dropped. Rows
 // ClickHouse already holds are dropped from the insert and returned separately so
 // they are still marked processed.
-func (w *Writer) reconcile(ctx context.Context, events []record.Event) (rest []record.Event, present []outboxstore.Ref, err error) {
+func (w *Writer) reconcile(ctx context.Context, events []record.Event, retryable func(error) bool) (rest []record.Event, present []outboxstore.Ref, err error) {
 	var doubtIDs []int64
 	for i := range events {
 		if events[i].CommitLSN != 0 && events[i].CommitLSN <= w.cfg.InDoubtUntil {
@@ -339,7 +365,7 @@ func (w *Writer) reconcile(ctx context.Context, events []record.Event) (rest []r
 		return events, nil, nil
 	}
 	var found map[int64]struct{}
-	if err := w.retry(ctx, "look up in-doubt rows", sink.IsRetryable, func(ctx context.Context) error {
+	if err := w.retry(ctx, "look up in-doubt rows", retryable, func(ctx context.Context) error {
 		var err error
 		found, err = w.sink.ExistingIDs(ctx, doubtful)
 		if err != nil {
@@ -366,13 +392,9 @@ func (w *Writer) reconcile(ctx context.Context, events []record.Event) (rest []r
 
 // insertBounded is insert with the outage bound: when ClickHouse stays unavailable
 // longer than OutageFailAfter, the events come back as deferred with the last error.
-func (w *Writer) insertBounded(ctx context.Context, events []record.Event) (inserted []record.Event, rejected []outboxstore.Failure, deferred []record.Event, outageErr, err error) {
-	start := time.Now()
-	retryable := func(err error) bool {
-		return sink.IsRetryable(err) && (w.cfg.OutageFailAfter <= 0 || time.Since(start) < w.cfg.OutageFailAfter)
-	}
-	inserted, rejected, err = w.insert(ctx, events, retryable)
-	if err != nil && sink.IsRetryable(err) && ctx.Err() == nil {
+func (w *Writer) insertBounded(ctx context.Context, events []record.Event, start time.Time) (inserted []record.Event, rejected []outboxstore.Failure, deferred []record.Event, outageErr, err error) {
+	inserted, rejected, err = w.insert(ctx, events, w.withinOutage(start))
+	if w.outage(ctx, err) {
 		// The bound passed: hand the rows still undelivered to the sweep.
 		done := make(map[int64]struct{}, len(inserted)+len(rejected))
 		for i := range inserted {
@@ -398,34 +420,89 @@ func (w *Writer) insert(ctx context.Context, events []record.Event, retryable fu
 	if len(events) == 0 {
 		return nil, nil, nil
 	}
+	// After a failure whose outcome is unknown (a timeout, a reset, a lost
+	// answer, UNKNOWN_STATUS_OF_INSERT, an insert over several partitions of
+	// which some were committed) ClickHouse may hold some or all of the rows.
+	// Sending them again blindly would duplicate them: either the server drops
+	// the identical copy (deduplication token), or we look up what it holds
+	// and send only the rest.
+	toSend, present := events, []record.Event(nil)
+	uncertain := false
 	err = w.retry(ctx, "insert into clickhouse", retryable, func(ctx context.Context) error {
+		if uncertain && !w.sink.IdempotentResend() {
+			found, err := w.sink.ExistingIDs(ctx, toSend)
+			if err != nil {
+				w.cfg.Metrics.AddError(metrics.StageInsert)
+				return err
+			}
+			if len(found) > 0 {
+				rest := toSend[:0:0]
+				for i := range toSend {
+					if _, ok := found[toSend[i].ID]; ok {
+						present = append(present, toSend[i])
+					} else {
+						rest = append(rest, toSend[i])
+					}
+				}
+				w.log.Info("insert with unknown outcome: rows found in clickhouse are not sent again",
+					zap.Int("found", len(found)), zap.Int("to_send", len(rest)))
+				toSend = rest
+			}
+			uncertain = false
+			if len(toSend) == 0 {
+				return nil
+			}
+		}
 		t0 := time.Now()
-		err := w.sink.Insert(ctx, events)
-		telemetry.RecordInsert(trace.SpanFromContext(ctx), len(events), time.Since(t0), err)
+		err := w.sink.Insert(ctx, toSend)
+		telemetry.RecordInsert(trace.SpanFromContext(ctx), len(toSend), time.Since(t0), err)
 		if err != nil {
 			w.cfg.Metrics.AddError(metrics.StageInsert)
+			uncertain = sink.IsRetryable(err)
 		}
 		return err
 	})
 	if err == nil {
-		return events, nil, nil
+		return append(present, toSend...), nil, nil
 	}
+	// Rows found in ClickHouse are delivered; the rest goes on below.
+	inserted, events = present, toSend
 	if !sink.IsRowError(err) {
-		return nil, nil, err
+		return inserted, nil, err
 	}
 	if len(events) == 1 {
-		return nil, []outboxstore.Failure{{ID: events[0].ID, Xid: events[0].Xid, Reason: "clickhouse rejected the event: " + err.Error()}}, nil
+		return inserted, []outboxstore.Failure{{ID: events[0].ID, Xid: events[0].Xid, Reason: "clickhouse rejected the event: " + err.Error()}}, nil
 	}
 	mid := len(events) / 2
 	okA, badA, err := w.insert(ctx, events[:mid], retryable)
+	inserted = append(inserted, okA...)
 	if err != nil {
-		return okA, badA, err
+		return inserted, badA, err
 	}
 	okB, badB, err := w.insert(ctx, events[mid:], retryable)
-	if err != nil {
-		return append(okA, okB...), append(badA, badB...), err
+	return append(inserted, okB...), append(badA, badB...), err
+}
+
+// withinOutage is the retry rule under the outage bound counted from start:
+// transient ClickHouse errors are retried until OutageFailAfter has passed.
+func (w *Writer) withinOutage(start time.Time) func(error) bool {
+	return func(err error) bool {
+		return sink.IsRetryable(err) && (w.cfg.OutageFailAfter <= 0 || time.Since(start) < w.cfg.OutageFailAfter)
 	}
-	return append(okA, okB...), append(badA, badB...), nil
+}
+
+// outage reports whether err ended a bounded retry because ClickHouse stayed
+// unavailable (rather than a shutdown or an error waiting cannot fix).
+func (w *Writer) outage(ctx context.Context, err error) bool {
+	return err != nil && sink.IsRetryable(err) && ctx.Err() == nil
+}
+
+// deferAll hands every event of a batch to the sweep after an outage.
+func (w *Writer) deferAll(o *outcome, events []record.Event, err error) {
+	for i := range events {
+		o.deferred = append(o.deferred, refOf(&events[i]))
+	}
+	o.outageErr = err
 }
 
 func refOf(ev *record.Event) outboxstore.Ref { return outboxstore.Ref{ID: ev.ID, Xid: ev.Xid} }

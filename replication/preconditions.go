@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -16,6 +18,11 @@ type SlotInfo struct {
 	ActivePID      int32
 	ConfirmedFlush uint64
 	WALStatus      string
+	// Database is the database the slot was created in. Slot names are
+	// server-wide: a slot of another database is not this outbox's.
+	Database string
+	// Foreign is true when Database is not the connection's database.
+	Foreign bool
 }
 
 // CheckPreconditions verifies, over a normal connection, everything streaming needs,
@@ -92,6 +99,12 @@ func CheckPreconditions(ctx context.Context, conn *pgx.Conn, cfg Config) (SlotIn
 	if err != nil {
 		return SlotInfo{}, err
 	}
+	if slot.Exists && slot.Foreign {
+		return slot, &PreconditionError{
+			Problem: fmt.Sprintf("replication slot %q belongs to database %q, not to this outbox's database (slot names are unique per server, not per database)", cfg.Slot, slot.Database),
+			Hint:    "set REPLICATION_SLOT_NAME to a name no other database on this server uses, e.g. " + strconv.Quote(cfg.Slot+"_"+slotSuffix(conn)),
+		}
+	}
 	if slot.Exists && slot.Plugin != "pgoutput" {
 		return slot, &PreconditionError{
 			Problem: fmt.Sprintf("replication slot %q uses plugin %q, not pgoutput", cfg.Slot, slot.Plugin),
@@ -123,10 +136,11 @@ func ReadSlot(ctx context.Context, conn interface {
 }, slot string) (SlotInfo, error) {
 	var info SlotInfo
 	var confirmed *string
-	var walStatus *string
+	var walStatus, database *string
 	var pid *int32
-	err := conn.QueryRow(ctx, `SELECT plugin, active, active_pid, confirmed_flush_lsn::text, wal_status
-		FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&info.Plugin, &info.Active, &pid, &confirmed, &walStatus)
+	err := conn.QueryRow(ctx, `SELECT plugin, active, active_pid, confirmed_flush_lsn::text, wal_status,
+			database, database IS DISTINCT FROM current_database()
+		FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&info.Plugin, &info.Active, &pid, &confirmed, &walStatus, &database, &info.Foreign)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return info, nil
 	}
@@ -134,6 +148,9 @@ func ReadSlot(ctx context.Context, conn interface {
 		return info, fmt.Errorf("read replication slot %q: %w", slot, err)
 	}
 	info.Exists = true
+	if database != nil {
+		info.Database = *database
+	}
 	if pid != nil {
 		info.ActivePID = *pid
 	}
@@ -148,4 +165,21 @@ func ReadSlot(ctx context.Context, conn interface {
 		info.ConfirmedFlush = lsn
 	}
 	return info, nil
+}
+
+// slotSuffix suggests a slot name suffix: the connection's database name,
+// reduced to what slot names allow (lower-case letters, digits, underscore).
+func slotSuffix(conn *pgx.Conn) string {
+	var b strings.Builder
+	for _, r := range strings.ToLower(conn.Config().Database) {
+		if (r >= 'a' && r <= 'z') || (r >= '0' && r <= '9') || r == '_' {
+			b.WriteRune(r)
+		} else {
+			b.WriteByte('_')
+		}
+	}
+	if b.Len() == 0 {
+		return "outbox"
+	}
+	return b.String()
 }

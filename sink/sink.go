@@ -5,11 +5,14 @@ package sink
 import (
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"math"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -75,20 +78,44 @@ func (c *Config) Validate() error {
 
 // Writer inserts batches into the event table.
 type Writer struct {
-	conn   driver.Conn
-	cfg    Config
-	legacy bool
-	table  string // quoted db.table
-	log    *zap.Logger
-	minT   time.Time
-	maxT   time.Time
+	conn  driver.Conn
+	cfg   Config
+	table string // quoted db.table
+	log   *zap.Logger
+
+	// Set once the server's version is known (Open, or Ready after OpenLazy).
+	mu       sync.Mutex
+	detected bool
+	legacy   bool
+	minT     time.Time
+	maxT     time.Time
 }
+
+// ErrNotConnected is returned by Validate before the server's version is
+// known: which times a row may hold depends on it.
+var ErrNotConnected = errors.New("clickhouse version not known yet (not connected)")
 
 // Columns inserted by the writer, in order.
 const insertColumns = "event_id, event_type, event_date_time, environment, event_context, metadata_version, created_at, commit_lsn"
 
-// Open connects to ClickHouse and detects the server version.
+// Open connects to ClickHouse and detects the server version; an unreachable
+// server is an error.
 func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Writer, error) {
+	w, err := OpenLazy(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	if err := w.Ready(ctx); err != nil {
+		w.Close()
+		return nil, err
+	}
+	return w, nil
+}
+
+// OpenLazy returns a writer without talking to the server: the streamer
+// starts, and reads its slot, while ClickHouse is down (the outbox is the
+// buffer). Call Ready before Validate; Insert calls it itself.
+func OpenLazy(cfg Config, log *zap.Logger) (*Writer, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -96,15 +123,33 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Writer, error) {
 	if err != nil {
 		return nil, err
 	}
-	legacy, ver, err := DetectVersion(ctx, conn)
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("clickhouse at %s is unreachable (check CLICKHOUSE_HOST/CLICKHOUSE_PORT/CLICKHOUSE_PROTOCOL and credentials): %w", cfg.Addr, err)
+	return &Writer{conn: conn, cfg: cfg, table: QuoteIdent(cfg.Database) + "." + QuoteIdent(cfg.Table), log: log.Named("sink")}, nil
+}
+
+// Ready detects the server's version unless known already. Its error says
+// which server could not be reached; sink.IsRetryable tells whether waiting
+// may help.
+func (w *Writer) Ready(ctx context.Context) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.detected {
+		return nil
 	}
-	w := &Writer{conn: conn, cfg: cfg, legacy: legacy, table: QuoteIdent(cfg.Database) + "." + QuoteIdent(cfg.Table), log: log.Named("sink")}
+	legacy, ver, err := DetectVersion(ctx, w.conn)
+	if err != nil {
+		return fmt.Errorf("clickhouse at %s is unreachable (check CLICKHOUSE_HOST/CLICKHOUSE_PORT/CLICKHOUSE_PROTOCOL and credentials): %w", w.cfg.Addr, err)
+	}
+	w.legacy, w.detected = legacy, true
 	w.minT, w.maxT = TimeRange(legacy)
-	w.log.Info("connected to clickhouse", zap.String("addr", cfg.Addr), zap.String("version", ver), zap.Bool("legacy_schema", legacy))
-	return w, nil
+	w.log.Info("connected to clickhouse", zap.String("addr", w.cfg.Addr), zap.String("version", ver), zap.Bool("legacy_schema", legacy))
+	return nil
+}
+
+// version returns what Ready learnt.
+func (w *Writer) version() (detected, legacy bool, minT, maxT time.Time) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.detected, w.legacy, w.minT, w.maxT
 }
 
 // Connect opens a clickhouse-go connection from cfg (without checking it).
@@ -164,16 +209,20 @@ func (w *Writer) Close() error { return w.conn.Close() }
 // Validate reports why ev cannot be stored faithfully, or nil. ClickHouse would
 // silently wrap an out-of-range DateTime, so ranges are checked here.
 func (w *Writer) Validate(ev *record.Event) error {
+	detected, _, minT, maxT := w.version()
+	if !detected {
+		return ErrNotConnected
+	}
 	if ev.Problem != "" {
 		return errors.New(ev.Problem)
 	}
 	if ev.Type == "" {
 		return errors.New("event_type is empty")
 	}
-	if err := w.checkTime("event_date_time", ev.Time); err != nil {
+	if err := checkTime("event_date_time", ev.Time, minT, maxT); err != nil {
 		return err
 	}
-	if err := w.checkTime("created_at", ev.CreatedAt); err != nil {
+	if err := checkTime("created_at", ev.CreatedAt, minT, maxT); err != nil {
 		return err
 	}
 	if len(ev.Context) > w.cfg.MaxContextBytes {
@@ -182,10 +231,10 @@ func (w *Writer) Validate(ev *record.Event) error {
 	return nil
 }
 
-func (w *Writer) checkTime(col string, t time.Time) error {
-	if t.Before(w.minT) || t.After(w.maxT) {
+func checkTime(col string, t, minT, maxT time.Time) error {
+	if t.Before(minT) || t.After(maxT) {
 		return fmt.Errorf("%s %s is outside what ClickHouse stores in this column (%s to %s)",
-			col, t.UTC().Format(time.RFC3339Nano), w.minT.Format("2006-01-02"), w.maxT.Format("2006-01-02"))
+			col, t.UTC().Format(time.RFC3339Nano), minT.Format("2006-01-02"), maxT.Format("2006-01-02"))
 	}
 	return nil
 }
@@ -194,6 +243,14 @@ func (w *Writer) checkTime(col string, t time.Time) error {
 func (w *Writer) Insert(ctx context.Context, events []record.Event) error {
 	if len(events) == 0 {
 		return nil
+	}
+	if err := w.Ready(ctx); err != nil {
+		return err
+	}
+	if _, legacy, _, _ := w.version(); !legacy {
+		// A re-sent copy of this insert (after an answer that was lost) is
+		// then dropped by the server, whatever of it had been committed.
+		ctx = clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{"insert_deduplication_token": DedupToken(events)}))
 	}
 	b, err := w.conn.PrepareBatch(ctx, "INSERT INTO "+w.table+" ("+insertColumns+")")
 	if err != nil {
@@ -232,6 +289,33 @@ func (w *Writer) Insert(ctx context.Context, events []record.Event) error {
 	return nil
 }
 
+// IdempotentResend reports whether sending the same insert again cannot
+// duplicate rows: true on modern servers, where each insert carries an
+// insert_deduplication_token derived from its rows and the table keeps a
+// deduplication window; false on legacy ones (no tokens, and 18.16 has no
+// window for non-replicated tables), where a caller must look up what an
+// insert with an unknown outcome left before sending it again.
+func (w *Writer) IdempotentResend() bool {
+	detected, legacy, _, _ := w.version()
+	return detected && !legacy
+}
+
+// DedupToken names an insert by the events it carries (their count, first and
+// last id, and a hash of all ids in order): the same rows in the same order give
+// the same token, any other insert another.
+func DedupToken(events []record.Event) string {
+	h := fnv.New64a()
+	var buf [8]byte
+	for i := range events {
+		binary.LittleEndian.PutUint64(buf[:], uint64(events[i].ID))
+		_, _ = h.Write(buf[:])
+	}
+	if len(events) == 0 {
+		return "outbox-empty"
+	}
+	return fmt.Sprintf("outbox-%d-%d-%d-%016x", len(events), events[0].ID, events[len(events)-1].ID, h.Sum64())
+}
+
 // ExistingIDs returns which of the events' ids the table already holds. The time
 // bounds let ClickHouse prune partitions.
 func (w *Writer) ExistingIDs(ctx context.Context, events []record.Event) (map[int64]struct{}, error) {
@@ -239,6 +323,11 @@ func (w *Writer) ExistingIDs(ctx context.Context, events []record.Event) (map[in
 	if len(events) == 0 {
 		return found, nil
 	}
+	if err := w.Ready(ctx); err != nil {
+		return nil, err
+	}
+	w.awaitInsertsDone(ctx)
+	_, legacy, _, maxValid := w.version()
 	var sb strings.Builder
 	minT, maxT := events[0].Time, events[0].Time
 	sb.WriteString("SELECT event_id FROM ")
@@ -257,15 +346,15 @@ func (w *Writer) ExistingIDs(ctx context.Context, events []record.Event) (map[in
 		}
 	}
 	sb.WriteString(") AND event_date_time >= ")
-	sb.WriteString(w.timeLiteral(minT.Truncate(time.Second)))
+	sb.WriteString(timeLiteral(legacy, minT.Truncate(time.Second)))
 	sb.WriteString(" AND event_date_time <= ")
 	// Whole seconds around the range; on a legacy server the second after
 	// its last one would wrap to 1970.
 	upper := maxT.Truncate(time.Second).Add(time.Second)
-	if upper.After(w.maxT) {
-		upper = w.maxT
+	if upper.After(maxValid) {
+		upper = maxValid
 	}
-	sb.WriteString(w.timeLiteral(upper))
+	sb.WriteString(timeLiteral(legacy, upper))
 	rows, err := w.conn.Query(ctx, sb.String())
 	if err != nil {
 		return nil, fmt.Errorf("look up %d event ids in %s: %w", len(events), w.table, err)
@@ -284,9 +373,40 @@ func (w *Writer) ExistingIDs(ctx context.Context, events []record.Event) (map[in
 	return found, nil
 }
 
-func (w *Writer) timeLiteral(t time.Time) string {
+// awaitInsertsDone waits (at most ReadTimeout) until the server runs no insert
+// into the table. ExistingIDs answers "what does ClickHouse hold" after an
+// insert whose outcome is unknown — the client timed out or was killed — and
+// such an insert may still be running on the server, with all its data
+// received, and commit after the lookup: the rows it reported missing would
+// then be sent twice. Other inserts (the sweep's) only make the wait longer.
+func (w *Writer) awaitInsertsDone(ctx context.Context) {
+	q := "SELECT count() FROM system.processes WHERE position(query, " + quoteString("INSERT INTO "+w.table) + ") = 1"
+	deadline := time.Now().Add(w.cfg.ReadTimeout)
+	for {
+		var n uint64
+		if err := w.conn.QueryRow(ctx, q).Scan(&n); err != nil || n == 0 {
+			return // an error shows again in the lookup itself
+		}
+		if time.Now().After(deadline) {
+			w.log.Warn("inserts into the event table still running; looking up ids anyway", zap.Uint64("running", n))
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// quoteString quotes s as a ClickHouse string literal.
+func quoteString(s string) string {
+	return "'" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(s) + "'"
+}
+
+func timeLiteral(legacy bool, t time.Time) string {
 	// Numbers, not date strings: nothing to parse, and no time zone rules.
-	if w.legacy {
+	if legacy {
 		return "toDateTime(" + strconv.FormatInt(t.Unix(), 10) + ", 'UTC')"
 	}
 	return "fromUnixTimestamp64Micro(toInt64(" + strconv.FormatInt(t.UnixMicro(), 10) + "), 'UTC')"

@@ -23,6 +23,7 @@ import (
 
 // Sink is where the sweep delivers (implemented by *sink.Writer).
 type Sink interface {
+	Ready(ctx context.Context) error
 	Validate(ev *record.Event) error
 	Insert(ctx context.Context, events []record.Event) error
 	ExistingIDs(ctx context.Context, events []record.Event) (map[int64]struct{}, error)
@@ -95,6 +96,10 @@ func (s *Sweeper) Run(ctx context.Context) (Result, error) {
 	if err := s.rescueStranded(ctx, &res); err != nil {
 		// Only the safety net is late; due failed rows still go.
 		s.log.Warn("rescue of stranded pending rows failed; next sweep tries again", zap.Error(err))
+	}
+	if err := s.sink.Ready(ctx); err != nil {
+		res.Took = time.Since(start)
+		return res, s.unavailable(err)
 	}
 	lastLog := start
 	for ctx.Err() == nil {

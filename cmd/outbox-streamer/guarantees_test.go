@@ -156,3 +156,32 @@ func slotPID(t *testing.T, e *e2e.Env) int32 {
 	}
 	return *pid
 }
+
+// TestStartWithClickHouseUnreachable (issue 11 item 4): `run` against a
+// ClickHouse that does not answer streams anyway — the outbox is the buffer —
+// says in one line what is unreachable and what to check, hands the rows to
+// the sweep after the outage bound and lets the slot move; SIGTERM ends it
+// cleanly. (It used to exit at once: a crash loop under Kubernetes.)
+func TestStartWithClickHouseUnreachable(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	cmd, out := startStreamer(t, envFor(e, "CLICKHOUSE_PORT=1", "CLICKHOUSE_CONNECT_TIMEOUT=1", "CLICKHOUSE_OUTAGE_FAIL_AFTER=1s"))
+	e2e.WaitFor(t, time.Minute, "streamer streaming", func() bool { return e.ConfirmedFlush(t) > 0 })
+	e.Insert(t, 20, false)
+	after := e.CurrentWAL(t)
+	e2e.WaitFor(t, time.Minute, "rows failed with the reason", func() bool {
+		var n int
+		_ = e.Pool.QueryRow(context.Background(), `SELECT count(*) FROM event_outbox
+			WHERE status = 'failed' AND last_error LIKE '%unreachable%'`).Scan(&n)
+		return n == 20
+	})
+	e2e.WaitFor(t, time.Minute, "slot past the failed rows", func() bool { return e.ConfirmedFlush(t) >= after })
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("streamer: %v\n%s", err, out)
+	}
+	if !strings.Contains(out.String(), "clickhouse at 127.0.0.1:1 is unreachable") || !strings.Contains(out.String(), "CLICKHOUSE_HOST") {
+		t.Errorf("output does not say what is unreachable and what to check:\n%s", out)
+	}
+}

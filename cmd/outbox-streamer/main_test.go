@@ -173,9 +173,22 @@ func TestPreconditionsFailWithOneClearLine(t *testing.T) {
 		code, out := runCmd(t, envFor(e, "DATABASE_URL="+dsn), "run")
 		wantFailure(t, code, out, `role "plain" lacks the REPLICATION attribute`, "ALTER ROLE")
 	})
-	t.Run("clickhouse unreachable", func(t *testing.T) {
-		code, out := runCmd(t, envFor(e, "CLICKHOUSE_PORT=1", "CLICKHOUSE_CONNECT_TIMEOUT=2"), "run")
-		wantFailure(t, code, out, "clickhouse at 127.0.0.1:1 is unreachable", "CLICKHOUSE_HOST")
+	t.Run("slot of another database", func(t *testing.T) {
+		other, err := pgx.Connect(ctx, testenv.NewDatabase(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer other.Close(ctx)
+		if _, err := other.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", e.Slot); err != nil {
+			t.Fatal(err)
+		}
+		defer other.Exec(ctx, "SELECT pg_drop_replication_slot($1)", e.Slot) //nolint:errcheck
+		code, out := runCmd(t, envFor(e), "run")
+		wantFailure(t, code, out, "belongs to database", "REPLICATION_SLOT_NAME")
+		code, out = runCmd(t, envFor(e), "status")
+		if !strings.Contains(out, "belongs to database") {
+			t.Errorf("status (exit %d) does not say the slot is another database's:\n%s", code, out)
+		}
 	})
 	t.Run("slot in use by another program", func(t *testing.T) {
 		holdSlot(t, e)

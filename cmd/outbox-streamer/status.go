@@ -18,6 +18,7 @@ import (
 type slotStatus struct {
 	Slot              string           `json:"slot"`
 	SlotExists        bool             `json:"slot_exists"`
+	SlotOtherDatabase string           `json:"slot_other_database,omitempty"`
 	Active            bool             `json:"active"`
 	ActivePID         int32            `json:"active_pid,omitempty"`
 	WALStatus         string           `json:"wal_status,omitempty"`
@@ -57,13 +58,19 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if slot.Foreign {
+		// Another database's slot of the same name says nothing about this
+		// outbox (it once showed 366 MB of someone else's lag here).
+		st.SlotOtherDatabase = slot.Database
+		slot = replication.SlotInfo{}
+	}
 	st.SlotExists, st.Active, st.ActivePID, st.WALStatus = slot.Exists, slot.Active, slot.ActivePID, slot.WALStatus
 	if slot.Exists {
 		err := conn.QueryRow(ctx, `SELECT confirmed_flush_lsn::text,
 				COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint,
 				COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint,
 				safe_wal_size
-			FROM pg_replication_slots WHERE slot_name = $1`, cfg.Slot).
+			FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()`, cfg.Slot).
 			Scan(&st.ConfirmedFlush, &st.LagBytes, &st.RetainedWALBytes, &st.SafeWALSize)
 		if err != nil {
 			return fmt.Errorf("read slot lag: %w", err)
@@ -117,7 +124,9 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 }
 
 func printStatus(w io.Writer, st slotStatus) {
-	if !st.SlotExists {
+	if st.SlotOtherDatabase != "" {
+		fmt.Fprintf(w, "slot %s: belongs to database %q, not this outbox's: set REPLICATION_SLOT_NAME to a name unique on the server\n", st.Slot, st.SlotOtherDatabase)
+	} else if !st.SlotExists {
 		fmt.Fprintf(w, "slot %s: does not exist (created by the first `outbox-streamer run`)\n", st.Slot)
 	} else {
 		active := "inactive"

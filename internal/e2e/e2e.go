@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -230,6 +231,60 @@ func (e *Env) AssertExactlyDelivered(t testing.TB, timeout time.Duration, walPos
 	}
 	if uint64(sumPG) != sumCH {
 		t.Fatalf("sum of ids differs: PostgreSQL %d, ClickHouse %d (different events delivered)", sumPG, sumCH)
+	}
+	WaitFor(t, timeout, fmt.Sprintf("slot confirmed LSN past %s", pglogrepl.LSN(walPos)), func() bool {
+		return e.ConfirmedFlush(t) >= walPos
+	})
+}
+
+// AssertExactlyDeliveredExcept is AssertExactlyDelivered for an outbox from
+// which the rows deleted were removed while streaming: ClickHouse must hold
+// every remaining row once, and of the deleted ones (which may or may not have
+// been delivered before they went) none twice and nothing else.
+func (e *Env) AssertExactlyDeliveredExcept(t testing.TB, timeout time.Duration, walPos uint64, deleted []int64) {
+	t.Helper()
+	ctx := context.Background()
+	var total, sumPG int64
+	if err := e.Pool.QueryRow(ctx, "SELECT count(*), COALESCE(sum(id), 0) FROM event_outbox").Scan(&total, &sumPG); err != nil {
+		t.Fatal(err)
+	}
+	var notDeleted strings.Builder
+	notDeleted.WriteString("1")
+	if len(deleted) > 0 {
+		notDeleted.Reset()
+		notDeleted.WriteString("event_id NOT IN (")
+		for i, id := range deleted {
+			if i > 0 {
+				notDeleted.WriteByte(',')
+			}
+			notDeleted.WriteString(strconv.FormatInt(id, 10))
+		}
+		notDeleted.WriteString(")")
+	}
+	kept := func() (count, sum uint64) {
+		if err := e.CHConn.QueryRow(ctx, "SELECT count(), sum(event_id) FROM "+e.Table+" WHERE "+notDeleted.String()).Scan(&count, &sum); err != nil {
+			t.Fatalf("count ClickHouse rows: %v%s", err, testenv.CrashNote())
+		}
+		return count, sum
+	}
+	WaitFor(t, timeout, fmt.Sprintf("%d remaining events in ClickHouse", total), func() bool {
+		c, _ := kept()
+		return c >= uint64(total)
+	})
+	WaitFor(t, timeout, "every outbox row processed", func() bool {
+		_, p := e.Committed(t)
+		return p == total
+	})
+	c, u := e.CHCounts(t)
+	if c != u {
+		t.Fatalf("ClickHouse has count()=%d but uniqExact(event_id)=%d: %d rows twice", c, u, c-u)
+	}
+	kc, ks := kept()
+	if kc != uint64(total) || ks != uint64(sumPG) {
+		t.Fatalf("ClickHouse holds %d remaining rows (id sum %d), want the %d in the outbox (id sum %d)", kc, ks, total, sumPG)
+	}
+	if extra := c - kc; extra > uint64(len(deleted)) {
+		t.Fatalf("ClickHouse holds %d rows that are not in the outbox, but only %d were deleted", extra, len(deleted))
 	}
 	WaitFor(t, timeout, fmt.Sprintf("slot confirmed LSN past %s", pglogrepl.LSN(walPos)), func() bool {
 		return e.ConfirmedFlush(t) >= walPos
