@@ -63,7 +63,15 @@ func (t *Tracker) Commit(endLSN uint64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.inTxn = false
-	t.commits = append(t.commits, commitMark{endSeq: t.nextSeq, lsn: endLSN})
+	// Commits without rows since the last mark (other tables' transactions on
+	// servers that send empty ones) become acknowledgeable together with it:
+	// raise its LSN instead of adding a mark, so that a stalled writer does
+	// not make this list grow with every transaction on the server.
+	if n := len(t.commits); n > 0 && t.commits[n-1].endSeq == t.nextSeq {
+		t.commits[n-1].lsn = max(t.commits[n-1].lsn, endLSN)
+	} else {
+		t.commits = append(t.commits, commitMark{endSeq: t.nextSeq, lsn: endLSN})
+	}
 	t.advance()
 }
 

@@ -119,3 +119,30 @@ func mustResolve(t *testing.T, tr *Tracker, from, to uint64) {
 		t.Fatalf("Resolve(%d, %d): %v", from, to, err)
 	}
 }
+
+// TestTrackerStaysBoundedWhileStalled (issue 11 item 10): while the writer
+// is stalled on one unresolved row, a million commits without rows (other
+// tables' transactions) must not grow the list of unacknowledged commits,
+// and once the row resolves the tracker acknowledges the last of them.
+func TestTrackerStaysBoundedWhileStalled(t *testing.T) {
+	tr := NewTracker(100)
+	tr.Begin()
+	first := tr.NextSeq()
+	tr.Commit(200)
+	for i := uint64(0); i < 1_000_000; i++ {
+		tr.Begin()
+		tr.Commit(300 + i)
+	}
+	if n := len(tr.commits); n > 2 {
+		t.Fatalf("%d unacknowledged commit marks after a million empty commits, want at most 2", n)
+	}
+	if got := tr.SafeLSN(); got != 100 {
+		t.Fatalf("SafeLSN = %d before the row resolved, want 100", got)
+	}
+	if err := tr.Resolve(first, first+1); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := tr.SafeLSN(), uint64(300+999_999); got != want {
+		t.Fatalf("SafeLSN = %d after the row resolved, want %d", got, want)
+	}
+}

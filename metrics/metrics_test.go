@@ -59,6 +59,7 @@ func TestMetricsRecordWhatTheyAreTold(t *testing.T) {
 	m.SetAckedLSN(0x16B3748)
 	m.SetLeader(true)
 	m.ObserveStatusUpdate(3 * time.Millisecond)
+	m.AddVanished(3)
 
 	for _, c := range []struct {
 		name string
@@ -69,6 +70,7 @@ func TestMetricsRecordWhatTheyAreTold(t *testing.T) {
 		{"batches_total", testutil.ToFloat64(m.batches), 2},
 		{"rows_delivered_total", testutil.ToFloat64(m.rowsDelivered), 4 + 10},
 		{"rows_already_present_total", testutil.ToFloat64(m.rowsAlreadyPresent), 7},
+		{"rows_vanished_total", testutil.ToFloat64(m.rowsVanished), 3},
 		{"rows_failed_total", testutil.ToFloat64(m.rowsFailed), 2 + 3},
 		{"rows_dead_total", testutil.ToFloat64(m.rowsDead), 1 + 1},
 		{"sweep_runs_total", testutil.ToFloat64(m.sweepRuns), 1},
@@ -205,8 +207,8 @@ func TestMetricNamesFollowConventions(t *testing.T) {
 			ours++
 		}
 	}
-	if ours != 23 {
-		t.Errorf("%d outbox_streamer_ metric families registered, want 23 (9 counters, 4 histograms, 10 gauges)", ours)
+	if ours != 24 {
+		t.Errorf("%d outbox_streamer_ metric families registered, want 24 (10 counters, 4 histograms, 10 gauges)", ours)
 	}
 	// The Go and process collectors are on the registry too.
 	if !hasFamily(fams, "go_goroutines") || !hasFamily(fams, "process_cpu_seconds_total") {

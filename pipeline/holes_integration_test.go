@@ -13,11 +13,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/retry"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/pipeline"
@@ -258,8 +260,6 @@ func TestStartDuringClickHouseOutage(t *testing.T) {
 	}
 }
 
-var _ = errors.New
-
 // TestTimeEdgesRoundTrip (item 8): the first and last times the sink accepts
 // come back from ClickHouse unchanged on both server versions, and one
 // microsecond (or second) beyond them is refused, never wrapped
@@ -310,6 +310,77 @@ func TestTimeEdgesRoundTrip(t *testing.T) {
 			found, err := w.ExistingIDs(ctx, events)
 			if err != nil || len(found) != 2 {
 				t.Errorf("ExistingIDs found %v (%v), want both edge rows", found, err)
+			}
+		})
+	}
+}
+
+// truncatedOnce fails the first inserts as a stream cut off in the middle
+// does on the server side (ATTEMPT_TO_READ_AFTER_EOF), without sending them:
+// as many times as bisecting a 500-row batch down to one row takes.
+type truncatedOnce struct {
+	pipeline.Sink
+	failures atomic.Int32
+}
+
+const truncations = 10
+
+func (s *truncatedOnce) Insert(ctx context.Context, events []record.Event) error {
+	if s.failures.Add(1) <= truncations {
+		return &clickhouse.Exception{Code: 32, Name: "ATTEMPT_TO_READ_AFTER_EOF", Message: "Attempt to read after eof"}
+	}
+	return s.Sink.Insert(ctx, events)
+}
+
+// TestTruncatedInsertIsRetriedNotBisected (item 10): a cut-off insert stream
+// is a transient failure; it used to count as a row error, so the batch was
+// bisected and rows' attempts were spent.
+func TestTruncatedInsertIsRetriedNotBisected(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	tr := &truncatedOnce{}
+	startWith(t, e, func(c *pipeline.Config) {
+		c.WrapSink = func(s pipeline.Sink) pipeline.Sink { tr.Sink = s; return tr }
+		c.Writer.Retry = retry.Policy{Initial: 10 * time.Millisecond, Max: 50 * time.Millisecond}
+	})
+	e.WaitStreaming(t)
+	e.Insert(t, 500, false)
+	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+	var spent int
+	if err := e.Pool.QueryRow(context.Background(), "SELECT count(*) FROM event_outbox WHERE attempts > 0").Scan(&spent); err != nil || spent != 0 {
+		t.Fatalf("%d rows had an attempt counted against them (%v)", spent, err)
+	}
+	if tr.failures.Load() < truncations {
+		t.Fatal("the faults were not all injected")
+	}
+}
+
+// TestTableThatRejectsEveryRowStops (item 10): a ClickHouse table that
+// refuses every row the same way — here a column whose default fails to
+// parse every event's type — is a table error: the pipeline stops with one
+// clear error and no event becomes failed or dead (it used to bisect each
+// batch to single rows and dead-letter every event).
+func TestTableThatRejectsEveryRowStops(t *testing.T) {
+	for _, srv := range testenv.ClickHouseServers(t) {
+		t.Run(srv.Name, func(t *testing.T) {
+			e := e2e.New(t, srv)
+			if err := e.CHConn.Exec(context.Background(), "ALTER TABLE "+e.Table+" ADD COLUMN broken UInt8 DEFAULT toUInt8(event_type)"); err != nil {
+				t.Fatal(err)
+			}
+			stop := startWith(t, e, nil)
+			e.WaitStreaming(t)
+			e.Insert(t, 50, false)
+			var err error
+			e2e.WaitFor(t, time.Minute, "the pipeline to stop", func() bool {
+				var n int
+				_ = e.Pool.QueryRow(context.Background(), "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active", e.Slot).Scan(&n)
+				return n == 0
+			})
+			err = stop()
+			if !errors.Is(err, pipeline.ErrTableRejectsRows) || !strings.Contains(err.Error(), "migrate up") {
+				t.Fatalf("pipeline returned %v, want ErrTableRejectsRows with a hint", err)
+			}
+			if st := statusCounts(t, e); st["pending"] != 50 {
+				t.Fatalf("rows by status %v, want all 50 still pending", st)
 			}
 		})
 	}

@@ -5,10 +5,12 @@ package pipeline
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync/atomic"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 
@@ -81,7 +83,18 @@ type Writer struct {
 	resolver Resolver
 	log      *zap.Logger
 	recorded uint64
+	// rejectCodes counts the error codes of rows the server refused in the
+	// current insert (insertBounded), to tell a table error from bad rows.
+	rejectCodes map[int32]int
 }
+
+// ErrTableRejectsRows means ClickHouse refused every row of a batch with the
+// same error: the table, not the events, is wrong. The writer stops.
+var ErrTableRejectsRows = errors.New("clickhouse rejects every row")
+
+// tableErrorMinRows is the smallest batch whose rows, all refused the same
+// way, count as a table error rather than as that many bad rows.
+const tableErrorMinRows = 10
 
 // NewWriter returns a writer.
 func NewWriter(cfg WriterConfig, s Sink, o Outbox, inflight InflightRecorder, res Resolver, log *zap.Logger) *Writer {
@@ -393,7 +406,15 @@ func (w *Writer) reconcile(ctx context.Context, events []record.Event, retryable
 // insertBounded is insert with the outage bound: when ClickHouse stays unavailable
 // longer than OutageFailAfter, the events come back as deferred with the last error.
 func (w *Writer) insertBounded(ctx context.Context, events []record.Event, start time.Time) (inserted []record.Event, rejected []outboxstore.Failure, deferred []record.Event, outageErr, err error) {
+	w.rejectCodes = map[int32]int{}
 	inserted, rejected, err = w.insert(ctx, events, w.withinOutage(start))
+	if err == nil && len(events) >= tableErrorMinRows && len(rejected) == len(events) && len(w.rejectCodes) == 1 {
+		// Not bad rows but a table that takes none of them (a column the
+		// streamer does not fill whose default fails, a changed type): marking
+		// every event dead would empty the outbox into the dead letters.
+		return nil, nil, nil, nil, fmt.Errorf("%w: all %d rows of a batch refused the same way (%s): check the event table's schema against `outbox-streamer migrate up`; no row was marked failed",
+			ErrTableRejectsRows, len(events), rejected[0].Reason)
+	}
 	if w.outage(ctx, err) {
 		// The bound passed: hand the rows still undelivered to the sweep.
 		done := make(map[int64]struct{}, len(inserted)+len(rejected))
@@ -471,6 +492,10 @@ func (w *Writer) insert(ctx context.Context, events []record.Event, retryable fu
 		return inserted, nil, err
 	}
 	if len(events) == 1 {
+		var ex *clickhouse.Exception
+		if errors.As(err, &ex) {
+			w.rejectCodes[ex.Code]++
+		}
 		return inserted, []outboxstore.Failure{{ID: events[0].ID, Xid: events[0].Xid, Reason: "clickhouse rejected the event: " + err.Error()}}, nil
 	}
 	mid := len(events) / 2

@@ -233,6 +233,14 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 		if ctx.Err() != nil {
 			return s.shutdown(rc, builder, emit, closeOut, writerDone, serverWALEnd)
 		}
+		// A writer that failed while nothing was being handed to it must stop
+		// the stream too, not leave it acknowledging keepalives with no one
+		// delivering (the rows it held are replayed on the next start).
+		select {
+		case <-writerDone:
+			return ErrWriterStopped
+		default:
+		}
 		deadline := s.lastStatus.Add(s.cfg.StatusInterval)
 		if d, ok := builder.Deadline(); ok && d.Before(deadline) {
 			deadline = d

@@ -14,6 +14,7 @@ import (
 // busy, restarting or unreachable.
 var retryableCodes = map[int32]bool{
 	3:    true, // UNEXPECTED_END_OF_FILE
+	32:   true, // ATTEMPT_TO_READ_AFTER_EOF: the insert's stream was cut (a dropped connection), not a bad row
 	159:  true, // TIMEOUT_EXCEEDED
 	164:  true, // READONLY
 	202:  true, // TOO_MANY_SIMULTANEOUS_QUERIES
@@ -61,9 +62,9 @@ func IsRowError(err error) bool {
 		return false
 	}
 	switch ex.Code {
-	case 6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 321, 407:
+	case 6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 407:
 		// CANNOT_PARSE_TEXT, CANNOT_PARSE_QUOTED_STRING, CANNOT_PARSE_INPUT_ASSERTION_FAILED,
-		// ATTEMPT_TO_READ_AFTER_EOF, CANNOT_PARSE_DATE, CANNOT_PARSE_DATETIME, TYPE_MISMATCH,
+		// CANNOT_PARSE_DATE, CANNOT_PARSE_DATETIME, TYPE_MISMATCH,
 		// ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE, CANNOT_PARSE_NUMBER, INCORRECT_DATA,
 		// TOO_LARGE_STRING_SIZE, VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE, DECIMAL_OVERFLOW
 		return true
