@@ -31,9 +31,6 @@ type Sink interface {
 	Validate(ev *record.Event) error
 	Insert(ctx context.Context, events []record.Event) error
 	ExistingIDs(ctx context.Context, events []record.Event) (map[int64]struct{}, error)
-	// IdempotentResend reports whether an insert may be sent again as it is
-	// after a failure with an unknown outcome (see sink.Writer).
-	IdempotentResend() bool
 }
 
 // Outbox updates the status of outbox rows (implemented by *outboxstore.Store).
@@ -444,13 +441,15 @@ func (w *Writer) insert(ctx context.Context, events []record.Event, retryable fu
 	// After a failure whose outcome is unknown (a timeout, a reset, a lost
 	// answer, UNKNOWN_STATUS_OF_INSERT, an insert over several partitions of
 	// which some were committed) ClickHouse may hold some or all of the rows.
-	// Sending them again blindly would duplicate them: either the server drops
-	// the identical copy (deduplication token), or we look up what it holds
-	// and send only the rest.
+	// Sending them again blindly would duplicate them: we look up what it
+	// holds (the sink first waits for inserts still running there) and send
+	// only the rest; on modern servers the copy also carries the same
+	// deduplication token, so the server drops what it had committed anyway.
+	ctx = sink.WithInsertAttempt(ctx, sink.NewAttempt())
 	toSend, present := events, []record.Event(nil)
 	uncertain := false
 	err = w.retry(ctx, "insert into clickhouse", retryable, func(ctx context.Context) error {
-		if uncertain && !w.sink.IdempotentResend() {
+		if uncertain {
 			found, err := w.sink.ExistingIDs(ctx, toSend)
 			if err != nil {
 				w.cfg.Metrics.AddError(metrics.StageInsert)

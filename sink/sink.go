@@ -5,7 +5,9 @@ package sink
 import (
 	"context"
 	"crypto/tls"
+	"crypto/rand"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -250,7 +252,8 @@ func (w *Writer) Insert(ctx context.Context, events []record.Event) error {
 	if _, legacy, _, _ := w.version(); !legacy {
 		// A re-sent copy of this insert (after an answer that was lost) is
 		// then dropped by the server, whatever of it had been committed.
-		ctx = clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{"insert_deduplication_token": DedupToken(events)}))
+		ctx = clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{
+			"insert_deduplication_token": DedupToken(events) + "-" + attemptOf(ctx)}))
 	}
 	b, err := w.conn.PrepareBatch(ctx, "INSERT INTO "+w.table+" ("+insertColumns+")")
 	if err != nil {
@@ -289,15 +292,29 @@ func (w *Writer) Insert(ctx context.Context, events []record.Event) error {
 	return nil
 }
 
-// IdempotentResend reports whether sending the same insert again cannot
-// duplicate rows: true on modern servers, where each insert carries an
-// insert_deduplication_token derived from its rows and the table keeps a
-// deduplication window; false on legacy ones (no tokens, and 18.16 has no
-// window for non-replicated tables), where a caller must look up what an
-// insert with an unknown outcome left before sending it again.
-func (w *Writer) IdempotentResend() bool {
-	detected, legacy, _, _ := w.version()
-	return detected && !legacy
+type attemptKey struct{}
+
+// WithInsertAttempt names one delivery attempt of a set of rows: inserts of
+// the same rows under the same attempt carry the same deduplication token, so
+// that the server drops a re-sent copy after a lost answer. A new attempt (a
+// later re-drive of a row deleted from ClickHouse by hand) gets a new token
+// and is not mistaken for a copy.
+func WithInsertAttempt(ctx context.Context, attempt string) context.Context {
+	return context.WithValue(ctx, attemptKey{}, attempt)
+}
+
+// NewAttempt returns a fresh attempt name.
+func NewAttempt() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func attemptOf(ctx context.Context) string {
+	if a, ok := ctx.Value(attemptKey{}).(string); ok {
+		return a
+	}
+	return NewAttempt()
 }
 
 // DedupToken names an insert by the events it carries (their count, first and
