@@ -128,7 +128,9 @@ func TestSweepSurvivesPoisonedRow(t *testing.T) {
 	}
 }
 
-func sweepOnce(t *testing.T, e *e2e.Env) (sweep.Result, error) {
+func sweepOnce(t *testing.T, e *e2e.Env) (sweep.Result, error) { return sweepOnceBy(t, e, 100) }
+
+func sweepOnceBy(t *testing.T, e *e2e.Env, batchSize int) (sweep.Result, error) {
 	t.Helper()
 	ctx := context.Background()
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
@@ -137,7 +139,7 @@ func sweepOnce(t *testing.T, e *e2e.Env) (sweep.Result, error) {
 		t.Fatal(err)
 	}
 	defer w.Close()
-	s := sweep.New(sweep.Config{BatchSize: 100}, e.Pool, w, outboxstore.New(e.Pool, outboxstore.RetryConfig{}), log)
+	s := sweep.New(sweep.Config{BatchSize: batchSize}, e.Pool, w, outboxstore.New(e.Pool, outboxstore.RetryConfig{}), log)
 	return s.Run(ctx)
 }
 
@@ -383,5 +385,27 @@ func TestTableThatRejectsEveryRowStops(t *testing.T) {
 				t.Fatalf("rows by status %v, want all 50 still pending", st)
 			}
 		})
+	}
+}
+
+// TestSweepSplitsInsertOverTooManyPartitions (item 5): failed rows whose
+// times span more than 100 months make one insert fail with TOO_MANY_PARTS
+// (252) — retryable by code, but the same insert fails the same way for
+// ever. The sweep must split it and deliver every row.
+func TestSweepSplitsInsertOverTooManyPartitions(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	if _, err := e.Pool.Exec(context.Background(), `INSERT INTO event_outbox (event_type, event_date_time, status, next_attempt_at)
+		SELECT 'spread', timestamp '2000-01-15' + g * interval '1 month', 'failed', now() FROM generate_series(1, 150) AS g`); err != nil {
+		t.Fatal(err)
+	}
+	res, err := sweepOnceBy(t, e, 1000) // one round: one insert over 150 partitions
+	if err != nil {
+		t.Fatalf("sweep: %v", err)
+	}
+	if res.Delivered != 150 {
+		t.Fatalf("sweep delivered %d of 150 rows spread over 150 months", res.Delivered)
+	}
+	if c, u := e.CHCounts(t); c != 150 || u != 150 {
+		t.Fatalf("ClickHouse holds count=%d uniq=%d, want 150", c, u)
 	}
 }
