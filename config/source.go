@@ -103,11 +103,47 @@ func (s *Source) Duration(p *time.Duration, env, flagName string, def time.Durat
 	}})
 }
 
-// ParseDuration accepts seconds as a bare number or a Go duration.
+// DurationOrZero is Duration where 0 is allowed and means "off".
+func (s *Source) DurationOrZero(p *time.Duration, env, flagName string, def time.Duration, usage string) {
+	s.add(&setting{env: env, flag: flagName, def: formatDuration(def), usage: usage, apply: func(v string) error {
+		d, err := ParseDuration(v)
+		if err != nil || d < 0 {
+			return fmt.Errorf(`want a duration such as "7d", "36h" or "90s" (0 turns it off)`)
+		}
+		*p = d
+		return nil
+	}})
+}
+
+// formatDuration writes whole days as "7d".
+func formatDuration(d time.Duration) string {
+	if d > 0 && d%(24*time.Hour) == 0 {
+		return strconv.FormatInt(int64(d/(24*time.Hour)), 10) + "d"
+	}
+	return d.String()
+}
+
+// ParseDuration accepts seconds as a bare number, a Go duration, or days as
+// "7d" (optionally followed by a Go duration: "1d12h").
 func ParseDuration(v string) (time.Duration, error) {
 	v = strings.TrimSpace(v)
 	if f, err := strconv.ParseFloat(v, 64); err == nil {
 		return time.Duration(f * float64(time.Second)), nil
+	}
+	if i := strings.IndexByte(v, 'd'); i > 0 {
+		days, err := strconv.ParseFloat(v[:i], 64)
+		if err != nil {
+			return 0, fmt.Errorf("invalid duration %q", v)
+		}
+		d := time.Duration(days * float64(24*time.Hour))
+		if rest := v[i+1:]; rest != "" {
+			r, err := time.ParseDuration(rest)
+			if err != nil {
+				return 0, fmt.Errorf("invalid duration %q", v)
+			}
+			d += r
+		}
+		return d, nil
 	}
 	return time.ParseDuration(v)
 }

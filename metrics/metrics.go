@@ -60,6 +60,7 @@ type Metrics struct {
 	rowsDead           prometheus.Counter
 	rowsAlreadyPresent prometheus.Counter
 	rowsVanished       prometheus.Counter
+	rowsPruned         prometheus.Counter
 	batches            prometheus.Counter
 	sweepRuns          prometheus.Counter
 	sweepRows          *prometheus.CounterVec
@@ -69,6 +70,7 @@ type Metrics struct {
 	insertDuration  prometheus.Histogram
 	statusDuration  prometheus.Histogram
 	commitToCHDelay prometheus.Histogram
+	pruneDuration   prometheus.Histogram
 
 	ackedLSN           prometheus.Gauge
 	slotLag            *prometheus.GaugeVec
@@ -80,6 +82,7 @@ type Metrics struct {
 	leader             prometheus.Gauge
 	lastBatchTimestamp prometheus.Gauge
 	up                 prometheus.Gauge
+	oldestRowAge       prometheus.Gauge
 
 	stages map[string]prometheus.Counter
 }
@@ -103,6 +106,7 @@ func New() *Metrics {
 	m.rowsDead = f.counter("rows_dead_total", "Rows that became dead letters after their last allowed attempt.")
 	m.rowsVanished = f.counter("rows_vanished_total",
 		"Streamed rows that no longer existed in the outbox when their status was to be set (deleted in or after their transaction); settled, not waited for.")
+	m.rowsPruned = f.counter("rows_pruned_total", "Processed outbox rows removed by retention (OUTBOX_RETENTION).")
 	m.rowsAlreadyPresent = f.counter("rows_already_present_total",
 		"Rows of an in-doubt batch that ClickHouse already held after a restart, so they were not inserted again.")
 	m.batches = f.counter("batches_total", "Batches written to ClickHouse.")
@@ -123,6 +127,10 @@ func New() *Metrics {
 		"Time from the commit of a row's PostgreSQL transaction to ClickHouse accepting the row.",
 		[]float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60})
 
+	m.pruneDuration = f.histogram("prune_duration_seconds", "Duration of one retention pass over the outbox.",
+		[]float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300})
+	m.oldestRowAge = f.gauge("oldest_row_age_seconds",
+		"Age (by created_at) of the oldest row the outbox still holds, whatever its status, as of the last retention pass (0 when empty).")
 	m.ackedLSN = f.gauge("acknowledged_lsn",
 		"The LSN last confirmed to PostgreSQL as flushed, as a number (exact below 2^53 bytes of WAL).")
 	m.slotLag = f.gaugeVec("slot_lag_bytes", "Current WAL position minus the slot's confirmed_flush_lsn.", "slot")
@@ -229,6 +237,23 @@ func (m *Metrics) AddVanished(n int) {
 		return
 	}
 	m.rowsVanished.Add(float64(n))
+}
+
+// ObservePrune records one retention pass: rows removed, its duration, and the
+// age of the oldest row left (nil: the outbox is empty).
+func (m *Metrics) ObservePrune(rows int64, took time.Duration, oldest *time.Duration) {
+	if m == nil {
+		return
+	}
+	if rows > 0 {
+		m.rowsPruned.Add(float64(rows))
+	}
+	m.pruneDuration.Observe(took.Seconds())
+	if oldest != nil {
+		m.oldestRowAge.Set(oldest.Seconds())
+	} else {
+		m.oldestRowAge.Set(0)
+	}
 }
 
 // AddFailed counts rows marked failed.

@@ -60,6 +60,8 @@ func TestMetricsRecordWhatTheyAreTold(t *testing.T) {
 	m.SetLeader(true)
 	m.ObserveStatusUpdate(3 * time.Millisecond)
 	m.AddVanished(3)
+	oldest := 90 * time.Second
+	m.ObservePrune(40, 20*time.Millisecond, &oldest)
 
 	for _, c := range []struct {
 		name string
@@ -71,6 +73,8 @@ func TestMetricsRecordWhatTheyAreTold(t *testing.T) {
 		{"rows_delivered_total", testutil.ToFloat64(m.rowsDelivered), 4 + 10},
 		{"rows_already_present_total", testutil.ToFloat64(m.rowsAlreadyPresent), 7},
 		{"rows_vanished_total", testutil.ToFloat64(m.rowsVanished), 3},
+		{"rows_pruned_total", testutil.ToFloat64(m.rowsPruned), 40},
+		{"oldest_row_age_seconds", testutil.ToFloat64(m.oldestRowAge), 90},
 		{"rows_failed_total", testutil.ToFloat64(m.rowsFailed), 2 + 3},
 		{"rows_dead_total", testutil.ToFloat64(m.rowsDead), 1 + 1},
 		{"sweep_runs_total", testutil.ToFloat64(m.sweepRuns), 1},
@@ -207,8 +211,8 @@ func TestMetricNamesFollowConventions(t *testing.T) {
 			ours++
 		}
 	}
-	if ours != 24 {
-		t.Errorf("%d outbox_streamer_ metric families registered, want 24 (10 counters, 4 histograms, 10 gauges)", ours)
+	if ours != 27 {
+		t.Errorf("%d outbox_streamer_ metric families registered, want 27 (11 counters, 5 histograms, 11 gauges)", ours)
 	}
 	// The Go and process collectors are on the registry too.
 	if !hasFamily(fams, "go_goroutines") || !hasFamily(fams, "process_cpu_seconds_total") {

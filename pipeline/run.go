@@ -15,6 +15,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/metrics"
 	"github.com/outbox-streamer/outbox-streamer/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/replication"
+	"github.com/outbox-streamer/outbox-streamer/retention"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 	"github.com/outbox-streamer/outbox-streamer/sweep"
 )
@@ -33,6 +34,9 @@ type Config struct {
 	// SweepInterval is the period of the fallback sweep run beside the stream
 	// (EVENT_PROCESSING_INTERVAL); it also runs once at start. Zero disables it.
 	SweepInterval time.Duration
+	// Retention removes processed rows older than it after each sweep
+	// (OUTBOX_RETENTION); zero keeps everything.
+	Retention time.Duration
 }
 
 // Stream runs the streaming pipeline until ctx ends (then drains and returns nil) or
@@ -118,7 +122,8 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 		defer close(sweepDone)
 		if cfg.SweepInterval > 0 {
 			sweeper := sweep.New(sweep.Config{BatchSize: cfg.Run.BatchSize, TimeZone: cfg.Replication.TimeZone, Slot: cfg.Replication.Slot}, pool, ch, store, log)
-			runSweeps(sweepCtx, sweeper, cfg.SweepInterval, cfg.Metrics, log)
+			pruner := retention.New(retention.Config{Retention: cfg.Retention, TimeZone: cfg.Replication.TimeZone}, pool, log)
+			runSweeps(sweepCtx, sweeper, pruner, cfg.SweepInterval, cfg.Metrics, log)
 		}
 	}()
 	defer func() { cancelSweep(); <-sweepDone }()
@@ -139,9 +144,11 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 	return writerErr
 }
 
-// runSweeps sweeps at once and then every interval until ctx ends. A sweep that finds
-// ClickHouse unavailable just waits for the next period.
-func runSweeps(ctx context.Context, s *sweep.Sweeper, interval time.Duration, m *metrics.Metrics, log *zap.Logger) {
+// runSweeps sweeps at once and then every interval until ctx ends, and prunes
+// after each sweep (so at least as often). A sweep that finds ClickHouse
+// unavailable just waits for the next period; pruning does not need ClickHouse
+// (it removes only rows already processed).
+func runSweeps(ctx context.Context, s *sweep.Sweeper, p *retention.Pruner, interval time.Duration, m *metrics.Metrics, log *zap.Logger) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -149,6 +156,16 @@ func runSweeps(ctx context.Context, s *sweep.Sweeper, interval time.Duration, m 
 		ObserveSweep(m, res, err)
 		if err != nil && ctx.Err() == nil {
 			log.Warn("sweep stopped early; next attempt in one period", zap.Error(err), zap.Duration("period", interval))
+		}
+		if p.Enabled() && ctx.Err() == nil {
+			pres, err := p.Prune(ctx, 0, false)
+			if err != nil && ctx.Err() == nil {
+				m.AddError(metrics.StageSweep)
+				log.Warn("pruning stopped early; next attempt in one period", zap.Error(err))
+			}
+			if ages, err := p.Ages(ctx); err == nil {
+				m.ObservePrune(pres.Removed, pres.Took, ages.OldestRow)
+			}
 		}
 		select {
 		case <-ctx.Done():

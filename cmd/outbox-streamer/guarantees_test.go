@@ -185,3 +185,51 @@ func TestStartWithClickHouseUnreachable(t *testing.T) {
 		t.Errorf("output does not say what is unreachable and what to check:\n%s", out)
 	}
 }
+
+// TestPruneSIGKILLLosesNothing (issue 12): `prune` killed in the middle of a
+// pass leaves every row that is not an old processed one, and a second pass
+// finishes the job; `prune --dry-run` counts without removing.
+func TestPruneSIGKILLLosesNothing(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	ctx := context.Background()
+	if _, err := e.Pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, status, created_at)
+		SELECT 'old', now() AT TIME ZONE 'UTC', CASE WHEN g % 100 = 0 THEN 'failed' WHEN g % 101 = 0 THEN 'dead' ELSE 'processed' END,
+		       (now() AT TIME ZONE 'UTC') - interval '2 days'
+		FROM generate_series(1, 200000) AS g`); err != nil {
+		t.Fatal(err)
+	}
+	count := func(q string) int64 {
+		var n int64
+		if err := e.Pool.QueryRow(ctx, q).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	keep := count("SELECT count(*) FROM event_outbox WHERE status <> 'processed'")
+	code, out := runCmd(t, envFor(e), "prune", "--older-than", "1d", "--dry-run")
+	if code != 0 || !strings.Contains(out, fmt.Sprintf("would remove %d processed rows", 200000-keep)) {
+		t.Fatalf("dry run (exit %d):\n%s", code, out)
+	}
+	cmd, _ := startStreamerArgs(t, envFor(e), "prune", "--older-than", "1d")
+	time.Sleep(150 * time.Millisecond)
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	// The killed client's backend finishes (or aborts) the batch statement it
+	// was running; each batch is one statement, so either way it is whole.
+	e2e.WaitFor(t, time.Minute, "the killed prune's last statement to end", func() bool {
+		return count(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+			AND state = 'active' AND query LIKE 'WITH batch AS%'`) == 0
+	})
+	left := count("SELECT count(*) FROM event_outbox WHERE status = 'processed'")
+	if got := count("SELECT count(*) FROM event_outbox WHERE status <> 'processed'"); got != keep {
+		t.Fatalf("after a SIGKILLed prune %d failed or dead rows remain, want %d", got, keep)
+	}
+	code, out = runCmd(t, envFor(e), "prune", "--older-than", "1d")
+	if code != 0 || !strings.Contains(out, fmt.Sprintf("removed %d processed rows", left)) {
+		t.Fatalf("second prune (exit %d) after the kill left %d processed rows:\n%s", code, left, out)
+	}
+	if n := count("SELECT count(*) FROM event_outbox WHERE status = 'processed'"); n != 0 {
+		t.Fatalf("%d old processed rows left after the second pass", n)
+	}
+	t.Logf("the killed pass had removed %d of %d rows; %s", 200000-keep-left, 200000-keep, strings.TrimSpace(out))
+}

@@ -32,6 +32,8 @@ Usage:
                                            the migrations of both databases
   outbox-streamer status [flags]           show the slot and the outbox's state
   outbox-streamer dead-letters list|requeue  inspect and re-drive rows that exhausted attempts
+  outbox-streamer prune [--older-than DUR] [--dry-run]
+                                           remove processed rows older than OUTBOX_RETENTION once
   outbox-streamer demo [flags]             write demo events and show them arrive in ClickHouse
   outbox-streamer healthcheck              probe the local /healthz (for container health checks)
   outbox-streamer version                  print the version
@@ -68,12 +70,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdDemo(args[1:], stdout, stderr)
 	case "dead-letters":
 		err = cmdDeadLetters(args[1:], stdout, stderr)
+	case "prune":
+		err = cmdPrune(args[1:], stdout, stderr)
 	case "healthcheck":
 		err = cmdHealthcheck(args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "outbox-streamer", version)
 	default:
-		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters or demo; see --help)\n", args[0])
+		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters, prune or demo; see --help)\n", args[0])
 		return 2
 	}
 	var exit exitCode

@@ -93,7 +93,13 @@ func runCmd(t *testing.T, env []string, args ...string) (int, string) {
 // startStreamer starts `outbox-streamer run` in the background.
 func startStreamer(t *testing.T, env []string) (*exec.Cmd, *bytes.Buffer) {
 	t.Helper()
-	cmd := exec.Command(binary(t), "run")
+	return startStreamerArgs(t, env, "run")
+}
+
+// startStreamerArgs starts the binary with args in the background.
+func startStreamerArgs(t *testing.T, env []string, args ...string) (*exec.Cmd, *bytes.Buffer) {
+	t.Helper()
+	cmd := exec.Command(binary(t), args...)
 	cmd.Env = env
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out

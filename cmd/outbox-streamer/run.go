@@ -254,5 +254,6 @@ func pipelineConfig(cfg *config.Config) pipeline.Config {
 		},
 		Retry:         retryConfig(cfg),
 		SweepInterval: cfg.SweepInterval,
+		Retention:     cfg.Retention,
 	}
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/outbox-streamer/outbox-streamer/leader"
 	"github.com/outbox-streamer/outbox-streamer/replication"
+	"github.com/outbox-streamer/outbox-streamer/retention"
 )
 
 // slotStatus is what `status` reports.
@@ -30,6 +31,10 @@ type slotStatus struct {
 	Counts            map[string]int64 `json:"counts"`
 	OldestUndelivered *float64         `json:"oldest_undelivered_age_seconds,omitempty"`
 	Leader            string           `json:"leader,omitempty"`
+	// RetentionSeconds is OUTBOX_RETENTION (0: keep everything).
+	RetentionSeconds float64 `json:"retention_seconds"`
+	// OldestProcessed is the age of the oldest processed row still held.
+	OldestProcessed *float64 `json:"oldest_processed_age_seconds,omitempty"`
 }
 
 func cmdStatus(args []string, stdout, stderr io.Writer) error {
@@ -98,6 +103,15 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 		FROM event_outbox WHERE status IN ('pending', 'failed')`).Scan(&st.OldestUndelivered); err != nil {
 		return fmt.Errorf("read oldest undelivered row: %w", err)
 	}
+	st.RetentionSeconds = cfg.Retention.Seconds()
+	ages, err := retention.ReadAges(ctx, conn, cfg.TimeZone)
+	if err != nil {
+		return err
+	}
+	if ages.OldestProcessed != nil {
+		sec := ages.OldestProcessed.Seconds()
+		st.OldestProcessed = &sec
+	}
 
 	if asJSON {
 		enc := json.NewEncoder(stdout)
@@ -151,6 +165,15 @@ func printStatus(w io.Writer, st slotStatus) {
 	if st.OldestUndelivered != nil {
 		fmt.Fprintf(w, "  oldest undelivered row: %s old\n", time.Duration(*st.OldestUndelivered*float64(time.Second)).Round(time.Second))
 	}
+	retain := "keep everything (OUTBOX_RETENTION=0)"
+	if st.RetentionSeconds > 0 {
+		retain = "processed rows removed after " + time.Duration(st.RetentionSeconds*float64(time.Second)).String()
+	}
+	fmt.Fprintf(w, "retention: %s", retain)
+	if st.OldestProcessed != nil {
+		fmt.Fprintf(w, "; oldest processed row %s old", time.Duration(*st.OldestProcessed*float64(time.Second)).Round(time.Second))
+	}
+	fmt.Fprintln(w)
 }
 
 func bytesText(n int64) string {

@@ -1,0 +1,185 @@
+// Package retention removes processed rows from the outbox once they are older
+// than the retention, in small batches that hold row locks for milliseconds
+// and never touch a row that is not processed (pending, failed and dead rows
+// stay, however old).
+//
+// Deletes are not published (the publication carries inserts only), so
+// pruning the outbox never reaches ClickHouse: event_log keeps every event.
+package retention
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/zap"
+)
+
+// Config tunes pruning.
+type Config struct {
+	// Retention is how old (by created_at) a processed row must be to be
+	// removed (OUTBOX_RETENTION). Zero or less keeps everything.
+	Retention time.Duration
+	// BatchRows bounds the rows one statement examines (default 5000): each
+	// batch is its own short transaction.
+	BatchRows int
+	// Pause is slept between batches so that a long prune leaves room to the
+	// stream's status updates (default 5 ms).
+	Pause time.Duration
+	// TimeZone is the zone of the outbox's TIMESTAMP values (default UTC).
+	TimeZone *time.Location
+}
+
+func (c *Config) defaults() {
+	if c.BatchRows <= 0 {
+		c.BatchRows = 5000
+	}
+	if c.Pause <= 0 {
+		c.Pause = 5 * time.Millisecond
+	}
+	if c.TimeZone == nil {
+		c.TimeZone = time.UTC
+	}
+}
+
+// Result is what one pass did (or, dry, would do).
+type Result struct {
+	Removed int64
+	Batches int
+	Took    time.Duration
+	Cutoff  time.Time // rows created before it were eligible
+}
+
+// Pruner removes old processed rows.
+type Pruner struct {
+	cfg  Config
+	pool *pgxpool.Pool
+	log  *zap.Logger
+}
+
+// New returns a pruner.
+func New(cfg Config, pool *pgxpool.Pool, log *zap.Logger) *Pruner {
+	cfg.defaults()
+	return &Pruner{cfg: cfg, pool: pool, log: log.Named("retention")}
+}
+
+// Enabled reports whether a retention is set.
+func (p *Pruner) Enabled() bool { return p.cfg.Retention > 0 }
+
+// Retention is the configured retention.
+func (p *Pruner) Retention() time.Duration { return p.cfg.Retention }
+
+// pruneBatch examines the next BatchRows rows by id and deletes those that are
+// processed and created before the cutoff; rows someone holds are skipped
+// (SKIP LOCKED). The status is checked again on the locked row, so a row that
+// was requeued a moment ago stays. It returns the highest id examined, how many
+// rows it removed, and whether every examined row was newer than the cutoff
+// (then there is nothing more to prune: ids grow with created_at).
+const pruneBatch = `WITH batch AS (
+		SELECT id, created_at FROM event_outbox WHERE id > $1 ORDER BY id LIMIT $2),
+	victims AS (
+		SELECT id FROM event_outbox
+		WHERE id = ANY(ARRAY(SELECT id FROM batch)) AND status = 'processed' AND created_at < $3
+		FOR UPDATE SKIP LOCKED),
+	removed AS (
+		DELETE FROM event_outbox o USING victims v WHERE o.id = v.id RETURNING 1)
+	SELECT (SELECT max(id) FROM batch), (SELECT count(*) FROM removed),
+	       coalesce((SELECT bool_and(created_at >= $3) FROM batch), true)`
+
+// countBatch is pruneBatch without the delete, for --dry-run.
+const countBatch = `WITH batch AS (
+		SELECT id, status, created_at FROM event_outbox WHERE id > $1 ORDER BY id LIMIT $2)
+	SELECT (SELECT max(id) FROM batch),
+	       (SELECT count(*) FROM batch WHERE status = 'processed' AND created_at < $3),
+	       coalesce((SELECT bool_and(created_at >= $3) FROM batch), true)`
+
+// Prune runs one pass over the rows older than olderThan (the configured
+// retention when zero). With dry it only counts. A pass walks the table by
+// id from the oldest row: the primary key is the only index it needs, and
+// it stops at the first batch that holds only newer rows.
+func (p *Pruner) Prune(ctx context.Context, olderThan time.Duration, dry bool) (Result, error) {
+	if olderThan <= 0 {
+		olderThan = p.cfg.Retention
+	}
+	var res Result
+	if olderThan <= 0 {
+		return res, nil
+	}
+	start := time.Now()
+	// created_at is a TIMESTAMP holding wall-clock time in the outbox's zone.
+	res.Cutoff = start.Add(-olderThan).In(p.cfg.TimeZone)
+	cutoff := time.Date(res.Cutoff.Year(), res.Cutoff.Month(), res.Cutoff.Day(), res.Cutoff.Hour(),
+		res.Cutoff.Minute(), res.Cutoff.Second(), res.Cutoff.Nanosecond(), time.UTC)
+	query := pruneBatch
+	if dry {
+		query = countBatch
+	}
+	last := int64(-1 << 63)
+	for {
+		var maxID *int64
+		var n int64
+		var allNewer bool
+		if err := p.pool.QueryRow(ctx, query, last, p.cfg.BatchRows, cutoff).Scan(&maxID, &n, &allNewer); err != nil {
+			res.Took = time.Since(start)
+			return res, fmt.Errorf("prune processed rows older than %s: %w", olderThan, err)
+		}
+		res.Removed += n
+		res.Batches++
+		if maxID == nil || allNewer {
+			break
+		}
+		last = *maxID
+		select {
+		case <-ctx.Done():
+			res.Took = time.Since(start)
+			return res, ctx.Err()
+		case <-time.After(p.cfg.Pause):
+		}
+	}
+	res.Took = time.Since(start)
+	if res.Removed > 0 && !dry {
+		p.log.Info("pruned processed rows", zap.Int64("rows", res.Removed), zap.Duration("older_than", olderThan),
+			zap.Int("batches", res.Batches), zap.Duration("took", res.Took))
+	}
+	return res, nil
+}
+
+// Ages reads the ages of the oldest rows (see ReadAges).
+func (p *Pruner) Ages(ctx context.Context) (Ages, error) { return ReadAges(ctx, p.pool, p.cfg.TimeZone) }
+
+// Ages are the ages of the oldest row and of the oldest processed row (nil
+// when there is none), for `status` and the metrics.
+type Ages struct {
+	OldestRow       *time.Duration
+	OldestProcessed *time.Duration
+}
+
+// ReadAges reads the ages by walking the primary key from the start (cheap:
+// the oldest rows come first; only rows not processed are skipped).
+func ReadAges(ctx context.Context, db interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, loc *time.Location) (Ages, error) {
+	if loc == nil {
+		loc = time.UTC
+	}
+	var a Ages
+	var oldest, processed *time.Time
+	err := db.QueryRow(ctx, `SELECT (SELECT created_at FROM event_outbox ORDER BY id LIMIT 1),
+		(SELECT created_at FROM event_outbox WHERE status = 'processed' ORDER BY id LIMIT 1)`).Scan(&oldest, &processed)
+	if err != nil {
+		return a, fmt.Errorf("read the oldest outbox rows: %w", err)
+	}
+	now := time.Now()
+	age := func(t *time.Time) *time.Duration {
+		if t == nil {
+			return nil
+		}
+		wall := time.Date(t.Year(), t.Month(), t.Day(), t.Hour(), t.Minute(), t.Second(), t.Nanosecond(), loc)
+		d := max(now.Sub(wall), 0)
+		return &d
+	}
+	a.OldestRow, a.OldestProcessed = age(oldest), age(processed)
+	return a, nil
+}
