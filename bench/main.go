@@ -66,7 +66,7 @@ func defaultConfig() benchConfig {
 	return benchConfig{
 		Reps: 3, Rows: 500_000, TxSize: 1000, PollBatch: 1000, CHBatchLarge: 10_000, LiveConns: 1,
 		LatencyRate: 5000, LatencyTx: 10, LatencyWorkers: 2, LatencyDuration: time.Minute, LatencyPoll: 15 * time.Millisecond,
-		BigTx: 1_000_000, Scenarios: "a,b,c,c10k,d,e,f", Timeout: 15 * time.Minute,
+		BigTx: 1_000_000, Scenarios: "a,b,c,c10k,d,e,er,f", Timeout: 15 * time.Minute,
 		Streamer: "bin/outbox-streamer",
 	}
 }
@@ -84,7 +84,7 @@ func (c *benchConfig) bind(fs *flag.FlagSet) {
 	fs.DurationVar(&c.LatencyDuration, "latency-duration", c.LatencyDuration, "how long the latency producer runs (e)")
 	fs.DurationVar(&c.LatencyPoll, "latency-poll", c.LatencyPoll, "how often the latency scenario polls ClickHouse for new events (e)")
 	fs.IntVar(&c.BigTx, "big-tx", c.BigTx, "rows of the single transaction of the memory scenario (f)")
-	fs.StringVar(&c.Scenarios, "scenarios", c.Scenarios, "comma-separated subset of a,b,c,c10k,d,e,f (empty: none, e.g. with --profile)")
+	fs.StringVar(&c.Scenarios, "scenarios", c.Scenarios, "comma-separated subset of a,b,c,c10k,d,e,er,f (empty: none, e.g. with --profile)")
 	fs.DurationVar(&c.Timeout, "timeout", c.Timeout, "bound on one scenario's wait for delivery")
 	fs.StringVar(&c.Streamer, "streamer", c.Streamer, "the outbox-streamer binary (make build)")
 	fs.BoolVar(&c.PGDurable, "pg-durable", c.PGDurable, "run PostgreSQL with fsync and full_page_writes on (default: off, localsvc's Durable: false); synchronous_commit is on either way")
@@ -136,6 +136,7 @@ func scenarios(c *benchConfig) []scenario {
 		}},
 		{"d", "streamer live", runLive},
 		{"e", "latency", runLatency},
+		{"er", "latency with retention", runLatencyRetention},
 		{"f", "memory", runMemory},
 	}
 	var out []scenario
@@ -296,7 +297,7 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "outbox-bench: sizes, rates and repetitions must be positive")
 		return 2
 	}
-	needsBinary := cfg.has("c") || cfg.has("c10k") || cfg.has("d") || cfg.has("e") || cfg.has("f")
+	needsBinary := cfg.has("c") || cfg.has("c10k") || cfg.has("d") || cfg.has("e") || cfg.has("er") || cfg.has("f")
 	if needsBinary {
 		abs, err := filepath.Abs(cfg.Streamer)
 		if err == nil {

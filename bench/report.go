@@ -207,6 +207,13 @@ func (b *bench) report(facts machine, args []string, took time.Duration) *report
 	add("e", "  p99", "inserted_at_p99_ms", "ms", 1)
 	add("e", "  max", "inserted_at_max_ms", "ms", 1)
 	add("e", "latency producer achieved", "producer_rate", "events/s", 1)
+	add("e", "outbox size after the load, no retention", "outbox_mib", "MiB", 1)
+	add("er", "with OUTBOX_RETENTION=10s: latency p50", "p50_ms", "ms", 1)
+	add("er", "  p99", "p99_ms", "ms", 1)
+	add("er", "  max", "max_ms", "ms", 1)
+	add("er", "  latency producer achieved", "producer_rate", "events/s", 1)
+	add("er", "  outbox size after the load", "outbox_mib", "MiB", 1)
+	add("er", "  outbox rows left after the load", "outbox_rows", "rows", 1)
 	add("f", fmt.Sprintf("peak RSS (VmHWM), one %s-row tx", thousands(float64(c.BigTx))), "peak_rss_mib", "MiB", 1)
 
 	ratio := func(name, k1, k2 string, limit float64) {
