@@ -131,6 +131,7 @@ func TestOutageMarksFailedThenSweepDelivers(t *testing.T) {
 	if err := ch.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	e.StopMerges(t) // a restart forgets it
 	e.AssertExactlyDelivered(t, 2*time.Minute, after)
 }
 

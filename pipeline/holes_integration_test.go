@@ -232,6 +232,32 @@ func TestAmbiguousInsertIsNotRepeated(t *testing.T) {
 	}
 }
 
+// TestLostAnswerIsNotRepeated (item 3, at the network level): a forwarder lets
+// ClickHouse receive and commit whole inserts and then resets the streamer's
+// connection instead of passing on the answer. The writer must find out what
+// ClickHouse holds before it sends again: every event exactly once, on both
+// server versions.
+func TestLostAnswerIsNotRepeated(t *testing.T) {
+	for _, srv := range testenv.ClickHouseServers(t) {
+		t.Run(srv.Name, func(t *testing.T) {
+			e := e2e.New(t, srv)
+			drop := newAnswerDropper(t, srv.Addr)
+			drop.armed.Store(3)
+			startWith(t, e, func(c *pipeline.Config) { c.Sink.Addr = drop.Addr() })
+			e.WaitStreaming(t)
+			for i := 0; i < 5; i++ {
+				e.Insert(t, 2000, false)
+			}
+			e.AssertExactlyDelivered(t, 2*time.Minute, e.CurrentWAL(t))
+			if n := drop.dropped.Load(); n == 0 {
+				t.Fatal("no answer was dropped: the fault never fired")
+			} else {
+				t.Logf("%d insert answers dropped after ClickHouse took the insert", n)
+			}
+		})
+	}
+}
+
 // TestStartDuringClickHouseOutage (item 4): started while ClickHouse is down,
 // the streamer streams anyway: after the outage bound rows become failed with
 // a next attempt, the slot moves, and the sweep delivers once ClickHouse is
@@ -256,6 +282,7 @@ func TestStartDuringClickHouseOutage(t *testing.T) {
 	if err := ch.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	e.StopMerges(t) // a restart forgets it
 	e.AssertExactlyDelivered(t, 2*time.Minute, after)
 	if err := stop(); err != nil {
 		t.Fatalf("pipeline: %v", err)

@@ -207,6 +207,7 @@ func TestChaos(t *testing.T) {
 			if err := ch.Start(context.Background()); err != nil {
 				t.Fatal(err)
 			}
+			e.StopMerges(t) // a restart forgets it
 			outages++
 		case 3:
 			// Frozen past CLICKHOUSE_SEND_RECEIVE_TIMEOUT (5 s): inserts time

@@ -82,7 +82,20 @@ func NewOn(t *testing.T, serverDSN string, srv testenv.CHServer) *Env {
 	t.Cleanup(func() { conn.Close() })
 	e.CHConn = conn
 	e.Table = sink.QuoteIdent(chdb) + "." + sink.QuoteIdent("event_log")
+	e.StopMerges(t)
 	return e
+}
+
+// StopMerges stops background merges of the event table. It is a
+// ReplacingMergeTree: a merge removes duplicates, and would hide from
+// count() = uniqExact(event_id) a row that was inserted twice. Tests must see
+// every row ever inserted. The stop does not survive a server restart: call
+// it again after one.
+func (e *Env) StopMerges(t testing.TB) {
+	t.Helper()
+	if err := e.CHConn.Exec(context.Background(), "SYSTEM STOP MERGES "+e.Table); err != nil {
+		t.Fatalf("stop merges of %s: %v%s", e.Table, err, testenv.CrashNote())
+	}
 }
 
 // Insert inserts n events in one transaction and returns the commit's WAL position.
