@@ -147,7 +147,9 @@ func (p *Pruner) Prune(ctx context.Context, olderThan time.Duration, dry bool) (
 }
 
 // Ages reads the ages of the oldest rows (see ReadAges).
-func (p *Pruner) Ages(ctx context.Context) (Ages, error) { return ReadAges(ctx, p.pool, p.cfg.TimeZone) }
+func (p *Pruner) Ages(ctx context.Context) (Ages, error) {
+	return ReadAges(ctx, p.pool, p.cfg.TimeZone)
+}
 
 // Ages are the ages of the oldest row and of the oldest processed row (nil
 // when there is none), for `status` and the metrics.
