@@ -31,11 +31,13 @@ type Config struct {
 
 	Slot string
 	// Retention is OUTBOX_RETENTION: processed rows older than it are pruned.
-	Retention      time.Duration
-	Publication    string
-	StatusInterval time.Duration
-	TimeZone       *time.Location
-	timeZone       string
+	Retention time.Duration
+	// PartitionInterval is OUTBOX_PARTITION_INTERVAL (0: unpartitioned).
+	PartitionInterval time.Duration
+	Publication       string
+	StatusInterval    time.Duration
+	TimeZone          *time.Location
+	timeZone          string
 
 	BatchSize           int
 	BatchTimeout        time.Duration
@@ -91,6 +93,7 @@ func Bind(src *Source, c *Config) {
 	src.Duration(&c.BatchTimeout, "EVENT_BATCH_TIMEOUT", "batch-timeout", 100*time.Millisecond, "a batch is written at the latest this long after its first row")
 	src.Int(&c.ClickHouseBatchSize, "CLICKHOUSE_BATCH_SIZE", "clickhouse-batch-size", 0, 0, "most rows per ClickHouse insert; a writer that falls behind merges queued batches up to it (0: EVENT_BATCH_SIZE)")
 	src.Duration(&c.SweepInterval, "EVENT_PROCESSING_INTERVAL", "sweep-interval", 60*time.Second, "period of the fallback sweep while streaming")
+	src.DurationOrZero(&c.PartitionInterval, "OUTBOX_PARTITION_INTERVAL", "partition-interval", 0, "width of the partitions (e.g. 1d, 1h) when `migrate up` creates event_outbox range-partitioned by created_at; the leader creates them ahead. 0: an unpartitioned table")
 	src.DurationOrZero(&c.Retention, "OUTBOX_RETENTION", "retention", 7*24*time.Hour, "processed outbox rows older than this (by created_at) are removed by the leader after each sweep; 0 keeps everything (pending, failed and dead rows always stay)")
 	src.Duration(&c.ShutdownTimeout, "SHUTDOWN_TIMEOUT", "shutdown-timeout", 30*time.Second, "bound on the final flush after SIGTERM")
 	src.Duration(&c.RetryMaxWait, "RETRY_MAX_WAIT", "retry-max-wait", 30*time.Second, "cap of the backoff between retries of a transient error")

@@ -21,8 +21,12 @@ import (
 	"github.com/golang-migrate/migrate/v4/source"
 	"github.com/golang-migrate/migrate/v4/source/iofs"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 
+	"go.uber.org/zap"
+
+	"github.com/outbox-streamer/outbox-streamer/retention"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -41,6 +45,13 @@ type Config struct {
 	Publication string
 	// ClickHouse is the ClickHouse connection and table.
 	ClickHouse sink.Config
+	// PartitionInterval, when set, creates event_outbox range-partitioned by
+	// created_at with partitions of this width (OUTBOX_PARTITION_INTERVAL).
+	// It applies when the table is created; an existing table stays as it is.
+	PartitionInterval time.Duration
+	// TimeZone is the zone of created_at's wall clock (EVENT_TIME_ZONE,
+	// default UTC), which partition bounds follow.
+	TimeZone *time.Location
 }
 
 // Status is one database's migration state.
@@ -172,7 +183,11 @@ func postgresMigrator(ctx context.Context, cfg Config) (*migrate.Migrate, error)
 		db.Close()
 		return nil, fmt.Errorf("prepare postgres migrations: %w", err)
 	}
-	src, err := render("postgres", PostgresData(cfg.Publication))
+	data := PostgresData(cfg.Publication)
+	if cfg.PartitionInterval > 0 {
+		data["Partitioned"] = "true"
+	}
+	src, err := render("postgres", data)
 	if err != nil {
 		return nil, err
 	}
@@ -269,6 +284,7 @@ func PostgresData(publication string) map[string]string {
 		"Publication":        pgx.Identifier{publication}.Sanitize(),
 		"PublicationLiteral": quoteLiteral(publication),
 		"DollarTag":          dollarTag(publication),
+		"Partitioned":        "",
 	}
 }
 
@@ -286,4 +302,35 @@ func dollarTag(s string) string {
 // quoteLiteral quotes s as a PostgreSQL string literal.
 func quoteLiteral(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", "''") + "'"
+}
+
+// DescribeLayout creates the partitions a partitioned outbox needs now (the
+// current one and PartitionsAhead after it; the leader keeps creating them) and
+// returns one line saying how event_outbox is laid out.
+func DescribeLayout(ctx context.Context, cfg Config) (string, error) {
+	pool, err := pgxpool.New(ctx, cfg.PostgresDSN)
+	if err != nil {
+		return "", fmt.Errorf("DATABASE_URL: %w", err)
+	}
+	defer pool.Close()
+	partitioned, err := retention.Partitioned(ctx, pool)
+	if err != nil {
+		return "", err
+	}
+	if !partitioned {
+		if cfg.PartitionInterval > 0 {
+			return "event_outbox: not partitioned — OUTBOX_PARTITION_INTERVAL applies when the table is created; docs/partitioned-outbox.md shows how to convert an existing one", nil
+		}
+		return "event_outbox: not partitioned", nil
+	}
+	if cfg.PartitionInterval > 0 {
+		if _, err := retention.EnsurePartitions(ctx, pool, cfg.PartitionInterval, time.Now(), cfg.TimeZone, 1, 3, zap.NewNop()); err != nil {
+			return "", err
+		}
+	}
+	parts, err := retention.Partitions(ctx, pool)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("event_outbox: range-partitioned by created_at, %d partitions (the default one included)", len(parts)), nil
 }

@@ -37,6 +37,9 @@ type Config struct {
 	// Retention removes processed rows older than it after each sweep
 	// (OUTBOX_RETENTION); zero keeps everything.
 	Retention time.Duration
+	// PartitionInterval is OUTBOX_PARTITION_INTERVAL: on a partitioned outbox
+	// the leader creates partitions of this width ahead after each sweep.
+	PartitionInterval time.Duration
 }
 
 // Stream runs the streaming pipeline until ctx ends (then drains and returns nil) or
@@ -122,7 +125,8 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 		defer close(sweepDone)
 		if cfg.SweepInterval > 0 {
 			sweeper := sweep.New(sweep.Config{BatchSize: cfg.Run.BatchSize, TimeZone: cfg.Replication.TimeZone, Slot: cfg.Replication.Slot}, pool, ch, store, log)
-			pruner := retention.New(retention.Config{Retention: cfg.Retention, TimeZone: cfg.Replication.TimeZone}, pool, log)
+			pruner := retention.New(retention.Config{Retention: cfg.Retention, TimeZone: cfg.Replication.TimeZone,
+				PartitionInterval: cfg.PartitionInterval}, pool, log)
 			runSweeps(sweepCtx, sweeper, pruner, cfg.SweepInterval, cfg.Metrics, log)
 		}
 	}()
@@ -157,14 +161,16 @@ func runSweeps(ctx context.Context, s *sweep.Sweeper, p *retention.Pruner, inter
 		if err != nil && ctx.Err() == nil {
 			log.Warn("sweep stopped early; next attempt in one period", zap.Error(err), zap.Duration("period", interval))
 		}
-		if p.Enabled() && ctx.Err() == nil {
-			pres, err := p.Prune(ctx, 0, false)
+		if ctx.Err() == nil {
+			pres, err := p.Maintain(ctx)
 			if err != nil && ctx.Err() == nil {
 				m.AddError(metrics.StageSweep)
-				log.Warn("pruning stopped early; next attempt in one period", zap.Error(err))
+				log.Warn("outbox maintenance (partitions, retention) stopped early; next attempt in one period", zap.Error(err))
 			}
-			if ages, err := p.Ages(ctx); err == nil {
-				m.ObservePrune(pres.Removed, pres.Took, ages.OldestRow)
+			if p.Enabled() {
+				if ages, err := p.Ages(ctx); err == nil {
+					m.ObservePrune(pres.Removed, pres.Took, ages.OldestRow)
+				}
 			}
 		}
 		select {

@@ -30,6 +30,12 @@ type Config struct {
 	Pause time.Duration
 	// TimeZone is the zone of the outbox's TIMESTAMP values (default UTC).
 	TimeZone *time.Location
+	// PartitionInterval is the width of the partitions of a partitioned
+	// outbox (OUTBOX_PARTITION_INTERVAL); Maintain creates them ahead.
+	PartitionInterval time.Duration
+	// PartitionsAhead is how many partitions Maintain keeps ready after the
+	// current one (default 3).
+	PartitionsAhead int
 }
 
 func (c *Config) defaults() {
@@ -42,21 +48,28 @@ func (c *Config) defaults() {
 	if c.TimeZone == nil {
 		c.TimeZone = time.UTC
 	}
+	if c.PartitionsAhead <= 0 {
+		c.PartitionsAhead = 3
+	}
 }
 
 // Result is what one pass did (or, dry, would do).
 type Result struct {
-	Removed int64
+	Removed int64 // rows removed, row by row or with their partition
 	Batches int
 	Took    time.Duration
 	Cutoff  time.Time // rows created before it were eligible
+	// Partitions dropped whole (partitioned outbox), and old ones kept
+	// because they hold undelivered rows.
+	DroppedPartitions, KeptPartitions []string
 }
 
 // Pruner removes old processed rows.
 type Pruner struct {
-	cfg  Config
-	pool *pgxpool.Pool
-	log  *zap.Logger
+	cfg      Config
+	pool     *pgxpool.Pool
+	log      *zap.Logger
+	lastKept string // the kept partitions last logged
 }
 
 // New returns a pruner.
@@ -112,6 +125,20 @@ func (p *Pruner) Prune(ctx context.Context, olderThan time.Duration, dry bool) (
 	res.Cutoff = start.Add(-olderThan).In(p.cfg.TimeZone)
 	cutoff := time.Date(res.Cutoff.Year(), res.Cutoff.Month(), res.Cutoff.Day(), res.Cutoff.Hour(),
 		res.Cutoff.Minute(), res.Cutoff.Second(), res.Cutoff.Nanosecond(), time.UTC)
+	partitioned, err := Partitioned(ctx, p.pool)
+	if err != nil {
+		return res, err
+	}
+	if partitioned && !dry {
+		// Whole partitions first: dropping a table is cheaper than deleting
+		// its rows, and leaves no dead tuples to vacuum.
+		d, err := p.dropOldPartitions(ctx, cutoff)
+		res.DroppedPartitions, res.KeptPartitions, res.Removed = d.Dropped, d.Kept, d.Rows
+		if err != nil {
+			res.Took = time.Since(start)
+			return res, err
+		}
+	}
 	query := pruneBatch
 	if dry {
 		query = countBatch
@@ -144,6 +171,27 @@ func (p *Pruner) Prune(ctx context.Context, olderThan time.Duration, dry bool) (
 			zap.Int("batches", res.Batches), zap.Duration("took", res.Took))
 	}
 	return res, nil
+}
+
+// Maintain is the leader's periodic care of the outbox: on a partitioned
+// outbox it creates the partitions ahead of time, then it prunes (Prune with
+// the configured retention).
+func (p *Pruner) Maintain(ctx context.Context) (Result, error) {
+	partitioned, err := Partitioned(ctx, p.pool)
+	if err != nil {
+		return Result{}, err
+	}
+	if partitioned {
+		if p.cfg.PartitionInterval <= 0 {
+			p.log.Warn("event_outbox is partitioned but OUTBOX_PARTITION_INTERVAL is not set: no partitions are created ahead, new rows go to the default partition")
+		} else if _, err := EnsurePartitions(ctx, p.pool, p.cfg.PartitionInterval, time.Now(), p.cfg.TimeZone, 0, p.cfg.PartitionsAhead, p.log); err != nil {
+			return Result{}, err
+		}
+	}
+	if !p.Enabled() {
+		return Result{}, nil
+	}
+	return p.Prune(ctx, 0, false)
 }
 
 // Ages reads the ages of the oldest rows (see ReadAges).

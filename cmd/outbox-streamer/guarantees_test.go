@@ -14,9 +14,16 @@ import (
 
 // TestDeadLetterAndRequeue: a row ClickHouse cannot hold fails, is retried by the
 // sweep until it becomes a dead letter, is listed with its reason, and after the
-// operator fixes and requeues it, the next sweep delivers it.
+// operator fixes and requeues it, the next sweep delivers it — on an
+// unpartitioned and on a partitioned outbox.
 func TestDeadLetterAndRequeue(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	t.Run("unpartitioned", func(t *testing.T) { testDeadLetterAndRequeue(t, e2e.New(t, testenv.ModernClickHouse(t))) })
+	t.Run("partitioned", func(t *testing.T) {
+		testDeadLetterAndRequeue(t, e2e.NewPartitioned(t, testenv.ModernClickHouse(t), 24*time.Hour))
+	})
+}
+
+func testDeadLetterAndRequeue(t *testing.T, e *e2e.Env) {
 	env := envFor(e, "EVENT_MAX_ATTEMPTS=2", "EVENT_RETRY_BASE_DELAY=0.05", "EVENT_RETRY_MAX_DELAY=0.1")
 	ctx := context.Background()
 	var id int64

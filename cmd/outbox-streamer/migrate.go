@@ -30,7 +30,8 @@ func cmdMigrate(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	mcfg := migrations.Config{PostgresDSN: cfg.PostgresDSN, Publication: cfg.Publication, ClickHouse: cfg.ClickHouse}
+	mcfg := migrations.Config{PostgresDSN: cfg.PostgresDSN, Publication: cfg.Publication, ClickHouse: cfg.ClickHouse,
+		PartitionInterval: cfg.PartitionInterval, TimeZone: cfg.TimeZone}
 	ctx := context.Background()
 	switch action {
 	case "up":
@@ -51,6 +52,13 @@ func cmdMigrate(args []string, stdout, stderr io.Writer) error {
 	}
 	for _, s := range st {
 		fmt.Fprintln(stdout, s)
+	}
+	if action == "up" {
+		layout, err := migrations.DescribeLayout(ctx, mcfg)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, layout)
 	}
 	return nil
 }

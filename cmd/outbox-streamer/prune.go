@@ -42,7 +42,7 @@ func cmdPrune(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("DATABASE_URL: %w", err)
 	}
 	defer pool.Close()
-	p := retention.New(retention.Config{Retention: age, TimeZone: cfg.TimeZone}, pool, log)
+	p := retention.New(retention.Config{Retention: age, TimeZone: cfg.TimeZone, PartitionInterval: cfg.PartitionInterval}, pool, log)
 	res, err := p.Prune(ctx, age, dry)
 	verb := "removed"
 	if dry {
@@ -50,6 +50,12 @@ func cmdPrune(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "prune: %s %d processed rows created before %s (older than %s) in %d batches, %s",
 		verb, res.Removed, res.Cutoff.UTC().Format(time.RFC3339), age, res.Batches, res.Took.Round(time.Millisecond))
+	if len(res.DroppedPartitions) > 0 {
+		fmt.Fprintf(stdout, "; dropped partitions %v", res.DroppedPartitions)
+	}
+	if len(res.KeptPartitions) > 0 {
+		fmt.Fprintf(stdout, "; kept old partitions %v (they hold pending, failed or dead rows)", res.KeptPartitions)
+	}
 	if ages, aerr := p.Ages(ctx); aerr == nil && ages.OldestProcessed != nil {
 		fmt.Fprintf(stdout, "; oldest processed row left: %s old", ages.OldestProcessed.Round(time.Second))
 	}

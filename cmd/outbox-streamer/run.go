@@ -255,5 +255,7 @@ func pipelineConfig(cfg *config.Config) pipeline.Config {
 		Retry:         retryConfig(cfg),
 		SweepInterval: cfg.SweepInterval,
 		Retention:     cfg.Retention,
+
+		PartitionInterval: cfg.PartitionInterval,
 	}
 }

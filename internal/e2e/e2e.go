@@ -47,6 +47,18 @@ func New(t *testing.T, srv testenv.CHServer) *Env {
 // serverDSN (a private one, for tests that restart it) and on srv.
 func NewOn(t *testing.T, serverDSN string, srv testenv.CHServer) *Env {
 	t.Helper()
+	return newEnv(t, serverDSN, srv, 0)
+}
+
+// NewPartitioned is New with event_outbox range-partitioned by created_at in
+// partitions of interval, the current one and three ahead created.
+func NewPartitioned(t *testing.T, srv testenv.CHServer, interval time.Duration) *Env {
+	t.Helper()
+	return newEnv(t, testenv.Postgres(t), srv, interval)
+}
+
+func newEnv(t *testing.T, serverDSN string, srv testenv.CHServer, partitionInterval time.Duration) *Env {
+	t.Helper()
 	dsn := testenv.NewDatabaseOn(t, serverDSN)
 	chdb := testenv.NewCHDatabase(t, srv)
 	e := &Env{
@@ -61,8 +73,14 @@ func NewOn(t *testing.T, serverDSN string, srv testenv.CHServer) *Env {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := migrations.Up(ctx, migrations.Config{PostgresDSN: dsn, Publication: e.Publication, ClickHouse: e.Sink}); err != nil {
+	mcfg := migrations.Config{PostgresDSN: dsn, Publication: e.Publication, ClickHouse: e.Sink, PartitionInterval: partitionInterval}
+	if err := migrations.Up(ctx, mcfg); err != nil {
 		t.Fatalf("migrate: %v", err)
+	}
+	if partitionInterval > 0 {
+		if _, err := migrations.DescribeLayout(ctx, mcfg); err != nil {
+			t.Fatalf("create partitions: %v", err)
+		}
 	}
 	pcfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {

@@ -1,7 +1,11 @@
 -- The transactional outbox. Applications insert here inside their business
--- transactions; outbox-streamer delivers the rows to ClickHouse.
+-- transactions; outbox-streamer delivers the rows to ClickHouse. With
+-- OUTBOX_PARTITION_INTERVAL set when the table is created, it is range-partitioned
+-- by created_at (the primary key then includes it, as PostgreSQL requires); the
+-- leader creates partitions ahead of time, a DEFAULT partition catches any row
+-- outside them, and retention drops old partitions whole.
 CREATE TABLE IF NOT EXISTS event_outbox (
-    id               BIGSERIAL    PRIMARY KEY,
+    id               BIGSERIAL    {{if not .Partitioned}}PRIMARY KEY{{end}},
     event_type       VARCHAR(255) NOT NULL,
     event_date_time  TIMESTAMP    NOT NULL,
     environment      VARCHAR(50)  NOT NULL DEFAULT '',
@@ -17,8 +21,11 @@ CREATE TABLE IF NOT EXISTS event_outbox (
     last_error       TEXT,
     next_attempt_at  TIMESTAMPTZ,
     CONSTRAINT event_outbox_status_check
-        CHECK (status IN ('pending', 'processed', 'failed', 'dead'))
-);
+        CHECK (status IN ('pending', 'processed', 'failed', 'dead')){{if .Partitioned}},
+    PRIMARY KEY (id, created_at)
+) PARTITION BY RANGE (created_at);
+CREATE TABLE IF NOT EXISTS event_outbox_default PARTITION OF event_outbox DEFAULT;{{else}}
+);{{end}}
 
 -- Partial index over undelivered rows only: the sweep, the status counts and the
 -- oldest-undelivered age read it, and it stays small however many millions of
@@ -41,7 +48,7 @@ CREATE TABLE IF NOT EXISTS outbox_checkpoint (
 DO {{.DollarTag}}
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {{.PublicationLiteral}}) THEN
-        CREATE PUBLICATION {{.Publication}} FOR TABLE event_outbox WITH (publish = 'insert');
+        CREATE PUBLICATION {{.Publication}} FOR TABLE event_outbox WITH (publish = 'insert'{{if .Partitioned}}, publish_via_partition_root = true{{end}});
     END IF;
 END
 {{.DollarTag}};
