@@ -2,6 +2,8 @@ package pipeline_test
 
 import (
 	"context"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -128,4 +130,94 @@ func TestPartitionedOutbox(t *testing.T) {
 	if c, u := e.CHCounts(t); c != 1103 || u != 1103 {
 		t.Fatalf("after retention ClickHouse holds count=%d uniq=%d, want the 1103 events", c, u)
 	}
+}
+
+// conversionSQL returns the SQL blocks of the conversion guide in
+// docs/partitioned-outbox.md, with its example cutover replaced.
+func conversionSQL(t *testing.T, cutover time.Time) []string {
+	t.Helper()
+	doc, err := os.ReadFile("../docs/partitioned-outbox.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(doc)
+	i := strings.Index(text, "## Converting an existing unpartitioned outbox")
+	if i < 0 {
+		t.Fatal("the guide has no conversion section")
+	}
+	var blocks []string
+	for _, part := range strings.Split(text[i:], "```sql\n")[1:] {
+		block, _, ok := strings.Cut(part, "```")
+		if !ok {
+			t.Fatal("unterminated SQL block in the guide")
+		}
+		blocks = append(blocks, strings.ReplaceAll(block, "2026-12-02 00:00:00", cutover.Format("2006-01-02 15:04:05")))
+	}
+	if len(blocks) != 2 {
+		t.Fatalf("the guide has %d SQL blocks, want 2", len(blocks))
+	}
+	return blocks
+}
+
+// TestConvertUnpartitionedOutbox runs the conversion guide of
+// docs/partitioned-outbox.md against an outbox that streams throughout: every
+// event before, during and after the swap reaches ClickHouse once, rows after
+// the cutover land in partitions the leader created, and the old table is a
+// partition.
+func TestConvertUnpartitionedOutbox(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	ctx := context.Background()
+	startWith(t, e, func(c *pipeline.Config) {
+		c.SweepInterval = 300 * time.Millisecond
+		c.PartitionInterval = 24 * time.Hour
+	})
+	e.WaitStreaming(t)
+	e.Insert(t, 300, false)
+	cutover := time.Now().UTC().Truncate(24 * time.Hour).Add(24 * time.Hour)
+	blocks := conversionSQL(t, cutover)
+	// The first block runs statement by statement (CREATE INDEX CONCURRENTLY
+	// cannot run in a transaction), while events keep coming.
+	for _, stmt := range strings.Split(blocks[0], ";\n") {
+		if strings.TrimSpace(stmt) == "" {
+			continue
+		}
+		if _, err := e.Pool.Exec(ctx, stmt); err != nil {
+			t.Fatalf("%s: %v", stmt, err)
+		}
+		e.Insert(t, 50, false)
+	}
+	// The swap, as one script.
+	if _, err := e.Pool.Exec(ctx, blocks[1]); err != nil {
+		t.Fatalf("conversion: %v", err)
+	}
+	partitioned, err := retention.Partitioned(ctx, e.Pool)
+	if err != nil || !partitioned {
+		t.Fatalf("event_outbox partitioned after the guide: %v %v", partitioned, err)
+	}
+	e.Insert(t, 300, false) // before the cutover: into the old table
+	dayAfter := cutover.Add(12 * time.Hour)
+	e2e.WaitFor(t, time.Minute, "the leader to create the partitions from the cutover on", func() bool {
+		parts, err := retention.Partitions(ctx, e.Pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range parts {
+			if !p.Default && !p.From.After(dayAfter) && p.To.After(dayAfter) && p.Name != "event_outbox_legacy" {
+				return true
+			}
+		}
+		return false
+	})
+	if _, err := e.Pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, created_at)
+		SELECT 'after', now() AT TIME ZONE 'UTC', $1 FROM generate_series(1, 100)`, dayAfter); err != nil {
+		t.Fatal(err)
+	}
+	var inLegacy, total int64
+	if err := e.Pool.QueryRow(ctx, "SELECT (SELECT count(*) FROM event_outbox_legacy), (SELECT count(*) FROM event_outbox)").Scan(&inLegacy, &total); err != nil {
+		t.Fatal(err)
+	}
+	if total-inLegacy != 100 {
+		t.Fatalf("%d of %d rows outside the old table, want the 100 after the cutover", total-inLegacy, total)
+	}
+	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -35,7 +36,24 @@ func Partitioned(ctx context.Context, db interface {
 	return kind == "p", nil
 }
 
-var boundRE = regexp.MustCompile(`^FOR VALUES FROM \('([^']+)'\) TO \('([^']+)'\)$`)
+var boundRE = regexp.MustCompile(`^FOR VALUES FROM \((MINVALUE|'[^']+')\) TO \((MAXVALUE|'[^']+')\)$`)
+
+// minTime and maxTime stand for MINVALUE and MAXVALUE bounds.
+var (
+	minTime = time.Date(1, 1, 1, 0, 0, 0, 0, time.UTC)
+	maxTime = time.Date(9999, 12, 31, 0, 0, 0, 0, time.UTC)
+)
+
+// parseBound reads one bound of pg_get_expr(relpartbound).
+func parseBound(s string) (time.Time, error) {
+	switch s {
+	case "MINVALUE":
+		return minTime, nil
+	case "MAXVALUE":
+		return maxTime, nil
+	}
+	return time.Parse("2006-01-02 15:04:05", strings.Trim(s, "'"))
+}
 
 // Partitions lists the outbox's partitions.
 func Partitions(ctx context.Context, db *pgxpool.Pool) ([]Partition, error) {
@@ -60,8 +78,8 @@ func Partitions(ctx context.Context, db *pgxpool.Pool) ([]Partition, error) {
 		if m == nil {
 			continue // not a range over created_at we made; leave it alone
 		}
-		from, err1 := time.Parse("2006-01-02 15:04:05", m[1])
-		to, err2 := time.Parse("2006-01-02 15:04:05", m[2])
+		from, err1 := parseBound(m[1])
+		to, err2 := parseBound(m[2])
 		if err1 != nil || err2 != nil {
 			continue
 		}
@@ -123,6 +141,9 @@ func EnsurePartitions(ctx context.Context, db *pgxpool.Pool, interval time.Durat
 		_, err := db.Exec(ctx, fmt.Sprintf("CREATE TABLE IF NOT EXISTS %s PARTITION OF event_outbox FOR VALUES FROM ('%s') TO ('%s')",
 			pgx.Identifier{name}.Sanitize(), from.Format("2006-01-02 15:04:05"), to.Format("2006-01-02 15:04:05")))
 		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42P17" {
+			continue // overlaps a partition made by hand (e.g. a converted table)
+		}
 		if errors.As(err, &pgErr) && pgErr.Code == "23514" {
 			log.Warn("outbox partition not created: the default partition already holds rows of its range (they stay there)",
 				zap.String("partition", name), zap.Time("from", from), zap.Time("to", to))
