@@ -465,6 +465,13 @@ func (c *ClickHouse) writeLegacyConfig(path string) error {
     <mark_cache_size>67108864</mark_cache_size>
     <uncompressed_cache_size>67108864</uncompressed_cache_size>
     <mlock_executable>false</mlock_executable>
+    <!-- Tests stop merges of their tables (a merge would hide duplicates);
+         18.16 would otherwise delay inserts past 150 parts and refuse them
+         past 300. -->
+    <merge_tree>
+        <parts_to_delay_insert>5000</parts_to_delay_insert>
+        <parts_to_throw_insert>10000</parts_to_throw_insert>
+    </merge_tree>
 </yandex>
 `, xmlEscape(c.LogPath), xmlEscape(filepath.Join(c.Dir, "clickhouse.err.log")), c.Host, c.nativePort, c.HTTPPort,
 		xmlEscape(c.DataDir), xmlEscape(usersPath))
