@@ -36,23 +36,7 @@ func waitCaughtUp(t *testing.T, e *e2e.Env, timeout time.Duration) {
 }
 
 // statusCounts returns the number of outbox rows per status.
-func statusCounts(t *testing.T, e *e2e.Env) map[string]int {
-	t.Helper()
-	rows, err := e.Pool.Query(context.Background(), "SELECT status, count(*) FROM event_outbox GROUP BY status")
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]int{}
-	for rows.Next() {
-		var s string
-		var n int
-		if err := rows.Scan(&s, &n); err != nil {
-			t.Fatal(err)
-		}
-		out[s] = n
-	}
-	return out
-}
+func statusCounts(t *testing.T, e *e2e.Env) map[string]int64 { return e.StatusCounts(t) }
 
 // TestVanishedRowDoesNotStall (item 1): a transaction inserts an event and
 // deletes it again. pgoutput carries the insert, never the delete; the

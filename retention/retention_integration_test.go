@@ -24,24 +24,7 @@ func seed(t *testing.T, e *e2e.Env, n int, st string, age time.Duration) {
 	}
 }
 
-func counts(t *testing.T, e *e2e.Env) map[string]int64 {
-	t.Helper()
-	rows, err := e.Pool.Query(context.Background(), "SELECT status, count(*) FROM event_outbox GROUP BY status")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rows.Close()
-	out := map[string]int64{}
-	for rows.Next() {
-		var s string
-		var n int64
-		if err := rows.Scan(&s, &n); err != nil {
-			t.Fatal(err)
-		}
-		out[s] = n
-	}
-	return out
-}
+func counts(t *testing.T, e *e2e.Env) map[string]int64 { return e.StatusCounts(t) }
 
 // TestPruneRemovesOnlyOldProcessedRows: one pass removes exactly the processed
 // rows older than the retention, in many small batches; pending, failed and

@@ -209,6 +209,29 @@ func (e *Env) Committed(t testing.TB) (total, processed int64) {
 	return total, processed
 }
 
+// StatusCounts returns the number of outbox rows per status.
+func (e *Env) StatusCounts(t testing.TB) map[string]int64 {
+	t.Helper()
+	rows, err := e.Pool.Query(context.Background(), "SELECT status, count(*) FROM event_outbox GROUP BY status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	out := map[string]int64{}
+	for rows.Next() {
+		var s string
+		var n int64
+		if err := rows.Scan(&s, &n); err != nil {
+			t.Fatal(err)
+		}
+		out[s] = n
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
 // CHCounts returns count() and uniqExact(event_id) of the event table, without FINAL.
 func (e *Env) CHCounts(t testing.TB) (count, unique uint64) {
 	t.Helper()
