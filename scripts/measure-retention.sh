@@ -29,5 +29,5 @@ for layout in partitioned plain; do
   wait $pp
   worst=$(awk '{print $2}' "${TMPDIR:-/tmp}"/prod-$layout.txt | sort -n | tail -1)
   p50=$(awk '{print $2}' "${TMPDIR:-/tmp}"/prod-$layout.txt | sort -n | awk '{a[NR]=$1} END {print a[int(NR/2)]}')
-  echo "$layout: 1,000,000 processed rows ($size): prune took $(echo "$end - $start" | bc) s; producer single-row INSERT during it: p50 ${p50} ms, worst ${worst} ms; $out"
+  echo "$layout: 1,000,000 processed rows ($size): prune took $(awk "BEGIN {printf \"%.2f\", $end - $start}") s; producer single-row INSERT during it: p50 ${p50} ms, worst ${worst} ms; $out"
 done
