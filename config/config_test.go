@@ -96,3 +96,45 @@ func TestPostgresPartsAndRedaction(t *testing.T) {
 		t.Fatalf("RedactDSN(key/value) = %q", got)
 	}
 }
+
+func TestParseDurationDays(t *testing.T) {
+	for in, want := range map[string]time.Duration{
+		"7d": 7 * 24 * time.Hour, "1d12h": 36 * time.Hour, "0.5d": 12 * time.Hour, "90": 90 * time.Second, "0": 0, "250ms": 250 * time.Millisecond,
+	} {
+		got, err := ParseDuration(in)
+		if err != nil || got != want {
+			t.Errorf("ParseDuration(%q) = %v, %v; want %v", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"d", "7x", "1d2", "seven days"} {
+		if _, err := ParseDuration(bad); err == nil {
+			t.Errorf("ParseDuration(%q) accepted", bad)
+		}
+	}
+}
+
+func TestRetentionSetting(t *testing.T) {
+	for env, want := range map[string]time.Duration{"": 7 * 24 * time.Hour, "0": 0, "10s": 10 * time.Second, "30d": 30 * 24 * time.Hour} {
+		getenv := func(k string) string {
+			if k == "OUTBOX_RETENTION" {
+				return env
+			}
+			return ""
+		}
+		cfg, _, err := Load(flag.NewFlagSet("t", flag.ContinueOnError), nil, getenv)
+		if err != nil {
+			t.Fatalf("OUTBOX_RETENTION=%q: %v", env, err)
+		}
+		if cfg.Retention != want {
+			t.Errorf("OUTBOX_RETENTION=%q: %v, want %v", env, cfg.Retention, want)
+		}
+	}
+	if _, _, err := Load(flag.NewFlagSet("t", flag.ContinueOnError), nil, func(k string) string {
+		if k == "OUTBOX_RETENTION" {
+			return "-1h"
+		}
+		return ""
+	}); err == nil || !strings.Contains(err.Error(), "OUTBOX_RETENTION") {
+		t.Errorf("a negative retention gave %v, want an error naming OUTBOX_RETENTION", err)
+	}
+}
