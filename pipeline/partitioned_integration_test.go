@@ -71,14 +71,8 @@ func TestPartitionedOutbox(t *testing.T) {
 		_, err := outbox.AppendBatch(ctx, tx, []outbox.Event{{Type: "producer", Time: time.Now()}, {Type: "producer", Time: time.Now()}})
 		return err
 	})
-	var total int64
-	if err := e.Pool.QueryRow(ctx, "SELECT count(*) FROM event_outbox").Scan(&total); err != nil {
-		t.Fatal(err)
-	}
-	if total != 1103 {
-		t.Fatalf("outbox holds %d rows, want 1103", total)
-	}
-	// Every event once in ClickHouse, wherever its row lives.
+	// Every event once in ClickHouse, wherever its row lives (not counted in
+	// the outbox: retention may already be removing the old processed ones).
 	e2e.WaitFor(t, time.Minute, "1102 events in ClickHouse", func() bool { c, _ := e.CHCounts(t); return c >= 1102 })
 	waitCaughtUp(t, e, time.Minute)
 	if c, u := e.CHCounts(t); c != 1102 || u != 1102 {
