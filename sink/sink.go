@@ -91,6 +91,23 @@ type Writer struct {
 	legacy   bool
 	minT     time.Time
 	maxT     time.Time
+
+	// When the server last failed a request transiently, and when a quiet
+	// spell was last seen after that (see awaitInsertsDone).
+	lastFailure, settledAt time.Time
+}
+
+// settleQuiet is how long the server must run no insert into the table, after
+// it failed us, before a lookup trusts that no insert of ours is still to come.
+const settleQuiet = time.Second
+
+// noteFailure records a transient failure of the server.
+func (w *Writer) noteFailure(err error) {
+	if err != nil && IsRetryable(err) {
+		w.mu.Lock()
+		w.lastFailure = time.Now()
+		w.mu.Unlock()
+	}
 }
 
 // ErrNotConnected is returned by Validate before the server's version is
@@ -139,6 +156,9 @@ func (w *Writer) Ready(ctx context.Context) error {
 	}
 	legacy, ver, err := DetectVersion(ctx, w.conn)
 	if err != nil {
+		if IsRetryable(err) {
+			w.lastFailure = time.Now()
+		}
 		return fmt.Errorf("clickhouse at %s is unreachable (check CLICKHOUSE_HOST/CLICKHOUSE_PORT/CLICKHOUSE_PROTOCOL and credentials): %w", w.cfg.Addr, err)
 	}
 	w.legacy, w.detected = legacy, true
@@ -287,6 +307,7 @@ func (w *Writer) Insert(ctx context.Context, events []record.Event) error {
 		}
 	}
 	if err := b.Send(); err != nil {
+		w.noteFailure(err)
 		return fmt.Errorf("insert %d rows into %s: %w", n, w.table, err)
 	}
 	return nil
@@ -374,6 +395,7 @@ func (w *Writer) ExistingIDs(ctx context.Context, events []record.Event) (map[in
 	sb.WriteString(timeLiteral(legacy, upper))
 	rows, err := w.conn.Query(ctx, sb.String())
 	if err != nil {
+		w.noteFailure(err)
 		return nil, fmt.Errorf("look up %d event ids in %s: %w", len(events), w.table, err)
 	}
 	defer rows.Close()
@@ -390,19 +412,45 @@ func (w *Writer) ExistingIDs(ctx context.Context, events []record.Event) (map[in
 	return found, nil
 }
 
-// awaitInsertsDone waits (at most ReadTimeout) until the server runs no insert
-// into the table. ExistingIDs answers "what does ClickHouse hold" after an
-// insert whose outcome is unknown — the client timed out or was killed — and
-// such an insert may still be running on the server, with all its data
-// received, and commit after the lookup: the rows it reported missing would
-// then be sent twice. Other inserts (the sweep's) only make the wait longer.
+// awaitInsertsDone waits until the server runs no insert into the table.
+// ExistingIDs answers "what does ClickHouse hold" after an insert whose outcome
+// is unknown — the client timed out or was killed — and such an insert may
+// still be running on the server, with all its data received, and commit after
+// the lookup: the rows it reported missing would then be sent twice. Other
+// inserts (the sweep's) only make the wait longer.
+//
+// After the server failed us (a timeout: it may have been frozen or stalled),
+// an insert whose data sat unread in its socket may not even be listed yet when
+// it resumes; then the server must show no insert for settleQuiet in a row,
+// once per recovery, before the lookup is trusted. The wait is bounded (three
+// ReadTimeouts), after which the lookup goes ahead with a warning.
 func (w *Writer) awaitInsertsDone(ctx context.Context) {
 	q := "SELECT count() FROM system.processes WHERE position(query, " + quoteString("INSERT INTO "+w.table) + ") = 1"
-	deadline := time.Now().Add(w.cfg.ReadTimeout)
+	w.mu.Lock()
+	needQuiet := w.lastFailure.After(w.settledAt)
+	w.mu.Unlock()
+	deadline := time.Now().Add(3 * w.cfg.ReadTimeout)
+	var quietSince time.Time
 	for {
 		var n uint64
-		if err := w.conn.QueryRow(ctx, q).Scan(&n); err != nil || n == 0 {
-			return // an error shows again in the lookup itself
+		if err := w.conn.QueryRow(ctx, q).Scan(&n); err != nil {
+			w.noteFailure(err)
+			return // the error shows again in the lookup itself
+		}
+		if n == 0 {
+			if !needQuiet {
+				return
+			}
+			if quietSince.IsZero() {
+				quietSince = time.Now()
+			} else if time.Since(quietSince) >= settleQuiet {
+				w.mu.Lock()
+				w.settledAt = time.Now()
+				w.mu.Unlock()
+				return
+			}
+		} else {
+			quietSince = time.Time{}
 		}
 		if time.Now().After(deadline) {
 			w.log.Warn("inserts into the event table still running; looking up ids anyway", zap.Uint64("running", n))

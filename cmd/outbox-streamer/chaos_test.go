@@ -3,9 +3,11 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -119,6 +121,16 @@ func TestChaos(t *testing.T) {
 		"CLICKHOUSE_OUTAGE_FAIL_AFTER=2s", "EVENT_PROCESSING_INTERVAL=1s", "RETRY_MAX_WAIT=1s",
 		"EVENT_RETRY_BASE_DELAY=0.5", "EVENT_RETRY_MAX_DELAY=2", "CLICKHOUSE_CONNECT_TIMEOUT=2", "CLICKHOUSE_SEND_RECEIVE_TIMEOUT=5")
 	sup := superviseStreamer(t, env)
+	t.Cleanup(func() {
+		if t.Failed() {
+			// The streamers' logs explain a failure; keep them.
+			path := filepath.Join(os.TempDir(), fmt.Sprintf("chaos-%d.log", seed))
+			sup.mu.Lock()
+			_ = os.WriteFile(path, sup.out.Bytes(), 0o644)
+			sup.mu.Unlock()
+			t.Logf("streamer logs kept in %s", path)
+		}
+	})
 	e2e.WaitFor(t, time.Minute, "streamer streaming", func() bool { return e.ConfirmedFlush(t) > 0 })
 
 	pcfg, err := pgxpool.ParseConfig(e.DSN)

@@ -273,7 +273,7 @@ func (e *Env) AssertExactlyDelivered(t testing.TB, timeout time.Duration, walPos
 	})
 	c, u := e.CHCounts(t)
 	if c != uint64(total) || u != uint64(total) {
-		t.Fatalf("ClickHouse has count()=%d uniqExact(event_id)=%d, want both = %d committed rows", c, u, total)
+		t.Fatalf("ClickHouse has count()=%d uniqExact(event_id)=%d, want both = %d committed rows\n%s", c, u, total, e.DescribeDuplicates(t))
 	}
 	var sumPG int64
 	if err := e.Pool.QueryRow(context.Background(), "SELECT COALESCE(sum(id), 0) FROM event_outbox").Scan(&sumPG); err != nil {
@@ -331,7 +331,7 @@ func (e *Env) AssertExactlyDeliveredExcept(t testing.TB, timeout time.Duration, 
 	})
 	c, u := e.CHCounts(t)
 	if c != u {
-		t.Fatalf("ClickHouse has count()=%d but uniqExact(event_id)=%d: %d rows twice", c, u, c-u)
+		t.Fatalf("ClickHouse has count()=%d but uniqExact(event_id)=%d: %d rows twice\n%s", c, u, c-u, e.DescribeDuplicates(t))
 	}
 	kc, ks := kept()
 	if kc != uint64(total) || ks != uint64(sumPG) {
@@ -343,6 +343,43 @@ func (e *Env) AssertExactlyDeliveredExcept(t testing.TB, timeout time.Duration, 
 	WaitFor(t, timeout, fmt.Sprintf("slot confirmed LSN past %s", pglogrepl.LSN(walPos)), func() bool {
 		return e.ConfirmedFlush(t) >= walPos
 	})
+}
+
+// DescribeDuplicates says which events ClickHouse holds more than once and how
+// each copy got there (commit_lsn 0: the sweep; otherwise the stream), for
+// failure messages.
+func (e *Env) DescribeDuplicates(t testing.TB) string {
+	t.Helper()
+	ctx := context.Background()
+	rows, err := e.CHConn.Query(ctx, `SELECT event_id, count(), groupArray(commit_lsn), groupArray(toString(inserted_at))
+		FROM `+e.Table+` GROUP BY event_id HAVING count() > 1 ORDER BY event_id`)
+	if err != nil {
+		return fmt.Sprintf("(duplicates not readable: %v)", err)
+	}
+	defer rows.Close()
+	var b strings.Builder
+	n := 0
+	var first, last uint64
+	for rows.Next() {
+		var id, c uint64
+		var lsns []uint64
+		var at []string
+		if err := rows.Scan(&id, &c, &lsns, &at); err != nil {
+			return fmt.Sprintf("(duplicates not readable: %v)", err)
+		}
+		if n == 0 {
+			first = id
+		}
+		last = id
+		if n < 12 || n%500 == 0 {
+			var status, reason string
+			var attempts int
+			_ = e.Pool.QueryRow(ctx, "SELECT status, attempts, coalesce(last_error, '') FROM event_outbox WHERE id = $1", int64(id)).Scan(&status, &attempts, &reason)
+			fmt.Fprintf(&b, "  event %d: %d copies, commit_lsn %v, inserted_at %v; outbox: %s, %d attempts, %q\n", id, c, lsns, at, status, attempts, reason)
+		}
+		n++
+	}
+	return fmt.Sprintf("%d events twice or more, ids %d..%d:\n%s", n, first, last, b.String())
 }
 
 func randomHex(t testing.TB) string {
