@@ -36,6 +36,21 @@ func TestPartitionedOutbox(t *testing.T) {
 	}
 	oldA := old.Truncate(time.Hour).Add(10 * time.Minute)
 	oldB := oldA.Add(time.Hour)
+	nameA, nameB := "event_outbox_p"+oldA.Format("20060102_15")+"00", "event_outbox_p"+oldB.Format("20060102_15")+"00"
+	names := func() map[string]bool {
+		parts, err := retention.Partitions(ctx, e.Pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]bool{}
+		for _, p := range parts {
+			out[p.Name] = true
+		}
+		return out
+	}
+	if !names()[nameA] || !names()[nameB] {
+		t.Fatalf("partitions %s, %s missing: %v", nameA, nameB, names())
+	}
 	insertAt := func(tx pgx.Tx, n int, at time.Time) error {
 		_, err := tx.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, created_at)
 			SELECT 'p', now() AT TIME ZONE 'UTC', $2 FROM generate_series(1, $1)`, n, at)
@@ -80,21 +95,6 @@ func TestPartitionedOutbox(t *testing.T) {
 	}
 	// Retention: partition B (all processed) goes whole; A is kept while it
 	// holds the failed row.
-	names := func() map[string]bool {
-		parts, err := retention.Partitions(ctx, e.Pool)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out := map[string]bool{}
-		for _, p := range parts {
-			out[p.Name] = true
-		}
-		return out
-	}
-	nameA, nameB := "event_outbox_p"+oldA.Format("20060102_1504")[:11]+"00", "event_outbox_p"+oldB.Format("20060102_1504")[:11]+"00"
-	if !names()[nameA] || !names()[nameB] {
-		t.Fatalf("partitions %s, %s missing: %v", nameA, nameB, names())
-	}
 	e2e.WaitFor(t, time.Minute, "the old all-processed partition dropped", func() bool { return !names()[nameB] })
 	if !names()[nameA] {
 		t.Fatalf("partition %s was dropped although it holds failed row %d", nameA, failedID)
