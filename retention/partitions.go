@@ -66,10 +66,15 @@ func Partitions(ctx context.Context, db *pgxpool.Pool) ([]Partition, error) {
 	defer rows.Close()
 	var out []Partition
 	for rows.Next() {
-		var name, bound string
-		if err := rows.Scan(&name, &bound); err != nil {
+		var name string
+		var boundp *string
+		if err := rows.Scan(&name, &boundp); err != nil {
 			return nil, fmt.Errorf("list outbox partitions: %w", err)
 		}
+		if boundp == nil {
+			continue // being detached or dropped as we read the catalog
+		}
+		bound := *boundp
 		if bound == "DEFAULT" {
 			out = append(out, Partition{Name: name, Default: true})
 			continue
