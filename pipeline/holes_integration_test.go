@@ -35,9 +35,6 @@ func waitCaughtUp(t *testing.T, e *e2e.Env, timeout time.Duration) {
 	e2e.WaitFor(t, timeout, "slot confirmed past the last commit", func() bool { return e.ConfirmedFlush(t) >= pos })
 }
 
-// statusCounts returns the number of outbox rows per status.
-func statusCounts(t *testing.T, e *e2e.Env) map[string]int64 { return e.StatusCounts(t) }
-
 // TestVanishedRowDoesNotStall (item 1): a transaction inserts an event and
 // deletes it again. pgoutput carries the insert, never the delete; the
 // streamer must settle the row that no longer exists instead of waiting for
@@ -60,7 +57,7 @@ func TestVanishedRowDoesNotStall(t *testing.T) {
 	// Well inside the 30 s that the visibility wait used to take before it
 	// failed (and was retried for ever).
 	waitCaughtUp(t, e, 15*time.Second)
-	e2e.WaitFor(t, 15*time.Second, "the 100 events processed", func() bool { return statusCounts(t, e)["processed"] == 100 })
+	e2e.WaitFor(t, 15*time.Second, "the 100 events processed", func() bool { return e.StatusCounts(t)["processed"] == 100 })
 
 	// The same after a restart that replays the row (a delete of a row in
 	// flight while the streamer is down).
@@ -79,7 +76,7 @@ func TestVanishedRowDoesNotStall(t *testing.T) {
 	e.Insert(t, 50, false)
 	startWith(t, e, nil)
 	waitCaughtUp(t, e, 15*time.Second)
-	e2e.WaitFor(t, 15*time.Second, "150 events processed", func() bool { return statusCounts(t, e)["processed"] == 150 })
+	e2e.WaitFor(t, 15*time.Second, "150 events processed", func() bool { return e.StatusCounts(t)["processed"] == 150 })
 }
 
 // TestSweepSurvivesPoisonedRow (item 5): a failed row the sweep cannot even
@@ -159,7 +156,7 @@ func TestStrandedRowsAreRescued(t *testing.T) {
 	startWith(t, e, func(c *pipeline.Config) { c.SweepInterval = 300 * time.Millisecond })
 	e.WaitStreaming(t)
 	e.Insert(t, 200, false) // streamed
-	e2e.WaitFor(t, time.Minute, "pre-slot and streamed rows processed", func() bool { return statusCounts(t, e)["processed"] == 500 })
+	e2e.WaitFor(t, time.Minute, "pre-slot and streamed rows processed", func() bool { return e.StatusCounts(t)["processed"] == 500 })
 
 	// Rows while the table is not in the publication.
 	if _, err := e.Pool.Exec(ctx, "ALTER PUBLICATION "+pgx.Identifier{e.Publication}.Sanitize()+" DROP TABLE event_outbox"); err != nil {
@@ -261,7 +258,7 @@ func TestStartDuringClickHouseOutage(t *testing.T) {
 	e.WaitStreaming(t)
 	e.Insert(t, 300, false)
 	after := e.CurrentWAL(t)
-	e2e.WaitFor(t, time.Minute, "rows marked failed during the outage", func() bool { return statusCounts(t, e)["failed"] == 300 })
+	e2e.WaitFor(t, time.Minute, "rows marked failed during the outage", func() bool { return e.StatusCounts(t)["failed"] == 300 })
 	e2e.WaitFor(t, time.Minute, "slot acknowledged past the failed rows", func() bool { return e.ConfirmedFlush(t) >= after })
 	if err := ch.Start(context.Background()); err != nil {
 		t.Fatal(err)
@@ -392,7 +389,7 @@ func TestTableThatRejectsEveryRowStops(t *testing.T) {
 			if !errors.Is(err, pipeline.ErrTableRejectsRows) || !strings.Contains(err.Error(), "migrate up") {
 				t.Fatalf("pipeline returned %v, want ErrTableRejectsRows with a hint", err)
 			}
-			if st := statusCounts(t, e); st["pending"] != 50 {
+			if st := e.StatusCounts(t); st["pending"] != 50 {
 				t.Fatalf("rows by status %v, want all 50 still pending", st)
 			}
 		})

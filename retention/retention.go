@@ -113,6 +113,14 @@ const countBatch = `WITH batch AS (
 // id from the oldest row: the primary key is the only index it needs, and
 // it stops at the first batch that holds only newer rows.
 func (p *Pruner) Prune(ctx context.Context, olderThan time.Duration, dry bool) (Result, error) {
+	partitioned, err := Partitioned(ctx, p.pool)
+	if err != nil {
+		return Result{}, err
+	}
+	return p.prune(ctx, olderThan, dry, partitioned)
+}
+
+func (p *Pruner) prune(ctx context.Context, olderThan time.Duration, dry, partitioned bool) (Result, error) {
 	if olderThan <= 0 {
 		olderThan = p.cfg.Retention
 	}
@@ -125,10 +133,6 @@ func (p *Pruner) Prune(ctx context.Context, olderThan time.Duration, dry bool) (
 	res.Cutoff = start.Add(-olderThan).In(p.cfg.TimeZone)
 	cutoff := time.Date(res.Cutoff.Year(), res.Cutoff.Month(), res.Cutoff.Day(), res.Cutoff.Hour(),
 		res.Cutoff.Minute(), res.Cutoff.Second(), res.Cutoff.Nanosecond(), time.UTC)
-	partitioned, err := Partitioned(ctx, p.pool)
-	if err != nil {
-		return res, err
-	}
 	if partitioned && !dry {
 		// Whole partitions first: dropping a table is cheaper than deleting
 		// its rows, and leaves no dead tuples to vacuum.
@@ -191,7 +195,7 @@ func (p *Pruner) Maintain(ctx context.Context) (Result, error) {
 	if !p.Enabled() {
 		return Result{}, nil
 	}
-	return p.Prune(ctx, 0, false)
+	return p.prune(ctx, 0, false, partitioned)
 }
 
 // Ages reads the ages of the oldest rows (see ReadAges).

@@ -24,8 +24,6 @@ func seed(t *testing.T, e *e2e.Env, n int, st string, age time.Duration) {
 	}
 }
 
-func counts(t *testing.T, e *e2e.Env) map[string]int64 { return e.StatusCounts(t) }
-
 // TestPruneRemovesOnlyOldProcessedRows: one pass removes exactly the processed
 // rows older than the retention, in many small batches; pending, failed and
 // dead rows stay however old, and so do recent processed rows. A dry run
@@ -48,7 +46,7 @@ func TestPruneRemovesOnlyOldProcessedRows(t *testing.T) {
 	if dry.Removed != 1500 {
 		t.Fatalf("dry run counts %d rows, want 1500", dry.Removed)
 	}
-	if c := counts(t, e); c["processed"] != 1600 {
+	if c := e.StatusCounts(t); c["processed"] != 1600 {
 		t.Fatalf("dry run changed the outbox: %v", c)
 	}
 	res, err := p.Prune(ctx, 0, false)
@@ -58,7 +56,7 @@ func TestPruneRemovesOnlyOldProcessedRows(t *testing.T) {
 	if res.Removed != 1500 || res.Batches < 15 {
 		t.Fatalf("pass removed %d rows in %d batches, want 1500 in at least 15", res.Removed, res.Batches)
 	}
-	c := counts(t, e)
+	c := e.StatusCounts(t)
 	if c["processed"] != 100 || c["pending"] != 20 || c["failed"] != 20 || c["dead"] != 20 {
 		t.Fatalf("after pruning: %v, want 100 recent processed and every pending, failed and dead row", c)
 	}
