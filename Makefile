@@ -33,13 +33,13 @@ test: deps build ## the whole suite (unit, integration, end to end) on ClickHous
 	OUTBOX_TEST_REQUIRE_LEGACY=1 $(DEVENV) --legacy -- $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(TESTFLAGS) ./...
 
 test-unit: ## unit tests only (no servers)
-	$(GO) test -count=1 -short ./batch/... ./checkpoint/... ./config/... ./replication/... ./internal/retry/...
+	$(GO) test -count=1 -short ./internal/batch/... ./checkpoint/... ./internal/config/... ./replication/... ./internal/retry/...
 
 fuzz: ## fuzz the pgoutput decoder for a minute
 	$(GO) test ./replication -run '^$$' -fuzz FuzzDecode -fuzztime 60s
 
 bench: deps build ## benchmark against a bare slot reader and the polling design: one table (BENCHFLAGS='--reps 1 --rows 50000' for a quick run, --json FILE, --profile DIR)
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/outbox-bench ./bench
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/outbox-bench ./cmd/outbox-bench
 	$(BIN)/outbox-bench --streamer $(STREAMER) $(BENCHFLAGS)
 
 lint: ## gofmt and go vet

@@ -19,8 +19,8 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"gopkg.in/yaml.v3"
 
-	"github.com/outbox-streamer/outbox-streamer/config"
-	"github.com/outbox-streamer/outbox-streamer/metrics"
+	"github.com/outbox-streamer/outbox-streamer/internal/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 )
 
 // root is the repository root, relative to this package's directory.

@@ -26,7 +26,7 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/outbox-streamer/outbox-streamer/retention"
+	"github.com/outbox-streamer/outbox-streamer/internal/retention"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 

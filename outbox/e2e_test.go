@@ -14,7 +14,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/outbox"
-	"github.com/outbox-streamer/outbox-streamer/pipeline"
+	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 

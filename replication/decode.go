@@ -7,7 +7,7 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/outbox-streamer/outbox-streamer/record"
+	"github.com/outbox-streamer/outbox-streamer/internal/record"
 )
 
 // Kind says what a decoded pgoutput message was.

@@ -12,7 +12,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
 
-	"github.com/outbox-streamer/outbox-streamer/batch"
+	"github.com/outbox-streamer/outbox-streamer/internal/batch"
 	"github.com/outbox-streamer/outbox-streamer/checkpoint"
 )
 

@@ -6,7 +6,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
-	"github.com/outbox-streamer/outbox-streamer/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/config"
 )
 
 // newLogger returns JSON logs to stderr, or console logs when DEBUG is set and stderr

@@ -17,7 +17,7 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/outbox-streamer/outbox-streamer/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/config"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 

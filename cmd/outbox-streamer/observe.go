@@ -11,9 +11,9 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
-	"github.com/outbox-streamer/outbox-streamer/config"
-	"github.com/outbox-streamer/outbox-streamer/metrics"
-	"github.com/outbox-streamer/outbox-streamer/telemetry"
+	"github.com/outbox-streamer/outbox-streamer/internal/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
+	"github.com/outbox-streamer/outbox-streamer/internal/telemetry"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".

@@ -8,8 +8,8 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/outbox-streamer/outbox-streamer/config"
-	"github.com/outbox-streamer/outbox-streamer/retention"
+	"github.com/outbox-streamer/outbox-streamer/internal/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/retention"
 )
 
 // cmdPrune is `prune [--older-than DUR] [--dry-run]`: one retention pass.

@@ -10,9 +10,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-streamer/outbox-streamer/leader"
+	"github.com/outbox-streamer/outbox-streamer/internal/leader"
 	"github.com/outbox-streamer/outbox-streamer/replication"
-	"github.com/outbox-streamer/outbox-streamer/retention"
+	"github.com/outbox-streamer/outbox-streamer/internal/retention"
 )
 
 // slotStatus is what `status` reports.

@@ -5,7 +5,7 @@ package batch
 import (
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/record"
+	"github.com/outbox-streamer/outbox-streamer/internal/record"
 )
 
 // Batch is a contiguous run of rows from the stream: rows with sequence numbers

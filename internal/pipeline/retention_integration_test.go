@@ -7,7 +7,7 @@ import (
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
-	"github.com/outbox-streamer/outbox-streamer/pipeline"
+	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 )
 
 // TestRetentionWhileStreaming (issue 12): with a short retention the leader

@@ -7,7 +7,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/outbox-streamer/outbox-streamer/record"
+	"github.com/outbox-streamer/outbox-streamer/internal/record"
 )
 
 func TestNilMetricsIsANoOp(t *testing.T) {

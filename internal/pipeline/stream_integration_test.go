@@ -12,8 +12,8 @@ import (
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
-	"github.com/outbox-streamer/outbox-streamer/pipeline"
-	"github.com/outbox-streamer/outbox-streamer/record"
+	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
+	"github.com/outbox-streamer/outbox-streamer/internal/record"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 

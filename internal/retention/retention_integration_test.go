@@ -9,7 +9,7 @@ import (
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
-	"github.com/outbox-streamer/outbox-streamer/retention"
+	"github.com/outbox-streamer/outbox-streamer/internal/retention"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }

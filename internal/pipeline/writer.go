@@ -14,13 +14,13 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 
-	"github.com/outbox-streamer/outbox-streamer/batch"
+	"github.com/outbox-streamer/outbox-streamer/internal/batch"
 	"github.com/outbox-streamer/outbox-streamer/internal/retry"
-	"github.com/outbox-streamer/outbox-streamer/metrics"
-	"github.com/outbox-streamer/outbox-streamer/outboxstore"
-	"github.com/outbox-streamer/outbox-streamer/record"
+	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
+	"github.com/outbox-streamer/outbox-streamer/internal/record"
 	"github.com/outbox-streamer/outbox-streamer/sink"
-	"github.com/outbox-streamer/outbox-streamer/telemetry"
+	"github.com/outbox-streamer/outbox-streamer/internal/telemetry"
 )
 
 // Sink is where events go (implemented by *sink.Writer).

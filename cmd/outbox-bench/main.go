@@ -3,7 +3,7 @@
 // ceiling) and the earlier polling design (the baseline), and prints one table of
 // medians over repetitions, with the ratios and targets the design promises.
 //
-//	go build -o bin/outbox-bench ./bench && bin/outbox-bench --streamer bin/outbox-streamer
+//	go build -o bin/outbox-bench ./cmd/outbox-bench && bin/outbox-bench --streamer bin/outbox-streamer
 //	bin/outbox-bench --reps 1 --rows 20000 --big-tx 50000 --latency-duration 5s   # a quick smoke run
 //
 // Scenarios (each repetition runs them in this order, so that the ratios compare
@@ -18,7 +18,7 @@
 //
 // Every scenario run verifies its delivery (ClickHouse holds every committed row
 // exactly once, every outbox row is processed, the slot is past the last commit).
-// go test -run TestBenchSmoke ./bench runs all of them once with tiny sizes.
+// go test -run TestBenchSmoke ./cmd/outbox-bench runs all of them once with tiny sizes.
 package main
 
 import (

@@ -8,7 +8,7 @@ import (
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
-	"github.com/outbox-streamer/outbox-streamer/outboxstore"
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }

@@ -19,7 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
-	"github.com/outbox-streamer/outbox-streamer/record"
+	"github.com/outbox-streamer/outbox-streamer/internal/record"
 )
 
 // Namespace is the prefix of every metric of the streamer.

@@ -8,7 +8,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/zap"
 
-	"github.com/outbox-streamer/outbox-streamer/record"
+	"github.com/outbox-streamer/outbox-streamer/internal/record"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 

@@ -14,8 +14,8 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/outbox"
-	"github.com/outbox-streamer/outbox-streamer/pipeline"
-	"github.com/outbox-streamer/outbox-streamer/retention"
+	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
+	"github.com/outbox-streamer/outbox-streamer/internal/retention"
 )
 
 // TestPartitionedOutbox (issue 12): event_outbox range-partitioned by
@@ -130,7 +130,7 @@ func TestPartitionedOutbox(t *testing.T) {
 // docs/partitioned-outbox.md, with its example cutover replaced.
 func conversionSQL(t *testing.T, cutover time.Time) []string {
 	t.Helper()
-	doc, err := os.ReadFile("../docs/partitioned-outbox.md")
+	doc, err := os.ReadFile("../../docs/partitioned-outbox.md")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,7 +4,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/record"
+	"github.com/outbox-streamer/outbox-streamer/internal/record"
 )
 
 func TestBuilderCutsBySize(t *testing.T) {

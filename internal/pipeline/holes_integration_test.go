@@ -21,11 +21,11 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
 	"github.com/outbox-streamer/outbox-streamer/internal/retry"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
-	"github.com/outbox-streamer/outbox-streamer/outboxstore"
-	"github.com/outbox-streamer/outbox-streamer/pipeline"
-	"github.com/outbox-streamer/outbox-streamer/record"
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
+	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
+	"github.com/outbox-streamer/outbox-streamer/internal/record"
 	"github.com/outbox-streamer/outbox-streamer/sink"
-	"github.com/outbox-streamer/outbox-streamer/sweep"
+	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
 )
 
 // waitCaughtUp waits until the slot confirmed the WAL position of now.

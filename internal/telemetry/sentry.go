@@ -149,7 +149,7 @@ func (c *sentryCore) Write(ent zapcore.Entry, fields []zapcore.Field) error {
 }
 
 // selfModule is this package's import path as Sentry stack frames name it.
-const selfModule = "github.com/outbox-streamer/outbox-streamer/telemetry"
+const selfModule = "github.com/outbox-streamer/outbox-streamer/internal/telemetry"
 
 // callerStack is the current stack without the frames of zap and of this core, so the
 // top frame is the code that logged.
