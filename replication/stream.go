@@ -12,8 +12,8 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/batch"
 	"github.com/outbox-streamer/outbox-streamer/checkpoint"
+	"github.com/outbox-streamer/outbox-streamer/internal/batch"
 )
 
 // ErrWriterStopped is returned when the batch consumer exited while the stream still

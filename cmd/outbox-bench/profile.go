@@ -18,11 +18,11 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
-	"github.com/outbox-streamer/outbox-streamer/internal/retry"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
+	"github.com/outbox-streamer/outbox-streamer/internal/retry"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 

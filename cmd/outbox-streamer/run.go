@@ -15,14 +15,14 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
-	"github.com/outbox-streamer/outbox-streamer/internal/retry"
 	"github.com/outbox-streamer/outbox-streamer/internal/leader"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
+	"github.com/outbox-streamer/outbox-streamer/internal/retry"
+	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 	"github.com/outbox-streamer/outbox-streamer/sink"
-	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
 )
 
 func cmdRun(args []string, stdout, stderr io.Writer) error {

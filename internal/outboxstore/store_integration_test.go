@@ -7,8 +7,8 @@ import (
 	"time"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }

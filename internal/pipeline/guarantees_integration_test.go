@@ -11,13 +11,13 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
+	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 	"github.com/outbox-streamer/outbox-streamer/sink"
-	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
 )
 
 // startWith runs the pipeline with cfg adjusted by tweak; it returns a stop func

@@ -19,13 +19,13 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/retry"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
-	"github.com/outbox-streamer/outbox-streamer/sink"
+	"github.com/outbox-streamer/outbox-streamer/internal/retry"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
 // waitCaughtUp waits until the slot confirmed the WAL position of now.

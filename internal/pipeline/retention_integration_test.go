@@ -6,8 +6,8 @@ import (
 	"time"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 )
 
 // TestRetentionWhileStreaming (issue 12): with a short retention the leader

@@ -10,14 +10,14 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/batch"
 	"github.com/outbox-streamer/outbox-streamer/checkpoint"
+	"github.com/outbox-streamer/outbox-streamer/internal/batch"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
-	"github.com/outbox-streamer/outbox-streamer/replication"
 	"github.com/outbox-streamer/outbox-streamer/internal/retention"
-	"github.com/outbox-streamer/outbox-streamer/sink"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
+	"github.com/outbox-streamer/outbox-streamer/replication"
+	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
 // Config is everything the streaming pipeline needs.

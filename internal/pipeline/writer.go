@@ -15,12 +15,12 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/batch"
-	"github.com/outbox-streamer/outbox-streamer/internal/retry"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
-	"github.com/outbox-streamer/outbox-streamer/sink"
+	"github.com/outbox-streamer/outbox-streamer/internal/retry"
 	"github.com/outbox-streamer/outbox-streamer/internal/telemetry"
+	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
 // Sink is where events go (implemented by *sink.Writer).

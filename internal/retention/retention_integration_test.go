@@ -8,8 +8,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/retention"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
