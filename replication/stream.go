@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/outbox-streamer/outbox-streamer/checkpoint"
 	"github.com/outbox-streamer/outbox-streamer/internal/batch"
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 )
 
 // ErrWriterStopped is returned when the batch consumer exited while the stream still
@@ -90,8 +92,7 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 			pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
 		if err != nil {
 			conn.Close(context.Background())
-			var pgErr *pgconn.PgError
-			if errors.As(err, &pgErr) && pgErr.Code == "42710" {
+			if fault.IsPostgres(err, pgerrcode.DuplicateObject) {
 				return nil, SlotInUseError(cfg.Slot, 0)
 			}
 			return nil, fmt.Errorf("create replication slot %q: %w", cfg.Slot, err)
@@ -176,8 +177,7 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 	args := []string{"proto_version '1'", "publication_names '" + escapeLiteral(pub) + "'"}
 	if err := pglogrepl.StartReplication(ctx, s.conn, s.cfg.Slot, pglogrepl.LSN(s.startLSN),
 		pglogrepl.StartReplicationOptions{Mode: pglogrepl.LogicalReplication, PluginArgs: args}); err != nil {
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == "55006" {
+		if fault.IsPostgres(err, pgerrcode.ObjectInUse) {
 			return SlotInUseError(s.cfg.Slot, 0)
 		}
 		return fmt.Errorf("start replication on slot %q: %w", s.cfg.Slot, err)

@@ -21,6 +21,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"go.uber.org/zap"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
 )
 
@@ -103,7 +104,7 @@ const settleQuiet = time.Second
 
 // noteFailure records a transient failure of the server.
 func (w *Writer) noteFailure(err error) {
-	if err != nil && IsRetryable(err) {
+	if err != nil && fault.Retryable(err) {
 		w.mu.Lock()
 		w.lastFailure = time.Now()
 		w.mu.Unlock()
@@ -146,7 +147,7 @@ func OpenLazy(cfg Config, log *zap.Logger) (*Writer, error) {
 }
 
 // Ready detects the server's version unless known already. Its error says
-// which server could not be reached; sink.IsRetryable tells whether waiting
+// which server could not be reached; fault.Retryable tells whether waiting
 // may help.
 func (w *Writer) Ready(ctx context.Context) error {
 	w.mu.Lock()
@@ -156,7 +157,7 @@ func (w *Writer) Ready(ctx context.Context) error {
 	}
 	legacy, ver, err := DetectVersion(ctx, w.conn)
 	if err != nil {
-		if IsRetryable(err) {
+		if fault.Retryable(err) {
 			w.lastFailure = time.Now()
 		}
 		return fmt.Errorf("clickhouse at %s is unreachable (check CLICKHOUSE_HOST/CLICKHOUSE_PORT/CLICKHOUSE_PROTOCOL and credentials): %w", w.cfg.Addr, err)

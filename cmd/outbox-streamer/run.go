@@ -6,15 +6,14 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"syscall"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 	"github.com/outbox-streamer/outbox-streamer/internal/leader"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
@@ -165,19 +164,7 @@ func transient(err error) bool {
 	if errors.As(err, &pre) {
 		return false
 	}
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		switch pgErr.Code[:2] {
-		case "08", "53", "57", "58":
-			return true
-		}
-		return pgErr.Code == "55006" || pgErr.Code == "40001" || pgErr.Code == "40P01"
-	}
-	var connectErr *pgconn.ConnectError
-	var netErr net.Error
-	return errors.As(err, &connectErr) || errors.As(err, &netErr) || pgconn.SafeToRetry(err) || pgconn.Timeout(err) ||
-		sink.IsRetryable(err) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
-		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET)
+	return fault.Retryable(err)
 }
 
 // slotBusy reports the slot being used by another connection: after a takeover the
@@ -187,8 +174,7 @@ func slotBusy(err error) bool {
 	if errors.As(err, &pre) && pre.SlotInUse {
 		return true
 	}
-	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr) && pgErr.Code == "55006"
+	return fault.IsPostgres(err, pgerrcode.ObjectInUse)
 }
 
 // runSweepOnce is `run --sweep`: one sweep over due failed rows, then a summary.

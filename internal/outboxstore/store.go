@@ -376,24 +376,3 @@ func cleanReason(s string, n int) string {
 	}
 	return s[:cut] + "…"
 }
-
-// IsRetryable reports whether a PostgreSQL error is transient: the connection broke,
-// the server is starting or shutting down, or a serialization conflict.
-func IsRetryable(err error) bool {
-	if err == nil || errors.Is(err, context.Canceled) {
-		return false
-	}
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		switch pgErr.Code[:2] {
-		case "08", "53", "57": // connection exception, insufficient resources, operator intervention
-			return true
-		}
-		return pgErr.Code == "40001" || pgErr.Code == "40P01"
-	}
-	if errors.Is(err, pgx.ErrNoRows) {
-		return false
-	}
-	// No server error: the connection failed or timed out.
-	return true
-}

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/batch"
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
@@ -232,7 +233,7 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 	// Record the in-flight position before anything can reach ClickHouse, so that a
 	// crash after the insert leaves a trace that these rows must be checked.
 	if b.MaxCommitLSN > w.recorded {
-		if err := w.retry(ctx, "record in-flight batch", outboxstore.IsRetryable, func(ctx context.Context) error {
+		if err := w.retry(ctx, "record in-flight batch", fault.Retryable, func(ctx context.Context) error {
 			err := w.inflight.RecordInflight(ctx, b.MaxCommitLSN)
 			if err != nil {
 				m.AddError(metrics.StageCheckpoint)
@@ -352,7 +353,7 @@ func (w *Writer) reconcile(ctx context.Context, events []record.Event, retryable
 		return events, nil, nil
 	}
 	var owned map[int64]struct{}
-	if err := w.retry(ctx, "read status of in-doubt rows", outboxstore.IsRetryable, func(ctx context.Context) error {
+	if err := w.retry(ctx, "read status of in-doubt rows", fault.Retryable, func(ctx context.Context) error {
 		var err error
 		owned, err = w.outbox.NotPending(ctx, doubtIDs)
 		return err
@@ -478,7 +479,7 @@ func (w *Writer) insert(ctx context.Context, events []record.Event, retryable fu
 		telemetry.RecordInsert(trace.SpanFromContext(ctx), len(toSend), time.Since(t0), err)
 		if err != nil {
 			w.cfg.Metrics.AddError(metrics.StageInsert)
-			uncertain = sink.IsRetryable(err)
+			uncertain = fault.Retryable(err)
 		}
 		return err
 	})
@@ -487,7 +488,7 @@ func (w *Writer) insert(ctx context.Context, events []record.Event, retryable fu
 	}
 	// Rows found in ClickHouse are delivered; the rest goes on below.
 	inserted, events = present, toSend
-	if !sink.IsRowError(err) {
+	if fault.Of(err) != fault.Rejected {
 		return inserted, nil, err
 	}
 	if len(events) == 1 {
@@ -511,14 +512,14 @@ func (w *Writer) insert(ctx context.Context, events []record.Event, retryable fu
 // transient ClickHouse errors are retried until OutageFailAfter has passed.
 func (w *Writer) withinOutage(start time.Time) func(error) bool {
 	return func(err error) bool {
-		return sink.IsRetryable(err) && (w.cfg.OutageFailAfter <= 0 || time.Since(start) < w.cfg.OutageFailAfter)
+		return fault.Retryable(err) && (w.cfg.OutageFailAfter <= 0 || time.Since(start) < w.cfg.OutageFailAfter)
 	}
 }
 
 // outage reports whether err ended a bounded retry because ClickHouse stayed
 // unavailable (rather than a shutdown or an error waiting cannot fix).
 func (w *Writer) outage(ctx context.Context, err error) bool {
-	return err != nil && sink.IsRetryable(err) && ctx.Err() == nil
+	return err != nil && fault.Retryable(err) && ctx.Err() == nil
 }
 
 // deferAll hands every event of a batch to the sweep after an outage.
@@ -535,7 +536,7 @@ func refOf(ev *record.Event) outboxstore.Ref { return outboxstore.Ref{ID: ev.ID,
 // metrics and the batch's span.
 func (w *Writer) statusUpdate(ctx context.Context, span trace.Span, what string, rows int, op func(context.Context) error) error {
 	t0 := time.Now()
-	err := w.retry(ctx, what, outboxstore.IsRetryable, func(ctx context.Context) error {
+	err := w.retry(ctx, what, fault.Retryable, func(ctx context.Context) error {
 		err := op(ctx)
 		if err != nil {
 			w.cfg.Metrics.AddError(metrics.StageStatusUpdate)

@@ -8,10 +8,12 @@ import (
 	"strings"
 	"time"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 )
 
 // Partition is one range partition of a partitioned outbox.
@@ -145,11 +147,10 @@ func EnsurePartitions(ctx context.Context, db *pgxpool.Pool, interval time.Durat
 		name := partitionName(from, interval)
 		_, err := db.Exec(ctx, fmt.Sprintf("CREATE TABLE IF NOT EXISTS %s PARTITION OF event_outbox FOR VALUES FROM ('%s') TO ('%s')",
 			pgx.Identifier{name}.Sanitize(), from.Format("2006-01-02 15:04:05"), to.Format("2006-01-02 15:04:05")))
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == "42P17" {
+		if fault.IsPostgres(err, pgerrcode.InvalidObjectDefinition) {
 			continue // overlaps a partition made by hand (e.g. a converted table)
 		}
-		if errors.As(err, &pgErr) && pgErr.Code == "23514" {
+		if fault.IsPostgres(err, pgerrcode.CheckViolation) {
 			log.Warn("outbox partition not created: the default partition already holds rows of its range (they stay there)",
 				zap.String("partition", name), zap.Time("from", from), zap.Time("to", to))
 			continue
@@ -222,11 +223,10 @@ func (p *Pruner) dropOldPartitions(ctx context.Context, cutoff time.Time) (DropR
 			_, err := tx.Exec(ctx, "DROP TABLE "+ident)
 			return err
 		})
-		var pgErr *pgconn.PgError
 		switch {
 		case errors.Is(err, errKeep):
 			res.Kept = append(res.Kept, part.Name)
-		case errors.As(err, &pgErr) && pgErr.Code == "55P03": // lock_not_available
+		case fault.IsPostgres(err, pgerrcode.LockNotAvailable): // lock_not_available
 			p.log.Warn("outbox partition not dropped this pass: its lock was not free within the timeout",
 				zap.String("partition", part.Name), zap.Duration("lock_timeout", dropLockTimeout))
 		case err != nil:

@@ -16,9 +16,9 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
-	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
 // Sink is where the sweep delivers (implemented by *sink.Writer).
@@ -191,7 +191,7 @@ func (s *Sweeper) round(ctx context.Context, res *Result) (int, error) {
 	}
 	inserted := len(toInsert)
 	if err := s.sink.Insert(ctx, toInsert); err != nil {
-		if !sink.IsRowError(err) && !sink.IsBatchError(err) {
+		if !fault.Splittable(err) {
 			return 0, s.unavailable(err)
 		}
 		// Isolate the rows the server rejects one by one: the sweep is not the hot
@@ -206,7 +206,7 @@ func (s *Sweeper) round(ctx context.Context, res *Result) (int, error) {
 				continue
 			}
 			if err := s.sink.Insert(ctx, valid[i:i+1]); err != nil {
-				if !sink.IsRowError(err) && !sink.IsBatchError(err) {
+				if !fault.Splittable(err) {
 					return 0, s.unavailable(err)
 				}
 				failures = append(failures, outboxstore.Failure{ID: valid[i].ID, Reason: "clickhouse rejected the event: " + err.Error()})
@@ -284,7 +284,7 @@ func (s *Sweeper) scanRow(rows pgx.Rows) (record.Event, int, error) {
 }
 
 func (s *Sweeper) unavailable(err error) error {
-	if sink.IsRetryable(err) {
+	if fault.Retryable(err) {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	return fmt.Errorf("sweep: %w", err)
