@@ -26,7 +26,8 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/retention"
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
+	"github.com/outbox-streamer/outbox-streamer/internal/pgsql"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -282,7 +283,7 @@ func render(dir string, data map[string]string) (source.Driver, error) {
 func PostgresData(publication string) map[string]string {
 	return map[string]string{
 		"Publication":        pgx.Identifier{publication}.Sanitize(),
-		"PublicationLiteral": quoteLiteral(publication),
+		"PublicationLiteral": pgsql.Literal(publication),
 		"DollarTag":          dollarTag(publication),
 		"Partitioned":        "",
 	}
@@ -299,11 +300,6 @@ func dollarTag(s string) string {
 	return "$" + tag + "$"
 }
 
-// quoteLiteral quotes s as a PostgreSQL string literal.
-func quoteLiteral(s string) string {
-	return "'" + strings.ReplaceAll(s, "'", "''") + "'"
-}
-
 // DescribeLayout creates the partitions a partitioned outbox needs now (the
 // current one and PartitionsAhead after it; the leader keeps creating them) and
 // returns one line saying how event_outbox is laid out.
@@ -313,7 +309,7 @@ func DescribeLayout(ctx context.Context, cfg Config) (string, error) {
 		return "", fmt.Errorf("DATABASE_URL: %w", err)
 	}
 	defer pool.Close()
-	partitioned, err := retention.Partitioned(ctx, pool)
+	partitioned, err := outboxstore.Partitioned(ctx, pool)
 	if err != nil {
 		return "", err
 	}
@@ -324,11 +320,11 @@ func DescribeLayout(ctx context.Context, cfg Config) (string, error) {
 		return "event_outbox: not partitioned", nil
 	}
 	if cfg.PartitionInterval > 0 {
-		if _, err := retention.EnsurePartitions(ctx, pool, cfg.PartitionInterval, time.Now(), cfg.TimeZone, 1, 3, zap.NewNop()); err != nil {
+		if _, err := outboxstore.EnsurePartitions(ctx, pool, cfg.PartitionInterval, time.Now(), cfg.TimeZone, 1, 3, zap.NewNop()); err != nil {
 			return "", err
 		}
 	}
-	parts, err := retention.Partitions(ctx, pool)
+	parts, err := outboxstore.Partitions(ctx, pool)
 	if err != nil {
 		return "", err
 	}

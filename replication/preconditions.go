@@ -10,7 +10,9 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// SlotInfo is the slot's state as pg_replication_slots shows it.
+// SlotInfo is the slot's state as pg_replication_slots shows it. ReadSlot is
+// the one place that reads it: the stream's preconditions, the sweep's
+// rescue, the metrics poller and `status` all use it.
 type SlotInfo struct {
 	Exists         bool
 	Plugin         string
@@ -18,6 +20,15 @@ type SlotInfo struct {
 	ActivePID      int32
 	ConfirmedFlush uint64
 	WALStatus      string
+	// CurrentWAL is the server's WAL insert position when the slot was read.
+	CurrentWAL uint64
+	// LagBytes is CurrentWAL - confirmed_flush_lsn and RetainedBytes is
+	// CurrentWAL - restart_lsn; nil when unknown (a lost slot).
+	LagBytes, RetainedBytes *int64
+	// SafeWALSize is safe_wal_size: the WAL that can still be written before
+	// the slot risks invalidation; nil when max_slot_wal_keep_size is
+	// unlimited.
+	SafeWALSize *int64
 	// Database is the database the slot was created in. Slot names are
 	// server-wide: a slot of another database is not this outbox's.
 	Database string
@@ -130,24 +141,34 @@ func SlotInUseError(slot string, pid int32) error {
 	}
 }
 
-// ReadSlot reads the slot's row from pg_replication_slots.
+// ReadSlot reads the slot's row from pg_replication_slots (Exists false when
+// there is none). A slot of another database (Foreign) is reported as such:
+// slot names are server-wide.
 func ReadSlot(ctx context.Context, conn interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }, slot string) (SlotInfo, error) {
 	var info SlotInfo
-	var confirmed *string
-	var walStatus, database *string
+	var confirmed, walStatus, database *string
+	var current string
 	var pid *int32
-	err := conn.QueryRow(ctx, `SELECT plugin, active, active_pid, confirmed_flush_lsn::text, wal_status,
-			database, database IS DISTINCT FROM current_database()
-		FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&info.Plugin, &info.Active, &pid, &confirmed, &walStatus, &database, &info.Foreign)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return info, nil
-	}
+	err := conn.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text, s.slot_name IS NOT NULL,
+			COALESCE(s.plugin, ''), COALESCE(s.active, false), s.active_pid, s.confirmed_flush_lsn::text,
+			s.wal_status, s.database, COALESCE(s.database IS DISTINCT FROM current_database(), false),
+			pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint,
+			pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint,
+			s.safe_wal_size
+		FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots s ON s.slot_name = $1`, slot).
+		Scan(&current, &info.Exists, &info.Plugin, &info.Active, &pid, &confirmed, &walStatus, &database, &info.Foreign,
+			&info.LagBytes, &info.RetainedBytes, &info.SafeWALSize)
 	if err != nil {
 		return info, fmt.Errorf("read replication slot %q: %w", slot, err)
 	}
-	info.Exists = true
+	if info.CurrentWAL, err = parseLSN(current); err != nil {
+		return info, fmt.Errorf("parse current WAL position %q: %w", current, err)
+	}
+	if !info.Exists {
+		return SlotInfo{CurrentWAL: info.CurrentWAL}, nil
+	}
 	if database != nil {
 		info.Database = *database
 	}

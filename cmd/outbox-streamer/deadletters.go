@@ -11,18 +11,8 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/jackc/pgx/v5"
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 )
-
-// deadLetter is a row that exhausted its attempts.
-type deadLetter struct {
-	ID        int64     `json:"id"`
-	Type      string    `json:"event_type"`
-	Time      time.Time `json:"event_date_time"`
-	Attempts  int       `json:"attempts"`
-	LastError string    `json:"last_error"`
-	UpdatedAt time.Time `json:"updated_at"`
-}
 
 const deadLettersUsage = `usage:
   outbox-streamer dead-letters list [--limit N] [--type T] [--json]
@@ -62,14 +52,9 @@ func cmdDeadLetters(args []string, stdout, stderr io.Writer) error {
 	defer done()
 
 	if action == "list" {
-		rows, err := conn.Query(ctx, `SELECT id, event_type, event_date_time, attempts, COALESCE(last_error, ''), updated_at
-			FROM event_outbox WHERE status = 'dead' AND ($1 = '' OR event_type = $1) ORDER BY id LIMIT $2`, typ, limit)
+		list, err := outboxstore.DeadLetters(ctx, conn, typ, limit)
 		if err != nil {
-			return fmt.Errorf("list dead letters: %w", err)
-		}
-		list, err := pgx.CollectRows(rows, pgx.RowToStructByPos[deadLetter])
-		if err != nil {
-			return fmt.Errorf("list dead letters: %w", err)
+			return err
 		}
 		if asJSON {
 			enc := json.NewEncoder(stdout)
@@ -103,20 +88,10 @@ func cmdDeadLetters(args []string, stdout, stderr io.Writer) error {
 	if len(idList) == 0 && !all {
 		return errors.New("requeue needs --id N[,N...] or --all")
 	}
-	tag, err := conn.Exec(ctx, `UPDATE event_outbox
-		SET status = 'failed', attempts = 0, next_attempt_at = now(), updated_at = now() AT TIME ZONE 'UTC',
-		    last_error = 'requeued by operator; before: ' || COALESCE(last_error, '')
-		WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1)) AND ($2 = '' OR event_type = $2)`, nullable(idList), typ)
+	n, err := outboxstore.Requeue(ctx, conn, idList, typ)
 	if err != nil {
-		return fmt.Errorf("requeue dead letters: %w", err)
+		return err
 	}
-	fmt.Fprintf(stdout, "requeued %d dead letter(s); the next sweep delivers them\n", tag.RowsAffected())
+	fmt.Fprintf(stdout, "requeued %d dead letter(s); the next sweep delivers them\n", n)
 	return nil
-}
-
-func nullable(ids []int64) any {
-	if len(ids) == 0 {
-		return nil
-	}
-	return ids
 }

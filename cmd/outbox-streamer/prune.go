@@ -9,7 +9,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
-	"github.com/outbox-streamer/outbox-streamer/internal/retention"
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 )
 
 // cmdPrune is `prune [--older-than DUR] [--dry-run]`: one retention pass.
@@ -42,7 +42,7 @@ func cmdPrune(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("DATABASE_URL: %w", err)
 	}
 	defer pool.Close()
-	p := retention.New(retention.Config{Retention: age, TimeZone: cfg.TimeZone, PartitionInterval: cfg.PartitionInterval}, pool, log)
+	p := outboxstore.NewPruner(outboxstore.PruneConfig{Retention: age, TimeZone: cfg.TimeZone, PartitionInterval: cfg.PartitionInterval}, pool, log)
 	res, err := p.Prune(ctx, age, dry)
 	verb := "removed"
 	if dry {

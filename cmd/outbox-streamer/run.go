@@ -205,9 +205,9 @@ func runSweepOnce(ctx context.Context, cfg *config.Config, log *zap.Logger, stdo
 		}
 	}
 	var left struct{ failed, dead int64 }
-	if qerr := pool.QueryRow(context.Background(), `SELECT count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'dead')
-		FROM event_outbox WHERE status <> 'processed'`).Scan(&left.failed, &left.dead); qerr != nil && err == nil {
-		err = fmt.Errorf("count remaining rows: %w", qerr)
+	var qerr error
+	if left.failed, left.dead, qerr = outboxstore.Undelivered(context.Background(), pool); qerr != nil && err == nil {
+		err = qerr
 	}
 	fmt.Fprintf(stdout, "sweep: %d delivered, %d already in ClickHouse, %d failed again, %d became dead letters, %d stranded pending rows rescued in %s; now %d failed, %d dead\n",
 		res.Delivered, res.AlreadyPresent, res.Failed, res.Dead, res.Rescued, res.Took.Round(time.Millisecond), left.failed, left.dead)

@@ -8,10 +8,11 @@ import (
 	"io"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/leader"
-	"github.com/outbox-streamer/outbox-streamer/internal/retention"
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 
@@ -55,14 +56,12 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	}
 	defer done()
 
-	st := slotStatus{Slot: cfg.Slot, Counts: map[string]int64{"pending": 0, "processed": 0, "failed": 0, "dead": 0}}
-	if err := conn.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&st.CurrentWAL); err != nil {
-		return fmt.Errorf("read current WAL position: %w", err)
-	}
+	st := slotStatus{Slot: cfg.Slot}
 	slot, err := replication.ReadSlot(ctx, conn, cfg.Slot)
 	if err != nil {
 		return err
 	}
+	st.CurrentWAL = pglogrepl.LSN(slot.CurrentWAL).String()
 	if slot.Foreign {
 		// Another database's slot of the same name says nothing about this
 		// outbox (it once showed 366 MB of someone else's lag here).
@@ -71,40 +70,26 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	}
 	st.SlotExists, st.Active, st.ActivePID, st.WALStatus = slot.Exists, slot.Active, slot.ActivePID, slot.WALStatus
 	if slot.Exists {
-		err := conn.QueryRow(ctx, `SELECT confirmed_flush_lsn::text,
-				COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint,
-				COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint,
-				safe_wal_size
-			FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()`, cfg.Slot).
-			Scan(&st.ConfirmedFlush, &st.LagBytes, &st.RetainedWALBytes, &st.SafeWALSize)
-		if err != nil {
-			return fmt.Errorf("read slot lag: %w", err)
+		st.ConfirmedFlush = pglogrepl.LSN(slot.ConfirmedFlush).String()
+		if slot.LagBytes != nil {
+			st.LagBytes = *slot.LagBytes
 		}
+		if slot.RetainedBytes != nil {
+			st.RetainedWALBytes = *slot.RetainedBytes
+		}
+		st.SafeWALSize = slot.SafeWALSize
 	}
 	if err := conn.QueryRow(ctx, leader.HolderQuery, cfg.Slot).Scan(&st.Leader); err != nil && !errors.Is(err, pgx.ErrNoRows) {
 		return fmt.Errorf("read the leader lock: %w", err)
 	}
-	rows, err := conn.Query(ctx, `SELECT status, count(*) FROM event_outbox GROUP BY status`)
-	if err != nil {
-		return fmt.Errorf("count outbox rows (has `outbox-streamer migrate up` run?): %w", err)
+	if st.Counts, err = outboxstore.CountByStatus(ctx, conn); err != nil {
+		return err
 	}
-	for rows.Next() {
-		var s string
-		var n int64
-		if err := rows.Scan(&s, &n); err != nil {
-			return err
-		}
-		st.Counts[s] = n
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("count outbox rows: %w", err)
-	}
-	if err := conn.QueryRow(ctx, `SELECT EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - min(created_at))::float8
-		FROM event_outbox WHERE status IN ('pending', 'failed')`).Scan(&st.OldestUndelivered); err != nil {
-		return fmt.Errorf("read oldest undelivered row: %w", err)
+	if st.OldestUndelivered, err = outboxstore.OldestUndelivered(ctx, conn); err != nil {
+		return err
 	}
 	st.RetentionSeconds = cfg.Retention.Seconds()
-	ages, err := retention.ReadAges(ctx, conn, cfg.TimeZone)
+	ages, err := outboxstore.ReadAges(ctx, conn, cfg.TimeZone)
 	if err != nil {
 		return err
 	}

@@ -3,11 +3,13 @@ package metrics
 import (
 	"context"
 	"errors"
-	"fmt"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/zap"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
+	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 
 // Querier runs queries; *pgxpool.Pool, *pgx.Conn and pgx.Tx implement it.
@@ -131,76 +133,30 @@ func (p *SlotPoller) Poll(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// slotQuery reads the slot's position relative to the server's WAL end. The
-// differences are float8 because pg_wal_lsn_diff returns numeric.
-const slotQuery = `SELECT active,
-	pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8,
-	pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8,
-	safe_wal_size::float8
-FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()`
-
 func (p *SlotPoller) readSlot(ctx context.Context) (SlotStats, error) {
-	s := SlotStats{Slot: p.cfg.Slot, Exists: true}
-	err := p.db.QueryRow(ctx, slotQuery, p.cfg.Slot).Scan(&s.Active, &s.LagBytes, &s.RetainedBytes, &s.SafeWALSize)
-	if errors.Is(err, pgx.ErrNoRows) {
+	slot, err := replication.ReadSlot(ctx, p.db, p.cfg.Slot)
+	if err != nil {
+		return SlotStats{}, err
+	}
+	if !slot.Exists || slot.Foreign {
 		return SlotStats{Slot: p.cfg.Slot}, nil
 	}
-	if err != nil {
-		return SlotStats{}, fmt.Errorf("read replication slot %q: %w", p.cfg.Slot, err)
-	}
-	return s, nil
+	return SlotStats{Slot: p.cfg.Slot, Exists: true, Active: slot.Active,
+		LagBytes: asFloat(slot.LagBytes), RetainedBytes: asFloat(slot.RetainedBytes), SafeWALSize: asFloat(slot.SafeWALSize)}, nil
 }
 
-// outboxQuery counts the undelivered rows by status and finds the oldest pending or
-// failed one. Its WHERE clause is the predicate of the partial index
-// event_outbox_undelivered_idx, so the planner reads only undelivered rows however
-// many millions of processed rows the table holds: the cost follows the backlog, not
-// the table. created_at holds UTC (see the migration), hence the conversion of now().
-const outboxQuery = `SELECT status, count(*)::float8,
-	EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - min(created_at) FILTER (WHERE status IN ('pending', 'failed')))::float8
-FROM %s WHERE status <> 'processed' GROUP BY status`
-
-// reltuplesQuery reads the planner's row estimate of the table, kept up to date by
-// autovacuum and ANALYZE. It is -1 for a table never vacuumed or analyzed.
-const reltuplesQuery = `SELECT reltuples::float8 FROM pg_class WHERE oid = $1::regclass`
+func asFloat(n *int64) *float64 {
+	if n == nil {
+		return nil
+	}
+	f := float64(*n)
+	return &f
+}
 
 func (p *SlotPoller) readOutbox(ctx context.Context) (OutboxStats, error) {
-	table := pgx.Identifier{p.cfg.Schema, p.cfg.Table}.Sanitize()
-	rows, err := p.db.Query(ctx, fmt.Sprintf(outboxQuery, table))
+	b, err := outboxstore.ReadBacklog(ctx, p.db, p.cfg.Schema, p.cfg.Table)
 	if err != nil {
-		return OutboxStats{}, fmt.Errorf("count undelivered rows of %s: %w", table, err)
+		return OutboxStats{}, err
 	}
-	o := OutboxStats{Rows: map[string]float64{}}
-	var undelivered float64
-	var oldest float64
-	for rows.Next() {
-		var status string
-		var n float64
-		var age *float64
-		if err := rows.Scan(&status, &n, &age); err != nil {
-			rows.Close()
-			return OutboxStats{}, fmt.Errorf("count undelivered rows of %s: %w", table, err)
-		}
-		o.Rows[status] = n
-		undelivered += n
-		if age != nil && *age > oldest {
-			oldest = *age
-		}
-	}
-	if err := rows.Err(); err != nil {
-		return OutboxStats{}, fmt.Errorf("count undelivered rows of %s: %w", table, err)
-	}
-	o.OldestUndeliveredAge = time.Duration(oldest * float64(time.Second))
-
-	// An exact count of processed rows would scan the whole table on every poll;
-	// the estimate minus the exact undelivered count is free and good enough for a
-	// dashboard (it lags until autovacuum/ANALYZE refresh reltuples).
-	var reltuples float64
-	if err := p.db.QueryRow(ctx, reltuplesQuery, table).Scan(&reltuples); err != nil {
-		return OutboxStats{}, fmt.Errorf("read row estimate of %s: %w", table, err)
-	}
-	if reltuples >= 0 {
-		o.Rows["processed"] = max(0, reltuples-undelivered)
-	}
-	return o, nil
+	return OutboxStats{Rows: b.Rows, OldestUndeliveredAge: b.OldestUndelivered}, nil
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/migrations"
 )
@@ -205,7 +206,7 @@ func TestOutboxQueryUsesThePartialIndex(t *testing.T) {
 	if _, err := pool.Exec(ctx, "ANALYZE event_outbox"); err != nil {
 		t.Fatal(err)
 	}
-	rows, err := pool.Query(ctx, "EXPLAIN "+fmt.Sprintf(outboxQuery, `"public"."event_outbox"`))
+	rows, err := pool.Query(ctx, "EXPLAIN "+outboxstore.BacklogQuery(`"public"."event_outbox"`))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -61,23 +61,34 @@ func (c *RetryConfig) defaults() {
 type DB interface {
 	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
 	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
-// Store updates outbox rows.
+// Store runs the statements on event_outbox.
 type Store struct {
 	db    DB
+	pool  *pgxpool.Pool // for statements that need their own transaction
 	retry RetryConfig
 }
 
 // New returns a store over pool.
 func New(pool *pgxpool.Pool, retry RetryConfig) *Store {
 	retry.defaults()
-	return &Store{db: pool, retry: retry}
+	return &Store{db: pool, pool: pool, retry: retry}
 }
 
 // WithTx returns a store whose statements run in tx.
 func (s *Store) WithTx(tx pgx.Tx) *Store {
-	return &Store{db: tx, retry: s.retry}
+	return &Store{db: tx, pool: s.pool, retry: s.retry}
+}
+
+// Begin starts a transaction for WithTx.
+func (s *Store) Begin(ctx context.Context) (pgx.Tx, error) {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("begin a transaction on the outbox: %w", err)
+	}
+	return tx, nil
 }
 
 // Retry returns the retry configuration (with defaults filled in).
@@ -207,9 +218,7 @@ func (s *Store) untilVisible(ctx context.Context, refs []Ref, leftAlone string, 
 }
 
 // visibleXids returns which of the refs' transaction ids are visible (committed
-// and seen) in a snapshot taken now. A 32-bit id is widened to the 64-bit form
-// txid_visible_in_snapshot wants: it is in the snapshot's epoch, or in the one
-// before when it is above the low half of the snapshot's xmax.
+// and seen) in a snapshot taken now.
 func (s *Store) visibleXids(ctx context.Context, refs []Ref) (map[uint32]bool, error) {
 	var xids []int64
 	seen := map[uint32]bool{}
@@ -225,10 +234,7 @@ func (s *Store) visibleXids(ctx context.Context, refs []Ref) (map[uint32]bool, e
 	}
 	rows, err := s.db.Query(ctx, `WITH snap AS (SELECT txid_current_snapshot() AS s)
 		SELECT x FROM snap, unnest($1::bigint[]) AS x
-		WHERE txid_visible_in_snapshot(
-		        (((txid_snapshot_xmax(snap.s) >> 32)
-		          - CASE WHEN x > (txid_snapshot_xmax(snap.s) & 4294967295) THEN 1 ELSE 0 END) << 32) | x,
-		        snap.s)`, xids)
+		WHERE txid_visible_in_snapshot(`+widenXmin("x", "snap.s")+`, snap.s)`, xids)
 	if err != nil {
 		return nil, fmt.Errorf("check which transactions are visible: %w", err)
 	}
@@ -321,20 +327,6 @@ func (s *Store) MarkDeferred(ctx context.Context, refs []Ref, reason string) (va
 		return vanished, fmt.Errorf("defer %d outbox rows: %w", len(refs), err)
 	}
 	return vanished, nil
-}
-
-// MarkBackfill marks pending rows that the replication slot will never carry (they
-// predate it) failed and due now, for the sweep.
-func (s *Store) MarkBackfill(ctx context.Context, ids []int64) error {
-	_, err := s.db.Exec(ctx, `UPDATE event_outbox
-		SET status = 'failed', next_attempt_at = now(),
-		    last_error = 'backfill: committed before the replication slot existed; delivered by the sweep',
-		    updated_at = now() AT TIME ZONE 'UTC'
-		WHERE id = ANY($1) AND status = 'pending'`, ids)
-	if err != nil {
-		return fmt.Errorf("mark %d rows for backfill: %w", len(ids), err)
-	}
-	return nil
 }
 
 // NotPending returns which of ids are no longer pending (processed, failed or dead):

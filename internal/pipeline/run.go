@@ -14,7 +14,6 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/batch"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
-	"github.com/outbox-streamer/outbox-streamer/internal/retention"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 	"github.com/outbox-streamer/outbox-streamer/sink"
@@ -86,7 +85,7 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 	}
 	store := outboxstore.New(pool, cfg.Retry)
 	if created, snapshot := stream.SlotCreated(); created {
-		n, err := sweep.Backfill(ctx, pool, snapshot, store, log)
+		n, err := sweep.Backfill(ctx, snapshot, store, log)
 		if err != nil {
 			return err
 		}
@@ -125,7 +124,7 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 		defer close(sweepDone)
 		if cfg.SweepInterval > 0 {
 			sweeper := sweep.New(sweep.Config{BatchSize: cfg.Run.BatchSize, TimeZone: cfg.Replication.TimeZone, Slot: cfg.Replication.Slot}, pool, ch, store, log)
-			pruner := retention.New(retention.Config{Retention: cfg.Retention, TimeZone: cfg.Replication.TimeZone,
+			pruner := outboxstore.NewPruner(outboxstore.PruneConfig{Retention: cfg.Retention, TimeZone: cfg.Replication.TimeZone,
 				PartitionInterval: cfg.PartitionInterval}, pool, log)
 			runSweeps(sweepCtx, sweeper, pruner, cfg.SweepInterval, cfg.Metrics, log)
 		}
@@ -152,7 +151,7 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 // after each sweep (so at least as often). A sweep that finds ClickHouse
 // unavailable just waits for the next period; pruning does not need ClickHouse
 // (it removes only rows already processed).
-func runSweeps(ctx context.Context, s *sweep.Sweeper, p *retention.Pruner, interval time.Duration, m *metrics.Metrics, log *zap.Logger) {
+func runSweeps(ctx context.Context, s *sweep.Sweeper, p *outboxstore.Pruner, interval time.Duration, m *metrics.Metrics, log *zap.Logger) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {

@@ -1,4 +1,4 @@
-package retention_test
+package outboxstore_test
 
 import (
 	"context"
@@ -8,11 +8,9 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/retention"
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 )
-
-func TestMain(m *testing.M) { testenv.Main(m) }
 
 // seed inserts n rows with status st, created age ago.
 func seed(t *testing.T, e *e2e.Env, n int, st string, age time.Duration) {
@@ -38,7 +36,7 @@ func TestPruneRemovesOnlyOldProcessedRows(t *testing.T) {
 	seed(t, e, 300, "processed", 2*time.Hour)
 	seed(t, e, 100, "processed", time.Minute)
 
-	p := retention.New(retention.Config{Retention: time.Hour, BatchRows: 100}, e.Pool, zap.NewNop())
+	p := outboxstore.NewPruner(outboxstore.PruneConfig{Retention: time.Hour, BatchRows: 100}, e.Pool, zap.NewNop())
 	dry, err := p.Prune(ctx, 0, true)
 	if err != nil {
 		t.Fatal(err)

@@ -1,11 +1,12 @@
-// Package retention removes processed rows from the outbox once they are older
+package outboxstore
+
+// Retention: processed rows are removed from the outbox once they are older
 // than the retention, in small batches that hold row locks for milliseconds
 // and never touch a row that is not processed (pending, failed and dead rows
 // stay, however old).
 //
 // Deletes are not published (the publication carries inserts only), so
 // pruning the outbox never reaches ClickHouse: event_log keeps every event.
-package retention
 
 import (
 	"context"
@@ -17,8 +18,8 @@ import (
 	"go.uber.org/zap"
 )
 
-// Config tunes pruning.
-type Config struct {
+// PruneConfig tunes pruning.
+type PruneConfig struct {
 	// Retention is how old (by created_at) a processed row must be to be
 	// removed (OUTBOX_RETENTION). Zero or less keeps everything.
 	Retention time.Duration
@@ -38,7 +39,7 @@ type Config struct {
 	PartitionsAhead int
 }
 
-func (c *Config) defaults() {
+func (c *PruneConfig) defaults() {
 	if c.BatchRows <= 0 {
 		c.BatchRows = 5000
 	}
@@ -53,8 +54,8 @@ func (c *Config) defaults() {
 	}
 }
 
-// Result is what one pass did (or, dry, would do).
-type Result struct {
+// PruneResult is what one pass did (or, dry, would do).
+type PruneResult struct {
 	Removed int64 // rows removed, row by row or with their partition
 	Batches int
 	Took    time.Duration
@@ -66,14 +67,14 @@ type Result struct {
 
 // Pruner removes old processed rows.
 type Pruner struct {
-	cfg      Config
+	cfg      PruneConfig
 	pool     *pgxpool.Pool
 	log      *zap.Logger
 	lastKept string // the kept partitions last logged
 }
 
-// New returns a pruner.
-func New(cfg Config, pool *pgxpool.Pool, log *zap.Logger) *Pruner {
+// NewPruner returns a pruner.
+func NewPruner(cfg PruneConfig, pool *pgxpool.Pool, log *zap.Logger) *Pruner {
 	cfg.defaults()
 	return &Pruner{cfg: cfg, pool: pool, log: log.Named("retention")}
 }
@@ -112,19 +113,19 @@ const countBatch = `WITH batch AS (
 // retention when zero). With dry it only counts. A pass walks the table by
 // id from the oldest row: the primary key is the only index it needs, and
 // it stops at the first batch that holds only newer rows.
-func (p *Pruner) Prune(ctx context.Context, olderThan time.Duration, dry bool) (Result, error) {
+func (p *Pruner) Prune(ctx context.Context, olderThan time.Duration, dry bool) (PruneResult, error) {
 	partitioned, err := Partitioned(ctx, p.pool)
 	if err != nil {
-		return Result{}, err
+		return PruneResult{}, err
 	}
 	return p.prune(ctx, olderThan, dry, partitioned)
 }
 
-func (p *Pruner) prune(ctx context.Context, olderThan time.Duration, dry, partitioned bool) (Result, error) {
+func (p *Pruner) prune(ctx context.Context, olderThan time.Duration, dry, partitioned bool) (PruneResult, error) {
 	if olderThan <= 0 {
 		olderThan = p.cfg.Retention
 	}
-	var res Result
+	var res PruneResult
 	if olderThan <= 0 {
 		return res, nil
 	}
@@ -180,20 +181,20 @@ func (p *Pruner) prune(ctx context.Context, olderThan time.Duration, dry, partit
 // Maintain is the leader's periodic care of the outbox: on a partitioned
 // outbox it creates the partitions ahead of time, then it prunes (Prune with
 // the configured retention).
-func (p *Pruner) Maintain(ctx context.Context) (Result, error) {
+func (p *Pruner) Maintain(ctx context.Context) (PruneResult, error) {
 	partitioned, err := Partitioned(ctx, p.pool)
 	if err != nil {
-		return Result{}, err
+		return PruneResult{}, err
 	}
 	if partitioned {
 		if p.cfg.PartitionInterval <= 0 {
 			p.log.Warn("event_outbox is partitioned but OUTBOX_PARTITION_INTERVAL is not set: no partitions are created ahead, new rows go to the default partition")
 		} else if _, err := EnsurePartitions(ctx, p.pool, p.cfg.PartitionInterval, time.Now(), p.cfg.TimeZone, 0, p.cfg.PartitionsAhead, p.log); err != nil {
-			return Result{}, err
+			return PruneResult{}, err
 		}
 	}
 	if !p.Enabled() {
-		return Result{}, nil
+		return PruneResult{}, nil
 	}
 	return p.prune(ctx, 0, false, partitioned)
 }

@@ -1,0 +1,212 @@
+package outboxstore
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/pgsql"
+	"github.com/outbox-streamer/outbox-streamer/internal/record"
+)
+
+// Claimed is a row the sweep holds locked for one delivery, with the
+// deliveries it has failed so far.
+type Claimed struct {
+	Event    record.Event
+	Attempts int
+}
+
+// ClaimDue locks up to limit failed rows whose next attempt is due, oldest
+// due first, skipping rows another sweeper holds (FOR UPDATE SKIP LOCKED).
+// Call it on a store bound to a transaction (WithTx): the locks last until
+// it ends. A failed row without next_attempt_at (inserted so by hand or by an
+// older tool) is due now, not never. loc is the zone of the outbox's
+// TIMESTAMP values.
+func (s *Store) ClaimDue(ctx context.Context, limit int, loc *time.Location) ([]Claimed, error) {
+	rows, err := s.db.Query(ctx, `SELECT id, event_type, event_date_time, environment, event_context::text,
+			metadata_version, created_at, attempts
+		FROM event_outbox
+		WHERE status = 'failed' AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+		ORDER BY next_attempt_at NULLS FIRST, id
+		LIMIT $1
+		FOR UPDATE SKIP LOCKED`, limit)
+	if err != nil {
+		return nil, fmt.Errorf("select due failed rows: %w", err)
+	}
+	defer rows.Close()
+	var out []Claimed
+	for rows.Next() {
+		c, err := scanClaimed(rows, loc)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read due failed rows: %w", err)
+	}
+	return out, nil
+}
+
+// scanClaimed reads one due row. Values Go cannot represent (a timestamp of
+// 'infinity', a NULL where the table had none) do not fail the claim: the
+// event carries the problem, so the row becomes failed or dead with it and
+// the rows behind it go on.
+func scanClaimed(rows pgx.Rows, loc *time.Location) (Claimed, error) {
+	var (
+		c              Claimed
+		typ, env, ectx pgtype.Text
+		at, created    pgtype.Timestamp
+		version, n     pgtype.Int8
+	)
+	ev := &c.Event
+	if err := rows.Scan(&ev.ID, &typ, &at, &env, &ectx, &version, &created, &n); err != nil {
+		return c, fmt.Errorf("read due failed row: %w", err)
+	}
+	ev.Type, ev.Environment, ev.Context, ev.MetadataVersion = typ.String, env.String, ectx.String, version.Int64
+	var problems []string
+	for _, col := range []struct {
+		name string
+		v    pgtype.Timestamp
+		dst  *time.Time
+	}{{"event_date_time", at, &ev.Time}, {"created_at", created, &ev.CreatedAt}} {
+		switch {
+		case !col.v.Valid:
+			problems = append(problems, col.name+" is NULL")
+		case col.v.InfinityModifier == pgtype.Infinity:
+			problems = append(problems, col.name+" is infinity, which ClickHouse cannot hold")
+		case col.v.InfinityModifier == pgtype.NegativeInfinity:
+			problems = append(problems, col.name+" is -infinity, which ClickHouse cannot hold")
+		default:
+			*col.dst = inZone(col.v.Time, loc)
+		}
+	}
+	if !typ.Valid {
+		problems = append(problems, "event_type is NULL")
+	}
+	if !ectx.Valid {
+		ev.Context = "{}"
+	}
+	ev.Problem = strings.Join(problems, "; ")
+	c.Attempts = int(n.Int64)
+	return c, nil
+}
+
+// inZone reinterprets a TIMESTAMP (read as UTC wall clock) in loc.
+func inZone(t time.Time, loc *time.Location) time.Time {
+	if loc == nil || loc == time.UTC {
+		return t
+	}
+	return time.Date(t.Year(), t.Month(), t.Day(), t.Hour(), t.Minute(), t.Second(), t.Nanosecond(), loc).UTC()
+}
+
+// Backfill marks the pending rows visible in snapshot — exactly the rows
+// committed before the replication slot was created, which the slot will
+// never carry — as failed and due now, so the sweep delivers them. Rows of an
+// earlier slot that may already be in ClickHouse are safe: the sweep checks
+// ClickHouse before inserting. progress is told the running total.
+func (s *Store) Backfill(ctx context.Context, snapshot string, progress func(rows int64)) (int64, error) {
+	tx, err := s.pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return 0, fmt.Errorf("backfill: begin: %w", err)
+	}
+	defer tx.Rollback(context.Background()) //nolint:errcheck // read-only
+	if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+pgsql.Literal(snapshot)); err != nil {
+		return 0, fmt.Errorf("backfill: import the slot's snapshot %q: %w", snapshot, err)
+	}
+	var total int64
+	last := int64(-1 << 63)
+	for {
+		rows, err := tx.Query(ctx, `SELECT id FROM event_outbox WHERE status = 'pending' AND id > $1 ORDER BY id LIMIT 10000`, last)
+		if err != nil {
+			return total, fmt.Errorf("backfill: read pending rows: %w", err)
+		}
+		ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+		if err != nil {
+			return total, fmt.Errorf("backfill: read pending rows: %w", err)
+		}
+		if len(ids) == 0 {
+			return total, nil
+		}
+		if _, err := s.pool.Exec(ctx, `UPDATE event_outbox
+			SET status = 'failed', next_attempt_at = now(),
+			    last_error = 'backfill: committed before the replication slot existed; delivered by the sweep',
+			    updated_at = now() AT TIME ZONE 'UTC'
+			WHERE id = ANY($1) AND status = 'pending'`, ids); err != nil {
+			return total, fmt.Errorf("backfill: mark %d rows for the sweep: %w", len(ids), err)
+		}
+		total += int64(len(ids))
+		last = ids[len(ids)-1]
+		if progress != nil {
+			progress(total)
+		}
+	}
+}
+
+// Mark is a point the stream must pass before stranded rows can be rescued: a
+// snapshot and the WAL insert position read just after it. Every transaction
+// visible in the snapshot has its commit record below WAL.
+type Mark struct {
+	Snapshot string // txid_snapshot as text
+	WAL      uint64
+}
+
+// TakeMark reads a Mark now.
+func (s *Store) TakeMark(ctx context.Context) (Mark, error) {
+	var m Mark
+	var wal string
+	if err := s.db.QueryRow(ctx, "SELECT txid_current_snapshot()::text, pg_current_wal_lsn()::text").Scan(&m.Snapshot, &wal); err != nil {
+		return m, fmt.Errorf("take stream mark: %w", err)
+	}
+	lsn, err := pgsql.ParseLSN(wal)
+	if err != nil {
+		return m, fmt.Errorf("parse WAL position %q: %w", wal, err)
+	}
+	m.WAL = lsn
+	return m, nil
+}
+
+// rescueChunk bounds the rows one rescue statement locks and marks.
+const rescueChunk = 10000
+
+// MarkStranded marks failed and due the pending rows whose inserting
+// transaction is visible in snapshot, in chunks, skipping rows someone holds.
+// The caller must know the stream has passed the mark's WAL position (see
+// sweep's rescueStranded for why that makes them stranded).
+func (s *Store) MarkStranded(ctx context.Context, snapshot string) (int64, error) {
+	var total int64
+	for {
+		tag, err := s.db.Exec(ctx, `WITH snap AS (SELECT $1::txid_snapshot AS s),
+			stranded AS (
+				SELECT o.id FROM event_outbox o, snap
+				WHERE o.status = 'pending'
+				  AND txid_visible_in_snapshot(`+widenXmin("o.xmin::text::bigint", "snap.s")+`, snap.s)
+				ORDER BY o.id
+				LIMIT $2
+				FOR UPDATE OF o SKIP LOCKED)
+			UPDATE event_outbox o
+			SET status = 'failed', next_attempt_at = now(),
+			    last_error = 'stranded: still pending after the stream passed its commit (committed before the slot, outside the publication, or reset by hand); delivered by the sweep',
+			    updated_at = now() AT TIME ZONE 'UTC'
+			FROM stranded WHERE o.id = stranded.id`, snapshot, rescueChunk)
+		if err != nil {
+			return total, fmt.Errorf("mark stranded pending rows: %w", err)
+		}
+		total += tag.RowsAffected()
+		if tag.RowsAffected() < rescueChunk {
+			return total, nil
+		}
+	}
+}
+
+// widenXmin is the SQL that widens a 32-bit transaction id (xid) to the
+// 64-bit form txid_visible_in_snapshot wants: it is in the snapshot's epoch,
+// or in the one before when it is above the low half of the snapshot's xmax.
+func widenXmin(xid, snap string) string {
+	return `((((txid_snapshot_xmax(` + snap + `) >> 32)
+		- CASE WHEN ` + xid + ` > (txid_snapshot_xmax(` + snap + `) & 4294967295) THEN 1 ELSE 0 END) << 32) | ` + xid + `)`
+}
