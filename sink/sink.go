@@ -483,3 +483,17 @@ func QuoteIdent(s string) string {
 	s = strings.ReplaceAll(s, `\`, `\\`)
 	return "`" + strings.ReplaceAll(s, "`", "\\`") + "`"
 }
+
+// Table is the event table's quoted name (database.table).
+func (w *Writer) Table() string { return w.table }
+
+// Count returns the number of rows in the event table (for the demo's
+// progress; not for checks of delivery, which need the ids).
+func (w *Writer) Count(ctx context.Context) (uint64, error) {
+	var n uint64
+	if err := w.conn.QueryRow(ctx, "SELECT count() FROM "+w.table).Scan(&n); err != nil {
+		w.noteFailure(err)
+		return 0, fmt.Errorf("count rows in %s: %w", w.table, err)
+	}
+	return n, nil
+}

@@ -313,12 +313,6 @@ func (w *chWatcher) run(ctx context.Context) {
 	}
 }
 
-func (w *chWatcher) count() int {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return len(w.seen)
-}
-
 // runLatency is scenario e: a paced producer while the streamer runs. An event's
 // latency is measured from the time its COMMIT returned to the producer to
 //   - the first poll of ClickHouse (every LatencyPoll) that saw it: the time the

@@ -263,7 +263,7 @@ func TestChaos(t *testing.T) {
 	logs := sup.out.String()
 	sup.mu.Unlock()
 	for _, ev := range []string{"insert into clickhouse failed, retrying", "connect to clickhouse failed, retrying",
-		"clickhouse unavailable: batch marked failed", "rows gone from the outbox", "reconciled in-doubt rows",
+		"clickhouse unavailable: batch marked failed", "rows gone from the outbox", "rows found in clickhouse are not sent again",
 		"insert with unknown outcome", "pending rows the stream had passed"} {
 		t.Logf("streamer log lines %q: %d", ev, strings.Count(logs, ev))
 	}

@@ -9,7 +9,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/zap"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 	"github.com/outbox-streamer/outbox-streamer/outbox"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
@@ -46,15 +48,18 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("connect to postgres: %w", err)
 	}
 	defer pool.Close()
-	ch, err := sink.Connect(cfg.ClickHouse)
+	ch, err := sink.OpenLazy(cfg.ClickHouse, zap.NewNop())
 	if err != nil {
 		return err
 	}
 	defer ch.Close()
-	table := sink.QuoteIdent(cfg.ClickHouse.Database) + "." + sink.QuoteIdent(cfg.ClickHouse.Table)
-	var startCount uint64
-	if err := ch.QueryRow(ctx, "SELECT count() FROM "+table).Scan(&startCount); err != nil {
-		return fmt.Errorf("count rows in ClickHouse %s (has `outbox-streamer migrate up` run?): %w", table, err)
+	table := ch.Table()
+	startCount, err := ch.Count(ctx)
+	if err != nil {
+		if fault.Retryable(err) {
+			return fmt.Errorf("clickhouse at %s is unreachable (is it running? check CLICKHOUSE_HOST/CLICKHOUSE_PORT): %w", cfg.ClickHouse.Addr, err)
+		}
+		return fmt.Errorf("%w (has `outbox-streamer migrate up` run?)", err)
 	}
 
 	interval := time.Duration(float64(time.Second) * float64(txSize) / float64(rate))
@@ -65,10 +70,10 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 	produced := 0
 	started := time.Now()
 	progress := func() {
-		var n uint64
 		qctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if err := ch.QueryRow(qctx, "SELECT count() FROM "+table).Scan(&n); err != nil {
+		n, err := ch.Count(qctx)
+		if err != nil {
 			fmt.Fprintf(stdout, "produced %d events; ClickHouse count failed: %v\n", produced, err)
 			return
 		}
@@ -80,8 +85,7 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 	finish := func() error {
 		deadline := time.Now().Add(10 * time.Second)
 		for time.Now().Before(deadline) {
-			var n uint64
-			if err := ch.QueryRow(context.Background(), "SELECT count() FROM "+table).Scan(&n); err == nil && int64(n-startCount) >= int64(produced) {
+			if n, err := ch.Count(context.Background()); err == nil && int64(n-startCount) >= int64(produced) {
 				break
 			}
 			time.Sleep(200 * time.Millisecond)

@@ -249,14 +249,6 @@ func (p *Postgres) Crash() *Crash {
 	return p.crash
 }
 
-// Halt shuts the server down cleanly (fast shutdown: open sessions are
-// terminated) and keeps its data; Start brings it back.
-func (p *Postgres) Halt() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.haltLocked()
-}
-
 func (p *Postgres) haltLocked() error {
 	if p.proc == nil {
 		return nil

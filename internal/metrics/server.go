@@ -90,16 +90,6 @@ func (s *Server) Serve(ctx context.Context) error {
 	return nil
 }
 
-// Serve listens on addr and serves /metrics, /healthz and /readyz until ctx ends.
-// See Listen and Server.Serve.
-func Serve(ctx context.Context, addr string, reg prometheus.Gatherer, health HealthFunc, log *zap.Logger) error {
-	s, err := Listen(addr, reg, health, log)
-	if err != nil {
-		return err
-	}
-	return s.Serve(ctx)
-}
-
 // Handler returns the endpoint's routes:
 //
 //	/metrics  Prometheus text (or OpenMetrics on request) of reg

@@ -82,9 +82,6 @@ func NewPruner(cfg PruneConfig, pool *pgxpool.Pool, log *zap.Logger) *Pruner {
 // Enabled reports whether a retention is set.
 func (p *Pruner) Enabled() bool { return p.cfg.Retention > 0 }
 
-// Retention is the configured retention.
-func (p *Pruner) Retention() time.Duration { return p.cfg.Retention }
-
 // pruneBatch examines the next BatchRows rows by id and deletes those that are
 // processed and created before the cutoff; rows someone holds are skipped
 // (SKIP LOCKED). The status is checked again on the locked row, so a row that

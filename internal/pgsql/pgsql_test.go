@@ -4,10 +4,10 @@ import "testing"
 
 func TestQuote(t *testing.T) {
 	for in, want := range map[string]string{
-		"slot":         "'slot'",
-		"o'brien":      "'o''brien'",
-		`back\slash`:   `'back\slash'`,
-		"nul\x00byte":  "'nulbyte'",
+		"slot":        "'slot'",
+		"o'brien":     "'o''brien'",
+		`back\slash`:  `'back\slash'`,
+		"nul\x00byte": "'nulbyte'",
 		"00000003-1F": "'00000003-1F'",
 	} {
 		if got := Literal(in); got != want {

@@ -169,15 +169,6 @@ func (o *outcome) end(err error) {
 	telemetry.EndBatchSpan(o.span, o.inserted, o.present, len(o.failed)+len(o.deferred), err)
 }
 
-// Write delivers one batch and settles it (both stages, one after the other).
-func (w *Writer) Write(ctx context.Context, b *batch.Batch) error {
-	o, err := w.deliver(ctx, b)
-	if err != nil {
-		return err
-	}
-	return w.settle(ctx, o)
-}
-
 // deliver is the first stage: the in-flight record is written, replayed rows
 // the sweep owns now are dropped, and the delivery engine takes the rest to
 // ClickHouse (validation, reconciliation of in-doubt rows, one insert, bad

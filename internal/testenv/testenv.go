@@ -397,22 +397,6 @@ func ModernClickHouse(t testing.TB) CHServer {
 	return CHServer{Name: "modern", Addr: ch.Addr(), HTTPAddr: ch.HTTPAddr()}
 }
 
-// LegacyClickHouse returns a legacy ClickHouse (18.16):
-// OUTBOX_TEST_CH_LEGACY_ADDR if set, else a local server started once for
-// this test binary. When none is available the test is skipped, or fails if
-// OUTBOX_TEST_REQUIRE_LEGACY=1.
-func LegacyClickHouse(t testing.TB) CHServer {
-	t.Helper()
-	srv, err := legacyClickHouse(t)
-	if err != nil {
-		if os.Getenv(EnvRequireLegacy) == "1" {
-			t.Fatalf("testenv: legacy ClickHouse required (%s=1): %v", EnvRequireLegacy, err)
-		}
-		t.Skipf("testenv: legacy ClickHouse not available: %v", err)
-	}
-	return srv
-}
-
 // legacyClickHouse returns the legacy server, an error wrapping
 // localsvc.ErrNotInstalled when it is not installed, or fails the test when
 // it is installed but does not start.
