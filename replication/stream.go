@@ -130,6 +130,10 @@ func (s *Stream) Close() error {
 type RunConfig struct {
 	// BatchSize is the most rows in a batch (EVENT_BATCH_SIZE, default 1000).
 	BatchSize int
+	// BatchMaxBytes bounds a batch's bytes (record.Event.Size summed) as well; a
+	// batch passes it by at most its last row. 0 (the zero value): no byte bound;
+	// EVENT_BATCH_MAX_BYTES defaults to 8 MiB.
+	BatchMaxBytes int
 	// BatchTimeout is how long a batch stays open after its first row
 	// (EVENT_BATCH_TIMEOUT, default 100 ms).
 	BatchTimeout time.Duration
@@ -188,7 +192,7 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 		rc.OnStreaming()
 	}
 
-	builder := batch.NewBuilder(rc.BatchSize, rc.BatchTimeout)
+	builder := batch.NewBuilder(rc.BatchSize, rc.BatchMaxBytes, rc.BatchTimeout)
 	var serverWALEnd uint64
 	var msg Message
 	s.lastStatus = time.Now()
