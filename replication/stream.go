@@ -38,7 +38,6 @@ type Stream struct {
 
 	lastSent   uint64
 	lastStatus time.Time
-	held       *batch.Batch // a batch not yet handed over when ctx ended
 }
 
 // Open checks the preconditions, creates the slot when it does not exist, and opens
@@ -130,6 +129,10 @@ func (s *Stream) Close() error {
 type RunConfig struct {
 	// BatchSize is the most rows in a batch (EVENT_BATCH_SIZE, default 1000).
 	BatchSize int
+	// BatchMaxBytes bounds a batch's bytes (record.Event.Size summed) as well; a
+	// batch passes it by at most its last row. 0 (the zero value): no byte bound;
+	// EVENT_BATCH_MAX_BYTES defaults to 8 MiB.
+	BatchMaxBytes int
 	// BatchTimeout is how long a batch stays open after its first row
 	// (EVENT_BATCH_TIMEOUT, default 100 ms).
 	BatchTimeout time.Duration
@@ -154,7 +157,31 @@ type Observer interface {
 // reports the Tracker's safe LSN to the server. On ctx's end Run flushes the open
 // batch, closes out, waits (bounded) until writerDone is closed, acknowledges what is
 // durable and returns nil. out is closed on every return.
-func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch, writerDone <-chan struct{}) (err error) {
+func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch, writerDone <-chan struct{}) error {
+	rc.setDefaults()
+	r := &receiver{s: s, rc: rc, out: out, writerDone: writerDone,
+		builder: batch.NewBuilder(rc.BatchSize, rc.BatchMaxBytes, rc.BatchTimeout)}
+	defer r.closeOut()
+
+	if err := s.startReplication(ctx); err != nil {
+		return err
+	}
+	if rc.OnStreaming != nil {
+		rc.OnStreaming()
+	}
+	err := r.receive(ctx)
+	// The one place that tells stopping from failing: once ctx has ended, whatever
+	// the loop was doing when it noticed (blocked in a receive, handing a batch
+	// over) is the stream being stopped, and the shutdown path flushes and
+	// acknowledges. A closed connection or the server's own error cannot be shut
+	// down cleanly; those are returned as they are.
+	if ctx.Err() != nil && !s.conn.IsClosed() && !isServerError(err) {
+		return r.shutdown()
+	}
+	return err
+}
+
+func (rc *RunConfig) setDefaults() {
 	if rc.BatchSize <= 0 {
 		rc.BatchSize = 1000
 	}
@@ -164,15 +191,9 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 	if rc.ShutdownTimeout <= 0 {
 		rc.ShutdownTimeout = 30 * time.Second
 	}
-	closed := false
-	closeOut := func() {
-		if !closed {
-			close(out)
-			closed = true
-		}
-	}
-	defer closeOut()
+}
 
+func (s *Stream) startReplication(ctx context.Context) error {
 	pub := pgx.Identifier{s.cfg.Publication}.Sanitize()
 	args := []string{"proto_version '1'", "publication_names '" + escapeLiteral(pub) + "'"}
 	if err := pglogrepl.StartReplication(ctx, s.conn, s.cfg.Slot, pglogrepl.LSN(s.startLSN),
@@ -184,112 +205,110 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 	}
 	s.log.Info("streaming", zap.String("from_lsn", pglogrepl.LSN(s.startLSN).String()),
 		zap.String("publication", s.cfg.Publication))
-	if rc.OnStreaming != nil {
-		rc.OnStreaming()
-	}
-
-	builder := batch.NewBuilder(rc.BatchSize, rc.BatchTimeout)
-	var serverWALEnd uint64
-	var msg Message
 	s.lastStatus = time.Now()
-
-	// emit hands a batch to the writer. While the writer is busy (backpressure) it
-	// keeps sending status updates so the server does not time the connection out.
-	// A batch that could not be handed over because ctx ended is kept in s.held for
-	// the shutdown path, never dropped.
-	emit := func(ctx context.Context, b *batch.Batch) error {
-		if ctx.Err() != nil {
-			s.held = b
-			return ctx.Err()
-		}
-		tick := time.NewTicker(s.cfg.StatusInterval)
-		defer tick.Stop()
-		for {
-			select {
-			case out <- b:
-				if rc.Observer != nil {
-					rc.Observer.AddReceived(b.Len())
-				}
-				return nil
-			case <-writerDone:
-				return ErrWriterStopped
-			case <-ctx.Done():
-				s.held = b
-				return ctx.Err()
-			case <-tick.C:
-				if err := s.sendStatus(serverWALEnd, false); err != nil {
-					return err
-				}
-			}
-		}
-	}
-
-	// The receive deadline (next status update or batch time bound) lives in a context
-	// reused across messages: one per wake-up instead of one per message, which was a
-	// quarter of the loop's CPU in profiles.
-	var recv deadlineCtx
-	defer recv.release()
-	for {
-		if ctx.Err() != nil {
-			return s.shutdown(rc, builder, emit, closeOut, writerDone, serverWALEnd)
-		}
-		// A writer that failed while nothing was being handed to it must stop
-		// the stream too, not leave it acknowledging keepalives with no one
-		// delivering (the rows it held are replayed on the next start).
-		select {
-		case <-writerDone:
-			return ErrWriterStopped
-		default:
-		}
-		deadline := s.lastStatus.Add(s.cfg.StatusInterval)
-		if d, ok := builder.Deadline(); ok && d.Before(deadline) {
-			deadline = d
-		}
-		raw, err := s.conn.ReceiveMessage(recv.until(ctx, deadline))
-		if err != nil {
-			if ctx.Err() != nil && !s.conn.IsClosed() {
-				continue // stopping: the loop's first check runs the shutdown path
-			}
-			if !pgconn.Timeout(err) {
-				return fmt.Errorf("receive from slot %q: %w", s.cfg.Slot, err)
-			}
-		} else {
-			switch m := raw.(type) {
-			case *pgproto3.CopyData:
-				if err := s.handleCopyData(ctx, m.Data, &msg, builder, emit, &serverWALEnd); err != nil {
-					if ctx.Err() != nil {
-						continue
-					}
-					return err
-				}
-			case *pgproto3.ErrorResponse:
-				return fmt.Errorf("replication on slot %q: %w", s.cfg.Slot, pgconn.ErrorResponseToPgError(m))
-			default:
-				// Notices and parameter changes need no action.
-			}
-		}
-		now := time.Now()
-		if builder.Due(now) {
-			if err := emit(ctx, builder.Take()); err != nil {
-				if ctx.Err() != nil {
-					continue // the shutdown path flushes the held batch
-				}
-				return err
-			}
-		}
-		if now.Sub(s.lastStatus) >= s.cfg.StatusInterval {
-			if err := s.sendStatus(serverWALEnd, false); err != nil {
-				return err
-			}
-			if rc.Observer != nil {
-				rc.Observer.SetAckedLSN(s.lastSent)
-			}
-		}
-	}
+	return nil
 }
 
-func (s *Stream) handleCopyData(ctx context.Context, data []byte, msg *Message, builder *batch.Builder,
-	emit func(context.Context, *batch.Batch) error, serverWALEnd *uint64) error {
+// isServerError reports an ErrorResponse the server sent on the replication
+// connection.
+func isServerError(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr)
+}
+
+// receiver is the state of one Run: it owns the hand-over to the writer (out,
+// writerDone), the batch being built and the one waiting to be handed over.
+// Only Run's goroutine uses it.
+type receiver struct {
+	s          *Stream
+	rc         RunConfig
+	out        chan<- *batch.Batch
+	outClosed  bool
+	writerDone <-chan struct{}
+	builder    *batch.Builder
+	msg        Message // reused by the decoder for every message
+
+	// serverWALEnd is the highest WAL end the server reported in a keepalive;
+	// status updates follow it while nothing is in flight.
+	serverWALEnd uint64
+	// waiting is a batch taken from the builder and not yet accepted by the
+	// writer. When ctx ends during the hand-over it stays here for the shutdown
+	// path: a batch is never dropped while the writer is there to take it.
+	waiting *batch.Batch
+
+	// The receive deadline (next status update or batch time bound) lives in a
+	// context reused across messages: one per wake-up instead of one per message,
+	// which was a quarter of the loop's CPU in profiles.
+	recv deadlineCtx
+}
+
+// receive runs the loop until ctx ends (it then returns ctx's error or the error
+// of what ctx interrupted) or something fails.
+func (r *receiver) receive(ctx context.Context) error {
+	defer r.recv.release()
+	for ctx.Err() == nil {
+		if err := r.step(ctx); err != nil {
+			return err
+		}
+	}
+	return ctx.Err()
+}
+
+// step waits for one message (or the next deadline), handles it, then flushes a
+// batch past its time bound and sends a status update when one is due.
+func (r *receiver) step(ctx context.Context) error {
+	s := r.s
+	// A writer that failed while nothing was being handed to it must stop the
+	// stream too, not leave it acknowledging keepalives with no one delivering
+	// (the rows it held are replayed on the next start).
+	select {
+	case <-r.writerDone:
+		return ErrWriterStopped
+	default:
+	}
+	deadline := s.lastStatus.Add(s.cfg.StatusInterval)
+	if d, ok := r.builder.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	raw, err := s.conn.ReceiveMessage(r.recv.until(ctx, deadline))
+	switch {
+	case err != nil:
+		// Only the receive deadline passing is routine; a receive ended by ctx
+		// is returned for Run to decide.
+		if ctx.Err() != nil || !pgconn.Timeout(err) {
+			return fmt.Errorf("receive from slot %q: %w", s.cfg.Slot, err)
+		}
+	default:
+		switch m := raw.(type) {
+		case *pgproto3.CopyData:
+			if err := r.handleCopyData(ctx, m.Data); err != nil {
+				return err
+			}
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("replication on slot %q: %w", s.cfg.Slot, pgconn.ErrorResponseToPgError(m))
+		default:
+			// Notices and parameter changes need no action.
+		}
+	}
+	now := time.Now()
+	if r.builder.Due(now) {
+		if err := r.emit(ctx, r.builder.Take()); err != nil {
+			return err
+		}
+	}
+	if now.Sub(s.lastStatus) >= s.cfg.StatusInterval {
+		if err := s.sendStatus(r.serverWALEnd, false); err != nil {
+			return err
+		}
+		if r.rc.Observer != nil {
+			r.rc.Observer.SetAckedLSN(s.lastSent)
+		}
+	}
+	return nil
+}
+
+func (r *receiver) handleCopyData(ctx context.Context, data []byte) error {
+	s := r.s
 	if len(data) == 0 {
 		return fmt.Errorf("%w: empty CopyData", ErrMalformed)
 	}
@@ -299,33 +318,67 @@ func (s *Stream) handleCopyData(ctx context.Context, data []byte, msg *Message, 
 		if err != nil {
 			return fmt.Errorf("%w: keepalive: %v", ErrMalformed, err)
 		}
-		if uint64(ka.ServerWALEnd) > *serverWALEnd {
-			*serverWALEnd = uint64(ka.ServerWALEnd)
+		if uint64(ka.ServerWALEnd) > r.serverWALEnd {
+			r.serverWALEnd = uint64(ka.ServerWALEnd)
 		}
 		if ka.ReplyRequested {
-			return s.sendStatus(*serverWALEnd, false)
+			return s.sendStatus(r.serverWALEnd, false)
 		}
 	case pglogrepl.XLogDataByteID:
 		xld, err := pglogrepl.ParseXLogData(data[1:])
 		if err != nil {
 			return fmt.Errorf("%w: %v", ErrMalformed, err)
 		}
-		if err := s.dec.Decode(xld.WALData, msg); err != nil {
+		if err := s.dec.Decode(xld.WALData, &r.msg); err != nil {
 			return fmt.Errorf("decode message at %s: %w", xld.WALStart, err)
 		}
-		switch msg.Kind {
+		switch r.msg.Kind {
 		case KindBegin:
 			s.tracker.Begin()
 		case KindInsert:
 			seq := s.tracker.NextSeq()
-			if builder.Add(seq, msg.Event, time.Now()) {
-				return emit(ctx, builder.Take())
+			if r.builder.Add(seq, r.msg.Event, time.Now()) {
+				return r.emit(ctx, r.builder.Take())
 			}
 		case KindCommit:
-			s.tracker.Commit(msg.EndLSN)
+			s.tracker.Commit(r.msg.EndLSN)
 		}
 	}
 	return nil
+}
+
+// emit hands b to the writer. While the writer is busy (backpressure) it keeps
+// sending status updates so the server does not time the connection out. Until
+// the writer takes b it is r.waiting, where the shutdown path finds it if ctx
+// ends first.
+func (r *receiver) emit(ctx context.Context, b *batch.Batch) error {
+	r.waiting = b
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	tick := time.NewTicker(r.s.cfg.StatusInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case r.out <- b:
+			r.waiting = nil
+			if r.rc.Observer != nil {
+				r.rc.Observer.AddReceived(b.Len())
+			}
+			return nil
+		case <-r.writerDone:
+			// No one will take it: its rows were never acknowledged and are
+			// replayed on the next start.
+			r.waiting = nil
+			return ErrWriterStopped
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+			if err := r.s.sendStatus(r.serverWALEnd, false); err != nil {
+				return err
+			}
+		}
+	}
 }
 
 // sendStatus reports the durable position. When nothing is in flight it follows the
@@ -349,29 +402,42 @@ func (s *Stream) sendStatus(serverWALEnd uint64, replyRequested bool) error {
 	return nil
 }
 
-// shutdown flushes the open batch, lets the writer finish, and acknowledges what is
-// durable. It runs under its own bounded context because ctx has already ended.
-func (s *Stream) shutdown(rc RunConfig, builder *batch.Builder, emit func(context.Context, *batch.Batch) error,
-	closeOut func(), writerDone <-chan struct{}, serverWALEnd uint64) error {
-	sctx, cancel := context.WithTimeout(context.Background(), rc.ShutdownTimeout)
+// closeOut closes out once; Run defers it so out is closed on every return.
+func (r *receiver) closeOut() {
+	if !r.outClosed {
+		close(r.out)
+		r.outClosed = true
+	}
+}
+
+// shutdown hands over the waiting batch and then the open one, lets the writer
+// finish, and acknowledges what is durable. It runs under its own bounded context
+// because Run's ctx has already ended.
+func (r *receiver) shutdown() error {
+	s := r.s
+	sctx, cancel := context.WithTimeout(context.Background(), r.rc.ShutdownTimeout)
 	defer cancel()
-	pending := builder.Pending()
-	for _, b := range []*batch.Batch{s.held, builder.Take()} {
+	pending := r.builder.Pending()
+	if r.waiting != nil {
+		pending += r.waiting.Len()
+	}
+	// The waiting batch first: it holds the lower sequence numbers, and the
+	// writer expects batches in order.
+	for _, b := range []*batch.Batch{r.waiting, r.builder.Take()} {
 		if b == nil {
 			continue
 		}
-		s.held = nil
-		if err := emit(sctx, b); err != nil {
+		if err := r.emit(sctx, b); err != nil {
 			return fmt.Errorf("flush the last batch on shutdown: %w", err)
 		}
 	}
-	closeOut()
+	r.closeOut()
 	select {
-	case <-writerDone:
+	case <-r.writerDone:
 	case <-sctx.Done():
-		return fmt.Errorf("writer did not finish within %s on shutdown", rc.ShutdownTimeout)
+		return fmt.Errorf("writer did not finish within %s on shutdown", r.rc.ShutdownTimeout)
 	}
-	if err := s.sendStatus(serverWALEnd, false); err != nil {
+	if err := s.sendStatus(r.serverWALEnd, false); err != nil {
 		return err
 	}
 	s.log.Info("stopped streaming", zap.Int("flushed_rows", pending),

@@ -230,6 +230,7 @@ func pipelineConfig(cfg *config.Config) pipeline.Config {
 		Run: replication.RunConfig{
 			BatchSize:       cfg.BatchSize,
 			BatchTimeout:    cfg.BatchTimeout,
+			BatchMaxBytes:   cfg.BatchMaxBytes,
 			ShutdownTimeout: cfg.ShutdownTimeout,
 		},
 		Sink: cfg.ClickHouse,

@@ -1,5 +1,5 @@
-// Package batch groups decoded rows into batches bounded by a row count and a time
-// bound, whichever is reached first.
+// Package batch groups decoded rows into batches bounded by a row count, a byte
+// count and a time bound, whichever is reached first.
 package batch
 
 import (
@@ -18,6 +18,8 @@ type Batch struct {
 	MaxCommitLSN uint64
 	// Opened is when the first row entered the batch.
 	Opened time.Time
+	// Bytes is the sum of the rows' Size: about what the batch takes in an insert.
+	Bytes int
 }
 
 // EndSeq is one past the last row's sequence number.
@@ -29,31 +31,39 @@ func (b *Batch) Len() int { return len(b.Events) }
 // Builder accumulates rows until the batch is full or its time bound passes. It is not
 // safe for concurrent use: only the receive loop owns it.
 type Builder struct {
-	maxRows int
-	maxWait time.Duration
-	cur     *Batch
+	maxRows  int
+	maxBytes int // 0: no byte bound
+	maxWait  time.Duration
+	cur      *Batch
 }
 
-// NewBuilder returns a builder for batches of at most maxRows rows, open for at most
-// maxWait after their first row.
-func NewBuilder(maxRows int, maxWait time.Duration) *Builder {
+// NewBuilder returns a builder for batches of at most maxRows rows and about
+// maxBytes bytes (0: no byte bound), open for at most maxWait after their first row.
+func NewBuilder(maxRows, maxBytes int, maxWait time.Duration) *Builder {
 	if maxRows < 1 {
 		maxRows = 1
 	}
-	return &Builder{maxRows: maxRows, maxWait: maxWait}
+	if maxBytes < 0 {
+		maxBytes = 0
+	}
+	return &Builder{maxRows: maxRows, maxBytes: maxBytes, maxWait: maxWait}
 }
 
-// Add appends a row with sequence number seq and reports whether the batch is now full.
+// Add appends a row with sequence number seq and reports whether the batch is now
+// full: it reached maxRows rows or maxBytes bytes. The byte bound is checked after
+// the row is added, so a batch passes it by at most its last row, and a row larger
+// than the bound is a batch of one rather than a row no batch can take.
 // Rows must arrive with consecutive sequence numbers.
 func (b *Builder) Add(seq uint64, ev record.Event, now time.Time) (full bool) {
 	if b.cur == nil {
 		b.cur = &Batch{FirstSeq: seq, Events: make([]record.Event, 0, b.maxRows), Opened: now}
 	}
 	b.cur.Events = append(b.cur.Events, ev)
+	b.cur.Bytes += ev.Size()
 	if ev.CommitLSN > b.cur.MaxCommitLSN {
 		b.cur.MaxCommitLSN = ev.CommitLSN
 	}
-	return len(b.cur.Events) >= b.maxRows
+	return len(b.cur.Events) >= b.maxRows || (b.maxBytes > 0 && b.cur.Bytes >= b.maxBytes)
 }
 
 // Due reports whether the open batch has reached its time bound.

@@ -1,6 +1,7 @@
 package batch
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -8,7 +9,7 @@ import (
 )
 
 func TestBuilderCutsBySize(t *testing.T) {
-	b := NewBuilder(3, time.Hour)
+	b := NewBuilder(3, 0, time.Hour)
 	now := time.Unix(1000, 0)
 	var full []bool
 	for i := 0; i < 3; i++ {
@@ -27,7 +28,7 @@ func TestBuilderCutsBySize(t *testing.T) {
 }
 
 func TestBuilderCutsByTime(t *testing.T) {
-	b := NewBuilder(1000, 100*time.Millisecond)
+	b := NewBuilder(1000, 0, 100*time.Millisecond)
 	t0 := time.Unix(1000, 0)
 	if _, ok := b.Deadline(); ok {
 		t.Fatal("empty builder has a deadline")
@@ -48,5 +49,53 @@ func TestBuilderCutsByTime(t *testing.T) {
 	}
 	if got := b.Take(); got.Len() != 2 {
 		t.Fatalf("batch has %d rows, want 2", got.Len())
+	}
+}
+
+func TestBuilderCutsByBytes(t *testing.T) {
+	row := func(contextBytes int) record.Event {
+		return record.Event{Type: "t", Context: strings.Repeat("x", contextBytes)}
+	}
+	small := row(100).Size()
+	cases := []struct {
+		name     string
+		maxRows  int
+		maxBytes int
+		rows     []record.Event
+		want     []bool // full after each row
+	}{
+		{"full when the bytes reach the bound", 1000, 3 * small, []record.Event{row(100), row(100), row(100)}, []bool{false, false, true}},
+		{"full when the bytes pass the bound", 1000, 2*small + 1, []record.Event{row(100), row(100), row(100)}, []bool{false, false, true}},
+		{"a row larger than the bound is a batch of one", 1000, small, []record.Event{row(10 << 20)}, []bool{true}},
+		{"rows still bound a byte-bounded batch", 2, 1 << 30, []record.Event{row(100), row(100)}, []bool{false, true}},
+		{"0 is no byte bound", 1000, 0, []record.Event{row(10 << 20), row(10 << 20)}, []bool{false, false}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			b := NewBuilder(c.maxRows, c.maxBytes, time.Hour)
+			now := time.Unix(1000, 0)
+			wantBytes := 0
+			for i, ev := range c.rows {
+				wantBytes += ev.Size()
+				if full := b.Add(uint64(i), ev, now); full != c.want[i] {
+					t.Fatalf("row %d: full = %v, want %v", i, full, c.want[i])
+				}
+			}
+			got := b.Take()
+			if got.Len() != len(c.rows) || got.Bytes != wantBytes {
+				t.Fatalf("batch has %d rows, %d bytes; want %d rows, %d bytes", got.Len(), got.Bytes, len(c.rows), wantBytes)
+			}
+		})
+	}
+}
+
+func TestBuilderStartsEachBatchAtZeroBytes(t *testing.T) {
+	b := NewBuilder(1, 0, time.Hour)
+	ev := record.Event{Type: "t", Context: "{}"}
+	b.Add(0, ev, time.Unix(1000, 0))
+	b.Take()
+	b.Add(1, ev, time.Unix(1000, 0))
+	if got := b.Take(); got.Bytes != ev.Size() {
+		t.Fatalf("second batch has %d bytes, want %d", got.Bytes, ev.Size())
 	}
 }

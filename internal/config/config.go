@@ -48,6 +48,14 @@ type Config struct {
 	OutageFailAfter     time.Duration
 	SlotBusyTimeout     time.Duration
 
+	// BatchMaxBytes is EVENT_BATCH_MAX_BYTES: a batch is also full at about this
+	// many bytes (record.Event.Size summed); 0: no byte bound.
+	BatchMaxBytes int
+	// ClickHouseBatchMaxBytes is CLICKHOUSE_BATCH_MAX_BYTES: a writer merges
+	// queued batches into one insert up to about this many bytes; 0: no byte
+	// bound. It is at least BatchMaxBytes when both bound.
+	ClickHouseBatchMaxBytes int
+
 	MetricsAddr  string
 	SentryDSN    string
 	SentryEnv    string
@@ -91,7 +99,9 @@ func Bind(src *Source, c *Config) {
 
 	src.Int(&c.BatchSize, "EVENT_BATCH_SIZE", "batch-size", 1000, 1, "rows per batch")
 	src.Duration(&c.BatchTimeout, "EVENT_BATCH_TIMEOUT", "batch-timeout", 100*time.Millisecond, "a batch is written at the latest this long after its first row")
+	src.Int(&c.BatchMaxBytes, "EVENT_BATCH_MAX_BYTES", "batch-max-bytes", 8<<20, 0, "about the most bytes per batch (the rows' sizes in an insert); a batch is written when it reaches this or EVENT_BATCH_SIZE rows (0: no byte bound)")
 	src.Int(&c.ClickHouseBatchSize, "CLICKHOUSE_BATCH_SIZE", "clickhouse-batch-size", 0, 0, "most rows per ClickHouse insert; a writer that falls behind merges queued batches up to it (0: EVENT_BATCH_SIZE)")
+	src.Int(&c.ClickHouseBatchMaxBytes, "CLICKHOUSE_BATCH_MAX_BYTES", "clickhouse-batch-max-bytes", 64<<20, 0, "about the most bytes per ClickHouse insert that merges queued batches (0: no byte bound; at least EVENT_BATCH_MAX_BYTES)")
 	src.Duration(&c.SweepInterval, "EVENT_PROCESSING_INTERVAL", "sweep-interval", 60*time.Second, "period of the fallback sweep while streaming")
 	src.DurationOrZero(&c.PartitionInterval, "OUTBOX_PARTITION_INTERVAL", "partition-interval", 0, "width of the partitions (e.g. 1d, 1h) when `migrate up` creates event_outbox range-partitioned by created_at; the leader creates them ahead. 0: an unpartitioned table")
 	src.DurationOrZero(&c.Retention, "OUTBOX_RETENTION", "retention", 7*24*time.Hour, "processed outbox rows older than this (by created_at) are removed by the leader after each sweep; 0 keeps everything (pending, failed and dead rows always stay)")
@@ -173,6 +183,10 @@ func (c *Config) finish(src *Source) error {
 	}
 	if c.ClickHouseBatchSize < c.BatchSize {
 		c.ClickHouseBatchSize = c.BatchSize
+	}
+	// A merged insert holds at least one whole batch, in bytes as in rows.
+	if c.BatchMaxBytes > 0 && c.ClickHouseBatchMaxBytes > 0 && c.ClickHouseBatchMaxBytes < c.BatchMaxBytes {
+		c.ClickHouseBatchMaxBytes = c.BatchMaxBytes
 	}
 	return c.ClickHouse.Validate()
 }

@@ -138,3 +138,40 @@ func TestRetentionSetting(t *testing.T) {
 		t.Errorf("a negative retention gave %v, want an error naming OUTBOX_RETENTION", err)
 	}
 }
+
+func TestBatchByteBounds(t *testing.T) {
+	cases := []struct {
+		name                string
+		env                 map[string]string
+		args                []string
+		wantBatch, wantInto int
+	}{
+		{"defaults", nil, nil, 8 << 20, 64 << 20},
+		{"flags", nil, []string{"--batch-max-bytes", "1000", "--clickhouse-batch-max-bytes", "5000"}, 1000, 5000},
+		{"a merged insert holds at least one batch", map[string]string{"EVENT_BATCH_MAX_BYTES": "100000000", "CLICKHOUSE_BATCH_MAX_BYTES": "1000"}, nil, 100000000, 100000000},
+		{"0 turns the batch byte bound off", map[string]string{"EVENT_BATCH_MAX_BYTES": "0"}, nil, 0, 64 << 20},
+		{"0 turns the insert byte bound off", map[string]string{"CLICKHOUSE_BATCH_MAX_BYTES": "0"}, nil, 8 << 20, 0},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			cfg, err := load(t, c.env, c.args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.BatchMaxBytes != c.wantBatch || cfg.ClickHouseBatchMaxBytes != c.wantInto {
+				t.Fatalf("batch max bytes %d, clickhouse batch max bytes %d; want %d, %d",
+					cfg.BatchMaxBytes, cfg.ClickHouseBatchMaxBytes, c.wantBatch, c.wantInto)
+			}
+		})
+	}
+	for env, want := range map[string]string{
+		"EVENT_BATCH_MAX_BYTES":      "invalid EVENT_BATCH_MAX_BYTES (--batch-max-bytes)",
+		"CLICKHOUSE_BATCH_MAX_BYTES": "invalid CLICKHOUSE_BATCH_MAX_BYTES (--clickhouse-batch-max-bytes)",
+	} {
+		for _, bad := range []string{"-1", "8MiB"} {
+			if _, err := load(t, map[string]string{env: bad}); err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("%s=%s: error %v, want it to contain %q", env, bad, err, want)
+			}
+		}
+	}
+}

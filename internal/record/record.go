@@ -32,3 +32,16 @@ type Event struct {
 	// this reason instead of being sent to ClickHouse.
 	Problem string
 }
+
+// fixedSize is the bytes of the row's fixed-width columns in a ClickHouse insert:
+// event_id, event_date_time, metadata_version, created_at and commit_lsn, 8 bytes
+// each (DateTime64; the legacy DateTime is 4, so legacy rows are overestimated).
+const fixedSize = 5 * 8
+
+// Size estimates the bytes the row takes in a ClickHouse insert (native format,
+// before compression): the three string columns' lengths, their length prefixes
+// (counted as one byte each) and the fixed-width columns. Batches are bounded by
+// it, so it is cheap (no allocation, no encoding) rather than exact.
+func (e Event) Size() int {
+	return fixedSize + len(e.Type) + 1 + len(e.Environment) + 1 + len(e.Context) + 1
+}
