@@ -16,6 +16,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/checkpoint"
 	"github.com/outbox-streamer/outbox-streamer/internal/batch"
 	"github.com/outbox-streamer/outbox-streamer/internal/fault"
+	"github.com/outbox-streamer/outbox-streamer/internal/pgsql"
 )
 
 // ErrWriterStopped is returned when the batch consumer exited while the stream still
@@ -195,7 +196,7 @@ func (rc *RunConfig) setDefaults() {
 
 func (s *Stream) startReplication(ctx context.Context) error {
 	pub := pgx.Identifier{s.cfg.Publication}.Sanitize()
-	args := []string{"proto_version '1'", "publication_names '" + escapeLiteral(pub) + "'"}
+	args := []string{"proto_version '1'", "publication_names " + pgsql.Literal(pub)}
 	if err := pglogrepl.StartReplication(ctx, s.conn, s.cfg.Slot, pglogrepl.LSN(s.startLSN),
 		pglogrepl.StartReplicationOptions{Mode: pglogrepl.LogicalReplication, PluginArgs: args}); err != nil {
 		if fault.IsPostgres(err, pgerrcode.ObjectInUse) {
@@ -471,17 +472,6 @@ func (d *deadlineCtx) release() {
 	if d.cancel != nil {
 		d.cancel()
 	}
-}
-
-func escapeLiteral(s string) string {
-	out := make([]byte, 0, len(s))
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\'' {
-			out = append(out, '\'')
-		}
-		out = append(out, s[i])
-	}
-	return string(out)
 }
 
 func parseLSN(s string) (uint64, error) {

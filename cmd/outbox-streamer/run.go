@@ -236,6 +236,7 @@ func pipelineConfig(cfg *config.Config) pipeline.Config {
 		Sink: cfg.ClickHouse,
 		Writer: pipeline.WriterConfig{
 			MaxInsertRows:   cfg.ClickHouseBatchSize,
+			MaxInsertBytes:  cfg.ClickHouseBatchMaxBytes,
 			Retry:           retry.Policy{Max: cfg.RetryMaxWait},
 			OutageFailAfter: cfg.OutageFailAfter,
 		},

@@ -49,6 +49,10 @@ type WriterConfig struct {
 	// MaxInsertRows caps the rows of one ClickHouse insert (CLICKHOUSE_BATCH_SIZE).
 	// When the writer falls behind, queued batches are merged up to this size.
 	MaxInsertRows int
+	// MaxInsertBytes caps the bytes (record.Event.Size) of a merged insert
+	// (CLICKHOUSE_BATCH_MAX_BYTES); zero: no cap. A batch over it alone is
+	// still sent whole: the stream bounds batches by bytes too.
+	MaxInsertBytes int
 	// Retry is the backoff for transient ClickHouse and PostgreSQL errors.
 	Retry retry.Policy
 	// InDoubtUntil is the in-flight LSN recorded before the last stop: replayed rows
@@ -72,6 +76,7 @@ type Writer struct {
 	resolver Resolver
 	log      *zap.Logger
 	recorded uint64
+	next     *batch.Batch // taken from the queue by merge, for the next insert
 }
 
 // ErrTableRejectsRows means ClickHouse refused every row of a batch with the
@@ -111,9 +116,17 @@ func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
 		}
 	}()
 	var err error
-	for b := range in {
+	for {
+		b := w.next
+		w.next = nil
+		if b == nil {
+			var ok bool
+			if b, ok = <-in; !ok {
+				break
+			}
+		}
 		if settleFailed.Load() {
-			break
+			break // unacknowledged: replayed on the next start
 		}
 		b = w.merge(b, in)
 		var o *outcome
@@ -132,6 +145,9 @@ func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
 
 // merge appends batches already queued behind b, up to MaxInsertRows, so a writer that
 // fell behind catches up with fewer, larger inserts. Queued batches are contiguous.
+//
+// A queued batch that would take the insert past MaxInsertBytes stays queued
+// for the next insert: it is peeked at through w.next, never dropped.
 func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
 	for b.Len() < w.cfg.MaxInsertRows {
 		select {
@@ -139,7 +155,12 @@ func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
 			if !ok {
 				return b
 			}
+			if w.cfg.MaxInsertBytes > 0 && b.Bytes+next.Bytes > w.cfg.MaxInsertBytes {
+				w.next = next
+				return b
+			}
 			b.Events = append(b.Events, next.Events...)
+			b.Bytes += next.Bytes
 			if next.MaxCommitLSN > b.MaxCommitLSN {
 				b.MaxCommitLSN = next.MaxCommitLSN
 			}
