@@ -1,5 +1,7 @@
-// Package checkpoint decides which replication position is safe to acknowledge and keeps
-// the durable record of the batch that is in flight to ClickHouse.
+// Package checkpoint owns the acknowledgement state: it decides which
+// replication position is safe to acknowledge (the Tracker, over contiguous
+// resolved rows) and keeps the durable record of the batch in flight to
+// ClickHouse (the outbox_checkpoint table).
 package checkpoint
 
 import (

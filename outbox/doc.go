@@ -1,6 +1,10 @@
 // Package outbox writes events into the transactional outbox that
 // outbox-streamer delivers to ClickHouse.
 //
+// It is the project's public API: the one package meant to be imported by
+// other modules (the services that produce events). Everything else is the
+// streamer's own, under internal/ or behind its command line.
+//
 // # The pattern
 //
 // A service that changes its database and must also tell the world about the

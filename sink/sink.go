@@ -1,5 +1,9 @@
-// Package sink writes event batches into the ClickHouse event_log table over the
-// native protocol (or HTTP), adapting the column types to the server's version.
+// Package sink is the one package that talks to ClickHouse: it connects (native
+// protocol or HTTP), learns the server's version, validates events against
+// what the event table can hold, inserts batches into event_log, looks up
+// which event ids it holds, and quotes ClickHouse identifiers and strings.
+// Migrations dial through its Connect; no other package writes ClickHouse SQL
+// for the streamer.
 package sink
 
 import (

@@ -1,5 +1,9 @@
-// Package outboxstore is the streamer's access to the event_outbox table: it moves
-// rows between pending, processed, failed and dead.
+// Package outboxstore owns the event_outbox table: every statement the
+// streamer runs on it is here. It moves rows between pending, processed,
+// failed and dead (status updates, the sweep's claims, backfill and rescue),
+// removes old processed rows and partitions (retention), and reads the
+// counts, ages and dead letters that status, metrics and operators see. The
+// schema itself is the migrations package's.
 package outboxstore
 
 import (

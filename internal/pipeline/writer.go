@@ -1,6 +1,8 @@
-// Package pipeline connects the stages: the replication stream's batches go through
-// the writer, which validates, reconciles in-doubt rows, inserts into ClickHouse,
-// updates the outbox rows' status and only then resolves them for acknowledgement.
+// Package pipeline connects the stages of streaming: the replication stream's
+// batches go to the writer, which records them in flight, hands them to the
+// delivery engine (internal/delivery), sets the outbox rows' status and only
+// then resolves them for acknowledgement; beside it run the sweep and the
+// outbox's maintenance. It owns the order of those steps, not their SQL.
 package pipeline
 
 import (

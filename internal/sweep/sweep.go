@@ -1,7 +1,9 @@
 // Package sweep is the polling fallback: it delivers outbox rows the replication
-// stream did not (rows marked failed, and rows older than the slot that a backfill
-// marked), with SELECT ... FOR UPDATE SKIP LOCKED so that several sweepers never take
-// the same row.
+// stream did not (rows marked failed, rows older than the slot that a backfill
+// marked, stranded pending rows it rescues). Each round claims due rows in one
+// transaction (SELECT ... FOR UPDATE SKIP LOCKED, so several sweepers never take
+// the same row), delivers them through the delivery engine and commits their
+// status in the same transaction.
 package sweep
 
 import (
