@@ -245,8 +245,9 @@ func (d *run) reconcile(ctx context.Context, events []record.Event, mayExist fun
 // When the server refuses the insert for its content (a value it cannot store)
 // or its size or spread (too many parts, memory), it splits the rows in halves
 // until the cause is isolated: one bad row never blocks the others. A single
-// row refused for a value is rejected; a single row refused for size is
-// treated as the server's trouble (transient).
+// row refused for a value is rejected; a single row refused for size is the
+// server's trouble (retried under the outage bound, then deferred) for the
+// writer, and rejected for the sweep, which does not wait.
 //
 // uncertain says ClickHouse may hold some of events already (the halves of an
 // insert that failed for its size may have been partly written).
@@ -307,6 +308,12 @@ func (d *run) insert(ctx context.Context, events []record.Event, uncertain bool)
 	case kind == fault.Rejected && len(events) == 1:
 		d.rejectCodes[fault.ClickHouseCode(err)]++
 		return inserted, []outboxstore.Failure{{ID: events[0].ID, Xid: events[0].Xid, Reason: "clickhouse rejected the event: " + err.Error()}}, nil
+	case kind == fault.TooBig && len(events) == 1 && d.cfg.OutageFailAfter < 0:
+		// Refused for size even alone, by a caller that does not wait (the
+		// sweep): it counts an attempt like a bad row, so such a row ends as a
+		// dead letter instead of stopping every sweep at its turn. Not a
+		// table error: it says nothing about the other rows.
+		return inserted, []outboxstore.Failure{{ID: events[0].ID, Xid: events[0].Xid, Reason: "clickhouse refused the event even alone: " + err.Error()}}, nil
 	case (kind == fault.Rejected || kind == fault.TooBig) && len(events) > 1:
 		mid := len(events) / 2
 		tooBig := kind == fault.TooBig
