@@ -114,7 +114,8 @@ type inProcess struct {
 func startInProcess(cfg pipeline.Config, log *zap.Logger) *inProcess {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &inProcess{cancel: cancel, done: make(chan error, 1)}
-	go func() { p.done <- pipeline.Stream(ctx, cfg, log, nil) }()
+	// Never abandoned: stop drains, as SIGTERM does for the binary.
+	go func() { p.done <- pipeline.Stream(ctx, context.Background(), cfg, log) }()
 	return p
 }
 

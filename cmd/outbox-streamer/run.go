@@ -34,12 +34,12 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	}
 	log := newLogger(cfg)
 	defer log.Sync() //nolint:errcheck // nothing useful to do on a failed flush of stderr
-	ctx, hard, stop := signalContext(log)
+	drain, abandon, stop := signalContext(log)
 	defer stop()
 	if once {
-		return runSweepOnce(ctx, cfg, log, stdout)
+		return runSweepOnce(drain, cfg, log, stdout)
 	}
-	log, obs, err := setupObservability(ctx, cfg, log)
+	log, obs, err := setupObservability(drain, cfg, log)
 	defer obs.close()
 	if err != nil {
 		return err
@@ -49,7 +49,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 		zap.String("clickhouse", cfg.ClickHouse.Addr), zap.String("clickhouse_database", cfg.ClickHouse.Database),
 		zap.String("table", cfg.ClickHouse.Table), zap.String("slot", cfg.Slot),
 		zap.Int("batch_size", cfg.BatchSize), zap.Duration("batch_timeout", cfg.BatchTimeout))
-	return supervise(ctx, cfg, log, hard, obs)
+	return supervise(drain, abandon, cfg, log, obs)
 }
 
 // supervise leads the slot (or waits as standby) and keeps the pipeline running:
@@ -57,7 +57,13 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 // with capped backoff and resumes from the acknowledged position. Configuration
 // problems end the process with one clear line. Before the first successful start any
 // failure is final, so a wrong setting is reported instead of retried forever.
-func supervise(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-chan struct{}, obs *observability) error {
+// drain ending stops it after the pipeline drained; abandon ending stops it at once.
+func supervise(drain, abandon context.Context, cfg *config.Config, log *zap.Logger, obs *observability) error {
+	// Abandoning implies stopping: with ctx ending whenever abandon does, the
+	// loop below watches ctx alone.
+	ctx, cancel := context.WithCancel(drain)
+	defer cancel()
+	defer context.AfterFunc(abandon, cancel)()
 	m := obs.metrics
 	policy := retry.Policy{Initial: 500 * time.Millisecond, Max: cfg.RetryMaxWait}
 	streamed := false
@@ -77,7 +83,7 @@ func supervise(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-
 			}
 		} else {
 			m.SetLeader(true)
-			err = streamAsLeader(ctx, cfg, log, hard, lock, m, func() {
+			err = streamAsLeader(ctx, abandon, cfg, log, lock, m, func() {
 				streamed, attempt = true, 0
 				obs.set(stateStreaming)
 				m.SetUp(true)
@@ -121,29 +127,30 @@ func supervise(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-
 	}
 }
 
-// streamAsLeader runs the pipeline while the leader lock holds; losing the lock's
-// session stops streaming at once, without draining.
-func streamAsLeader(ctx context.Context, cfg *config.Config, log *zap.Logger, hard <-chan struct{}, lock *leader.Lock, m *metrics.Metrics, onStreaming func()) error {
-	runCtx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	abandon := make(chan struct{})
-	lost := false
+// streamAsLeader runs the pipeline while the leader lock holds. Losing the lock's
+// session abandons the stream at once, without draining: another instance may
+// already lead, and a drain would race its writes.
+func streamAsLeader(drain, abandon context.Context, cfg *config.Config, log *zap.Logger, lock *leader.Lock, m *metrics.Metrics, onStreaming func()) error {
+	// The loss is recorded as the cause of runAbandon, read after Stream returns:
+	// the context synchronises the watcher's write with that read (a plain bool
+	// written by the watcher was a data race).
+	runAbandon, cancelAbandon := context.WithCancelCause(abandon)
+	defer cancelAbandon(nil)
+	runDrain, cancelDrain := context.WithCancel(drain)
+	defer cancelDrain()
+	defer context.AfterFunc(runAbandon, cancelDrain)()
 	go func() {
 		select {
 		case <-lock.Lost():
-			lost = true
-			close(abandon)
-			cancel()
-		case <-hard:
-			close(abandon)
-		case <-runCtx.Done():
+			cancelAbandon(errLeaderLost)
+		case <-runAbandon.Done():
 		}
 	}()
 	pcfg := pipelineConfig(cfg)
 	pcfg.Run.OnStreaming = onStreaming
 	pcfg.Metrics = m
-	err := pipeline.Stream(runCtx, pcfg, log, abandon)
-	if lost && ctx.Err() == nil {
+	err := pipeline.Stream(runDrain, runAbandon, pcfg, log)
+	if errors.Is(context.Cause(runAbandon), errLeaderLost) && drain.Err() == nil {
 		return errLeaderLost
 	}
 	return err
