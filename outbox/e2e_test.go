@@ -30,7 +30,7 @@ func startPipeline(t *testing.T, e *e2e.Env) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
-	go func() { done <- pipeline.Stream(ctx, cfg, log, nil) }()
+	go func() { done <- pipeline.Stream(ctx, context.Background(), cfg, log) }()
 	t.Cleanup(func() {
 		cancel()
 		select {

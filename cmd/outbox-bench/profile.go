@@ -19,11 +19,9 @@ import (
 
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
-	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
-	"github.com/outbox-streamer/outbox-streamer/internal/retry"
-	"github.com/outbox-streamer/outbox-streamer/replication"
+	"github.com/outbox-streamer/outbox-streamer/internal/service"
 )
 
 // The profile run: scenario c once more, with the pipeline in this process
@@ -76,8 +74,8 @@ func (c *countingSink) Insert(ctx context.Context, evs []record.Event) error {
 	return err
 }
 
-// inProcessConfig is what `outbox-streamer run` would run with env, built the same
-// way as cmd/outbox-streamer's pipelineConfig.
+// inProcessConfig is what `outbox-streamer run` would run with env: the binary's
+// own mapping (service.PipelineConfig), with metrics.
 func inProcessConfig(env []string) (pipeline.Config, error) {
 	vars := map[string]string{}
 	for _, kv := range env {
@@ -90,19 +88,9 @@ func inProcessConfig(env []string) (pipeline.Config, error) {
 	if err != nil {
 		return pipeline.Config{}, err
 	}
-	return pipeline.Config{
-		Replication: replication.Config{
-			DSN: cfg.PostgresDSN, Slot: cfg.Slot, Publication: cfg.Publication,
-			StatusInterval: cfg.StatusInterval, TimeZone: cfg.TimeZone,
-		},
-		Run:     replication.RunConfig{BatchSize: cfg.BatchSize, BatchTimeout: cfg.BatchTimeout, ShutdownTimeout: cfg.ShutdownTimeout},
-		Sink:    cfg.ClickHouse,
-		Writer:  pipeline.WriterConfig{MaxInsertRows: cfg.ClickHouseBatchSize, Retry: retry.Policy{Max: cfg.RetryMaxWait}, OutageFailAfter: cfg.OutageFailAfter},
-		Retry:   outboxstore.RetryConfig{MaxAttempts: cfg.MaxAttempts, BaseDelay: cfg.RetryBaseDelay, MaxDelay: cfg.RetryMaxDelay},
-		Metrics: metrics.New(),
-		// as the binary: the sweep runs at start and every interval
-		SweepInterval: cfg.SweepInterval,
-	}, nil
+	pcfg := service.PipelineConfig(cfg)
+	pcfg.Metrics = metrics.New()
+	return pcfg, nil
 }
 
 // inProcess is a pipeline.Stream running in a goroutine.
@@ -114,7 +102,8 @@ type inProcess struct {
 func startInProcess(cfg pipeline.Config, log *zap.Logger) *inProcess {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &inProcess{cancel: cancel, done: make(chan error, 1)}
-	go func() { p.done <- pipeline.Stream(ctx, cfg, log, nil) }()
+	// Never abandoned: stop drains, as SIGTERM does for the binary.
+	go func() { p.done <- pipeline.Stream(ctx, context.Background(), cfg, log) }()
 	return p
 }
 

@@ -128,11 +128,12 @@ func connectPostgres(cfg *config.Config, timeout time.Duration) (*pgx.Conn, cont
 	return conn, ctx, func() { conn.Close(context.Background()); cancel() }, nil
 }
 
-// signalContext returns a context cancelled by the first SIGINT/SIGTERM and a channel
-// closed by the second, which abandons the graceful drain.
-func signalContext(log *zap.Logger) (context.Context, <-chan struct{}, func()) {
-	ctx, cancel := context.WithCancel(context.Background())
-	hard := make(chan struct{})
+// signalContext returns the two shutdown contexts: drain ends at the first
+// SIGINT/SIGTERM (stop reading, flush the open batch), abandon at the second (stop
+// without draining). abandon is drain's parent, so ending it ends both.
+func signalContext(log *zap.Logger) (drain, abandon context.Context, stop func()) {
+	abandon, cancelAbandon := context.WithCancel(context.Background())
+	drain, cancelDrain := context.WithCancel(abandon)
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	go func() {
@@ -141,11 +142,11 @@ func signalContext(log *zap.Logger) (context.Context, <-chan struct{}, func()) {
 			return
 		}
 		log.Info("stopping: flushing the open batch (signal again to abandon it)", zap.String("signal", s.String()))
-		cancel()
+		cancelDrain()
 		if _, ok := <-sigs; ok {
 			log.Warn("second signal: stopping without draining")
-			close(hard)
+			cancelAbandon()
 		}
 	}()
-	return ctx, hard, func() { signal.Stop(sigs); close(sigs); cancel() }
+	return drain, abandon, func() { signal.Stop(sigs); close(sigs); cancelAbandon() }
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
+	"github.com/outbox-streamer/outbox-streamer/internal/service"
 	"github.com/outbox-streamer/outbox-streamer/internal/telemetry"
 )
 
@@ -45,6 +46,16 @@ type observability struct {
 }
 
 func (o *observability) set(s state) { o.state.Store(int32(s)) }
+
+// fromService is what /readyz reports for each state of the supervisor.
+var fromService = map[service.State]state{
+	service.Standby:   stateStandby,
+	service.Streaming: stateStreaming,
+	service.Retrying:  stateRetrying,
+}
+
+// setService is the supervisor's OnState hook.
+func (o *observability) setService(s service.State) { o.set(fromService[s]) }
 
 func (o *observability) health() (bool, string) {
 	s := state(o.state.Load())

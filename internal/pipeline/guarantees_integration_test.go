@@ -39,7 +39,7 @@ func startWith(t *testing.T, e *e2e.Env, tweak func(*pipeline.Config)) (stop fun
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	log := zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))
-	go func() { done <- pipeline.Stream(ctx, cfg, log, nil) }()
+	go func() { done <- pipeline.Stream(ctx, context.Background(), cfg, log) }()
 	var once sync.Once
 	var result error
 	stop = func() error {

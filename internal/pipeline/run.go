@@ -41,9 +41,11 @@ type Config struct {
 	PartitionInterval time.Duration
 }
 
-// Stream runs the streaming pipeline until ctx ends (then drains and returns nil) or
-// an error stops it. hardStop, when closed, abandons the drain.
-func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan struct{}) error {
+// Stream runs the streaming pipeline until ctx, the drain context, ends (then it
+// stops reading, flushes the open batch, lets the writer finish and returns nil) or
+// an error stops it. When abandon ends it stops without draining: the writer gives
+// up, and what it had not acknowledged is replayed on the next start.
+func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	// Lazily: ClickHouse may be down at start; the writer's outage bound and
 	// the sweep deal with that, while the slot is read (the outbox buffers).
 	ch, err := sink.OpenLazy(cfg.Sink, log)
@@ -107,7 +109,7 @@ func Stream(ctx context.Context, cfg Config, log *zap.Logger, hardStop <-chan st
 	defer cancelWriter()
 	go func() {
 		select {
-		case <-hardStop:
+		case <-abandon.Done():
 			cancelWriter()
 		case <-writerCtx.Done():
 		}

@@ -39,7 +39,7 @@ func start(t *testing.T, e *e2e.Env, wrap func(pipeline.Sink) pipeline.Sink) *ru
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &running{cancel: cancel, done: make(chan error, 1)}
 	log := zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))
-	go func() { r.done <- pipeline.Stream(ctx, cfg, log, nil) }()
+	go func() { r.done <- pipeline.Stream(ctx, context.Background(), cfg, log) }()
 	t.Cleanup(func() { r.stop(t) })
 	return r
 }
