@@ -105,15 +105,9 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	// bounded by that many rows.
 	batches := make(chan *batch.Batch, max(1, wcfg.MaxInsertRows/max(1, cfg.Run.BatchSize)))
 	writerDone := make(chan struct{})
-	writerCtx, cancelWriter := context.WithCancel(context.Background())
+	// The writer drains past ctx's end; only abandon (or a failed stream) stops it.
+	writerCtx, cancelWriter := context.WithCancel(abandon)
 	defer cancelWriter()
-	go func() {
-		select {
-		case <-abandon.Done():
-			cancelWriter()
-		case <-writerCtx.Done():
-		}
-	}()
 	var writerErr error
 	go func() {
 		defer close(writerDone)
