@@ -101,6 +101,10 @@ func (s *supervisor) run(drain, abandon context.Context) error {
 	drain, cancel := context.WithCancel(drain)
 	defer cancel()
 	defer context.AfterFunc(abandon, cancel)()
+	// The AfterFunc cancels drain on its own goroutine, a moment after
+	// abandon ends: ask both, so that a stream that saw abandon end is never
+	// taken for a failure.
+	stopped := func() bool { return drain.Err() != nil || abandon.Err() != nil }
 
 	m := s.hooks.Metrics
 	streamed := false
@@ -111,7 +115,7 @@ func (s *supervisor) run(drain, abandon context.Context) error {
 			s.setState(Standby)
 		})
 		if err != nil {
-			if drain.Err() != nil {
+			if stopped() {
 				return nil
 			}
 			m.AddError(metrics.StageLeader)
@@ -132,7 +136,7 @@ func (s *supervisor) run(drain, abandon context.Context) error {
 			if err == nil {
 				return nil
 			}
-			if drain.Err() != nil {
+			if stopped() {
 				// Stopped by the caller. A failure that is only the cancellation
 				// (a signal during start-up) is an orderly stop.
 				if errors.Is(err, context.Canceled) {
