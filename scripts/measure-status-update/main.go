@@ -1,0 +1,156 @@
+// Command measure-status-update measures designs of the outbox's status update
+// (pending → processed, the second write of every event) on the local
+// PostgreSQL that outbox-devenv starts: time per row, WAL per row, the share of
+// HOT updates and the table's size afterwards. It is a one-off measurement for
+// the performance notes, not a test:
+//
+//	bin/outbox-devenv -- go run ./scripts/measure-status-update [-rows 300000]
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+type design struct {
+	name  string
+	index string // DDL after the table (may be empty)
+	ff    int    // fillfactor
+	form  string // the UPDATE; $1 = ids
+}
+
+const markProcessed = `UPDATE %s SET status = 'processed', updated_at = now() AT TIME ZONE 'UTC', last_error = NULL, next_attempt_at = NULL
+	WHERE id = ANY($1) AND status <> 'processed' RETURNING id`
+
+const markProcessedUnnest = `UPDATE %s o SET status = 'processed', updated_at = now() AT TIME ZONE 'UTC', last_error = NULL, next_attempt_at = NULL
+	FROM unnest($1::bigint[]) AS u(id) WHERE o.id = u.id AND o.status <> 'processed' RETURNING o.id`
+
+func main() {
+	rows := flag.Int("rows", 300_000, "rows inserted pending, then marked processed")
+	batch := flag.Int("batch", 1000, "rows per status update (EVENT_BATCH_SIZE)")
+	flag.Parse()
+	dsn := os.Getenv("DATABASE_URL")
+	if dsn == "" {
+		fmt.Fprintln(os.Stderr, "DATABASE_URL is empty: run under bin/outbox-devenv")
+		os.Exit(2)
+	}
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, dsn)
+	if err != nil {
+		fail(err)
+	}
+	defer pool.Close()
+	partial := `CREATE INDEX ON %s (status, next_attempt_at, id) WHERE status <> 'processed'`
+	byNext := `CREATE INDEX ON %s (next_attempt_at, id) WHERE next_attempt_at IS NOT NULL`
+	designs := []design{
+		{"current: partial index on status, fillfactor 100", partial, 100, markProcessed},
+		{"current, UPDATE ... FROM unnest", partial, 100, markProcessedUnnest},
+		{"partial index on status, fillfactor 80", partial, 80, markProcessed},
+		{"index on next_attempt_at only, fillfactor 100", byNext, 100, markProcessed},
+		{"index on next_attempt_at only, fillfactor 90", byNext, 90, markProcessed},
+		{"index on next_attempt_at only, fillfactor 80", byNext, 80, markProcessed},
+		{"index on next_attempt_at only, fillfactor 60", byNext, 60, markProcessed},
+	}
+	fmt.Printf("%d rows inserted pending in transactions of %d, then marked processed %d at a time (the writer's statement)\n\n", *rows, *batch, *batch)
+	fmt.Printf("%-52s %10s %9s %7s %9s %9s\n", "design", "rows/s", "WAL B/row", "HOT %", "heap MiB", "index MiB")
+	for i, d := range designs {
+		if err := measure(ctx, pool, fmt.Sprintf("su_%d", i), d, *rows, *batch); err != nil {
+			fail(fmt.Errorf("%s: %w", d.name, err))
+		}
+	}
+}
+
+func measure(ctx context.Context, pool *pgxpool.Pool, table string, d design, rows, batch int) error {
+	ident := pgx.Identifier{table}.Sanitize()
+	ddl := fmt.Sprintf(`DROP TABLE IF EXISTS %[1]s;
+		CREATE TABLE %[1]s (
+			id BIGSERIAL PRIMARY KEY, event_type VARCHAR(255) NOT NULL, event_date_time TIMESTAMP NOT NULL,
+			environment VARCHAR(50) NOT NULL DEFAULT '', event_context JSONB NOT NULL DEFAULT '{}'::jsonb,
+			metadata_version BIGINT NOT NULL DEFAULT 1, status VARCHAR(20) NOT NULL DEFAULT 'pending',
+			created_at TIMESTAMP NOT NULL DEFAULT (now() AT TIME ZONE 'UTC'), updated_at TIMESTAMP NOT NULL DEFAULT (now() AT TIME ZONE 'UTC'),
+			attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, next_attempt_at TIMESTAMPTZ,
+			CHECK (status IN ('pending', 'processed', 'failed', 'dead'))) WITH (fillfactor = %[2]d, autovacuum_enabled = false)`, ident, d.ff)
+	if _, err := pool.Exec(ctx, ddl); err != nil {
+		return err
+	}
+	if d.index != "" {
+		if _, err := pool.Exec(ctx, fmt.Sprintf(d.index, ident)); err != nil {
+			return err
+		}
+	}
+	// Rows like the benchmark's: a small JSON context.
+	for done := 0; done < rows; done += batch {
+		if _, err := pool.Exec(ctx, fmt.Sprintf(`INSERT INTO %s (event_type, event_date_time, environment, event_context)
+			SELECT 'order.created', now() AT TIME ZONE 'UTC', 'bench', jsonb_build_object('user_id', g, 'amount', g %% 997, 'note', repeat('x', 40))
+			FROM generate_series(1, $1) AS g`, ident), batch); err != nil {
+			return err
+		}
+	}
+	if _, err := pool.Exec(ctx, "CHECKPOINT"); err != nil {
+		return err
+	}
+	var startWAL string
+	if err := pool.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&startWAL); err != nil {
+		return err
+	}
+	var minID int64
+	if err := pool.QueryRow(ctx, "SELECT min(id) FROM "+ident).Scan(&minID); err != nil {
+		return err
+	}
+	update := fmt.Sprintf(d.form, ident)
+	t0 := time.Now()
+	ids := make([]int64, batch)
+	for done := 0; done < rows; done += batch {
+		for i := range ids {
+			ids[i] = minID + int64(done+i)
+		}
+		r, err := pool.Query(ctx, update, ids)
+		if err != nil {
+			return err
+		}
+		n := 0
+		for r.Next() {
+			n++
+		}
+		r.Close()
+		if err := r.Err(); err != nil {
+			return err
+		}
+		if n != batch {
+			return fmt.Errorf("updated %d of %d rows", n, batch)
+		}
+	}
+	took := time.Since(t0)
+	var walBytes float64
+	if err := pool.QueryRow(ctx, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8", startWAL).Scan(&walBytes); err != nil {
+		return err
+	}
+	// The statistics are flushed lazily; ask for it and wait for the next read.
+	_, _ = pool.Exec(ctx, "SELECT pg_stat_force_next_flush()")
+	time.Sleep(1200 * time.Millisecond)
+	var upd, hot float64
+	var heap, idx float64
+	if err := pool.QueryRow(ctx, `SELECT n_tup_upd::float8, n_tup_hot_upd::float8, pg_relation_size(relid)::float8, pg_indexes_size(relid)::float8
+		FROM pg_stat_user_tables WHERE relname = $1`, table).Scan(&upd, &hot, &heap, &idx); err != nil {
+		return err
+	}
+	hotShare := 0.0
+	if upd > 0 {
+		hotShare = 100 * hot / upd
+	}
+	fmt.Printf("%-52s %10.0f %9.0f %7.1f %9.1f %9.1f\n", d.name, float64(rows)/took.Seconds(), walBytes/float64(rows), hotShare, heap/(1<<20), idx/(1<<20))
+	_, err := pool.Exec(ctx, "DROP TABLE "+ident)
+	return err
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, "measure-status-update:", strings.TrimSpace(err.Error()))
+	os.Exit(1)
+}
