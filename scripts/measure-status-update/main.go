@@ -59,7 +59,7 @@ func main() {
 		{"index on next_attempt_at only, fillfactor 60", byNext, 60, markProcessed},
 	}
 	fmt.Printf("%d rows inserted pending in transactions of %d, then marked processed %d at a time (the writer's statement)\n\n", *rows, *batch, *batch)
-	fmt.Printf("%-52s %10s %9s %7s %9s %9s\n", "design", "rows/s", "WAL B/row", "HOT %", "heap MiB", "index MiB")
+	fmt.Printf("%-52s %10s %9s %7s %9s %9s %12s %12s\n", "design", "rows/s", "WAL B/row", "HOT %", "heap MiB", "index MiB", "decode ins/s", "decode upd/s")
 	for i, d := range designs {
 		if err := measure(ctx, pool, fmt.Sprintf("su_%d", i), d, *rows, *batch); err != nil {
 			fail(fmt.Errorf("%s: %w", d.name, err))
@@ -85,6 +85,21 @@ func measure(ctx context.Context, pool *pgxpool.Pool, table string, d design, ro
 			return err
 		}
 	}
+	// A slot and a publication of inserts, as the streamer's: afterwards the
+	// walsender's work is measured by decoding the inserts' WAL and then the
+	// updates' WAL with pgoutput (which sends the inserts and drops the updates).
+	pub, slot := table+"_pub", table+"_slot"
+	for _, q := range []string{"DROP PUBLICATION IF EXISTS " + pub, "CREATE PUBLICATION " + pub + " FOR TABLE " + ident + " WITH (publish = 'insert')"} {
+		if _, err := pool.Exec(ctx, q); err != nil {
+			return err
+		}
+	}
+	_, _ = pool.Exec(ctx, "SELECT pg_drop_replication_slot($1)", slot)
+	if _, err := pool.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
+		return err
+	}
+	defer pool.Exec(context.Background(), "SELECT pg_drop_replication_slot($1)", slot) //nolint:errcheck // best effort
+	defer pool.Exec(context.Background(), "DROP PUBLICATION IF EXISTS "+pub)         //nolint:errcheck // best effort
 	// Rows like the benchmark's: a small JSON context.
 	for done := 0; done < rows; done += batch {
 		if _, err := pool.Exec(ctx, fmt.Sprintf(`INSERT INTO %s (event_type, event_date_time, environment, event_context)
@@ -94,6 +109,10 @@ func measure(ctx context.Context, pool *pgxpool.Pool, table string, d design, ro
 		}
 	}
 	if _, err := pool.Exec(ctx, "CHECKPOINT"); err != nil {
+		return err
+	}
+	var insertsEnd string
+	if err := pool.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&insertsEnd); err != nil {
 		return err
 	}
 	var startWAL string
@@ -141,12 +160,32 @@ func measure(ctx context.Context, pool *pgxpool.Pool, table string, d design, ro
 		FROM pg_stat_user_tables WHERE relname = $1`, table).Scan(&upd, &hot, &heap, &idx); err != nil {
 		return err
 	}
+	decode := func(upto string) (time.Duration, error) {
+		t0 := time.Now()
+		var n int64
+		err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_logical_slot_get_binary_changes($1, $2::pg_lsn, NULL,
+			'proto_version', '1', 'publication_names', $3)`, slot, upto, pub).Scan(&n)
+		return time.Since(t0), err
+	}
+	decIns, err := decode(insertsEnd)
+	if err != nil {
+		return fmt.Errorf("decode the inserts: %w", err)
+	}
+	var updatesEnd string
+	if err := pool.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&updatesEnd); err != nil {
+		return err
+	}
+	decUpd, err := decode(updatesEnd)
+	if err != nil {
+		return fmt.Errorf("decode the updates: %w", err)
+	}
 	hotShare := 0.0
 	if upd > 0 {
 		hotShare = 100 * hot / upd
 	}
-	fmt.Printf("%-52s %10.0f %9.0f %7.1f %9.1f %9.1f\n", d.name, float64(rows)/took.Seconds(), walBytes/float64(rows), hotShare, heap/(1<<20), idx/(1<<20))
-	_, err := pool.Exec(ctx, "DROP TABLE "+ident)
+	fmt.Printf("%-52s %10.0f %9.0f %7.1f %9.1f %9.1f %12.0f %12.0f\n", d.name, float64(rows)/took.Seconds(), walBytes/float64(rows), hotShare, heap/(1<<20), idx/(1<<20),
+		float64(rows)/decIns.Seconds(), float64(rows)/decUpd.Seconds())
+	_, err = pool.Exec(ctx, "DROP TABLE "+ident)
 	return err
 }
 
