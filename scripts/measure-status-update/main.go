@@ -99,7 +99,7 @@ func measure(ctx context.Context, pool *pgxpool.Pool, table string, d design, ro
 		return err
 	}
 	defer pool.Exec(context.Background(), "SELECT pg_drop_replication_slot($1)", slot) //nolint:errcheck // best effort
-	defer pool.Exec(context.Background(), "DROP PUBLICATION IF EXISTS "+pub)         //nolint:errcheck // best effort
+	defer pool.Exec(context.Background(), "DROP PUBLICATION IF EXISTS "+pub)           //nolint:errcheck // best effort
 	// Rows like the benchmark's: a small JSON context.
 	for done := 0; done < rows; done += batch {
 		if _, err := pool.Exec(ctx, fmt.Sprintf(`INSERT INTO %s (event_type, event_date_time, environment, event_context)
