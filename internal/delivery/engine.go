@@ -137,14 +137,19 @@ func (e *Engine) Deliver(ctx context.Context, events []record.Event, mayExist fu
 		o.Deferred, o.OutageErr = events, err
 		return o, nil
 	}
-	valid := make([]record.Event, 0, len(events))
+	valid := events // copied only when a row is left out
 	for i := range events {
 		ev := &events[i]
 		if err := e.sink.Validate(ev); err != nil {
+			if len(o.Failed) == 0 { // the first: from here on valid is a copy
+				valid = append(make([]record.Event, 0, len(events)-1), events[:i]...)
+			}
 			o.Failed = append(o.Failed, outboxstore.Failure{ID: ev.ID, Xid: ev.Xid, Reason: "invalid event: " + err.Error()})
 			continue
 		}
-		valid = append(valid, *ev)
+		if len(o.Failed) > 0 {
+			valid = append(valid, *ev)
+		}
 	}
 	if mayExist != nil {
 		rest, present, err := d.reconcile(ctx, valid, mayExist)
@@ -299,6 +304,9 @@ func (d *run) insert(ctx context.Context, events []record.Event, uncertain bool)
 		return err
 	})
 	if err == nil {
+		if len(present) == 0 {
+			return toSend, nil, nil
+		}
 		return append(present, toSend...), nil, nil
 	}
 	// Rows found in ClickHouse are delivered; the rest goes on below.

@@ -161,6 +161,15 @@ func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
 				w.next = next
 				return b
 			}
+			if need := b.Len() + next.Len(); need > cap(b.Events) {
+				// Grow once for everything queued now (up to the cap), not by
+				// doubling: a merged insert of 10,000 rows was copied four
+				// times, a quarter of the streamer's allocations in profiles.
+				want := min(max(need, b.Len()+next.Len()*(1+len(in))), w.cfg.MaxInsertRows+next.Len())
+				grown := make([]record.Event, b.Len(), max(want, need))
+				copy(grown, b.Events)
+				b.Events = grown
+			}
 			b.Events = append(b.Events, next.Events...)
 			b.Bytes += next.Bytes
 			if next.MaxCommitLSN > b.MaxCommitLSN {
