@@ -244,6 +244,13 @@ func (e *dbEnv) slotState(ctx context.Context) (confirmed uint64, active bool, e
 	return uint64(lsn), active, err
 }
 
+// slotExists reports whether e's replication slot exists.
+func (e *dbEnv) slotExists(ctx context.Context) (bool, error) {
+	var ok bool
+	err := e.Pool.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)", e.Slot).Scan(&ok)
+	return ok, err
+}
+
 // chCount is count() of event_log (a trivial count: read from part metadata).
 func (e *dbEnv) chCount(ctx context.Context) (uint64, error) {
 	var n uint64

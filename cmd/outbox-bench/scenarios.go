@@ -35,18 +35,35 @@ func (b *bench) startStreaming(ctx context.Context, e *dbEnv, key string, extra 
 // confirmed LSN passing the last commit is waited for (and reported) separately,
 // because the streamer reports it only every STATUS_INTERVAL.
 func runDrain(ctx context.Context, b *bench, key string, extra ...string) (map[string]float64, error) {
+	return runDrainWith(ctx, b, key, false, extra...)
+}
+
+// runBackfill is scenario h: the same backlog committed before the replication
+// slot exists, then the binary's first start timed the same way. It creates the
+// slot, backfills (marks the rows the slot will never carry for the sweep) and
+// the sweep delivers them.
+func runBackfill(ctx context.Context, b *bench) (map[string]float64, error) {
+	return runDrainWith(ctx, b, "h", true)
+}
+
+// runDrainWith is runDrain; with backfill the slot does not exist when the timed
+// start begins (no first start), so the whole backlog goes through the backfill
+// and the sweep instead of the stream.
+func runDrainWith(ctx context.Context, b *bench, key string, backfill bool, extra ...string) (map[string]float64, error) {
 	e, err := newEnv(ctx, b.srv)
 	if err != nil {
 		return nil, err
 	}
 	defer e.close()
-	s, err := b.startStreaming(ctx, e, key, extra...)
-	if err != nil {
-		return nil, err
-	}
-	e.watch = nil
-	if err := s.Stop(stopTimeout); err != nil {
-		return nil, err
+	if !backfill {
+		s, err := b.startStreaming(ctx, e, key, extra...)
+		if err != nil {
+			return nil, err
+		}
+		e.watch = nil
+		if err := s.Stop(stopTimeout); err != nil {
+			return nil, err
+		}
 	}
 	target, err := e.insertBacklog(ctx, b.cfg.Rows, b.cfg.TxSize)
 	if err != nil {
@@ -55,10 +72,19 @@ func runDrain(ctx context.Context, b *bench, key string, extra ...string) (map[s
 	if err := e.settle(ctx); err != nil {
 		return nil, err
 	}
+	if backfill {
+		exists, err := e.slotExists(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if exists {
+			return nil, fmt.Errorf("replication slot %s exists before the backfill start", e.Slot)
+		}
+	}
 
 	meter := &cpuMeter{}
 	c0 := meter.sample()
-	s, err = startStreamer(b.cfg.Streamer, e.streamerEnv(extra...), b.logPath(key))
+	s, err := startStreamer(b.cfg.Streamer, e.streamerEnv(extra...), b.logPath(key))
 	if err != nil {
 		return nil, err
 	}
@@ -108,8 +134,26 @@ func runDrain(ctx context.Context, b *bench, key string, extra ...string) (map[s
 			m["rows_per_s_from_streaming"] = float64(b.cfg.Rows) / d.Seconds()
 		}
 	}
+	if backfill {
+		// The rows must have gone the backfill's way: the binary's own count of
+		// the rows it handed to the sweep (the stream never carried them).
+		rec, at, ok := s.logRecord(backfillLogMsg)
+		if !ok {
+			return nil, fmt.Errorf("the streamer did not log %q; log %s", backfillLogMsg, s.logPath)
+		}
+		n, _ := rec["backfilled_rows"].(float64)
+		if int(n) != b.cfg.Rows {
+			return nil, fmt.Errorf("the streamer backfilled %.0f rows, want %d; log %s", n, b.cfg.Rows, s.logPath)
+		}
+		m["backfilled_rows"] = n
+		m["backfill_done_s"] = at.Sub(s.Started).Seconds()
+	}
 	return m, verr
 }
+
+// backfillLogMsg is what the binary logs after a new slot's backfill
+// (internal/pipeline), with the field backfilled_rows.
+const backfillLogMsg = "new replication slot: pending rows committed before it were handed to the sweep"
 
 // runLive is scenario d: the streamer runs while loadgen commits Rows events as
 // fast as it can (COPY, transactions of TxSize, LiveConns connections).
