@@ -29,6 +29,9 @@ type servers struct {
 	// CHAddr is host:port of a modern ClickHouse's native protocol.
 	CHAddr    string
 	CHVersion string
+	// CHLog, when known, is the ClickHouse server's log (scenario g quotes it
+	// when the MaterializedPostgreSQL peer fails).
+	CHLog string
 }
 
 // fillVersions asks the servers for their versions when they are not known yet.

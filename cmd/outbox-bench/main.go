@@ -276,7 +276,7 @@ func startServers(ctx context.Context, cfg benchConfig) (*servers, func(), error
 		_ = ch.Stop()
 		_ = pg.Stop()
 	}
-	return &servers{PGDSN: pg.DSN(), PGVersion: pg.Version, CHAddr: ch.Addr(), CHVersion: ch.Version}, stop, nil
+	return &servers{PGDSN: pg.DSN(), PGVersion: pg.Version, CHAddr: ch.Addr(), CHVersion: ch.Version, CHLog: ch.LogPath}, stop, nil
 }
 
 func main() {

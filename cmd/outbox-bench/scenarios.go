@@ -308,9 +308,15 @@ func latencyProducer(ctx context.Context, pool *pgxpool.Pool, rate float64, txSi
 // first seen. The writer inserts batches one after another in commit order, so a
 // poll for commit_lsn >= the highest seen so far returns everything new (and the
 // few already-seen rows of a transaction split across two inserts).
+//
+// query, when set, replaces that poll: it selects (id, key) rows whose key is at
+// least its one parameter, the highest key seen minus margin (for a table whose key
+// is not in commit order but close to it).
 type chWatcher struct {
 	e        *dbEnv
 	interval time.Duration
+	query    string
+	margin   uint64
 	mu       sync.Mutex
 	seen     map[int64]time.Time
 	polls    int
@@ -319,12 +325,16 @@ type chWatcher struct {
 }
 
 func (w *chWatcher) run(ctx context.Context) {
-	var maxLSN uint64
+	var maxKey uint64
+	query := w.query
+	if query == "" {
+		query = "SELECT event_id, commit_lsn FROM " + w.e.Table + " WHERE commit_lsn >= ?"
+	}
 	t := time.NewTicker(w.interval)
 	defer t.Stop()
 	for {
 		issued := time.Now()
-		rows, err := w.e.CH.Query(ctx, "SELECT event_id, commit_lsn FROM "+w.e.Table+" WHERE commit_lsn >= ?", maxLSN)
+		rows, err := w.e.CH.Query(ctx, query, maxKey-min(maxKey, w.margin))
 		if err != nil {
 			if ctx.Err() == nil {
 				w.mu.Lock()
@@ -335,15 +345,15 @@ func (w *chWatcher) run(ctx context.Context) {
 		}
 		w.mu.Lock()
 		for rows.Next() {
-			var id, lsn uint64
-			if err := rows.Scan(&id, &lsn); err != nil {
+			var id, key uint64
+			if err := rows.Scan(&id, &key); err != nil {
 				w.err = err
 				break
 			}
 			if _, ok := w.seen[int64(id)]; !ok {
 				w.seen[int64(id)] = issued
 			}
-			maxLSN = max(maxLSN, lsn)
+			maxKey = max(maxKey, key)
 		}
 		w.polls++
 		w.slowest = max(w.slowest, time.Since(issued))
