@@ -29,6 +29,9 @@ type servers struct {
 	// CHAddr is host:port of a modern ClickHouse's native protocol.
 	CHAddr    string
 	CHVersion string
+	// CHLog, when known, is the ClickHouse server's log (scenario g quotes it
+	// when the MaterializedPostgreSQL peer fails).
+	CHLog string
 }
 
 // fillVersions asks the servers for their versions when they are not known yet.
@@ -242,6 +245,13 @@ func (e *dbEnv) slotState(ctx context.Context) (confirmed uint64, active bool, e
 	}
 	lsn, err := pglogrepl.ParseLSN(*s)
 	return uint64(lsn), active, err
+}
+
+// slotExists reports whether e's replication slot exists.
+func (e *dbEnv) slotExists(ctx context.Context) (bool, error) {
+	var ok bool
+	err := e.Pool.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)", e.Slot).Scan(&ok)
+	return ok, err
 }
 
 // chCount is count() of event_log (a trivial count: read from part metadata).

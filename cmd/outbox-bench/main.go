@@ -12,12 +12,19 @@
 //	a   bare slot reader: pglogrepl + replication.Decoder over a committed backlog
 //	b   polling baseline: SELECT ... FOR UPDATE SKIP LOCKED / insert / UPDATE rounds
 //	c   the real binary draining the same backlog (defaults; c10k: CLICKHOUSE_BATCH_SIZE=10000)
+//	h   backfill: c's backlog committed before the slot exists, then the binary's
+//	    first start (new slot, backfill, the sweep delivers)
+//	g   the real peer: ClickHouse's own MaterializedPostgreSQL database engine on c's
+//	    backlog (its initial snapshot is the drain), d's producer and, for at most
+//	    20 s, e's paced producer
 //	d   the real binary while loadgen writes as fast as it can
-//	e   commit → ClickHouse latency at a fixed rate
-//	f   the binary's peak RSS through one very large transaction
+//	e   commit → ClickHouse latency at a fixed rate (er: with retention)
+//	f   the binary's peak RSS through one very large transaction, and how long after
+//	    its commit it is all in ClickHouse
 //
 // Every scenario run verifies its delivery (ClickHouse holds every committed row
-// exactly once, every outbox row is processed, the slot is past the last commit).
+// exactly once, every outbox row is processed, the slot is past the last commit;
+// for g: the peer's table, read with FINAL, holds every committed id once).
 // go test -run TestBenchSmoke ./cmd/outbox-bench runs all of them once with tiny sizes.
 package main
 
@@ -66,14 +73,14 @@ func defaultConfig() benchConfig {
 	return benchConfig{
 		Reps: 3, Rows: 500_000, TxSize: 1000, PollBatch: 1000, CHBatchLarge: 10_000, LiveConns: 1,
 		LatencyRate: 5000, LatencyTx: 10, LatencyWorkers: 2, LatencyDuration: time.Minute, LatencyPoll: 15 * time.Millisecond,
-		BigTx: 1_000_000, Scenarios: "a,b,c,c10k,d,e,er,f", Timeout: 15 * time.Minute,
+		BigTx: 1_000_000, Scenarios: "a,b,c,c10k,d,e,er,f,g,h", Timeout: 15 * time.Minute,
 		Streamer: "bin/outbox-streamer",
 	}
 }
 
 func (c *benchConfig) bind(fs *flag.FlagSet) {
 	fs.IntVar(&c.Reps, "reps", c.Reps, "repetitions; every figure is the median over them")
-	fs.IntVar(&c.Rows, "rows", c.Rows, "backlog rows for a, b, c, and events written in d")
+	fs.IntVar(&c.Rows, "rows", c.Rows, "backlog rows for a, b, c, g, h, and events written in d and g")
 	fs.IntVar(&c.TxSize, "tx-size", c.TxSize, "rows per transaction of the backlog (a, b, c) and of the live producer (d)")
 	fs.IntVar(&c.PollBatch, "poll-batch", c.PollBatch, "LIMIT of one polling round (b)")
 	fs.IntVar(&c.CHBatchLarge, "large-ch-batch", c.CHBatchLarge, "CLICKHOUSE_BATCH_SIZE of the second drain (c10k); 0 skips it")
@@ -84,7 +91,7 @@ func (c *benchConfig) bind(fs *flag.FlagSet) {
 	fs.DurationVar(&c.LatencyDuration, "latency-duration", c.LatencyDuration, "how long the latency producer runs (e)")
 	fs.DurationVar(&c.LatencyPoll, "latency-poll", c.LatencyPoll, "how often the latency scenario polls ClickHouse for new events (e)")
 	fs.IntVar(&c.BigTx, "big-tx", c.BigTx, "rows of the single transaction of the memory scenario (f)")
-	fs.StringVar(&c.Scenarios, "scenarios", c.Scenarios, "comma-separated subset of a,b,c,c10k,d,e,er,f (empty: none, e.g. with --profile)")
+	fs.StringVar(&c.Scenarios, "scenarios", c.Scenarios, "comma-separated subset of a,b,c,c10k,d,e,er,f,g,h (empty: none, e.g. with --profile)")
 	fs.DurationVar(&c.Timeout, "timeout", c.Timeout, "bound on one scenario's wait for delivery")
 	fs.StringVar(&c.Streamer, "streamer", c.Streamer, "the outbox-streamer binary (make build)")
 	fs.BoolVar(&c.PGDurable, "pg-durable", c.PGDurable, "run PostgreSQL with fsync and full_page_writes on (default: off, localsvc's Durable: false); synchronous_commit is on either way")
@@ -134,6 +141,8 @@ func scenarios(c *benchConfig) []scenario {
 		{"c10k", fmt.Sprintf("streamer drain, CLICKHOUSE_BATCH_SIZE=%d", c.CHBatchLarge), func(ctx context.Context, b *bench) (map[string]float64, error) {
 			return runDrain(ctx, b, "c10k", fmt.Sprintf("CLICKHOUSE_BATCH_SIZE=%d", c.CHBatchLarge))
 		}},
+		{"h", "streamer backfill of a backlog older than the slot", runBackfill},
+		{"g", "peer: ClickHouse MaterializedPostgreSQL", runPeer},
 		{"d", "streamer live", runLive},
 		{"e", "latency", runLatency},
 		{"er", "latency with retention", runLatencyRetention},
@@ -207,7 +216,10 @@ func (b *bench) run(ctx context.Context) error {
 			m, err := s.run(ctx, b)
 			if err != nil {
 				msg := fmt.Sprintf("repetition %d, %s (%s): %v", rep, s.key, s.name, err)
-				if m != nil {
+				switch {
+				case m != nil && isPartial(err):
+					msg += " (the figures of its parts that completed are kept)"
+				case m != nil:
 					msg += " (its figures are kept: the delivery itself was complete)"
 				}
 				b.errs = append(b.errs, msg)
@@ -233,14 +245,26 @@ func (b *bench) run(ctx context.Context) error {
 // brief is a one-line progress summary of a scenario's figures.
 func brief(key string, m map[string]float64) string {
 	switch key {
-	case "a", "b", "c", "c10k":
+	case "a", "b", "c", "c10k", "h":
 		return fmt.Sprintf("%.0f rows/s", m["rows_per_s"])
 	case "d":
 		return fmt.Sprintf("producer %.0f rows/s, delivery %.0f rows/s, tail %.0f ms", m["producer_rows_per_s"], m["delivery_rows_per_s"], m["tail_after_producer_s"]*1000)
 	case "e":
 		return fmt.Sprintf("p50 %.0f ms, p99 %.0f ms, max %.0f ms over %.0f events", m["p50_ms"], m["p99_ms"], m["max_ms"], m["events"])
 	case "f":
-		return fmt.Sprintf("peak RSS %.1f MiB", m["peak_rss_mib"])
+		return fmt.Sprintf("peak RSS %.1f MiB, all in ClickHouse %.1f s after the commit", m["peak_rss_mib"], m["ch_visible_s"])
+	case "g":
+		var parts []string
+		if v, ok := m["rows_per_s"]; ok {
+			parts = append(parts, fmt.Sprintf("drain %.0f rows/s", v))
+		}
+		if v, ok := m["delivery_rows_per_s"]; ok {
+			parts = append(parts, fmt.Sprintf("live: producer %.0f rows/s, delivery %.0f rows/s", m["producer_rows_per_s"], v))
+		}
+		if v, ok := m["latency_p99_ms"]; ok {
+			parts = append(parts, fmt.Sprintf("latency p50 %.0f ms, p99 %.0f ms over %.0f events", m["latency_p50_ms"], v, m["latency_events"]))
+		}
+		return strings.Join(parts, "; ")
 	}
 	return ""
 }
@@ -276,7 +300,7 @@ func startServers(ctx context.Context, cfg benchConfig) (*servers, func(), error
 		_ = ch.Stop()
 		_ = pg.Stop()
 	}
-	return &servers{PGDSN: pg.DSN(), PGVersion: pg.Version, CHAddr: ch.Addr(), CHVersion: ch.Version}, stop, nil
+	return &servers{PGDSN: pg.DSN(), PGVersion: pg.Version, CHAddr: ch.Addr(), CHVersion: ch.Version, CHLog: ch.LogPath}, stop, nil
 }
 
 func main() {
@@ -297,7 +321,7 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "outbox-bench: sizes, rates and repetitions must be positive")
 		return 2
 	}
-	needsBinary := cfg.has("c") || cfg.has("c10k") || cfg.has("d") || cfg.has("e") || cfg.has("er") || cfg.has("f")
+	needsBinary := cfg.has("c") || cfg.has("c10k") || cfg.has("d") || cfg.has("e") || cfg.has("er") || cfg.has("f") || cfg.has("h")
 	if needsBinary {
 		abs, err := filepath.Abs(cfg.Streamer)
 		if err == nil {

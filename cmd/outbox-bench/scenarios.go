@@ -35,18 +35,35 @@ func (b *bench) startStreaming(ctx context.Context, e *dbEnv, key string, extra 
 // confirmed LSN passing the last commit is waited for (and reported) separately,
 // because the streamer reports it only every STATUS_INTERVAL.
 func runDrain(ctx context.Context, b *bench, key string, extra ...string) (map[string]float64, error) {
+	return runDrainWith(ctx, b, key, false, extra...)
+}
+
+// runBackfill is scenario h: the same backlog committed before the replication
+// slot exists, then the binary's first start timed the same way. It creates the
+// slot, backfills (marks the rows the slot will never carry for the sweep) and
+// the sweep delivers them.
+func runBackfill(ctx context.Context, b *bench) (map[string]float64, error) {
+	return runDrainWith(ctx, b, "h", true)
+}
+
+// runDrainWith is runDrain; with backfill the slot does not exist when the timed
+// start begins (no first start), so the whole backlog goes through the backfill
+// and the sweep instead of the stream.
+func runDrainWith(ctx context.Context, b *bench, key string, backfill bool, extra ...string) (map[string]float64, error) {
 	e, err := newEnv(ctx, b.srv)
 	if err != nil {
 		return nil, err
 	}
 	defer e.close()
-	s, err := b.startStreaming(ctx, e, key, extra...)
-	if err != nil {
-		return nil, err
-	}
-	e.watch = nil
-	if err := s.Stop(stopTimeout); err != nil {
-		return nil, err
+	if !backfill {
+		s, err := b.startStreaming(ctx, e, key, extra...)
+		if err != nil {
+			return nil, err
+		}
+		e.watch = nil
+		if err := s.Stop(stopTimeout); err != nil {
+			return nil, err
+		}
 	}
 	target, err := e.insertBacklog(ctx, b.cfg.Rows, b.cfg.TxSize)
 	if err != nil {
@@ -55,10 +72,19 @@ func runDrain(ctx context.Context, b *bench, key string, extra ...string) (map[s
 	if err := e.settle(ctx); err != nil {
 		return nil, err
 	}
+	if backfill {
+		exists, err := e.slotExists(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if exists {
+			return nil, fmt.Errorf("replication slot %s exists before the backfill start", e.Slot)
+		}
+	}
 
 	meter := &cpuMeter{}
 	c0 := meter.sample()
-	s, err = startStreamer(b.cfg.Streamer, e.streamerEnv(extra...), b.logPath(key))
+	s, err := startStreamer(b.cfg.Streamer, e.streamerEnv(extra...), b.logPath(key))
 	if err != nil {
 		return nil, err
 	}
@@ -108,8 +134,26 @@ func runDrain(ctx context.Context, b *bench, key string, extra ...string) (map[s
 			m["rows_per_s_from_streaming"] = float64(b.cfg.Rows) / d.Seconds()
 		}
 	}
+	if backfill {
+		// The rows must have gone the backfill's way: the binary's own count of
+		// the rows it handed to the sweep (the stream never carried them).
+		rec, at, ok := s.logRecord(backfillLogMsg)
+		if !ok {
+			return nil, fmt.Errorf("the streamer did not log %q; log %s", backfillLogMsg, s.logPath)
+		}
+		n, _ := rec["backfilled_rows"].(float64)
+		if int(n) != b.cfg.Rows {
+			return nil, fmt.Errorf("the streamer backfilled %.0f rows, want %d; log %s", n, b.cfg.Rows, s.logPath)
+		}
+		m["backfilled_rows"] = n
+		m["backfill_done_s"] = at.Sub(s.Started).Seconds()
+	}
 	return m, verr
 }
+
+// backfillLogMsg is what the binary logs after a new slot's backfill
+// (internal/pipeline), with the field backfilled_rows.
+const backfillLogMsg = "new replication slot: pending rows committed before it were handed to the sweep"
 
 // runLive is scenario d: the streamer runs while loadgen commits Rows events as
 // fast as it can (COPY, transactions of TxSize, LiveConns connections).
@@ -264,9 +308,15 @@ func latencyProducer(ctx context.Context, pool *pgxpool.Pool, rate float64, txSi
 // first seen. The writer inserts batches one after another in commit order, so a
 // poll for commit_lsn >= the highest seen so far returns everything new (and the
 // few already-seen rows of a transaction split across two inserts).
+//
+// query, when set, replaces that poll: it selects (id, key) rows whose key is at
+// least its one parameter, the highest key seen minus margin (for a table whose key
+// is not in commit order but close to it).
 type chWatcher struct {
 	e        *dbEnv
 	interval time.Duration
+	query    string
+	margin   uint64
 	mu       sync.Mutex
 	seen     map[int64]time.Time
 	polls    int
@@ -275,12 +325,16 @@ type chWatcher struct {
 }
 
 func (w *chWatcher) run(ctx context.Context) {
-	var maxLSN uint64
+	var maxKey uint64
+	query := w.query
+	if query == "" {
+		query = "SELECT event_id, commit_lsn FROM " + w.e.Table + " WHERE commit_lsn >= ?"
+	}
 	t := time.NewTicker(w.interval)
 	defer t.Stop()
 	for {
 		issued := time.Now()
-		rows, err := w.e.CH.Query(ctx, "SELECT event_id, commit_lsn FROM "+w.e.Table+" WHERE commit_lsn >= ?", maxLSN)
+		rows, err := w.e.CH.Query(ctx, query, maxKey-min(maxKey, w.margin))
 		if err != nil {
 			if ctx.Err() == nil {
 				w.mu.Lock()
@@ -291,15 +345,15 @@ func (w *chWatcher) run(ctx context.Context) {
 		}
 		w.mu.Lock()
 		for rows.Next() {
-			var id, lsn uint64
-			if err := rows.Scan(&id, &lsn); err != nil {
+			var id, key uint64
+			if err := rows.Scan(&id, &key); err != nil {
 				w.err = err
 				break
 			}
 			if _, ok := w.seen[int64(id)]; !ok {
 				w.seen[int64(id)] = issued
 			}
-			maxLSN = max(maxLSN, lsn)
+			maxKey = max(maxKey, key)
 		}
 		w.polls++
 		w.slowest = max(w.slowest, time.Since(issued))
@@ -474,7 +528,9 @@ func percentile(sorted []float64, p float64) float64 {
 }
 
 // runMemory is scenario f: the streamer's peak resident set (VmHWM) through one
-// transaction of BigTx rows, committed while it streams.
+// transaction of BigTx rows, committed while it streams, and how long after its
+// commit the whole transaction was in ClickHouse (ch_visible_s) and processed in
+// the outbox (delivery_seconds).
 func runMemory(ctx context.Context, b *bench) (map[string]float64, error) {
 	e, err := newEnv(ctx, b.srv)
 	if err != nil {
@@ -517,8 +573,12 @@ func runMemory(ctx context.Context, b *bench) (map[string]float64, error) {
 	}
 	committed := time.Now()
 	target, err := e.currentWAL(ctx)
+	var visible time.Time
 	if err == nil {
+		// waitCH returns after the count that saw the last row came back (polls
+		// every 20 ms): an upper bound of when the transaction was all visible.
 		err = e.waitCH(ctx, uint64(b.cfg.BigTx), b.cfg.Timeout)
+		visible = time.Now()
 	}
 	if err == nil {
 		err = e.waitConfirmed(ctx, target, b.cfg.Timeout)
@@ -555,6 +615,7 @@ func runMemory(ctx context.Context, b *bench) (map[string]float64, error) {
 		"idle_rss_mib":        float64(idleRSS) / mib,
 		"insert_seconds":      committed.Sub(t0).Seconds(),
 		"delivery_seconds":    last.Sub(committed).Seconds(),
+		"ch_visible_s":        visible.Sub(committed).Seconds(),
 		"ch_inserts":          float64(inserts),
 	}, verr
 }

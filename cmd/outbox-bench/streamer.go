@@ -162,6 +162,38 @@ func (s *streamer) streamingAt() (time.Time, bool) {
 	return at, !at.IsZero()
 }
 
+// logRecord returns the fields and time of the last JSON log line of the current
+// run whose message is msg.
+func (s *streamer) logRecord(msg string) (map[string]any, time.Time, bool) {
+	f, err := os.Open(s.logPath)
+	if err != nil {
+		return nil, time.Time{}, false
+	}
+	defer f.Close()
+	var (
+		rec map[string]any
+		at  time.Time
+	)
+	needle, _ := json.Marshal(msg)
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Bytes()
+		if !bytes.Contains(line, append([]byte(`"msg":`), needle...)) {
+			continue
+		}
+		var r map[string]any
+		if json.Unmarshal(line, &r) != nil {
+			continue
+		}
+		ts, _ := r["ts"].(string)
+		if t, err := time.Parse("2006-01-02T15:04:05.000Z0700", ts); err == nil && !t.Before(s.Started.Add(-time.Second)) {
+			rec, at = r, t
+		}
+	}
+	return rec, at, rec != nil
+}
+
 // tailFile returns the last n lines of a file.
 func tailFile(path string, n int) string {
 	data, err := os.ReadFile(path)
