@@ -20,34 +20,63 @@ type Claimed struct {
 	Attempts int
 }
 
-// ClaimDue locks up to limit failed rows whose next attempt is due, oldest
-// due first, skipping rows another sweeper holds (FOR UPDATE SKIP LOCKED).
-// Call it on a store bound to a transaction (WithTx): the locks last until
-// it ends. A failed row without next_attempt_at (inserted so by hand or by an
-// older tool) is due now, not never. loc is the zone of the outbox's
-// TIMESTAMP values.
-func (s *Store) ClaimDue(ctx context.Context, limit int, loc *time.Location) ([]Claimed, error) {
-	rows, err := s.db.Query(ctx, `SELECT id, event_type, event_date_time, environment, event_context::text,
-			metadata_version, created_at, attempts
+// claimColumns are the columns a claim reads.
+const claimColumns = `id, event_type, event_date_time, environment, event_context::text,
+			metadata_version, created_at, attempts`
+
+// The two claims, each an index scan of event_outbox_undelivered_idx
+// (status, next_attempt_at, id) in the index's order, so a round costs its
+// LIMIT, not the backlog: one `ORDER BY next_attempt_at NULLS FIRST, id` with
+// `OR next_attempt_at IS NULL` matched no index order and sorted every failed
+// row on each round (a 500,000-row backfill ran at 2,400 rows/s).
+const (
+	// claimUnscheduled takes failed rows without next_attempt_at (inserted so
+	// by hand or by an older tool): due now, not never.
+	claimUnscheduled = `SELECT ` + claimColumns + `
 		FROM event_outbox
-		WHERE status = 'failed' AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-		ORDER BY next_attempt_at NULLS FIRST, id
+		WHERE status = 'failed' AND next_attempt_at IS NULL
+		ORDER BY status, next_attempt_at, id
 		LIMIT $1
-		FOR UPDATE SKIP LOCKED`, limit)
-	if err != nil {
-		return nil, fmt.Errorf("select due failed rows: %w", err)
-	}
-	defer rows.Close()
+		FOR UPDATE SKIP LOCKED`
+	// claimScheduled takes the failed rows that are due, oldest due first.
+	claimScheduled = `SELECT ` + claimColumns + `
+		FROM event_outbox
+		WHERE status = 'failed' AND next_attempt_at <= now()
+		ORDER BY status, next_attempt_at, id
+		LIMIT $1
+		FOR UPDATE SKIP LOCKED`
+)
+
+// ClaimStatements are the statements ClaimDue runs (for EXPLAIN).
+func ClaimStatements() []string { return []string{claimUnscheduled, claimScheduled} }
+
+// ClaimDue locks up to limit failed rows whose next attempt is due (those
+// without a next attempt first, then the oldest due), skipping rows another
+// sweeper holds (FOR UPDATE SKIP LOCKED). Call it on a store bound to a
+// transaction (WithTx): the locks last until it ends. loc is the zone of the
+// outbox's TIMESTAMP values.
+func (s *Store) ClaimDue(ctx context.Context, limit int, loc *time.Location) ([]Claimed, error) {
 	var out []Claimed
-	for rows.Next() {
-		c, err := scanClaimed(rows, loc)
-		if err != nil {
-			return nil, err
+	for _, q := range ClaimStatements() {
+		if len(out) >= limit {
+			break
 		}
-		out = append(out, c)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("read due failed rows: %w", err)
+		rows, err := s.db.Query(ctx, q, limit-len(out))
+		if err != nil {
+			return nil, fmt.Errorf("select due failed rows: %w", err)
+		}
+		for rows.Next() {
+			c, err := scanClaimed(rows, loc)
+			if err != nil {
+				rows.Close()
+				return nil, err
+			}
+			out = append(out, c)
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return nil, fmt.Errorf("read due failed rows: %w", err)
+		}
 	}
 	return out, nil
 }

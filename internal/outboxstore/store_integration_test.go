@@ -162,3 +162,66 @@ func TestReasonsAreStorable(t *testing.T) {
 		}
 	}
 }
+
+// TestClaimUsesTheIndex: a sweep round must cost its LIMIT, not the backlog.
+// With 200,000 failed rows due (a backfill) the claims must read the partial
+// index in its order: no sequential scan and no sort of the failed rows.
+func TestClaimUsesTheIndex(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	ctx := context.Background()
+	if _, err := e.Pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, status, next_attempt_at)
+		SELECT 't', now(), CASE WHEN g % 10 = 0 THEN 'processed' ELSE 'failed' END,
+		       CASE WHEN g % 1000 = 1 THEN NULL ELSE now() - g * interval '1 ms' END
+		FROM generate_series(1, 200000) AS g`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Pool.Exec(ctx, "ANALYZE event_outbox"); err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range outboxstore.ClaimStatements() {
+		rows, err := e.Pool.Query(ctx, "EXPLAIN "+strings.Replace(q, "$1", "1000", 1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var plan []string
+		for rows.Next() {
+			var line string
+			if err := rows.Scan(&line); err != nil {
+				t.Fatal(err)
+			}
+			plan = append(plan, line)
+		}
+		rows.Close()
+		text := strings.Join(plan, "\n")
+		if strings.Contains(text, "Seq Scan") || strings.Contains(text, "Sort") || !strings.Contains(text, "event_outbox_undelivered_idx") {
+			t.Errorf("a claim does not read the partial index in order:\n%s\n%s", q, text)
+		}
+	}
+	tx, err := e.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // read only
+	claimed, err := outboxstore.New(e.Pool, outboxstore.RetryConfig{}).WithTx(tx).ClaimDue(ctx, 1000, time.UTC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(claimed) != 1000 {
+		t.Fatalf("claimed %d rows, want 1000", len(claimed))
+	}
+	// The unscheduled rows (every 1000th, 180 of them failed) come first.
+	var unscheduled int
+	if err := tx.QueryRow(ctx, `SELECT count(*) FROM event_outbox WHERE status = 'failed' AND next_attempt_at IS NULL`).Scan(&unscheduled); err != nil {
+		t.Fatal(err)
+	}
+	var firstScheduled int
+	for i, c := range claimed {
+		if (c.Event.ID-1)%1000 != 0 {
+			firstScheduled = i
+			break
+		}
+	}
+	if firstScheduled != unscheduled {
+		t.Errorf("the first %d claimed rows have no next_attempt_at, want all %d such rows first", firstScheduled, unscheduled)
+	}
+}
