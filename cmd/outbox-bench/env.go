@@ -32,6 +32,9 @@ type servers struct {
 	// CHLog, when known, is the ClickHouse server's log (scenario g quotes it
 	// when the MaterializedPostgreSQL peer fails).
 	CHLog string
+	// OutboxDDL runs on every fresh outbox database after the migrations
+	// (--outbox-ddl): a way to measure a schema variant.
+	OutboxDDL []string
 }
 
 // fillVersions asks the servers for their versions when they are not known yet.
@@ -102,6 +105,19 @@ func newEnv(ctx context.Context, srv *servers) (_ *dbEnv, err error) {
 	}
 	if err := migrations.Up(ctx, migrations.Config{PostgresDSN: e.DSN, Publication: publication, ClickHouse: e.Sink}); err != nil {
 		return nil, fmt.Errorf("migrate: %w", err)
+	}
+	if len(srv.OutboxDDL) > 0 {
+		conn, err := pgx.Connect(ctx, e.DSN)
+		if err != nil {
+			return nil, fmt.Errorf("connect to the outbox database: %w", err)
+		}
+		for _, ddl := range srv.OutboxDDL {
+			if _, err := conn.Exec(ctx, ddl); err != nil {
+				conn.Close(context.Background())
+				return nil, fmt.Errorf("--outbox-ddl %q: %w", ddl, err)
+			}
+		}
+		conn.Close(context.Background())
 	}
 	pcfg, err := pgxpool.ParseConfig(e.DSN)
 	if err != nil {

@@ -64,6 +64,7 @@ type benchConfig struct {
 	PGDurable       bool          `json:"pg_durable"`
 	PGAsyncCommit   bool          `json:"pg_async_commit"`
 	PGSettings      settingsFlag  `json:"pg_settings,omitempty"`
+	OutboxDDL       ddlFlag       `json:"outbox_ddl,omitempty"`
 	JSONPath        string        `json:"-"`
 	ProfileDir      string        `json:"-"`
 	WorkDir         string        `json:"-"`
@@ -96,6 +97,7 @@ func (c *benchConfig) bind(fs *flag.FlagSet) {
 	fs.StringVar(&c.Streamer, "streamer", c.Streamer, "the outbox-streamer binary (make build)")
 	fs.BoolVar(&c.PGDurable, "pg-durable", c.PGDurable, "run PostgreSQL with fsync and full_page_writes on (default: off, localsvc's Durable: false); synchronous_commit is on either way")
 	fs.BoolVar(&c.PGAsyncCommit, "pg-async-commit", c.PGAsyncCommit, "synchronous_commit=off (logical decoding then waits for the WAL writer: adds up to ~600 ms of latency)")
+	fs.Var(&c.OutboxDDL, "outbox-ddl", "SQL run on every fresh outbox database after the migrations (repeatable), to measure a schema variant")
 	fs.Var(&c.PGSettings, "pg-setting", "extra PostgreSQL setting name=value (repeatable), e.g. shared_preload_libraries=pg_stat_statements")
 	fs.StringVar(&c.JSONPath, "json", c.JSONPath, "also write the results as JSON to this file")
 	fs.StringVar(&c.ProfileDir, "profile", c.ProfileDir, "after the table, drain the backlog once more with the pipeline in-process under pprof (CPU and allocations) and write the profiles here")
@@ -111,6 +113,16 @@ func (f *settingsFlag) Set(v string) error {
 	if k, _, ok := strings.Cut(v, "="); !ok || k == "" {
 		return fmt.Errorf("want name=value, got %q", v)
 	}
+	*f = append(*f, v)
+	return nil
+}
+
+// ddlFlag collects repeated SQL statements.
+type ddlFlag []string
+
+func (f *ddlFlag) String() string { return strings.Join(*f, "; ") }
+
+func (f *ddlFlag) Set(v string) error {
 	*f = append(*f, v)
 	return nil
 }
@@ -300,7 +312,7 @@ func startServers(ctx context.Context, cfg benchConfig) (*servers, func(), error
 		_ = ch.Stop()
 		_ = pg.Stop()
 	}
-	return &servers{PGDSN: pg.DSN(), PGVersion: pg.Version, CHAddr: ch.Addr(), CHVersion: ch.Version, CHLog: ch.LogPath}, stop, nil
+	return &servers{PGDSN: pg.DSN(), PGVersion: pg.Version, CHAddr: ch.Addr(), CHVersion: ch.Version, CHLog: ch.LogPath, OutboxDDL: cfg.OutboxDDL}, stop, nil
 }
 
 func main() {

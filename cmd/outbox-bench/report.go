@@ -173,6 +173,9 @@ func (b *bench) report(facts machine, args []string, took time.Duration) *report
 	if len(c.PGSettings) > 0 {
 		pgMode += ", " + strings.Join(c.PGSettings, ", ")
 	}
+	if len(c.OutboxDDL) > 0 {
+		pgMode += "; outbox schema variant after the migrations: " + strings.Join(c.OutboxDDL, "; ")
+	}
 	r.Settings = []string{
 		"PostgreSQL: local process (localsvc), " + pgMode + ", wal_level=logical; everything else default",
 		"ClickHouse: local chDB 26.7 server (localsvc), defaults; event_log from the migrations (ReplacingMergeTree)",
