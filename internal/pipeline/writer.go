@@ -185,16 +185,20 @@ func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
 // outcome is a batch that went through ClickHouse and whose outbox rows still need
 // their new status.
 type outcome struct {
-	b         *batch.Batch
-	span      trace.Span
-	start     time.Time
-	processed []outboxstore.Ref     // in ClickHouse: inserted now or found there
-	failed    []outboxstore.Failure // invalid, or rejected by the server
-	deferred  []outboxstore.Ref     // ClickHouse unavailable past the outage bound
-	vanished  int                   // gone from the outbox when their status was set
-	outageErr error
-	inserted  int
-	present   int
+	// The batch's rows by sequence number; not its events, which the
+	// insert is done with (holding them through settle kept a third merged
+	// insert's worth of rows alive).
+	firstSeq, endSeq uint64
+	rows             int
+	span             trace.Span
+	start            time.Time
+	processed        []outboxstore.Ref     // in ClickHouse: inserted now or found there
+	failed           []outboxstore.Failure // invalid, or rejected by the server
+	deferred         []outboxstore.Ref     // ClickHouse unavailable past the outage bound
+	vanished         int                   // gone from the outbox when their status was set
+	outageErr        error
+	inserted         int
+	present          int
 }
 
 func (o *outcome) end(err error) {
@@ -211,7 +215,7 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 	if b.Len() > 0 {
 		firstLSN = b.Events[0].CommitLSN
 	}
-	o := &outcome{b: b, start: time.Now()}
+	o := &outcome{firstSeq: b.FirstSeq, endSeq: b.EndSeq(), rows: b.Len(), start: time.Now()}
 	ctx, o.span = telemetry.StartBatchSpan(ctx, b.Len(), firstLSN, b.MaxCommitLSN)
 	defer func() {
 		if err != nil {
@@ -326,7 +330,7 @@ func (w *Writer) settle(ctx context.Context, o *outcome) (err error) {
 			return err
 		}
 	}
-	if err := w.resolver.Resolve(o.b.FirstSeq, o.b.EndSeq()); err != nil {
+	if err := w.resolver.Resolve(o.firstSeq, o.endSeq); err != nil {
 		return fmt.Errorf("resolve batch: %w", err)
 	}
 	m.AddAlreadyPresent(o.present)
@@ -336,7 +340,7 @@ func (w *Writer) settle(ctx context.Context, o *outcome) (err error) {
 		w.log.Info("rows gone from the outbox before their status was set: settled", zap.Int("rows", o.vanished))
 	}
 	m.AddFailed(len(o.failed) + len(o.deferred))
-	w.log.Debug("batch delivered", zap.Int("rows", o.b.Len()), zap.Int("inserted", o.inserted),
+	w.log.Debug("batch delivered", zap.Int("rows", o.rows), zap.Int("inserted", o.inserted),
 		zap.Int("already_present", o.present), zap.Int("failed", len(o.failed)+len(o.deferred)),
 		zap.Duration("took", time.Since(o.start)))
 	return nil
