@@ -7,7 +7,9 @@ package pipeline
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -97,26 +99,38 @@ func NewWriter(cfg WriterConfig, s Sink, o Outbox, inflight InflightRecorder, re
 // without draining.
 //
 // Two stages overlap: while the status of batch N is written to PostgreSQL, batch N+1
-// goes to ClickHouse. Acknowledgement order is unaffected: the Tracker only moves
-// over contiguous resolved rows, and each batch's in-flight record is written before
-// its insert, so a crash between the two stages is reconciled like any other.
+// goes to ClickHouse; and settleWorkers status updates run at once, because the
+// UPDATE of a merged insert's rows takes longer than its insert (a 1,000,000-row
+// transaction was paced by one PostgreSQL backend). Acknowledgement order is
+// unaffected: the Tracker only moves over contiguous resolved rows, whatever order
+// they are resolved in, and each batch's in-flight record is written before its
+// insert, so a crash between the stages is reconciled like any other.
 func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
 	outcomes := make(chan *outcome, 1)
-	settled := make(chan struct{})
+	var settled sync.WaitGroup
+	var settleMu sync.Mutex
 	var settleErr error
 	var settleFailed atomic.Bool
-	go func() {
-		defer close(settled)
-		for o := range outcomes {
-			if settleErr != nil {
-				o.end(settleErr) // after a failure, drain without touching the outbox
-				continue
+	for range settleWorkers {
+		settled.Add(1)
+		go func() {
+			defer settled.Done()
+			for o := range outcomes {
+				if settleFailed.Load() {
+					o.end(errSettleStopped) // after a failure, drain without touching the outbox
+					continue
+				}
+				if err := w.settle(ctx, o); err != nil {
+					settleMu.Lock()
+					if settleErr == nil {
+						settleErr = err
+					}
+					settleMu.Unlock()
+					settleFailed.Store(true)
+				}
 			}
-			if settleErr = w.settle(ctx, o); settleErr != nil {
-				settleFailed.Store(true)
-			}
-		}
-	}()
+		}()
+	}
 	var err error
 	for {
 		b := w.next
@@ -138,12 +152,18 @@ func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
 		outcomes <- o
 	}
 	close(outcomes)
-	<-settled
+	settled.Wait()
 	if err == nil {
 		err = settleErr
 	}
 	return err
 }
+
+// settleWorkers is how many batches' status updates may run at once.
+const settleWorkers = 2
+
+// errSettleStopped ends the spans of outcomes left after a failed status update.
+var errSettleStopped = errors.New("not settled: an earlier status update failed")
 
 // merge appends batches already queued behind b, up to MaxInsertRows, so a writer that
 // fell behind catches up with fewer, larger inserts. Queued batches are contiguous.
