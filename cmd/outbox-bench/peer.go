@@ -274,6 +274,11 @@ func runPeerDrain(ctx context.Context, b *bench) (_ map[string]float64, err erro
 			_ = hold.release()
 		}
 	}()
+	// The position the pause starts from, read once the slot is held (the engine
+	// could have moved it between the read above and the hold).
+	if _, start, _, err = p.slot(ctx); err != nil {
+		return nil, err
+	}
 	target, err := e.insertBacklog(ctx, b.cfg.Rows, b.cfg.TxSize)
 	if err != nil {
 		return nil, err
