@@ -75,8 +75,8 @@ func TestBenchSmoke(t *testing.T) {
 	if got := b.results["e"][0]["events"]; got <= 0 {
 		t.Fatalf("latency scenario delivered %v events", got)
 	}
-	// g keeps the figures of the parts that completed: the smoke test wants all three.
-	for _, k := range []string{"rows_per_s", "delivery_rows_per_s", "latency_p99_ms"} {
+	// g keeps the figures of the parts that completed: the smoke test wants all four.
+	for _, k := range []string{"rows_per_s", "snapshot_rows_per_s", "delivery_rows_per_s", "latency_p99_ms"} {
 		if _, ok := b.results["g"][0][k]; !ok {
 			t.Fatalf("peer scenario g has no %s", k)
 		}
@@ -88,7 +88,7 @@ func TestBenchSmoke(t *testing.T) {
 	var out bytes.Buffer
 	rep.printTable(&out)
 	t.Logf("report:\n%s", out.String())
-	for _, want := range []string{"bare slot reader", "polling baseline", "c / a", "e p99", "f peak RSS", "peer (MaterializedPostgreSQL): drain", "c / g", "h / c", "streamer backfill", "d delivery / d producer"} {
+	for _, want := range []string{"bare slot reader", "polling baseline", "c / a", "e p99", "f peak RSS", "peer (MaterializedPostgreSQL): drain from the WAL", "g snapshot copy", "c / g", "h / c", "streamer backfill", "d delivery / d producer"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("report lacks %q", want)
 		}

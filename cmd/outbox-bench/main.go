@@ -15,8 +15,9 @@
 //	h   backfill: c's backlog committed before the slot exists, then the binary's
 //	    first start (new slot, backfill, the sweep delivers)
 //	g   the real peer: ClickHouse's own MaterializedPostgreSQL database engine on c's
-//	    backlog (its initial snapshot is the drain), d's producer and, for at most
-//	    20 s, e's paced producer
+//	    backlog (from the WAL like c: started on the empty table, paused by holding
+//	    its slot, resumed after the backlog; and, apart, its snapshot copy of the
+//	    committed backlog), d's producer and, for at most 20 s, e's paced producer
 //	d   the real binary while loadgen writes as fast as it can
 //	e   commit → ClickHouse latency at a fixed rate (er: with retention)
 //	f   the binary's peak RSS through one very large transaction, and how long after
@@ -268,7 +269,10 @@ func brief(key string, m map[string]float64) string {
 	case "g":
 		var parts []string
 		if v, ok := m["rows_per_s"]; ok {
-			parts = append(parts, fmt.Sprintf("drain %.0f rows/s", v))
+			parts = append(parts, fmt.Sprintf("drain from the WAL %.0f rows/s", v))
+		}
+		if v, ok := m["snapshot_rows_per_s"]; ok {
+			parts = append(parts, fmt.Sprintf("snapshot copy %.0f rows/s", v))
 		}
 		if v, ok := m["delivery_rows_per_s"]; ok {
 			parts = append(parts, fmt.Sprintf("live: producer %.0f rows/s, delivery %.0f rows/s", m["producer_rows_per_s"], v))

@@ -186,7 +186,7 @@ func (b *bench) report(facts machine, args []string, took time.Duration) *report
 		fmt.Sprintf("d: internal/loadgen Copy, tx %d, rate unlimited, %d connection(s), %s events; delivery = last inserted_at in ClickHouse", c.TxSize, c.LiveConns, thousands(float64(c.Rows))),
 		fmt.Sprintf("e: %s events/s in tx of %d (one INSERT ... RETURNING id each, %d connections) for %s; latency from the time the commit returned to the producer to (1) the first ClickHouse poll that saw the event, polls every %s (upper bound: never before visible, at most one interval + query late) and (2) inserted_at = now64(6) of the carrying INSERT, i.e. when that INSERT query started (lower bound: misses the insert itself)", thousands(c.LatencyRate), c.LatencyTx, c.LatencyWorkers, c.LatencyDuration, c.LatencyPoll),
 		fmt.Sprintf("f: one transaction of %s rows committed while the binary streams; VmHWM from /proc/PID/status; in ClickHouse = from the COMMIT's return to the 20 ms count poll that saw the last row (an upper bound)", thousands(float64(c.BigTx))),
-		fmt.Sprintf("g: the peer, ClickHouse %s's MaterializedPostgreSQL database engine (allow_experimental_database_materialized_postgresql=1, materialized_postgresql_tables_list = 'event_outbox', other settings default; its own slot and publication, dropped with its database), each part on fresh databases: drain = c's backlog committed and settled, then CREATE DATABASE, timed from it to the first poll (every 20 ms) that saw every row (the engine's initial load copies the table from a snapshot: it does not decode the backlog's WAL as c does; its WAL path is the live part); live = the peer started on the empty table, then d's producer, delivery until the poll that saw the last row; latency = e's producer for %s (shorter than e), commit to the first poll (every %s) that saw the event. Delivery verified through the peer's table, which the engine reads with FINAL (ReplacingMergeTree(_version) ORDER BY id): count() = uniqExact(id) = committed rows and sum(id) = PostgreSQL's; duplicates that FINAL hides would show in the physical rows of its parts (also measured)", b.srv.CHVersion, min(c.LatencyDuration, peerLatencyMax), c.LatencyPoll),
+		fmt.Sprintf("g: the peer, ClickHouse %s's MaterializedPostgreSQL database engine (allow_experimental_database_materialized_postgresql=1, materialized_postgresql_tables_list = 'event_outbox', other settings default; its own slot and publication, dropped with its database), each part on fresh databases: drain (the c / g target) = set up like c: the peer created on the empty table (its snapshot copy is empty) and seen reading its slot, then paused, c's backlog committed and settled, and resumed; timed from the resume to the first poll (every 20 ms) that saw every row, so the engine decodes the backlog from the WAL. The engine has no pause (DETACH DATABASE fails and leaves it stopped for good; no SYSTEM command), so the bench pauses it from PostgreSQL: a walsender of its own holds the engine's slot (confirming nothing; checked still holding it, the slot's confirmed_flush_lsn behind the backlog and no row in the peer before the resume), the engine's reads of the slot fail meanwhile; the resume closes that walsender and wakes the engine's consumer with ALTER DATABASE ... MODIFY SETTING materialized_postgresql_max_block_size = %d (its default, unchanged; any setting change reschedules the consumer, which otherwise would wait out its backoff of up to 10 s); after the drain the slot is checked confirmed past the backlog. snapshot copy (not a target) = c's backlog committed and settled, then CREATE DATABASE, timed from it to the poll that saw every row (the initial load copies the table from a snapshot, no WAL); live = the peer started on the empty table, then d's producer, delivery until the poll that saw the last row; latency = e's producer for %s (shorter than e), commit to the first poll (every %s) that saw the event. Delivery verified through the peer's table, which the engine reads with FINAL (ReplacingMergeTree(_version) ORDER BY id): count() = uniqExact(id) = committed rows and sum(id) = PostgreSQL's; duplicates that FINAL hides would show in the physical rows of its parts (also measured)", b.srv.CHVersion, peerBlockSize, min(c.LatencyDuration, peerLatencyMax), c.LatencyPoll),
 		"h: c's backlog committed before the replication slot exists (no first start), then the binary's first start timed like c: it creates the slot, backfills (marks the backlog for the sweep) and the sweep delivers, all settings default; verified like c, and the binary's logged backfilled_rows must equal the backlog",
 		fmt.Sprintf("b is kept fair: the same PostgreSQL, with the settings above, serves every scenario; b is the earlier service's design (one worker, SELECT ... FOR UPDATE SKIP LOCKED, insert, UPDATE, COMMIT) at its batch of %s rows (--poll-batch; default 1000, EVENT_BATCH_SIZE's default), with a partial index in its favour", thousands(float64(c.PollBatch))),
 	}
@@ -228,7 +228,8 @@ func (b *bench) report(facts machine, args []string, took time.Duration) *report
 	add("er", "  outbox rows left after the load", "outbox_rows", "rows", 1)
 	add("f", fmt.Sprintf("peak RSS (VmHWM), one %s-row tx", thousands(float64(c.BigTx))), "peak_rss_mib", "MiB", 1)
 	add("f", "  that tx all in ClickHouse after its commit", "ch_visible_s", "ms", 1000)
-	add("g", "peer (MaterializedPostgreSQL): drain", "rows_per_s", "rows/s", 1)
+	add("g", "peer (MaterializedPostgreSQL): drain from the WAL", "rows_per_s", "rows/s", 1)
+	add("g", "g snapshot copy (initial load; not a target)", "snapshot_rows_per_s", "rows/s", 1)
 	add("g", "peer live: producer (loadgen COPY)", "producer_rows_per_s", "rows/s", 1)
 	add("g", "peer live: delivery", "delivery_rows_per_s", "rows/s", 1)
 	add("g", "peer live: last event after producer stop", "tail_after_producer_s", "ms", 1000)
@@ -256,7 +257,7 @@ func (b *bench) report(facts machine, args []string, took time.Duration) *report
 	if c.CHBatchLarge > 0 {
 		ratio("c10k / a", "c10k", "a", 0.6)
 	}
-	ratio("c / g (drain, the peer)", "c", "g", 2)
+	ratio("c / g (drain from the WAL, the peer)", "c", "g", 2)
 	ratio("h / c (backfill / drain)", "h", "c", 0.7)
 	if c.has("d") {
 		v := b.ratios("d", "d", "delivery_rows_per_s", "producer_rows_per_s")
@@ -514,7 +515,10 @@ func (r *report) extras() string {
 		parts = append(parts, fmt.Sprintf("f big tx processed in the outbox %.1f s after its commit", v))
 	}
 	if v := med("g", "physical_rows"); !math.IsNaN(v) {
-		parts = append(parts, fmt.Sprintf("g drain: %s physical rows in the peer's parts after the load for %s committed (more = duplicates that only FINAL hides)", thousands(v), thousands(med("g", "rows"))))
+		parts = append(parts, fmt.Sprintf("g drain: %s physical rows in the peer's parts after the drain for %s committed (more = duplicates that only FINAL hides); its slot was %.1f MiB of WAL behind while paused", thousands(v), thousands(med("g", "rows")), med("g", "paused_wal_mib")))
+	}
+	if v := med("g", "snapshot_physical_rows"); !math.IsNaN(v) {
+		parts = append(parts, fmt.Sprintf("g snapshot copy: %s physical rows in the peer's parts after the load", thousands(v)))
 	}
 	if v := med("h", "backfill_done_s"); !math.IsNaN(v) {
 		parts = append(parts, fmt.Sprintf("h backfill of %s rows done %.0f ms after exec (then the sweep delivers)", thousands(med("h", "backfilled_rows")), v*1000))
