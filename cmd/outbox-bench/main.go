@@ -11,7 +11,8 @@
 //
 //	a   bare slot reader: pglogrepl + replication.Decoder over a committed backlog
 //	b   polling baseline: SELECT ... FOR UPDATE SKIP LOCKED / insert / UPDATE rounds
-//	c   the real binary draining the same backlog (defaults; c10k: CLICKHOUSE_BATCH_SIZE=10000)
+//	c   the real binary draining the same backlog (defaults; c10k: with --large-ch-batch,
+//	    by default CLICKHOUSE_BATCH_SIZE=1000, the default before round 2: no merging)
 //	h   backfill: c's backlog committed before the slot exists, then the binary's
 //	    first start (new slot, backfill, the sweep delivers)
 //	g   the real peer: ClickHouse's own MaterializedPostgreSQL database engine on c's
@@ -73,7 +74,7 @@ type benchConfig struct {
 
 func defaultConfig() benchConfig {
 	return benchConfig{
-		Reps: 3, Rows: 500_000, TxSize: 1000, PollBatch: 1000, CHBatchLarge: 10_000, LiveConns: 1,
+		Reps: 3, Rows: 500_000, TxSize: 1000, PollBatch: 1000, CHBatchLarge: 1000, LiveConns: 1,
 		LatencyRate: 5000, LatencyTx: 10, LatencyWorkers: 2, LatencyDuration: time.Minute, LatencyPoll: 15 * time.Millisecond,
 		BigTx: 1_000_000, Scenarios: "a,b,c,c10k,d,e,er,f,g,h", Timeout: 15 * time.Minute,
 		Streamer: "bin/outbox-streamer",
@@ -85,7 +86,7 @@ func (c *benchConfig) bind(fs *flag.FlagSet) {
 	fs.IntVar(&c.Rows, "rows", c.Rows, "backlog rows for a, b, c, g, h, and events written in d and g")
 	fs.IntVar(&c.TxSize, "tx-size", c.TxSize, "rows per transaction of the backlog (a, b, c) and of the live producer (d)")
 	fs.IntVar(&c.PollBatch, "poll-batch", c.PollBatch, "LIMIT of one polling round (b)")
-	fs.IntVar(&c.CHBatchLarge, "large-ch-batch", c.CHBatchLarge, "CLICKHOUSE_BATCH_SIZE of the second drain (c10k); 0 skips it")
+	fs.IntVar(&c.CHBatchLarge, "large-ch-batch", c.CHBatchLarge, "CLICKHOUSE_BATCH_SIZE of the second drain (c10k, shown as c'; default 1000: the old default, without merging); 0 skips it")
 	fs.IntVar(&c.LiveConns, "live-conns", c.LiveConns, "connections of the live producer (d)")
 	fs.Float64Var(&c.LatencyRate, "latency-rate", c.LatencyRate, "events per second of the latency producer (e)")
 	fs.IntVar(&c.LatencyTx, "latency-tx", c.LatencyTx, "events per transaction of the latency producer (e)")

@@ -179,7 +179,7 @@ func (b *bench) report(facts machine, args []string, took time.Duration) *report
 	r.Settings = []string{
 		"PostgreSQL: local process (localsvc), " + pgMode + ", wal_level=logical; everything else default",
 		"ClickHouse: local chDB 26.7 server (localsvc), defaults; event_log from the migrations (ReplacingMergeTree)",
-		"streamer (c-f, h): the real binary `" + c.Streamer + " run` as a child process, all settings default (EVENT_BATCH_SIZE 1000, EVENT_BATCH_TIMEOUT 100ms, CLICKHOUSE_BATCH_SIZE = batch size, STATUS_INTERVAL 1s, EVENT_PROCESSING_INTERVAL 60s)",
+		"streamer (c-f, h): the real binary `" + c.Streamer + " run` as a child process, all settings default (EVENT_BATCH_SIZE 1000, EVENT_BATCH_TIMEOUT 100ms, CLICKHOUSE_BATCH_SIZE 10000, EVENT_BATCH_MAX_BYTES 8 MiB, STATUS_INTERVAL 1s, EVENT_PROCESSING_INTERVAL 60s)",
 		fmt.Sprintf("a: pglogrepl START_REPLICATION (proto_version 1) + this repo's replication.Decoder, ack every 1 s; backlog %s rows in tx of %s committed after the slot, VACUUM ANALYZE + CHECKPOINT before timing", thousands(float64(c.Rows)), thousands(float64(c.TxSize))),
 		fmt.Sprintf("b: 1 worker, rounds of BEGIN; SELECT ... WHERE status IN ('pending','failed') ORDER BY id LIMIT %d FOR UPDATE SKIP LOCKED; one ClickHouse insert (sink.Writer: PrepareBatch); UPDATE ... SET status='processed' WHERE id = ANY($1); COMMIT; partial index ON (id) WHERE status IN ('pending','failed') added", c.PollBatch),
 		"c: slot created by a first start on the empty table, backlog committed, second start timed from exec until the last row is processed (max updated_at); slot confirmation past the last commit checked after",
@@ -254,9 +254,6 @@ func (b *bench) report(facts machine, args []string, took time.Duration) *report
 		r.Targets = append(r.Targets, t)
 	}
 	ratio("c / a", "c", "a", 0.8)
-	if c.CHBatchLarge > 0 {
-		ratio("c10k / a", "c10k", "a", 0.6)
-	}
 	ratio("c / g (drain from the WAL, the peer)", "c", "g", 2)
 	ratio("h / c (backfill / drain)", "h", "c", 0.7)
 	if c.has("d") {
