@@ -316,6 +316,19 @@ func (e *dbEnv) waitCH(ctx context.Context, n uint64, timeout time.Duration) err
 	return nil
 }
 
+// waitProcessed waits until no outbox row is left unprocessed: a sweep's rows
+// are in ClickHouse a moment before the transaction that marks them commits.
+func (e *dbEnv) waitProcessed(ctx context.Context, timeout time.Duration) error {
+	return poll(ctx, timeout, 20*time.Millisecond, "every outbox row processed", func() (bool, error) {
+		if err := e.checkWatch(); err != nil {
+			return false, err
+		}
+		var left int64
+		err := e.Pool.QueryRow(ctx, "SELECT count(*) FROM event_outbox WHERE status <> 'processed'").Scan(&left)
+		return left == 0, err
+	})
+}
+
 // waitConfirmed waits until the slot's confirmed LSN reaches lsn.
 func (e *dbEnv) waitConfirmed(ctx context.Context, lsn uint64, timeout time.Duration) error {
 	return poll(ctx, timeout, 20*time.Millisecond, "slot confirmed LSN past "+pglogrepl.LSN(lsn).String(), func() (bool, error) {

@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 	"github.com/outbox-streamer/outbox-streamer/internal/loadgen"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
@@ -447,7 +448,8 @@ func runPeerLatency(ctx context.Context, b *bench) (_ map[string]float64, err er
 		return nil, err
 	}
 	w := &chWatcher{e: e, interval: b.cfg.LatencyPoll, seen: map[int64]time.Time{}, margin: peerIDMargin,
-		query: "SELECT toUInt64(id), toUInt64(id) FROM " + p.table + " WHERE id >= ?"}
+		query:    "SELECT toUInt64(id), toUInt64(id) FROM " + p.table + " WHERE id >= ?",
+		tolerate: func(err error) bool { return fault.ClickHouseCode(err) == 60 }} // UNKNOWN_TABLE
 	wctx, stopWatch := context.WithCancel(ctx)
 	watchDone := make(chan struct{})
 	go func() { defer close(watchDone); w.run(wctx) }()

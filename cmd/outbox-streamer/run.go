@@ -58,7 +58,7 @@ func runSweepOnce(ctx context.Context, cfg *config.Config, log *zap.Logger, stdo
 	}
 	defer pool.Close()
 	store := outboxstore.New(pool, service.RetryConfig(cfg))
-	s := sweep.New(sweep.Config{BatchSize: cfg.BatchSize, TimeZone: cfg.TimeZone, Slot: cfg.Slot}, pool, ch, store, log)
+	s := sweep.New(sweep.Config{BatchSize: cfg.ClickHouseBatchSize, TimeZone: cfg.TimeZone, Slot: cfg.Slot}, pool, ch, store, log)
 	res, err := s.Run(ctx)
 	// Stranded pending rows are rescued once the slot has passed the mark this
 	// sweep took; a streaming instance confirms within a status interval or two.

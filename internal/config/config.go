@@ -100,7 +100,7 @@ func Bind(src *Source, c *Config) {
 	src.Int(&c.BatchSize, "EVENT_BATCH_SIZE", "batch-size", 1000, 1, "rows per batch")
 	src.Duration(&c.BatchTimeout, "EVENT_BATCH_TIMEOUT", "batch-timeout", 100*time.Millisecond, "a batch is written at the latest this long after its first row")
 	src.Int(&c.BatchMaxBytes, "EVENT_BATCH_MAX_BYTES", "batch-max-bytes", 8<<20, 0, "about the most bytes per batch (the rows' sizes in an insert); a batch is written when it reaches this or EVENT_BATCH_SIZE rows (0: no byte bound)")
-	src.Int(&c.ClickHouseBatchSize, "CLICKHOUSE_BATCH_SIZE", "clickhouse-batch-size", 10000, 0, "most rows per ClickHouse insert; a writer that falls behind merges queued batches up to it (batches are still cut at EVENT_BATCH_SIZE; at least EVENT_BATCH_SIZE)")
+	src.Int(&c.ClickHouseBatchSize, "CLICKHOUSE_BATCH_SIZE", "clickhouse-batch-size", 10000, 0, "most rows per ClickHouse insert; a writer that falls behind merges queued batches up to it (batches are still cut at EVENT_BATCH_SIZE; at least EVENT_BATCH_SIZE); also the rows per sweep round")
 	src.Int(&c.ClickHouseBatchMaxBytes, "CLICKHOUSE_BATCH_MAX_BYTES", "clickhouse-batch-max-bytes", 64<<20, 0, "about the most bytes per ClickHouse insert that merges queued batches (0: no byte bound; at least EVENT_BATCH_MAX_BYTES)")
 	src.Duration(&c.SweepInterval, "EVENT_PROCESSING_INTERVAL", "sweep-interval", 60*time.Second, "period of the fallback sweep while streaming")
 	src.DurationOrZero(&c.PartitionInterval, "OUTBOX_PARTITION_INTERVAL", "partition-interval", 0, "width of the partitions (e.g. 1d, 1h) when `migrate up` creates event_outbox range-partitioned by created_at; the leader creates them ahead. 0: an unpartitioned table")

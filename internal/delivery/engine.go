@@ -49,8 +49,8 @@ type Config struct {
 	Metrics *metrics.Metrics
 }
 
-// Engine delivers rows. It is safe for sequential use by one caller; the
-// writer and the sweep each have their own.
+// Engine delivers rows. It keeps no state between deliveries, so it is safe
+// for concurrent use (the sweep's workers share one; the writer has its own).
 type Engine struct {
 	cfg  Config
 	sink Sink

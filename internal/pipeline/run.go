@@ -119,7 +119,7 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	go func() {
 		defer close(sweepDone)
 		if cfg.SweepInterval > 0 {
-			sweeper := sweep.New(sweep.Config{BatchSize: cfg.Run.BatchSize, TimeZone: cfg.Replication.TimeZone, Slot: cfg.Replication.Slot}, pool, ch, store, log)
+			sweeper := sweep.New(sweep.Config{BatchSize: wcfg.MaxInsertRows, TimeZone: cfg.Replication.TimeZone, Slot: cfg.Replication.Slot}, pool, ch, store, log)
 			pruner := outboxstore.NewPruner(outboxstore.PruneConfig{Retention: cfg.Retention, TimeZone: cfg.Replication.TimeZone,
 				PartitionInterval: cfg.PartitionInterval}, pool, log)
 			runSweeps(sweepCtx, sweeper, pruner, cfg.SweepInterval, cfg.Metrics, log)

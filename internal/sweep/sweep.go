@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -26,10 +27,16 @@ type Sink = delivery.Sink
 
 // Config tunes a sweep.
 type Config struct {
-	// BatchSize is the rows locked and delivered per round (EVENT_BATCH_SIZE).
+	// BatchSize is the rows locked and delivered per round: the most rows of
+	// one ClickHouse insert (CLICKHOUSE_BATCH_SIZE). A round's cost is mostly
+	// fixed (a lookup, an insert, a commit), so a backfill goes at the pace of
+	// its rounds.
 	BatchSize int
 	// TimeZone is the zone of the outbox's TIMESTAMP values (default UTC).
 	TimeZone *time.Location
+	// Workers is how many rounds run at once (default 2), each in its own
+	// transaction over rows the others skip.
+	Workers int
 	// ProgressEvery is how often a long sweep logs its progress (default 10 s).
 	ProgressEvery time.Duration
 	// Slot is the replication slot the stream reads. When set, each sweep
@@ -74,6 +81,9 @@ func New(cfg Config, pool *pgxpool.Pool, s Sink, store *outboxstore.Store, log *
 	if cfg.TimeZone == nil {
 		cfg.TimeZone = time.UTC
 	}
+	if cfg.Workers <= 0 {
+		cfg.Workers = 2
+	}
 	if cfg.ProgressEvery <= 0 {
 		cfg.ProgressEvery = 10 * time.Second
 	}
@@ -100,23 +110,45 @@ func (s *Sweeper) Run(ctx context.Context) (Result, error) {
 		res.Took = time.Since(start)
 		return res, s.unavailable(err)
 	}
+	// Workers take disjoint rows (SKIP LOCKED), so one's ClickHouse insert
+	// overlaps another's status commit: a backfill is paced by its rounds.
+	var mu sync.Mutex
+	var firstErr error
 	lastLog := start
-	for ctx.Err() == nil {
-		n, err := s.round(ctx, &res)
-		if err != nil {
-			res.Took = time.Since(start)
-			return res, err
-		}
-		if n == 0 {
-			break
-		}
-		res.Rounds++
-		if time.Since(lastLog) >= s.cfg.ProgressEvery {
-			done := res.Delivered + res.AlreadyPresent
-			s.log.Info("sweep progress", zap.Int64("delivered", done), zap.Int64("failed", res.Failed),
-				zap.Int64("dead", res.Dead), zap.Float64("rows_per_second", float64(done)/time.Since(start).Seconds()))
-			lastLog = time.Now()
-		}
+	var wg sync.WaitGroup
+	for range s.cfg.Workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				var r Result
+				n, err := s.round(ctx, &r)
+				mu.Lock()
+				res = res.Add(r)
+				if err != nil && firstErr == nil {
+					firstErr = err
+				}
+				stop := err != nil || n == 0 || firstErr != nil
+				if n > 0 {
+					res.Rounds++
+				}
+				if !stop && time.Since(lastLog) >= s.cfg.ProgressEvery {
+					done := res.Delivered + res.AlreadyPresent
+					s.log.Info("sweep progress", zap.Int64("delivered", done), zap.Int64("failed", res.Failed),
+						zap.Int64("dead", res.Dead), zap.Float64("rows_per_second", float64(done)/time.Since(start).Seconds()))
+					lastLog = time.Now()
+				}
+				mu.Unlock()
+				if stop {
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if firstErr != nil {
+		res.Took = time.Since(start)
+		return res, firstErr
 	}
 	res.Took = time.Since(start)
 	if res.Rounds > 0 {
