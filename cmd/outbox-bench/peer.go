@@ -385,20 +385,13 @@ func runPeerSnapshot(ctx context.Context, b *bench) (_ map[string]float64, err e
 // runPeerLive is g's live part: the peer started on the empty table, then d's
 // producer; delivery is timed from the producer's start to the poll that saw the
 // last row.
-func runPeerLive(ctx context.Context, b *bench) (_ map[string]float64, err error) {
-	e, err := newEnv(ctx, b.srv)
-	if err != nil {
-		return nil, err
-	}
-	defer e.close()
-	p, err := startPeer(ctx, e)
-	if err != nil {
-		return nil, err
-	}
-	defer func() { err = errors.Join(err, p.drop()) }()
-	if err := p.waitReady(ctx, time.Minute); err != nil {
-		return nil, err
-	}
+func runPeerLive(ctx context.Context, b *bench) (map[string]float64, error) {
+	return withReadyPeer(ctx, b, func(e *dbEnv, p *peer) (map[string]float64, error) {
+		return peerLive(ctx, b, e, p)
+	})
+}
+
+func peerLive(ctx context.Context, b *bench, e *dbEnv, p *peer) (map[string]float64, error) {
 	pstart := time.Now()
 	st, err := loadgen.Run(ctx, e.Pool, loadgen.Config{
 		Copy: true, TxSize: b.cfg.TxSize, Rate: 0, Count: int64(b.cfg.Rows), Connections: b.cfg.LiveConns,
@@ -433,20 +426,13 @@ func runPeerLive(ctx context.Context, b *bench) (_ map[string]float64, err error
 // and connections, for at most peerLatencyMax) with the peer running; an event's
 // latency is from its commit to the first poll of the peer's table that saw it,
 // polled like e every LatencyPoll.
-func runPeerLatency(ctx context.Context, b *bench) (_ map[string]float64, err error) {
-	e, err := newEnv(ctx, b.srv)
-	if err != nil {
-		return nil, err
-	}
-	defer e.close()
-	p, err := startPeer(ctx, e)
-	if err != nil {
-		return nil, err
-	}
-	defer func() { err = errors.Join(err, p.drop()) }()
-	if err := p.waitReady(ctx, time.Minute); err != nil {
-		return nil, err
-	}
+func runPeerLatency(ctx context.Context, b *bench) (map[string]float64, error) {
+	return withReadyPeer(ctx, b, func(e *dbEnv, p *peer) (map[string]float64, error) {
+		return peerLatency(ctx, b, e, p)
+	})
+}
+
+func peerLatency(ctx context.Context, b *bench, e *dbEnv, p *peer) (map[string]float64, error) {
 	w := &chWatcher{e: e, interval: b.cfg.LatencyPoll, seen: map[int64]time.Time{}, margin: peerIDMargin,
 		query:    "SELECT toUInt64(id), toUInt64(id) FROM " + p.table + " WHERE id >= ?",
 		tolerate: func(err error) bool { return fault.ClickHouseCode(err) == 60 }} // UNKNOWN_TABLE
@@ -501,4 +487,23 @@ func runPeerLatency(ctx context.Context, b *bench) (_ map[string]float64, err er
 		"latency_p99_ms":        percentile(lat, 99),
 		"latency_max_ms":        lat[len(lat)-1],
 	}, nil
+}
+
+// withReadyPeer runs part on fresh databases with the peer started on the
+// empty table and ready, and drops the peer (and its slot) afterwards.
+func withReadyPeer(ctx context.Context, b *bench, part func(*dbEnv, *peer) (map[string]float64, error)) (_ map[string]float64, err error) {
+	e, err := newEnv(ctx, b.srv)
+	if err != nil {
+		return nil, err
+	}
+	defer e.close()
+	p, err := startPeer(ctx, e)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { err = errors.Join(err, p.drop()) }()
+	if err := p.waitReady(ctx, time.Minute); err != nil {
+		return nil, err
+	}
+	return part(e, p)
 }
