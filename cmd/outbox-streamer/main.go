@@ -4,12 +4,15 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
+	"runtime"
+	"strings"
 	"syscall"
 	"time"
 
@@ -36,7 +39,7 @@ Usage:
                                            remove processed rows older than OUTBOX_RETENTION once
   outbox-streamer demo [flags]             write demo events and show them arrive in ClickHouse
   outbox-streamer healthcheck              probe the local /healthz (for container health checks)
-  outbox-streamer version                  print the version
+  outbox-streamer version [--json]         print the version (also: --version)
 
 Every command takes the settings below as flags or environment variables;
 "outbox-streamer COMMAND --help" lists them with their defaults.
@@ -74,8 +77,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdPrune(args[1:], stdout, stderr)
 	case "healthcheck":
 		err = cmdHealthcheck(args[1:], stdout, stderr)
-	case "version":
-		fmt.Fprintln(stdout, "outbox-streamer", version)
+	case "version", "--version", "-version":
+		err = cmdVersion(args[1:], stdout)
 	default:
 		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters, prune or demo; see --help)\n", args[0])
 		return 2
@@ -96,6 +99,19 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, "outbox-streamer: %v\n", err)
 	return 1
+}
+
+// cmdVersion prints the version, or with --json the version and the Go
+// release it was built with.
+func cmdVersion(args []string, stdout io.Writer) error {
+	if len(args) == 1 && (args[0] == "--json" || args[0] == "-json") {
+		return json.NewEncoder(stdout).Encode(map[string]string{"version": version, "go": runtime.Version()})
+	}
+	if len(args) > 0 {
+		return fmt.Errorf("version takes no arguments but --json (got %q)", strings.Join(args, " "))
+	}
+	fmt.Fprintln(stdout, "outbox-streamer", version)
+	return nil
 }
 
 // exitCode ends the process with a code and no further message.

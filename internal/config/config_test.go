@@ -175,3 +175,23 @@ func TestBatchByteBounds(t *testing.T) {
 		}
 	}
 }
+
+// TestBareBooleanFlags: `run --debug` works like `--debug=true` (it used to
+// fail with "flag needs an argument"), `--debug=false` still turns it off,
+// and a bare boolean does not swallow the next argument.
+func TestBareBooleanFlags(t *testing.T) {
+	cfg, err := load(t, nil, "--debug", "--clickhouse-secure", "--batch-size", "70")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.Debug || cfg.ClickHouse.TLS == nil || cfg.BatchSize != 70 {
+		t.Fatalf("debug %v, TLS %v, batch size %d", cfg.Debug, cfg.ClickHouse.TLS != nil, cfg.BatchSize)
+	}
+	cfg, err = load(t, map[string]string{"DEBUG": "true"}, "--debug=false")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Debug {
+		t.Fatal("--debug=false did not win over DEBUG=true")
+	}
+}

@@ -20,8 +20,27 @@ type setting struct {
 	secret                bool
 	value                 string
 	explicit              bool // given by flag or environment
+	isBool                bool // a bare --flag means true
 	apply                 func(string) error
 }
+
+// flagValue is a setting as a flag.Value; for booleans it is a bool flag, so
+// that a bare `--debug` works.
+type flagValue struct{ st *setting }
+
+func (v flagValue) String() string {
+	if v.st == nil {
+		return ""
+	}
+	return v.st.value
+}
+
+func (v flagValue) Set(s string) error {
+	v.st.value, v.st.explicit = s, true
+	return nil
+}
+
+func (v flagValue) IsBoolFlag() bool { return v.st != nil && v.st.isBool }
 
 // Source collects settings for one command.
 type Source struct {
@@ -46,10 +65,7 @@ func (s *Source) add(st *setting) {
 	s.settings = append(s.settings, st)
 	s.byEnv[st.env] = st
 	if st.flag != "" {
-		s.fs.Func(st.flag, st.usage, func(v string) error {
-			st.value, st.explicit = v, true
-			return nil
-		})
+		s.fs.Var(flagValue{st}, st.flag, st.usage)
 	}
 }
 
@@ -77,7 +93,7 @@ func (s *Source) Int(p *int, env, flagName string, def, min int, usage string) {
 
 // Bool binds a boolean setting (true/false, 1/0, yes/no).
 func (s *Source) Bool(p *bool, env, flagName string, def bool, usage string) {
-	s.add(&setting{env: env, flag: flagName, def: strconv.FormatBool(def), usage: usage, apply: func(v string) error {
+	s.add(&setting{env: env, flag: flagName, def: strconv.FormatBool(def), usage: usage, isBool: true, apply: func(v string) error {
 		switch strings.ToLower(strings.TrimSpace(v)) {
 		case "1", "t", "true", "yes", "y", "on":
 			*p = true
