@@ -32,7 +32,7 @@ func cmdDeadLetters(args []string, stdout, stderr io.Writer) error {
 	var limit int
 	var asJSON, all bool
 	var ids, typ string
-	cfg, _, err := loadConfig("dead-letters "+action, args[1:], stderr, func(fs *flag.FlagSet) {
+	cfg, _, err := loadConfig("dead-letters "+action, args[1:], stdout, func(fs *flag.FlagSet) {
 		fs.StringVar(&typ, "type", "", "only dead letters of this event type")
 		if action == "list" {
 			fs.IntVar(&limit, "limit", 100, "most rows to list")

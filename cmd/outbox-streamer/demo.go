@@ -23,7 +23,7 @@ var demoTypes = []string{"user.signed_in", "order.created", "order.paid", "payme
 func cmdDemo(args []string, stdout, stderr io.Writer) error {
 	var rate, txSize, count int
 	var duration time.Duration
-	cfg, _, err := loadConfig("demo", args, stderr, func(fs *flag.FlagSet) {
+	cfg, _, err := loadConfig("demo", args, stdout, func(fs *flag.FlagSet) {
 		fs.IntVar(&rate, "rate", 200, "events per second")
 		fs.IntVar(&txSize, "tx-size", 10, "events per transaction")
 		fs.IntVar(&count, "count", 0, "stop after this many events (0: run until interrupted or --duration)")

@@ -84,7 +84,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	var exit exitCode
+	var usage usageError
 	switch {
+	case errors.As(err, &usage):
+		fmt.Fprintf(stderr, "outbox-streamer %v\n", usage)
+		return 2
 	case err == nil:
 		return 0
 	case errors.Is(err, flag.ErrHelp):
@@ -119,18 +123,37 @@ type exitCode int
 
 func (e exitCode) Error() string { return fmt.Sprintf("exit %d", int(e)) }
 
-// loadConfig parses a command's flags and the environment.
-func loadConfig(name string, args []string, stderr io.Writer, extra func(*flag.FlagSet)) (*config.Config, *flag.FlagSet, error) {
+// loadConfig parses a command's flags and the environment. --help prints the
+// command's flags to stdout; a flag error is returned as a usageError (one
+// line, exit 2) instead of a dump of every setting.
+func loadConfig(name string, args []string, stdout io.Writer, extra func(*flag.FlagSet)) (*config.Config, *flag.FlagSet, error) {
 	fs := flag.NewFlagSet("outbox-streamer "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs.SetOutput(io.Discard) // the error is reported once, by run
 	if extra != nil {
 		extra(fs)
 	}
 	cfg, _, err := config.Load(fs, args, os.Getenv)
-	if err != nil {
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		fs.SetOutput(stdout)
+		fs.Usage()
+		return nil, fs, err
+	case config.IsFlagError(err):
+		return nil, fs, usageError{command: name, err: err}
+	case err != nil:
 		return nil, fs, err
 	}
 	return cfg, fs, nil
+}
+
+// usageError is a command line that does not parse.
+type usageError struct {
+	command string
+	err     error
+}
+
+func (e usageError) Error() string {
+	return fmt.Sprintf("%s: %v (see outbox-streamer %s --help)", e.command, e.err, e.command)
 }
 
 // connectPostgres opens one plain connection for a short command, bounded by timeout.

@@ -21,7 +21,7 @@ func cmdMigrate(args []string, stdout, stderr io.Writer) error {
 	action := args[0]
 	var yes bool
 	var steps int
-	cfg, _, err := loadConfig("migrate "+action, args[1:], stderr, func(fs *flag.FlagSet) {
+	cfg, _, err := loadConfig("migrate "+action, args[1:], stdout, func(fs *flag.FlagSet) {
 		if action == "down" {
 			fs.BoolVar(&yes, "yes", false, "really roll back (drops event_outbox / event_log when it undoes their creation)")
 			fs.IntVar(&steps, "steps", 1, "how many migrations to roll back in each database")

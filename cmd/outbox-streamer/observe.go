@@ -130,7 +130,7 @@ func setupObservability(ctx context.Context, cfg *config.Config, log *zap.Logger
 // cmdHealthcheck probes the local /healthz, for container health checks (the image
 // has no shell or curl).
 func cmdHealthcheck(args []string, stdout, stderr io.Writer) error {
-	cfg, _, err := loadConfig("healthcheck", args, stderr, nil)
+	cfg, _, err := loadConfig("healthcheck", args, stdout, nil)
 	if err != nil {
 		return err
 	}

@@ -16,7 +16,7 @@ import (
 func cmdPrune(args []string, stdout, stderr io.Writer) error {
 	var olderThan string
 	var dry bool
-	cfg, _, err := loadConfig("prune", args, stderr, func(fs *flag.FlagSet) {
+	cfg, _, err := loadConfig("prune", args, stdout, func(fs *flag.FlagSet) {
 		fs.StringVar(&olderThan, "older-than", "", "remove processed rows older than this (default OUTBOX_RETENTION), e.g. 7d, 36h, 90")
 		fs.BoolVar(&dry, "dry-run", false, "count what would be removed, remove nothing")
 	})

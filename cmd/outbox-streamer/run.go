@@ -19,7 +19,7 @@ import (
 
 func cmdRun(args []string, stdout, stderr io.Writer) error {
 	var once bool
-	cfg, _, err := loadConfig("run", args, stderr, func(fs *flag.FlagSet) {
+	cfg, _, err := loadConfig("run", args, stdout, func(fs *flag.FlagSet) {
 		fs.BoolVar(&once, "sweep", false, "run one fallback sweep over due failed rows, print a summary and exit")
 	})
 	if err != nil {

@@ -42,7 +42,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	var asJSON bool
 	var maxLag int64
 	var maxAge time.Duration
-	cfg, _, err := loadConfig("status", args, stderr, func(fs *flag.FlagSet) {
+	cfg, _, err := loadConfig("status", args, stdout, func(fs *flag.FlagSet) {
 		fs.BoolVar(&asJSON, "json", false, "print JSON")
 		fs.Int64Var(&maxLag, "max-lag", 0, "exit 3 when the slot lags by more than this many bytes (0: no check)")
 		fs.DurationVar(&maxAge, "max-age", 0, "exit 3 when the oldest undelivered row is older than this (0: no check)")

@@ -28,3 +28,20 @@ func TestVersion(t *testing.T) {
 		t.Fatalf("version --json printed %q (%v)", out.String(), err)
 	}
 }
+
+// TestUsageErrors: a mistyped flag is one line naming it and pointing at
+// --help, exit 2 (it used to dump the whole usage and exit 1); --help goes to
+// stdout and exits 0.
+func TestUsageErrors(t *testing.T) {
+	var out, errOut bytes.Buffer
+	code := run([]string{"status", "--bogus"}, &out, &errOut)
+	lines := strings.Split(strings.TrimSpace(errOut.String()), "\n")
+	if code != 2 || len(lines) != 1 || !strings.Contains(lines[0], "-bogus") || !strings.Contains(lines[0], "status --help") {
+		t.Errorf("status --bogus: exit %d, stderr:\n%s", code, errOut.String())
+	}
+	out.Reset()
+	errOut.Reset()
+	if code := run([]string{"status", "--help"}, &out, &errOut); code != 0 || !strings.Contains(out.String(), "--max-lag") || errOut.Len() != 0 {
+		t.Errorf("status --help: exit %d, stdout %d bytes, stderr %q", code, out.Len(), errOut.String())
+	}
+}

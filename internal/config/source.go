@@ -4,6 +4,7 @@
 package config
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -13,6 +14,19 @@ import (
 	"text/tabwriter"
 	"time"
 )
+
+// flagError is a command line the flag set rejected (an unknown flag, a
+// missing value), as opposed to a value that does not validate.
+type flagError struct{ err error }
+
+func (e flagError) Error() string { return e.err.Error() }
+func (e flagError) Unwrap() error { return e.err }
+
+// IsFlagError reports whether err is a command line the flags rejected.
+func IsFlagError(err error) bool {
+	var fe flagError
+	return errors.As(err, &fe)
+}
 
 // setting is one configurable value, reachable as a flag and an environment variable.
 type setting struct {
@@ -169,7 +183,10 @@ func ParseDuration(v string) (time.Duration, error) {
 // one line naming the setting.
 func (s *Source) Parse(args []string) error {
 	if err := s.fs.Parse(args); err != nil {
-		return err
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return flagError{err}
 	}
 	for _, st := range s.settings {
 		v := st.value
