@@ -45,6 +45,20 @@ func cmdDeadLetters(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// Arguments first: nothing connects for a command line that cannot run.
+	var idList []int64
+	if ids != "" {
+		for _, s := range strings.Split(ids, ",") {
+			id, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
+			if err != nil {
+				return usageError{command: "dead-letters requeue", err: fmt.Errorf("--id %q: not a list of integers", ids)}
+			}
+			idList = append(idList, id)
+		}
+	}
+	if action == "requeue" && len(idList) == 0 && !all {
+		return usageError{command: "dead-letters requeue", err: errors.New("requeue needs --id N[,N...] or --all")}
+	}
 	conn, ctx, done, err := connectPostgres(cfg, 5*time.Minute)
 	if err != nil {
 		return err
@@ -75,19 +89,6 @@ func cmdDeadLetters(args []string, stdout, stderr io.Writer) error {
 		return nil
 	}
 
-	var idList []int64
-	if ids != "" {
-		for _, s := range strings.Split(ids, ",") {
-			id, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
-			if err != nil {
-				return fmt.Errorf("--id %q: not a list of integers", ids)
-			}
-			idList = append(idList, id)
-		}
-	}
-	if len(idList) == 0 && !all {
-		return errors.New("requeue needs --id N[,N...] or --all")
-	}
 	n, err := outboxstore.Requeue(ctx, conn, idList, typ)
 	if err != nil {
 		return err

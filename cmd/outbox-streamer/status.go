@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/config"
 	"github.com/outbox-streamer/outbox-streamer/internal/leader"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/replication"
@@ -45,7 +46,14 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	cfg, _, err := loadConfig("status", args, stdout, func(fs *flag.FlagSet) {
 		fs.BoolVar(&asJSON, "json", false, "print JSON")
 		fs.Int64Var(&maxLag, "max-lag", 0, "exit 3 when the slot lags by more than this many bytes (0: no check)")
-		fs.DurationVar(&maxAge, "max-age", 0, "exit 3 when the oldest undelivered row is older than this (0: no check)")
+		fs.Func("max-age", "exit 3 when the oldest undelivered row is older than this: seconds or a duration such as 5m (0: no check)", func(v string) error {
+			d, err := config.ParseDuration(v)
+			if err != nil || d < 0 {
+				return fmt.Errorf(`want a duration such as "300", "5m" or "1h"`)
+			}
+			maxAge = d
+			return nil
+		})
 	})
 	if err != nil {
 		return err

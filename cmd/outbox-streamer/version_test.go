@@ -45,3 +45,27 @@ func TestUsageErrors(t *testing.T) {
 		t.Errorf("status --help: exit %d, stdout %d bytes, stderr %q", code, out.Len(), errOut.String())
 	}
 }
+
+// TestStatusMaxAgeTakesSeconds: a bare number is seconds, as everywhere else
+// ("--max-age 5" used to be refused as a usage error).
+func TestStatusMaxAgeTakesSeconds(t *testing.T) {
+	t.Setenv("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none?connect_timeout=1")
+	var out, errOut bytes.Buffer
+	if code := run([]string{"status", "--max-age", "5"}, &out, &errOut); code == 2 || strings.Contains(errOut.String(), "max-age") {
+		t.Fatalf("status --max-age 5: exit %d, stderr %q", code, errOut.String())
+	}
+	if code := run([]string{"status", "--max-age", "soon"}, &out, &errOut); code != 2 {
+		t.Fatalf("status --max-age soon: exit %d, want a usage error", code)
+	}
+}
+
+// TestRequeueChecksItsArgumentsFirst: a requeue without --id or --all is a
+// usage error before anything connects (it used to try PostgreSQL first).
+func TestRequeueChecksItsArgumentsFirst(t *testing.T) {
+	t.Setenv("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none?connect_timeout=1")
+	var out, errOut bytes.Buffer
+	code := run([]string{"dead-letters", "requeue"}, &out, &errOut)
+	if code != 2 || !strings.Contains(errOut.String(), "--id") || strings.Contains(errOut.String(), "connect") {
+		t.Fatalf("dead-letters requeue: exit %d, stderr %q", code, errOut.String())
+	}
+}
