@@ -112,6 +112,10 @@ func Bind(src *Source, c *Config) {
 	src.String(&c.MetricsAddr, "METRICS_ADDR", "metrics-addr", "127.0.0.1:9187", "address of /metrics, /healthz and /readyz (loopback by default; empty disables)")
 	src.Secret(&c.SentryDSN, "SENTRY_CONFIG_DSN", "sentry-dsn", "send errors to Sentry when set")
 	src.String(&c.SentryEnv, "SENTRY_CONFIG_ENVIRONMENT", "sentry-environment", "", "Sentry environment (default: ENVIRONMENT)")
+	// The names Sentry's SDKs and ClickHouse users already know.
+	src.Alias("SENTRY_CONFIG_DSN", "SENTRY_DSN")
+	src.Alias("SENTRY_CONFIG_ENVIRONMENT", "SENTRY_ENVIRONMENT")
+	src.Alias("CLICKHOUSE_SCHEMA", "CLICKHOUSE_DATABASE")
 	src.String(&c.OTLPEndpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp-endpoint", "", "OTLP/HTTP endpoint (e.g. http://otel-collector:4318) for traces and metrics; empty disables")
 	src.Int(&c.MaxAttempts, "EVENT_MAX_ATTEMPTS", "max-attempts", 10, 1, "failed deliveries after which a row becomes a dead letter")
 	src.Duration(&c.RetryBaseDelay, "EVENT_RETRY_BASE_DELAY", "retry-base-delay", 30*time.Second, "wait before a failed row is tried again; doubles per attempt")

@@ -3,6 +3,7 @@ package config
 import (
 	"flag"
 	"io"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -193,5 +194,33 @@ func TestBareBooleanFlags(t *testing.T) {
 	}
 	if cfg.Debug {
 		t.Fatal("--debug=false did not win over DEBUG=true")
+	}
+}
+
+// TestAliasesAndSecretFiles: the names people already use work too
+// (SENTRY_DSN, SENTRY_ENVIRONMENT, CLICKHOUSE_DATABASE), the seed's names win
+// when both are set, and every secret can come from a file (NAME_FILE, as
+// Docker and Kubernetes secrets are mounted; one trailing newline is dropped).
+func TestAliasesAndSecretFiles(t *testing.T) {
+	dir := t.TempDir()
+	pw := dir + "/ch-password"
+	if err := os.WriteFile(pw, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := load(t, map[string]string{"SENTRY_DSN": "https://k@sentry.example/1", "SENTRY_ENVIRONMENT": "staging",
+		"CLICKHOUSE_DATABASE": "events", "CLICKHOUSE_PASSWORD_FILE": pw})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.SentryDSN != "https://k@sentry.example/1" || cfg.SentryEnv != "staging" || cfg.ClickHouse.Database != "events" || cfg.ClickHouse.Password != "s3cret" {
+		t.Fatalf("dsn %q, env %q, database %q, password %q", cfg.SentryDSN, cfg.SentryEnv, cfg.ClickHouse.Database, cfg.ClickHouse.Password)
+	}
+	cfg, err = load(t, map[string]string{"CLICKHOUSE_SCHEMA": "seed", "CLICKHOUSE_DATABASE": "alias"})
+	if err != nil || cfg.ClickHouse.Database != "seed" {
+		t.Fatalf("database %q (%v), want the seed's CLICKHOUSE_SCHEMA to win", cfg.ClickHouse.Database, err)
+	}
+	_, err = load(t, map[string]string{"CLICKHOUSE_PASSWORD_FILE": dir + "/missing"})
+	if err == nil || !strings.Contains(err.Error(), "CLICKHOUSE_PASSWORD_FILE") || strings.Contains(err.Error(), "s3cret") {
+		t.Fatalf("a missing secret file: %v", err)
 	}
 }

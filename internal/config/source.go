@@ -35,6 +35,7 @@ type setting struct {
 	value                 string
 	explicit              bool // given by flag or environment
 	isBool                bool // a bare --flag means true
+	aliases               []string // other environment names, read when env is unset
 	apply                 func(string) error
 }
 
@@ -191,7 +192,11 @@ func (s *Source) Parse(args []string) error {
 	for _, st := range s.settings {
 		v := st.value
 		if !st.explicit {
-			if e := s.getenv(st.env); e != "" {
+			e, found, err := s.lookup(st)
+			if err != nil {
+				return err
+			}
+			if found {
 				v, st.explicit = e, true
 			} else {
 				v = st.def
@@ -207,6 +212,41 @@ func (s *Source) Parse(args []string) error {
 		}
 	}
 	return nil
+}
+
+// Alias lets the setting named env also be read from the environment
+// variable alias (a name people already use), when env itself is unset.
+func (s *Source) Alias(env, alias string) {
+	st := s.byEnv[env]
+	st.aliases = append(st.aliases, alias)
+	s.byEnv[alias] = st
+}
+
+// lookup reads a setting from the environment: its name, then its aliases;
+// a secret also from the file that NAME_FILE names (Docker and Kubernetes
+// mount secrets as files), one trailing newline dropped.
+func (s *Source) lookup(st *setting) (string, bool, error) {
+	names := append([]string{st.env}, st.aliases...)
+	for _, n := range names {
+		if v := s.getenv(n); v != "" {
+			return v, true, nil
+		}
+	}
+	if !st.secret {
+		return "", false, nil
+	}
+	for _, n := range names {
+		path := s.getenv(n + "_FILE")
+		if path == "" {
+			continue
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return "", false, fmt.Errorf("invalid %s_FILE: cannot read the secret: %w", n, err)
+		}
+		return strings.TrimSuffix(strings.TrimSuffix(string(data), "\n"), "\r"), true, nil
+	}
+	return "", false, nil
 }
 
 // Explicit reports whether the setting with this environment name was given by flag
@@ -239,7 +279,14 @@ func (s *Source) PrintUsage(w io.Writer) {
 		if st.secret {
 			def = "(secret)"
 		}
-		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", flagName, st.env, def, st.usage)
+		env := st.env
+		for _, a := range st.aliases {
+			env += " | " + a
+		}
+		if st.secret {
+			env += " (or " + st.env + "_FILE)"
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", flagName, env, def, st.usage)
 	}
 	tw.Flush()
 	var other []string
