@@ -33,8 +33,8 @@ type setting struct {
 	env, flag, def, usage string
 	secret                bool
 	value                 string
-	explicit              bool // given by flag or environment
-	isBool                bool // a bare --flag means true
+	explicit              bool     // given by flag or environment
+	isBool                bool     // a bare --flag means true
 	aliases               []string // other environment names, read when env is unset
 	apply                 func(string) error
 }
