@@ -43,6 +43,7 @@ type observability struct {
 	metrics *metrics.Metrics
 	state   atomic.Int32
 	stop    []func()
+	poller  *metrics.SlotPoller // nil until set up
 }
 
 func (o *observability) set(s state) { o.state.Store(int32(s)) }
@@ -55,7 +56,14 @@ var fromService = map[service.State]state{
 }
 
 // setService is the supervisor's OnState hook.
-func (o *observability) setService(s service.State) { o.set(fromService[s]) }
+// Streaming changes the slot's state (active, confirmed position): the
+// gauges are read at once instead of at the next poll.
+func (o *observability) setService(s service.State) {
+	o.set(fromService[s])
+	if s == service.Streaming && o.poller != nil {
+		o.poller.PollNow()
+	}
+}
 
 func (o *observability) health() (bool, string) {
 	s := state(o.state.Load())
@@ -120,6 +128,7 @@ func setupObservability(ctx context.Context, cfg *config.Config, log *zap.Logger
 		pool.Close()
 		return log, o, err
 	}
+	o.poller = poller
 	pctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); _ = poller.Run(pctx) }()

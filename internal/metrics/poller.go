@@ -61,6 +61,7 @@ type SlotPoller struct {
 	m      *Metrics
 	log    *zap.Logger
 	failed bool
+	now    chan struct{} // PollNow's request
 }
 
 // NewSlotPoller returns a poller reading through db into m.
@@ -74,7 +75,8 @@ func NewSlotPoller(cfg PollerConfig, db Querier, m *Metrics, log *zap.Logger) (*
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &SlotPoller{cfg: cfg, db: db, m: m, log: log.Named("slot_poller").With(zap.String("slot", cfg.Slot))}, nil
+	return &SlotPoller{cfg: cfg, db: db, m: m, log: log.Named("slot_poller").With(zap.String("slot", cfg.Slot)),
+		now: make(chan struct{}, 1)}, nil
 }
 
 // Run polls at once and then every Interval until ctx ends, and returns nil. Failed
@@ -89,7 +91,17 @@ func (p *SlotPoller) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
+		case <-p.now:
 		}
+	}
+}
+
+// PollNow asks Run to poll at once (when streaming starts: the slot's state
+// changed, and the gauges should not wait for the next interval).
+func (p *SlotPoller) PollNow() {
+	select {
+	case p.now <- struct{}{}:
+	default: // a poll is requested already
 	}
 }
 

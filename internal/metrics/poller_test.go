@@ -219,3 +219,43 @@ func TestOutboxQueryUsesThePartialIndex(t *testing.T) {
 		t.Errorf("the outbox query does not use the partial index:\n%s", text)
 	}
 }
+
+// TestPollNowPollsAtOnce: when streaming starts the slot's gauges must not wait
+// a whole interval (5 s after `run` they used to be empty): PollNow makes
+// Run poll at once.
+func TestPollNowPollsAtOnce(t *testing.T) {
+	pool := outboxDB(t)
+	ctx := context.Background()
+	slot := "poll_now_slot"
+	m := New()
+	p, err := NewSlotPoller(PollerConfig{Slot: slot, Interval: time.Hour}, pool, m, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = p.Run(rctx) }()
+	defer func() { cancel(); <-done }()
+	// The first poll (at Run's start) sets the outbox gauges and sees no slot.
+	deadline := time.Now().Add(30 * time.Second)
+	for testutil.CollectAndCount(m.outboxRows) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no first poll")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := testutil.CollectAndCount(m.slotLag); n != 0 {
+		t.Fatalf("slot_lag_bytes before the slot exists: %d series", n)
+	}
+	if _, err := pool.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Exec(context.Background(), "SELECT pg_drop_replication_slot($1)", slot) //nolint:errcheck // cleanup
+	p.PollNow()
+	for testutil.CollectAndCount(m.slotLag) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("PollNow did not poll within 30 s (the interval is an hour)")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
