@@ -13,11 +13,18 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
+# The version the binary reports (version, outbox_streamer_build_info):
+#   docker build --build-arg VERSION=$(git describe --always --dirty) .
+ARG VERSION=dev
 # CGO_ENABLED=0: a static binary that needs no libc in the final image.
-RUN CGO_ENABLED=0 GOOS=linux go build -trimpath -ldflags="-s -w" -o /out/outbox-streamer ./cmd/outbox-streamer
+RUN CGO_ENABLED=0 GOOS=linux go build -trimpath -ldflags="-s -w -X main.version=${VERSION}" -o /out/outbox-streamer ./cmd/outbox-streamer
 
 # distroless/static has CA certificates and tzdata (EVENT_TIME_ZONE) and no shell.
 FROM gcr.io/distroless/static-debian12:nonroot
+ARG VERSION=dev
+LABEL org.opencontainers.image.title="outbox-streamer" \
+      org.opencontainers.image.description="PostgreSQL transactional outbox to ClickHouse through logical replication" \
+      org.opencontainers.image.version="${VERSION}"
 COPY --from=build /out/outbox-streamer /usr/local/bin/outbox-streamer
 # nonroot is uid/gid 65532; numeric so Kubernetes' runAsNonRoot can verify it.
 USER 65532:65532

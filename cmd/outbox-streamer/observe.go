@@ -82,6 +82,7 @@ func (o *observability) close() {
 // signal context so /healthz answers during the drain.
 func setupObservability(ctx context.Context, cfg *config.Config, log *zap.Logger) (*zap.Logger, *observability, error) {
 	o := &observability{metrics: metrics.New()}
+	o.metrics.SetBuildInfo(version)
 	flush, err := telemetry.InitSentry(cfg.SentryDSN, cfg.SentryEnv, version)
 	if err != nil {
 		return log, o, fmt.Errorf("SENTRY_CONFIG_DSN: %w", err)

@@ -13,6 +13,7 @@ package metrics
 
 import (
 	"maps"
+	"runtime"
 	"slices"
 	"time"
 
@@ -77,6 +78,7 @@ type Metrics struct {
 	slotRetained       *prometheus.GaugeVec
 	slotSafeWAL        *prometheus.GaugeVec
 	slotActive         *prometheus.GaugeVec
+	buildInfo          *prometheus.GaugeVec
 	outboxRows         *prometheus.GaugeVec
 	oldestUndelivered  prometheus.Gauge
 	leader             prometheus.Gauge
@@ -137,6 +139,8 @@ func New() *Metrics {
 	m.slotRetained = f.gaugeVec("slot_retained_wal_bytes", "WAL the slot keeps on disk: current WAL position minus its restart_lsn.", "slot")
 	m.slotSafeWAL = f.gaugeVec("slot_safe_wal_size_bytes",
 		"Bytes of WAL that can still be written before the slot risks invalidation (pg_replication_slots.safe_wal_size); absent when max_slot_wal_keep_size is unlimited.", "slot")
+	m.buildInfo = f.gaugeVec("build_info", "Always 1; its labels say which build runs (version, Go release).", "version", "goversion")
+	m.buildInfo.WithLabelValues("unknown", runtime.Version()).Set(1)
 	m.slotActive = f.gaugeVec("slot_active", "1 when a walsender streams from the slot, 0 when nobody does or the slot does not exist.", "slot")
 	m.outboxRows = f.gaugeVec("outbox_rows",
 		"Outbox rows by status; pending, failed and dead are exact, processed is estimated from pg_class.reltuples.", "status")
@@ -444,4 +448,13 @@ func (f factory) histogram(name, help string, buckets []float64) prometheus.Hist
 	h := prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: Namespace, Name: name, Help: help, Buckets: buckets})
 	f.reg.MustRegister(h)
 	return h
+}
+
+// SetBuildInfo names the running build in outbox_streamer_build_info.
+func (m *Metrics) SetBuildInfo(version string) {
+	if m == nil {
+		return
+	}
+	m.buildInfo.Reset()
+	m.buildInfo.WithLabelValues(version, runtime.Version()).Set(1)
 }

@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -211,11 +212,24 @@ func TestMetricNamesFollowConventions(t *testing.T) {
 			ours++
 		}
 	}
-	if ours != 27 {
-		t.Errorf("%d outbox_streamer_ metric families registered, want 27 (11 counters, 5 histograms, 11 gauges)", ours)
+	if ours != 28 {
+		t.Errorf("%d outbox_streamer_ metric families registered, want 28 (11 counters, 5 histograms, 12 gauges)", ours)
 	}
 	// The Go and process collectors are on the registry too.
 	if !hasFamily(fams, "go_goroutines") || !hasFamily(fams, "process_cpu_seconds_total") {
 		t.Error("Go or process collector missing from the registry")
+	}
+}
+
+// TestBuildInfo: the version the binary was built with is a label of
+// outbox_streamer_build_info (1), so dashboards can tell builds apart.
+func TestBuildInfo(t *testing.T) {
+	m := New()
+	m.SetBuildInfo("v1.2.3")
+	if got := testutil.ToFloat64(m.buildInfo.WithLabelValues("v1.2.3", runtime.Version())); got != 1 {
+		t.Fatalf("build_info{version=v1.2.3} = %v", got)
+	}
+	if n := testutil.CollectAndCount(m.buildInfo); n != 1 {
+		t.Fatalf("%d build_info series, want 1", n)
 	}
 }
