@@ -17,7 +17,6 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/fault"
-	"github.com/outbox-streamer/outbox-streamer/internal/loadgen"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -392,17 +391,9 @@ func runPeerLive(ctx context.Context, b *bench) (map[string]float64, error) {
 }
 
 func peerLive(ctx context.Context, b *bench, e *dbEnv, p *peer) (map[string]float64, error) {
-	pstart := time.Now()
-	st, err := loadgen.Run(ctx, e.Pool, loadgen.Config{
-		Copy: true, TxSize: b.cfg.TxSize, Rate: 0, Count: int64(b.cfg.Rows), Connections: b.cfg.LiveConns,
-		Seed: 1, Environment: "bench",
-	}, nil)
-	pend := time.Now()
+	pstart, pend, err := liveProducer(ctx, b, e)
 	if err != nil {
-		return nil, fmt.Errorf("producer: %w", err)
-	}
-	if st.Committed != int64(b.cfg.Rows) {
-		return nil, fmt.Errorf("producer committed %d events, want %d", st.Committed, b.cfg.Rows)
+		return nil, err
 	}
 	last, err := p.waitRows(ctx, uint64(b.cfg.Rows), b.cfg.Timeout)
 	if err != nil {

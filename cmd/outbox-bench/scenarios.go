@@ -107,13 +107,9 @@ func runDrainWith(ctx context.Context, b *bench, key string, backfill bool, extr
 		return nil, err
 	}
 	_, hwm, _ := s.memStatus()
-	e.watch = nil
-	if err := s.Stop(stopTimeout); err != nil {
+	verr, err := e.stopAndVerify(ctx, s, int64(b.cfg.Rows))
+	if err != nil {
 		return nil, err
-	}
-	verr := e.verifyDelivered(ctx, int64(b.cfg.Rows), nil)
-	if verr != nil && !isUnprocessed(verr) {
-		return nil, verr
 	}
 	took := done.Sub(s.Started)
 	if took <= 0 {
@@ -158,6 +154,40 @@ func runDrainWith(ctx context.Context, b *bench, key string, backfill bool, extr
 // (internal/pipeline), with the field backfilled_rows.
 const backfillLogMsg = "new replication slot: pending rows committed before it were handed to the sweep"
 
+// stopAndVerify stops the streamer and checks what it delivered. An error it
+// returns voids the run; verr (rows left unprocessed, the delivery itself
+// complete) keeps the run's figures and is reported beside them.
+func (e *dbEnv) stopAndVerify(ctx context.Context, s *streamer, rows int64) (verr, err error) {
+	e.watch = nil
+	if err := s.Stop(stopTimeout); err != nil {
+		return nil, err
+	}
+	verr = e.verifyDelivered(ctx, rows, nil)
+	if verr != nil && !isUnprocessed(verr) {
+		return nil, verr
+	}
+	return verr, nil
+}
+
+// liveProducer is d's producer (also the peer's live load): Rows events by
+// COPY in transactions of TxSize, as fast as it goes; it returns when it
+// started and ended.
+func liveProducer(ctx context.Context, b *bench, e *dbEnv) (start, end time.Time, err error) {
+	start = time.Now()
+	st, err := loadgen.Run(ctx, e.Pool, loadgen.Config{
+		Copy: true, TxSize: b.cfg.TxSize, Rate: 0, Count: int64(b.cfg.Rows), Connections: b.cfg.LiveConns,
+		Seed: 1, Environment: "bench",
+	}, nil)
+	end = time.Now()
+	if err != nil {
+		return start, end, fmt.Errorf("producer: %w", err)
+	}
+	if st.Committed != int64(b.cfg.Rows) {
+		return start, end, fmt.Errorf("producer committed %d events, want %d", st.Committed, b.cfg.Rows)
+	}
+	return start, end, nil
+}
+
 // runLive is scenario d: the streamer runs while loadgen commits Rows events as
 // fast as it can (COPY, transactions of TxSize, LiveConns connections).
 func runLive(ctx context.Context, b *bench) (map[string]float64, error) {
@@ -173,17 +203,9 @@ func runLive(ctx context.Context, b *bench) (map[string]float64, error) {
 	defer s.Stop(stopTimeout) //nolint:errcheck // stopped explicitly below; this is for early returns
 	meter := &cpuMeter{streamerPID: s.Pid()}
 	c0 := meter.sample()
-	pstart := time.Now()
-	st, err := loadgen.Run(ctx, e.Pool, loadgen.Config{
-		Copy: true, TxSize: b.cfg.TxSize, Rate: 0, Count: int64(b.cfg.Rows), Connections: b.cfg.LiveConns,
-		Seed: 1, Environment: "bench",
-	}, nil)
-	pend := time.Now()
+	pstart, pend, err := liveProducer(ctx, b, e)
 	if err != nil {
-		return nil, fmt.Errorf("producer: %w", err)
-	}
-	if st.Committed != int64(b.cfg.Rows) {
-		return nil, fmt.Errorf("producer committed %d events, want %d", st.Committed, b.cfg.Rows)
+		return nil, err
 	}
 	target, err := e.currentWAL(ctx)
 	if err != nil {
@@ -200,13 +222,9 @@ func runLive(ctx context.Context, b *bench) (map[string]float64, error) {
 	if err != nil {
 		return nil, err
 	}
-	e.watch = nil
-	if err := s.Stop(stopTimeout); err != nil {
+	verr, err := e.stopAndVerify(ctx, s, int64(b.cfg.Rows))
+	if err != nil {
 		return nil, err
-	}
-	verr := e.verifyDelivered(ctx, int64(b.cfg.Rows), nil)
-	if verr != nil && !isUnprocessed(verr) {
-		return nil, verr
 	}
 	b.note("d", use)
 	n := float64(b.cfg.Rows)
@@ -611,13 +629,9 @@ func runMemory(ctx context.Context, b *bench) (map[string]float64, error) {
 	if err != nil {
 		return nil, err
 	}
-	e.watch = nil
-	if err := s.Stop(stopTimeout); err != nil {
+	verr, err := e.stopAndVerify(ctx, s, int64(b.cfg.BigTx))
+	if err != nil {
 		return nil, err
-	}
-	verr := e.verifyDelivered(ctx, int64(b.cfg.BigTx), nil)
-	if verr != nil && !isUnprocessed(verr) {
-		return nil, verr
 	}
 	b.note("f", use)
 	inserts, _ := e.chInserts(ctx)
