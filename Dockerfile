@@ -4,7 +4,7 @@
 #   docker build -t outbox-streamer .
 #   docker run --rm -e DATABASE_URL=... -e CLICKHOUSE_HOST=... outbox-streamer          # run
 #   docker run --rm -e DATABASE_URL=... outbox-streamer migrate up                     # migrate
-# Inside a container set METRICS_ADDR=0.0.0.0:9187 to reach /metrics from outside
+# Inside a container set METRICS_ADDR=0.0.0.0:8187 to reach /metrics from outside
 # (the binary's default is loopback only).
 
 FROM golang:1.26 AS build
@@ -28,6 +28,6 @@ LABEL org.opencontainers.image.title="outbox-streamer" \
 COPY --from=build /out/outbox-streamer /usr/local/bin/outbox-streamer
 # nonroot is uid/gid 65532; numeric so Kubernetes' runAsNonRoot can verify it.
 USER 65532:65532
-EXPOSE 9187
+EXPOSE 8187
 ENTRYPOINT ["/usr/local/bin/outbox-streamer"]
 CMD ["run"]

@@ -399,7 +399,7 @@ func TestDockerCompose(t *testing.T) {
 				t.Errorf("%s sets %s, which the streamer does not read", name, k)
 			}
 		}
-		if name == "streamer-1" && vars["METRICS_ADDR"] != "0.0.0.0:9187" {
+		if name == "streamer-1" && vars["METRICS_ADDR"] != "0.0.0.0:8187" {
 			t.Errorf("streamer METRICS_ADDR = %v: Prometheus in another container cannot reach loopback", vars["METRICS_ADDR"])
 		}
 	}
@@ -407,7 +407,7 @@ func TestDockerCompose(t *testing.T) {
 	prom := mustDoc(t, "prometheus/prometheus.yml")
 	targets := get(t, prom, "scrape_configs", 0, "static_configs", 0, "targets")
 	if get(t, prom, "scrape_configs", 0, "job_name") != "outbox-streamer" ||
-		!reflect.DeepEqual(targets, []any{"streamer-1:9187", "streamer-2:9187"}) {
+		!reflect.DeepEqual(targets, []any{"streamer-1:8187", "streamer-2:8187"}) {
 		t.Errorf("prometheus.yml does not scrape both streamers as job outbox-streamer: %v", targets)
 	}
 	// The mounts of the configuration files point at files that exist.
@@ -458,8 +458,8 @@ func TestKubernetesManifests(t *testing.T) {
 	if get(t, c, "readinessProbe", "httpGet", "path") != "/readyz" || get(t, c, "livenessProbe", "httpGet", "path") != "/healthz" {
 		t.Error("readiness must probe /readyz and liveness /healthz")
 	}
-	if get(t, c, "ports", 0, "name") != "metrics" || get(t, c, "ports", 0, "containerPort") != 9187 {
-		t.Error("the container must expose port 9187 named metrics")
+	if get(t, c, "ports", 0, "name") != "metrics" || get(t, c, "ports", 0, "containerPort") != 8187 {
+		t.Error("the container must expose port 8187 named metrics")
 	}
 	env := knownEnv(t)
 	secretKeys := get(t, mustDoc(t, "kubernetes/secret.example.yaml"), "stringData").(map[string]any)

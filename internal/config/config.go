@@ -109,7 +109,7 @@ func Bind(src *Source, c *Config) {
 	src.Duration(&c.RetryMaxWait, "RETRY_MAX_WAIT", "retry-max-wait", 30*time.Second, "cap of the backoff between retries of a transient error")
 	src.Duration(&c.OutageFailAfter, "CLICKHOUSE_OUTAGE_FAIL_AFTER", "outage-fail-after", 2*time.Minute, "after ClickHouse is unavailable this long, a batch's rows are marked failed and acknowledged; the sweep delivers them later")
 
-	src.String(&c.MetricsAddr, "METRICS_ADDR", "metrics-addr", "127.0.0.1:9187", "address of /metrics, /healthz and /readyz (loopback by default; empty disables)")
+	src.String(&c.MetricsAddr, "METRICS_ADDR", "metrics-addr", "127.0.0.1:8187", "address of /metrics, /healthz and /readyz (loopback by default; empty disables)")
 	src.Secret(&c.SentryDSN, "SENTRY_CONFIG_DSN", "sentry-dsn", "send errors to Sentry when set")
 	src.String(&c.SentryEnv, "SENTRY_CONFIG_ENVIRONMENT", "sentry-environment", "", "Sentry environment (default: ENVIRONMENT)")
 	// The names Sentry's SDKs and ClickHouse users already know.

@@ -25,7 +25,7 @@ func TestDefaults(t *testing.T) {
 	if cfg.BatchSize != 1000 || cfg.BatchTimeout != 100*time.Millisecond || cfg.ClickHouseBatchSize != 10000 ||
 		cfg.SweepInterval != time.Minute || cfg.ClickHouse.Table != "event_log" || cfg.ClickHouse.Addr != "localhost:9000" ||
 		cfg.ClickHouse.DialTimeout != 30*time.Second || cfg.ClickHouse.ReadTimeout != 10*time.Second ||
-		cfg.MetricsAddr != "127.0.0.1:9187" || cfg.PostgresDSN != "postgres://postgres@localhost:5432/postgres" {
+		cfg.MetricsAddr != "127.0.0.1:8187" || cfg.PostgresDSN != "postgres://postgres@localhost:5432/postgres" {
 		t.Fatalf("defaults = %+v", cfg)
 	}
 }

@@ -17,9 +17,12 @@ import (
 
 // DefaultAddr is where the HTTP server listens unless told otherwise (METRICS_ADDR).
 // It is a loopback address on purpose: metrics reveal the slot, table and traffic
-// and must not be exposed by accident. In a container, set METRICS_ADDR=0.0.0.0:9187
-// and let the network policy decide who scrapes.
-const DefaultAddr = "127.0.0.1:9187"
+// and must not be exposed by accident. In a container, set METRICS_ADDR=0.0.0.0:8187
+// and let the network policy decide who scrapes. Port 8187 lies outside
+// 9100-9999, the range Prometheus allocates to exporters (all taken; 9187, the
+// earlier default, is postgres_exporter's, which often runs beside PostgreSQL
+// and the streamer).
+const DefaultAddr = "127.0.0.1:8187"
 
 // HealthFunc reports whether the process is ready to do its job, and a short text
 // saying why or why not. It is called on every /readyz request and must be fast.
