@@ -10,7 +10,9 @@
 FROM golang:1.26 AS build
 WORKDIR /src
 # Dependencies first: this layer stays cached while only the sources change.
+# go.mod replaces the producer module with ./outbox, whose go.mod is read too.
 COPY go.mod go.sum ./
+COPY outbox/go.mod outbox/go.sum ./outbox/
 RUN go mod download
 COPY . .
 # The version the binary reports (version, outbox_streamer_build_info):

@@ -30,10 +30,12 @@ run: deps build ## local PostgreSQL + ClickHouse 26.7, migrate, stream, and a de
 	$(DEVENV) -- ./scripts/demo.sh
 
 test: deps build ## the whole suite (unit, integration, end to end) on ClickHouse 26.7 and 18.16
+	cd outbox && $(GO) test -count=1 $(TESTFLAGS) ./...
 	OUTBOX_TEST_REQUIRE_LEGACY=1 $(DEVENV) --legacy -- $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(TESTFLAGS) ./...
 
 test-unit: ## unit tests only (no servers)
 	$(GO) test -count=1 -short ./internal/batch/... ./checkpoint/... ./internal/config/... ./replication/... ./internal/retry/...
+	cd outbox && $(GO) test -count=1 -short ./...
 
 fuzz: ## fuzz the pgoutput decoder for a minute
 	$(GO) test ./replication -run '^$$' -fuzz FuzzDecode -fuzztime 60s
@@ -45,6 +47,7 @@ bench: deps build ## benchmark against a bare slot reader and the polling design
 lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	cd outbox && $(GO) vet ./...
 
 migrate: build ## apply migrations to the databases named by the environment (DATABASE_URL, CLICKHOUSE_*)
 	$(STREAMER) migrate up

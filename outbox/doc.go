@@ -5,6 +5,18 @@
 // other modules (the services that produce events). Everything else is the
 // streamer's own, under internal/ or behind its command line.
 //
+// # The module
+//
+// The package is a module of its own, so that a producer does not inherit
+// the streamer's Go version or dependencies:
+//
+//	go get github.com/outbox-streamer/outbox-streamer/outbox
+//
+// It declares go 1.23.0 and requires only pgx (github.com/jackc/pgx/v5,
+// v5.7.6 or newer). The pgx version is a minimum: a service that requires a
+// newer pgx, such as v5.12.0 with its security fixes, builds with that one.
+// Releases are tagged outbox/vX.Y.Z.
+//
 // # The pattern
 //
 // A service that changes its database and must also tell the world about the
@@ -27,8 +39,18 @@
 //	}); err != nil { ... }
 //	return tx.Commit(ctx)
 //
-// Append takes a pgx.Tx, or a database/sql *sql.Tx wrapped with SQL. For many
-// events at once, AppendBatch writes them with COPY (pgx only).
+// Append takes a Querier: a pgx.Tx, or a database/sql *sql.Tx wrapped with
+// SQL. For many events at once, AppendBatch writes them with COPY through a
+// CopyFromer, such as a pgx.Tx (pgx only).
+//
+// # The table
+//
+// Events go to event_outbox, found through the session's search_path, or to
+// the table named by Options.Table, such as "public.event_outbox" (it must be
+// the table the streamer reads). Code that
+// writes events with its own SQL (sqlc, hand-written queries) can execute
+// InsertSQL, or InsertStatement for another table: the statement Append
+// executes, whose documentation gives the parameters.
 //
 // # Validation
 //

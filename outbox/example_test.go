@@ -125,3 +125,41 @@ func ExampleWriter_AppendBatch() {
 		panic(err)
 	}
 }
+
+// A writer for an outbox table of your own, checked at startup. Each part of
+// the name is quoted, so give it as PostgreSQL stores it.
+func ExampleOptions_Validate() {
+	opts := outbox.Options{Table: "app.event_outbox", Environment: "prod"}
+	if err := opts.Validate(); err != nil {
+		panic(err)
+	}
+	w := outbox.New(opts)
+
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, "postgres://app@localhost/app")
+	if err != nil {
+		panic(err)
+	}
+	defer conn.Close(ctx)
+	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		_, err := w.Append(ctx, tx, outbox.Event{Type: "user.created", Time: time.Now()})
+		return err
+	})
+	if err != nil {
+		panic(err)
+	}
+}
+
+// For sqlc or hand-written SQL: the statement Append executes, here for a
+// table in schema app. InsertSQL is the one for event_outbox.
+func ExampleInsertStatement() {
+	stmt, err := outbox.InsertStatement("app.event_outbox")
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(stmt)
+	// Output:
+	// INSERT INTO "app"."event_outbox" (event_type, event_date_time, environment, event_context, metadata_version)
+	// VALUES ($1::text, $2::text::timestamp, $3::text, $4::text::jsonb, $5::text::bigint)
+	// RETURNING id
+}

@@ -15,7 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// Limits of the event_outbox columns and the streamer's defaults.
+// Limits of the outbox table's columns and the streamer's defaults.
 const (
 	// MaxTypeLength is the most characters Event.Type may have
 	// (event_type VARCHAR(255)). PostgreSQL counts characters, not bytes.
@@ -32,10 +32,10 @@ const (
 
 // timeLayout renders a UTC time for a TIMESTAMP (without time zone) column:
 // ISO order, which PostgreSQL reads the same under every DateStyle, and
-// microseconds, the column's precision.
+// microseconds, the column's precision. InsertSQL's documentation repeats it.
 const timeLayout = "2006-01-02 15:04:05.999999"
 
-// Event is one row to write into event_outbox.
+// Event is one row to write into the outbox table.
 //
 // Set at most one of Context and RawContext; with neither, the context is {}.
 type Event struct {
@@ -78,18 +78,57 @@ type Options struct {
 	LegacyClickHouse bool
 	// Environment is written for events whose Environment is empty.
 	Environment string
+	// Table is the outbox table: a table name or schema.table, such as
+	// "app.event_outbox". Each part is quoted (a double quote in a name is
+	// doubled), so it must be spelled as PostgreSQL stores it: lower case
+	// for a table created without quotes. Names containing dots are not
+	// supported. Default ("") DefaultTable, found through the session's
+	// search_path.
+	//
+	// It must be the table the streamer reads. The streamer's migrations
+	// create public.event_outbox: name it so when the producer's search_path
+	// finds another event_outbox first; another table only serves a
+	// streamer set up to read that one.
+	Table string
 }
 
-// Writer validates events and writes them into event_outbox. It holds no
+// Validate reports whether the options can be used: the table name parses
+// and the default environment fits the column. A Writer with invalid options
+// fails every call, so check them at startup.
+func (o Options) Validate() error {
+	if err := resolveTable(o.Table).err; err != nil {
+		return err
+	}
+	if err := checkText(o.Environment); err != "" {
+		return fmt.Errorf("outbox: default environment %s", err)
+	}
+	if n := utf8.RuneCountInString(o.Environment); n > MaxEnvironmentLength {
+		return fmt.Errorf("outbox: default environment %q has %d characters, over the %d the column holds", o.Environment, n, MaxEnvironmentLength)
+	}
+	return nil
+}
+
+// Writer validates events and writes them into the outbox table. It holds no
 // connection: the transaction is passed to each call. A Writer is safe for
 // concurrent use, and its zero value uses the default Options.
 type Writer struct {
-	opts Options
+	opts  Options
+	table *table // nil: defaultTable
 }
 
-// New returns a Writer with the given options.
+// New returns a Writer with the given options. Invalid options (see
+// Options.Validate) make every Append and AppendBatch fail.
 func New(opts Options) *Writer {
-	return &Writer{opts: opts}
+	t := resolveTable(opts.Table)
+	return &Writer{opts: opts, table: &t}
+}
+
+// tbl returns the table w writes to.
+func (w *Writer) tbl() *table {
+	if w.table == nil {
+		return &defaultTable
+	}
+	return w.table
 }
 
 // defaultWriter serves the package-level functions.
@@ -103,6 +142,17 @@ var defaultWriter Writer
 // accompanies no other change.
 type Querier interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// CopyFromer runs a COPY FROM STDIN: what AppendBatch needs from a
+// transaction. pgx.Tx satisfies it, and so do *pgx.Conn and *pgxpool.Pool
+// (with Querier's caveat: outside a transaction the events commit on their
+// own), as does any wrapper with the same method, such as a tracing one.
+//
+// It is an interface, rather than pgx.Tx, so that code holding a narrower or
+// wrapped handle can call AppendBatch without having a whole pgx.Tx.
+type CopyFromer interface {
+	CopyFrom(ctx context.Context, tableName pgx.Identifier, columnNames []string, rowSrc pgx.CopyFromSource) (int64, error)
 }
 
 // SQLQuerier is the method of a database/sql *sql.Tx (or *sql.Conn, *sql.DB)
@@ -128,17 +178,6 @@ func (q sqlQuerier) QueryRow(ctx context.Context, query string, args ...any) pgx
 	return q.tx.QueryRowContext(ctx, query, args...)
 }
 
-// appendSQL inserts one event. Every parameter is sent as text and cast in
-// the statement, so the statement means the same for every driver and query
-// mode (pgx's extended or simple protocol, lib/pq). In particular the time is
-// text without an offset cast straight to timestamp: a time.Time parameter
-// could be typed timestamptz by some drivers, and the implicit
-// timestamptz→timestamp conversion would then shift it by the session's
-// TimeZone.
-const appendSQL = `INSERT INTO event_outbox (event_type, event_date_time, environment, event_context, metadata_version)
-VALUES ($1::text, $2::text::timestamp, $3::text, $4::text::jsonb, $5::text::bigint)
-RETURNING id`
-
 // Append validates ev and inserts it through tx, returning its id. Call it
 // inside the transaction that makes the business change the event reports, so
 // that both commit or neither does.
@@ -147,22 +186,27 @@ RETURNING id`
 // usable. A database error (for example a missing table) aborts tx, as any
 // failed statement does.
 func (w *Writer) Append(ctx context.Context, tx Querier, ev Event) (int64, error) {
+	t := w.tbl()
+	if t.err != nil {
+		return 0, t.err
+	}
 	r, err := w.check(&ev, -1)
 	if err != nil {
 		return 0, err
 	}
+	// Every parameter is text, cast in the statement (see InsertSQL). In
+	// particular the time is text without an offset cast straight to
+	// timestamp: a time.Time parameter could be typed timestamptz by some
+	// drivers, and the implicit timestamptz→timestamp conversion would then
+	// shift it by the session's TimeZone.
 	var id int64
-	err = tx.QueryRow(ctx, appendSQL,
+	err = tx.QueryRow(ctx, t.insert,
 		r.typ, r.at.Format(timeLayout), r.env, string(r.ctx), strconv.FormatInt(r.version, 10)).Scan(&id)
 	if err != nil {
-		return 0, fmt.Errorf("outbox: insert %s event into event_outbox: %w", r.typ, err)
+		return 0, fmt.Errorf("outbox: insert %s event into %s: %w", r.typ, t.name, err)
 	}
 	return id, nil
 }
-
-// copyColumns are the columns AppendBatch fills; the others take their
-// defaults (id from the sequence, status 'pending', created_at now in UTC).
-var copyColumns = []string{"event_type", "event_date_time", "environment", "event_context", "metadata_version"}
 
 // AppendBatch validates every event, then writes them all with one COPY
 // through tx, and returns how many rows were written. COPY cannot return the
@@ -176,7 +220,11 @@ var copyColumns = []string{"event_type", "event_date_time", "environment", "even
 // stays usable. A database error aborts tx. An empty evs writes nothing.
 //
 // COPY is a pgx feature; with database/sql call Append for each event.
-func (w *Writer) AppendBatch(ctx context.Context, tx pgx.Tx, evs []Event) (int64, error) {
+func (w *Writer) AppendBatch(ctx context.Context, tx CopyFromer, evs []Event) (int64, error) {
+	t := w.tbl()
+	if t.err != nil {
+		return 0, t.err
+	}
 	if len(evs) == 0 {
 		return 0, nil
 	}
@@ -198,9 +246,9 @@ func (w *Writer) AppendBatch(ctx context.Context, tx pgx.Tx, evs []Event) (int64
 		r := &rows[i]
 		return []any{r.typ, r.at, r.env, json.RawMessage(r.ctx), r.version}, nil
 	})
-	n, err := tx.CopyFrom(ctx, pgx.Identifier{"event_outbox"}, copyColumns, src)
+	n, err := tx.CopyFrom(ctx, t.ident, copyColumns, src)
 	if err != nil {
-		return 0, fmt.Errorf("outbox: copy %d events into event_outbox: %w", len(rows), err)
+		return 0, fmt.Errorf("outbox: copy %d events into %s: %w", len(rows), t.name, err)
 	}
 	return n, nil
 }
@@ -219,7 +267,7 @@ func Append(ctx context.Context, tx Querier, ev Event) (int64, error) {
 }
 
 // AppendBatch writes evs with the default Options; see Writer.AppendBatch.
-func AppendBatch(ctx context.Context, tx pgx.Tx, evs []Event) (int64, error) {
+func AppendBatch(ctx context.Context, tx CopyFromer, evs []Event) (int64, error) {
 	return defaultWriter.AppendBatch(ctx, tx, evs)
 }
 

@@ -2,376 +2,301 @@ package outbox_test
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
 	"reflect"
-	"sort"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/jackc/pgx/v5/stdlib"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
-	"github.com/outbox-streamer/outbox-streamer/migrations"
 	"github.com/outbox-streamer/outbox-streamer/outbox"
-	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
-func TestMain(m *testing.M) { testenv.Main(m) }
+// What Append and AppendBatch accept: a transaction, a connection or a pool.
+var (
+	_ outbox.Querier    = pgx.Tx(nil)
+	_ outbox.Querier    = (*pgx.Conn)(nil)
+	_ outbox.Querier    = (*pgxpool.Pool)(nil)
+	_ outbox.CopyFromer = pgx.Tx(nil)
+	_ outbox.CopyFromer = (*pgx.Conn)(nil)
+	_ outbox.CopyFromer = (*pgxpool.Pool)(nil)
+)
 
-// newOutboxDB creates a fresh database with the outbox schema and returns its DSN
-// and a pool. Only the PostgreSQL migrations are applied (rendered by package
-// migrations), so these tests do not need ClickHouse.
-func newOutboxDB(t *testing.T) (string, *pgxpool.Pool) {
-	t.Helper()
-	dsn := testenv.NewDatabase(t)
-	files, err := migrations.Rendered("postgres", migrations.PostgresData("outbox_publication"))
-	if err != nil {
-		t.Fatal(err)
+// fakeDB records what Append and AppendBatch send. The tests against a real
+// PostgreSQL are in the streamer's module (internal/producertest), which has
+// the servers and the migrations; these need neither.
+type fakeDB struct {
+	queries []query
+	copies  []copyCall
+	err     error // returned by every call
+}
+
+type query struct {
+	sql  string
+	args []any
+}
+
+type copyCall struct {
+	table   pgx.Identifier
+	columns []string
+	rows    [][]any
+}
+
+func (db *fakeDB) QueryRow(_ context.Context, sql string, args ...any) pgx.Row {
+	db.queries = append(db.queries, query{sql, args})
+	return fakeRow{id: int64(len(db.queries)), err: db.err}
+}
+
+func (db *fakeDB) CopyFrom(_ context.Context, table pgx.Identifier, columns []string, src pgx.CopyFromSource) (int64, error) {
+	c := copyCall{table: table, columns: columns}
+	for src.Next() {
+		vals, err := src.Values()
+		if err != nil {
+			return 0, err
+		}
+		c.rows = append(c.rows, vals)
 	}
-	var names []string
-	for name := range files {
-		if strings.HasSuffix(name, ".up.sql") {
-			names = append(names, name)
+	db.copies = append(db.copies, c)
+	if db.err != nil {
+		return 0, db.err
+	}
+	return int64(len(c.rows)), src.Err()
+}
+
+func (db *fakeDB) sent() int { return len(db.queries) + len(db.copies) }
+
+type fakeRow struct {
+	id  int64
+	err error
+}
+
+func (r fakeRow) Scan(dest ...any) error {
+	if r.err != nil {
+		return r.err
+	}
+	*dest[0].(*int64) = r.id
+	return nil
+}
+
+func TestInsertStatement(t *testing.T) {
+	tests := []struct {
+		table  string
+		quoted string // "" when the name is refused
+	}{
+		{"", `"event_outbox"`},
+		{"event_outbox", `"event_outbox"`},
+		{"app.event_outbox", `"app"."event_outbox"`},
+		{"order", `"order"`}, // a keyword
+		{"App.Events", `"App"."Events"`},
+		{`my "odd" table`, `"my ""odd"" table"`},
+		{"é.ü", `"é"."ü"`},
+		{"a.b.c", ""},
+		{".event_outbox", ""},
+		{"app.", ""},
+		{"a..b", ""},
+		{`"event_outbox"`, ""},
+		{"event\x00outbox", ""},
+		{"\xff", ""},
+	}
+	for _, tc := range tests {
+		got, err := outbox.InsertStatement(tc.table)
+		if tc.quoted == "" {
+			if err == nil || got != "" {
+				t.Errorf("InsertStatement(%q) = %q, %v; want an error", tc.table, got, err)
+			} else if !strings.Contains(err.Error(), fmt.Sprintf("%q", tc.table)) {
+				t.Errorf("InsertStatement(%q): error %q does not name the table", tc.table, err)
+			}
+			if err := (outbox.Options{Table: tc.table}).Validate(); err == nil {
+				t.Errorf("Options{Table: %q}.Validate() = nil", tc.table)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("InsertStatement(%q): %v", tc.table, err)
+			continue
+		}
+		want := strings.Replace(outbox.InsertSQL, `"event_outbox"`, tc.quoted, 1)
+		if got != want {
+			t.Errorf("InsertStatement(%q) = %q, want %q", tc.table, got, want)
+		}
+		if err := (outbox.Options{Table: tc.table}).Validate(); err != nil {
+			t.Errorf("Options{Table: %q}.Validate() = %v", tc.table, err)
 		}
 	}
-	sort.Strings(names)
-	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	for _, name := range names {
-		if _, err := pool.Exec(ctx, files[name]); err != nil {
-			t.Fatalf("apply %s: %v", name, err)
-		}
-	}
-	return dsn, pool
-}
-
-// stored is an outbox row as read back.
-type stored struct {
-	Type, Env, Status string
-	Time              time.Time
-	Context           string
-	Version           int64
-}
-
-func readRow(t *testing.T, pool *pgxpool.Pool, id int64) stored {
-	t.Helper()
-	var r stored
-	// to_char renders the TIMESTAMP itself, independent of any time zone
-	// handling in the driver.
-	var ts string
-	err := pool.QueryRow(context.Background(), `SELECT event_type, environment, status,
-		to_char(event_date_time, 'YYYY-MM-DD"T"HH24:MI:SS.US'), event_context::text, metadata_version
-		FROM event_outbox WHERE id = $1`, id).Scan(&r.Type, &r.Env, &r.Status, &ts, &r.Context, &r.Version)
-	if err != nil {
-		t.Fatalf("read event %d: %v", id, err)
-	}
-	r.Time, err = time.Parse("2006-01-02T15:04:05.000000", ts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
-}
-
-// jsonEqual compares two JSON documents by value.
-func jsonEqual(t *testing.T, got string, want any) {
-	t.Helper()
-	var g, w any
-	if err := json.Unmarshal([]byte(got), &g); err != nil {
-		t.Fatalf("stored context %q: %v", got, err)
-	}
-	wb, err := json.Marshal(want)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := json.Unmarshal(wb, &w); err != nil {
-		t.Fatal(err)
-	}
-	if !reflect.DeepEqual(g, w) {
-		t.Fatalf("stored context %s, want %s", got, wb)
+	if !strings.HasPrefix(outbox.InsertSQL, `INSERT INTO "event_outbox" (`) || outbox.DefaultTable != "event_outbox" {
+		t.Fatalf("InsertSQL does not insert into %s: %s", outbox.DefaultTable, outbox.InsertSQL)
 	}
 }
 
-func count(t *testing.T, pool *pgxpool.Pool) int64 {
-	t.Helper()
-	var n int64
-	if err := pool.QueryRow(context.Background(), "SELECT count(*) FROM event_outbox").Scan(&n); err != nil {
-		t.Fatal(err)
-	}
-	return n
-}
-
-func TestAppendCommitted(t *testing.T) {
-	_, pool := newOutboxDB(t)
+// TestAppendExecutesInsertSQL: the exported statement is the one Append
+// sends, with the parameters in the documented order and form.
+func TestAppendExecutesInsertSQL(t *testing.T) {
 	ctx := context.Background()
 	paris, err := time.LoadLocation("Europe/Paris")
 	if err != nil {
 		t.Fatal(err)
 	}
-	// A time in another zone, with nanoseconds: stored as UTC, truncated to µs.
-	at := time.Date(2024, 7, 14, 23, 30, 15, 123456789, paris)
-	type order struct {
-		ID    int      `json:"id"`
-		Items []string `json:"items"`
-		Note  string   `json:"note"`
+	ev := outbox.Event{
+		Type:        "order.paid",
+		Time:        time.Date(2024, 7, 14, 23, 30, 15, 123456789, paris),
+		Environment: "test",
+		Context:     map[string]any{"id": 42, "note": "<é & 😀>"},
 	}
-	ctxValue := order{ID: 42, Items: []string{"a", "b"}, Note: "<é & 😀>"}
+	wantArgs := []any{"order.paid", "2024-07-14 21:30:15.123456", "test", `{"id":42,"note":"<é & 😀>"}`, "1"}
 
-	var id int64
-	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		id, err = outbox.Append(ctx, tx, outbox.Event{Type: "order.paid", Time: at, Environment: "test", Context: ctxValue})
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := readRow(t, pool, id)
-	want := stored{Type: "order.paid", Env: "test", Status: "pending", Time: time.Date(2024, 7, 14, 21, 30, 15, 123456000, time.UTC), Version: 1}
-	want.Context = got.Context
-	if got != want {
-		t.Fatalf("stored %+v, want %+v", got, want)
-	}
-	jsonEqual(t, got.Context, ctxValue)
-
-	// RawContext, an explicit metadata version and the writer's default environment.
-	w := outbox.New(outbox.Options{Environment: "staging"})
-	raw := `{"b": [1, 2.50, null], "a": {"nested": true}}`
-	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		id, err = w.Append(ctx, tx, outbox.Event{Type: "raw", Time: at, RawContext: json.RawMessage(raw), MetadataVersion: 3})
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	got = readRow(t, pool, id)
-	if got.Env != "staging" || got.Version != 3 {
-		t.Fatalf("stored %+v, want environment staging and version 3", got)
-	}
-	if got.Context != `{"a": {"nested": true}, "b": [1, 2.50, null]}` {
-		t.Fatalf("stored context %s", got.Context)
-	}
-
-	// No context at all is {}, the column default.
-	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		id, err = outbox.Append(ctx, tx, outbox.Event{Type: "bare", Time: at})
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := readRow(t, pool, id); got.Context != "{}" {
-		t.Fatalf("stored context %s, want {}", got.Context)
-	}
-}
-
-// TestAppendRolledBack: an event appended in a transaction that rolls back
-// leaves no row.
-func TestAppendRolledBack(t *testing.T) {
-	_, pool := newOutboxDB(t)
-	ctx := context.Background()
-	tx, err := pool.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := outbox.Append(ctx, tx, outbox.Event{Type: "x", Time: time.Now()}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := outbox.AppendBatch(ctx, tx, []outbox.Event{{Type: "y", Time: time.Now()}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := tx.Rollback(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if n := count(t, pool); n != 0 {
-		t.Fatalf("%d rows after rollback", n)
-	}
-}
-
-func TestAppendDatabaseSQL(t *testing.T) {
-	dsn, pool := newOutboxDB(t)
-	ctx := context.Background()
-	db, err := sql.Open("pgx", dsn) // driver registered by pgx/v5/stdlib
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	at := time.Date(2031, 1, 2, 3, 4, 5, 678901000, time.UTC)
-
-	tx, err := db.BeginTx(ctx, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, err := outbox.Append(ctx, outbox.SQL(tx), outbox.Event{Type: "sql.event", Time: at, Environment: "prod", Context: map[string]int{"n": 7}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A validation error leaves the database/sql transaction usable too.
-	if _, err := outbox.Append(ctx, outbox.SQL(tx), outbox.Event{Time: at}); !errors.Is(err, outbox.ErrEmptyType) {
-		t.Fatalf("got %v, want ErrEmptyType", err)
-	}
-	if err := tx.Commit(); err != nil {
-		t.Fatal(err)
-	}
-	got := readRow(t, pool, id)
-	if got.Type != "sql.event" || got.Env != "prod" || !got.Time.Equal(at) || got.Context != `{"n": 7}` {
-		t.Fatalf("stored %+v", got)
-	}
-
-	// A rolled-back database/sql transaction leaves nothing.
-	tx, err = db.BeginTx(ctx, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := outbox.Append(ctx, outbox.SQL(tx), outbox.Event{Type: "gone", Time: at}); err != nil {
-		t.Fatal(err)
-	}
-	if err := tx.Rollback(); err != nil {
-		t.Fatal(err)
-	}
-	if n := count(t, pool); n != 1 {
-		t.Fatalf("%d rows, want 1", n)
-	}
-}
-
-// TestTimeIgnoresSessionTimeZone writes through sessions whose TimeZone is
-// America/New_York — with pgx (extended and simple protocol), database/sql and
-// COPY — and checks that the stored TIMESTAMP is the UTC time exactly.
-func TestTimeIgnoresSessionTimeZone(t *testing.T) {
-	dsn, pool := newOutboxDB(t)
-	ctx := context.Background()
-	// Nanoseconds are dropped: the column holds microseconds.
-	at := time.Date(2025, 3, 9, 6, 59, 59, 999999999, time.FixedZone("UTC+5:30", 5*3600+1800))
-	wantUTC := time.Date(2025, 3, 9, 1, 29, 59, 999999000, time.UTC)
-
-	check := func(t *testing.T, id int64) {
-		t.Helper()
-		if got := readRow(t, pool, id); !got.Time.Equal(wantUTC) {
-			t.Fatalf("stored %s, want %s", got.Time.Format(time.RFC3339Nano), wantUTC.Format(time.RFC3339Nano))
-		}
-	}
-	ny := func(t *testing.T, mode pgx.QueryExecMode) *pgx.ConnConfig {
-		t.Helper()
-		cfg, err := pgx.ParseConfig(dsn)
-		if err != nil {
-			t.Fatal(err)
-		}
-		cfg.RuntimeParams["timezone"] = "America/New_York"
-		cfg.DefaultQueryExecMode = mode
-		return cfg
-	}
-	for _, mode := range []pgx.QueryExecMode{pgx.QueryExecModeCacheStatement, pgx.QueryExecModeExec, pgx.QueryExecModeSimpleProtocol} {
-		t.Run("pgx/"+mode.String(), func(t *testing.T) {
-			conn, err := pgx.ConnectConfig(ctx, ny(t, mode))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close(ctx)
-			var tz string
-			if err := conn.QueryRow(ctx, "SHOW TimeZone").Scan(&tz); err != nil || tz != "America/New_York" {
-				t.Fatalf("session TimeZone %q, %v", tz, err)
-			}
+	for _, tc := range []struct {
+		name  string
+		w     *outbox.Writer
+		table string
+	}{
+		{"package function", nil, ""},
+		{"zero Writer", new(outbox.Writer), ""},
+		{"New with defaults", outbox.New(outbox.Options{}), ""},
+		{"schema-qualified table", outbox.New(outbox.Options{Table: "app.event_outbox"}), "app.event_outbox"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			db := new(fakeDB)
 			var id int64
-			err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-				id, err = outbox.Append(ctx, tx, outbox.Event{Type: "tz", Time: at})
-				return err
-			})
+			var err error
+			if tc.w == nil {
+				id, err = outbox.Append(ctx, db, ev)
+			} else {
+				id, err = tc.w.Append(ctx, db, ev)
+			}
+			if err != nil || id != 1 {
+				t.Fatalf("Append = %d, %v", id, err)
+			}
+			want, err := outbox.InsertStatement(tc.table)
 			if err != nil {
 				t.Fatal(err)
 			}
-			check(t, id)
+			if tc.table == "" && want != outbox.InsertSQL {
+				t.Fatalf("InsertStatement(\"\") differs from InsertSQL:\n%s\n%s", want, outbox.InsertSQL)
+			}
+			if len(db.queries) != 1 || db.queries[0].sql != want {
+				t.Fatalf("sent %q, want %q", db.queries, want)
+			}
+			if !reflect.DeepEqual(db.queries[0].args, wantArgs) {
+				t.Fatalf("arguments %q, want %q", db.queries[0].args, wantArgs)
+			}
 		})
 	}
-	t.Run("database/sql", func(t *testing.T) {
-		db := stdlib.OpenDB(*ny(t, pgx.QueryExecModeCacheStatement))
-		defer db.Close()
-		tx, err := db.BeginTx(ctx, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer tx.Rollback() //nolint:errcheck
-		if _, err := tx.ExecContext(ctx, "SET LOCAL TIME ZONE 'America/New_York'"); err != nil {
-			t.Fatal(err)
-		}
-		id, err := outbox.Append(ctx, outbox.SQL(tx), outbox.Event{Type: "tz", Time: at})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := tx.Commit(); err != nil {
-			t.Fatal(err)
-		}
-		check(t, id)
-	})
-	t.Run("copy", func(t *testing.T) {
-		conn, err := pgx.ConnectConfig(ctx, ny(t, pgx.QueryExecModeCacheStatement))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer conn.Close(ctx)
-		err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-			_, err := outbox.AppendBatch(ctx, tx, []outbox.Event{{Type: "tz.copy", Time: at}})
-			return err
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		var id int64
-		if err := pool.QueryRow(ctx, "SELECT id FROM event_outbox WHERE event_type = 'tz.copy'").Scan(&id); err != nil {
-			t.Fatal(err)
-		}
-		check(t, id)
-	})
+
+	// An explicit metadata version, a default environment and no context.
+	db := new(fakeDB)
+	w := outbox.New(outbox.Options{Environment: "staging"})
+	if _, err := w.Append(ctx, db, outbox.Event{Type: "bare", Time: time.Date(2031, 1, 2, 3, 4, 5, 0, time.UTC), MetadataVersion: 3}); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := db.queries[0].args, []any{"bare", "2031-01-02 03:04:05", "staging", "{}", "3"}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("arguments %q, want %q", got, want)
+	}
 }
 
-func TestAppendBatchCopy100k(t *testing.T) {
-	_, pool := newOutboxDB(t)
+// TestAppendBatchCopies: one COPY of every event into the configured table.
+func TestAppendBatchCopies(t *testing.T) {
 	ctx := context.Background()
-	const n = 100000
-	base := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	evs := make([]outbox.Event, n)
-	for i := range evs {
-		evs[i] = outbox.Event{
-			Type:        fmt.Sprintf("type.%d", i%7),
-			Time:        base.Add(time.Duration(i) * time.Microsecond),
-			Environment: "bench",
-			Context:     map[string]int{"i": i},
+	at := time.Date(2025, 3, 9, 6, 59, 59, 999999999, time.FixedZone("UTC+5:30", 5*3600+1800))
+	utc := time.Date(2025, 3, 9, 1, 29, 59, 999999000, time.UTC)
+	evs := []outbox.Event{
+		{Type: "a", Time: at, Environment: "prod", RawContext: json.RawMessage(`{"n": 1}`), MetadataVersion: 2},
+		{Type: "b", Time: at},
+	}
+	wantColumns := []string{"event_type", "event_date_time", "environment", "event_context", "metadata_version"}
+	wantRows := [][]any{
+		{"a", utc, "prod", json.RawMessage(`{"n": 1}`), int64(2)},
+		{"b", utc, "", json.RawMessage(`{}`), int64(1)},
+	}
+	for _, tc := range []struct {
+		table string
+		want  pgx.Identifier
+	}{
+		{"", pgx.Identifier{"event_outbox"}},
+		{"app.event_outbox", pgx.Identifier{"app", "event_outbox"}},
+	} {
+		db := new(fakeDB)
+		n, err := outbox.New(outbox.Options{Table: tc.table}).AppendBatch(ctx, db, evs)
+		if err != nil || n != 2 {
+			t.Fatalf("table %q: AppendBatch = %d, %v", tc.table, n, err)
+		}
+		if len(db.copies) != 1 || len(db.queries) != 0 {
+			t.Fatalf("table %q: %d COPY and %d queries, want one COPY", tc.table, len(db.copies), len(db.queries))
+		}
+		c := db.copies[0]
+		if !reflect.DeepEqual(c.table, tc.want) || !reflect.DeepEqual(c.columns, wantColumns) {
+			t.Fatalf("table %q: COPY %v %v, want %v %v", tc.table, c.table, c.columns, tc.want, wantColumns)
+		}
+		// The COPY's table, quoted, is the INSERT's: both name one table.
+		insert, err := outbox.InsertStatement(tc.table)
+		if err != nil || !strings.HasPrefix(insert, "INSERT INTO "+c.table.Sanitize()+" (") {
+			t.Fatalf("table %q: COPY into %s but InsertStatement is %q (%v)", tc.table, c.table.Sanitize(), insert, err)
+		}
+		if !reflect.DeepEqual(c.rows, wantRows) {
+			t.Fatalf("table %q: rows %v, want %v", tc.table, c.rows, wantRows)
 		}
 	}
-	began := time.Now()
-	var written int64
-	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		var err error
-		written, err = outbox.AppendBatch(ctx, tx, evs)
-		return err
-	})
-	if err != nil {
+
+	// No events: nothing sent.
+	db := new(fakeDB)
+	if n, err := outbox.AppendBatch(ctx, db, nil); n != 0 || err != nil || db.sent() != 0 {
+		t.Fatalf("AppendBatch(nil) = %d, %v after %d calls", n, err, db.sent())
+	}
+}
+
+// TestDatabaseErrors: a database error is wrapped with the table's name and
+// stays matchable.
+func TestDatabaseErrors(t *testing.T) {
+	ctx := context.Background()
+	errDB := errors.New("relation does not exist")
+	db := &fakeDB{err: errDB}
+	w := outbox.New(outbox.Options{Table: "app.events"})
+	ev := outbox.Event{Type: "x", Time: time.Now()}
+	if _, err := w.Append(ctx, db, ev); !errors.Is(err, errDB) || !strings.Contains(err.Error(), "app.events") {
+		t.Fatalf("Append: %v", err)
+	}
+	if _, err := w.AppendBatch(ctx, db, []outbox.Event{ev}); !errors.Is(err, errDB) || !strings.Contains(err.Error(), "app.events") {
+		t.Fatalf("AppendBatch: %v", err)
+	}
+}
+
+// TestInvalidTable: a Writer whose table name is unusable sends nothing.
+func TestInvalidTable(t *testing.T) {
+	ctx := context.Background()
+	w := outbox.New(outbox.Options{Table: "a.b.c"})
+	db := new(fakeDB)
+	ev := outbox.Event{Type: "x", Time: time.Now()}
+	if _, err := w.Append(ctx, db, ev); err == nil || !strings.Contains(err.Error(), `"a.b.c"`) {
+		t.Fatalf("Append: %v", err)
+	}
+	if _, err := w.AppendBatch(ctx, db, []outbox.Event{ev}); err == nil {
+		t.Fatal("AppendBatch: no error")
+	}
+	if db.sent() != 0 {
+		t.Fatalf("%d calls sent", db.sent())
+	}
+}
+
+func TestOptionsValidate(t *testing.T) {
+	if err := (outbox.Options{}).Validate(); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("AppendBatch of %d events committed in %s", n, time.Since(began).Round(time.Millisecond))
-	if written != n {
-		t.Fatalf("AppendBatch reported %d rows, want %d", written, n)
-	}
-	// Every row is there, with its own time and context.
-	var rows, matching int64
-	err = pool.QueryRow(ctx, `SELECT count(*),
-		count(*) FILTER (WHERE event_date_time = $1::timestamp + ((event_context->>'i')::int * interval '1 microsecond')
-		                   AND event_type = 'type.' || ((event_context->>'i')::int % 7)
-		                   AND environment = 'bench' AND metadata_version = 1)
-		FROM event_outbox`, base.Format("2006-01-02 15:04:05")).Scan(&rows, &matching)
-	if err != nil {
+	ok := outbox.Options{MaxContextBytes: 10, LegacyClickHouse: true, Environment: strings.Repeat("é", outbox.MaxEnvironmentLength), Table: "app.event_outbox"}
+	if err := ok.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	if rows != n || matching != n {
-		t.Fatalf("%d rows, %d matching, want %d", rows, matching, n)
+	for _, o := range []outbox.Options{
+		{Environment: strings.Repeat("e", outbox.MaxEnvironmentLength+1)},
+		{Environment: "a\x00"},
+		{Table: "a.b.c"},
+	} {
+		if err := o.Validate(); err == nil {
+			t.Errorf("%+v is valid", o)
+		}
 	}
 }
 
@@ -382,8 +307,10 @@ var errCustom = errors.New("custom marshal failure")
 
 func (unmarshalable) MarshalJSON() ([]byte, error) { return nil, errCustom }
 
+// TestValidationErrors: every rule, through Validate, Append and AppendBatch.
+// A refused event sends nothing at all, which is why the transaction stays
+// usable (internal/producertest checks that on a real one).
 func TestValidationErrors(t *testing.T) {
-	_, pool := newOutboxDB(t)
 	ctx := context.Background()
 	now := time.Now()
 	ok := outbox.Event{Type: "ok", Time: now}
@@ -461,26 +388,13 @@ func TestValidationErrors(t *testing.T) {
 			}
 			checkErr(t, w.Validate(tc.ev), -1)
 
-			// Through the database: refused before anything is sent, so
-			// the transaction goes on and commits the valid events.
-			tx, err := pool.Begin(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer tx.Rollback(ctx) //nolint:errcheck
-			_, err = w.Append(ctx, tx, tc.ev)
+			db := new(fakeDB)
+			_, err := w.Append(ctx, db, tc.ev)
 			checkErr(t, err, -1)
-			_, err = w.AppendBatch(ctx, tx, []outbox.Event{ok, ok, tc.ev, ok})
+			_, err = w.AppendBatch(ctx, db, []outbox.Event{ok, ok, tc.ev, ok})
 			checkErr(t, err, 2)
-			if _, err := w.Append(ctx, tx, ok); err != nil {
-				t.Fatalf("transaction unusable after a validation error: %v", err)
-			}
-			var n int64
-			if err := tx.QueryRow(ctx, "SELECT count(*) FROM event_outbox").Scan(&n); err != nil {
-				t.Fatal(err)
-			}
-			if n != 1 {
-				t.Fatalf("%d rows in the transaction, want only the valid one", n)
+			if db.sent() != 0 {
+				t.Fatalf("%d statements sent for a refused event", db.sent())
 			}
 		})
 	}
@@ -489,60 +403,5 @@ func TestValidationErrors(t *testing.T) {
 	w := outbox.New(outbox.Options{Environment: strings.Repeat("e", 51)})
 	if err := w.Validate(ok); !errors.Is(err, outbox.ErrEnvironmentTooLong) {
 		t.Fatalf("default environment of 51 characters: got %v, want ErrEnvironmentTooLong", err)
-	}
-}
-
-// TestValidationBoundaries: values at the limits are accepted, and PostgreSQL
-// and ClickHouse's range agree.
-func TestValidationBoundaries(t *testing.T) {
-	_, pool := newOutboxDB(t)
-	ctx := context.Background()
-	modernMin, modernMax := outbox.TimeRange(false)
-	legacyMin, legacyMax := outbox.TimeRange(true)
-	for _, legacy := range []bool{false, true} {
-		smin, smax := sink.TimeRange(legacy)
-		omin, omax := outbox.TimeRange(legacy)
-		if !smin.Equal(omin) || !smax.Equal(omax) {
-			t.Fatalf("legacy=%v: outbox.TimeRange %s..%s differs from sink.TimeRange %s..%s", legacy, omin, omax, smin, smax)
-		}
-	}
-	// A context of exactly the limit as printed: {"pad": "xxx..."} is 11
-	// bytes plus the padding.
-	const limit = 1000
-	exact := map[string]string{"pad": strings.Repeat("x", limit-11)}
-	cases := []struct {
-		opts outbox.Options
-		ev   outbox.Event
-	}{
-		{ev: outbox.Event{Type: strings.Repeat("é", outbox.MaxTypeLength), Time: modernMin, Environment: strings.Repeat("ü", outbox.MaxEnvironmentLength)}},
-		// Nanoseconds past the maximum are truncated away, as the column does.
-		{ev: outbox.Event{Type: "max", Time: modernMax.Add(999 * time.Nanosecond)}},
-		{opts: outbox.Options{LegacyClickHouse: true}, ev: outbox.Event{Type: "legacy", Time: legacyMin}},
-		{opts: outbox.Options{LegacyClickHouse: true}, ev: outbox.Event{Type: "legacy", Time: legacyMax}},
-		{opts: outbox.Options{MaxContextBytes: limit}, ev: outbox.Event{Type: "exact", Time: time.Now(), Context: exact}},
-	}
-	for i, c := range cases {
-		w := outbox.New(c.opts)
-		var id int64
-		err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-			var err error
-			id, err = w.Append(ctx, tx, c.ev)
-			return err
-		})
-		if err != nil {
-			t.Fatalf("case %d: %v", i, err)
-		}
-		got := readRow(t, pool, id)
-		if wantT := c.ev.Time.UTC().Truncate(time.Microsecond); !got.Time.Equal(wantT) {
-			t.Fatalf("case %d: stored %s, want %s", i, got.Time, wantT)
-		}
-		if c.opts.MaxContextBytes == limit && len(got.Context) != limit {
-			t.Fatalf("case %d: context printed as %d bytes, want %d", i, len(got.Context), limit)
-		}
-	}
-	// One byte more is refused.
-	exact["pad"] += "x"
-	if err := outbox.New(outbox.Options{MaxContextBytes: limit}).Validate(outbox.Event{Type: "over", Time: time.Now(), Context: exact}); !errors.Is(err, outbox.ErrContextTooLarge) {
-		t.Fatalf("got %v, want ErrContextTooLarge", err)
 	}
 }
