@@ -338,7 +338,7 @@ func TestDashboardUsesExportedMetrics(t *testing.T) {
 func knownEnv(t *testing.T) map[string]bool {
 	t.Helper()
 	var buf bytes.Buffer
-	src := config.NewSource(flag.NewFlagSet("x", flag.ContinueOnError), func(string) string { return "" })
+	src := config.NewSource(flag.NewFlagSet("x", flag.ContinueOnError), func(string) (string, bool) { return "", false })
 	config.Bind(src, &config.Config{})
 	src.PrintUsage(&buf)
 	env := map[string]bool{}

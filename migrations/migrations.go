@@ -10,6 +10,7 @@ import (
 	"embed"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io/fs"
 	"strings"
 	"testing/fstest"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"github.com/golang-migrate/migrate/v4"
+	"github.com/golang-migrate/migrate/v4/database"
 	pgxmigrate "github.com/golang-migrate/migrate/v4/database/pgx/v5"
 	"github.com/golang-migrate/migrate/v4/source"
 	"github.com/golang-migrate/migrate/v4/source/iofs"
@@ -26,8 +28,10 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pgsql"
+	"github.com/outbox-streamer/outbox-streamer/internal/retry"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -53,15 +57,36 @@ type Config struct {
 	// TimeZone is the zone of created_at's wall clock (EVENT_TIME_ZONE,
 	// default UTC), which partition bounds follow.
 	TimeZone *time.Location
+	// ConnectWait is how long a database that refuses connections is retried
+	// before the migration gives up (a compose or Kubernetes migrate job can
+	// start before PostgreSQL accepts connections); 0 tries once.
+	ConnectWait time.Duration
+	// Notify, when set, is told what the migration waits for (a database that
+	// is not up yet, another migration holding the lock).
+	Notify func(msg string)
 }
+
+func (c Config) notify(format string, args ...any) {
+	if c.Notify != nil {
+		c.Notify(fmt.Sprintf(format, args...))
+	}
+}
+
+// The databases a migration command can be limited to.
+const (
+	Postgres   = "postgres"
+	ClickHouse = "clickhouse"
+)
 
 // Status is one database's migration state.
 type Status struct {
-	Database string // "postgres" or "clickhouse"
-	Flavour  string // "", "modern" or "legacy"
-	Version  uint   // 0 when nothing is applied
-	Dirty    bool
-	Latest   uint
+	Database string `json:"database"`          // "postgres" or "clickhouse"
+	Flavour  string `json:"flavour,omitempty"` // "", "modern" or "legacy"
+	Version  uint   `json:"version"`           // 0 when nothing is applied
+	Dirty    bool   `json:"dirty"`
+	Latest   uint   `json:"latest"`
+	// State is "up to date", "pending" or "dirty".
+	State string `json:"state"`
 }
 
 func (s Status) String() string {
@@ -70,10 +95,10 @@ func (s Status) String() string {
 		name += " (" + s.Flavour + ")"
 	}
 	state := fmt.Sprintf("version %d of %d", s.Version, s.Latest)
-	switch {
-	case s.Dirty:
-		state += ", DIRTY: a migration failed half-way; fix the schema by hand, then force the version"
-	case s.Version == s.Latest:
+	switch s.State {
+	case "dirty":
+		state += fmt.Sprintf(", DIRTY: a migration failed half-way; repair the schema by hand, then run: outbox-streamer migrate force VERSION --database %s (the version whose changes are now complete)", s.Database)
+	case "up to date":
 		state += ", up to date"
 	default:
 		state += ", pending migrations (run: outbox-streamer migrate up)"
@@ -81,9 +106,20 @@ func (s Status) String() string {
 	return name + ": " + state
 }
 
+func (s *Status) setState() {
+	switch {
+	case s.Dirty:
+		s.State = "dirty"
+	case s.Version == s.Latest:
+		s.State = "up to date"
+	default:
+		s.State = "pending"
+	}
+}
+
 // Up applies every pending migration to both databases.
 func Up(ctx context.Context, cfg Config) error {
-	return each(ctx, cfg, func(m *migrate.Migrate, _ string) error {
+	return each(ctx, cfg, "", func(m *migrate.Migrate, _ string) error {
 		if err := m.Up(); err != nil && !errors.Is(err, migrate.ErrNoChange) {
 			return err
 		}
@@ -93,7 +129,7 @@ func Up(ctx context.Context, cfg Config) error {
 
 // Down rolls back the last steps migrations of both databases.
 func Down(ctx context.Context, cfg Config, steps int) error {
-	return each(ctx, cfg, func(m *migrate.Migrate, _ string) error {
+	return each(ctx, cfg, "", func(m *migrate.Migrate, _ string) error {
 		if err := m.Steps(-steps); err != nil && !errors.Is(err, migrate.ErrNoChange) && !errors.Is(err, fs.ErrNotExist) {
 			return err
 		}
@@ -101,10 +137,33 @@ func Down(ctx context.Context, cfg Config, steps int) error {
 	})
 }
 
+// Force records version as database's (Postgres or ClickHouse) migration
+// state and clears its dirty flag, without running any migration: the way out
+// after a migration failed half-way and the schema was repaired by hand.
+// Version 0 records that nothing is applied.
+func Force(ctx context.Context, cfg Config, db string, version int) error {
+	if db != Postgres && db != ClickHouse {
+		return fmt.Errorf("force: unknown database %q (want %s or %s)", db, Postgres, ClickHouse)
+	}
+	return each(ctx, cfg, db, func(m *migrate.Migrate, name string) error {
+		flavour := ""
+		if i := strings.IndexByte(name, '/'); i > 0 {
+			flavour = name[i+1:]
+		}
+		if max := latest(flavour); version < 0 || uint(version) > max {
+			return fmt.Errorf("force: version %d does not exist (the migrations go from 1 to %d; 0 means none applied)", version, max)
+		}
+		if version == 0 {
+			version = database.NilVersion
+		}
+		return m.Force(version)
+	})
+}
+
 // Statuses reports both databases' migration state.
 func Statuses(ctx context.Context, cfg Config) ([]Status, error) {
 	var out []Status
-	err := each(ctx, cfg, func(m *migrate.Migrate, db string) error {
+	err := each(ctx, cfg, "", func(m *migrate.Migrate, db string) error {
 		v, dirty, err := m.Version()
 		if err != nil && !errors.Is(err, migrate.ErrNilVersion) {
 			return err
@@ -114,6 +173,7 @@ func Statuses(ctx context.Context, cfg Config) ([]Status, error) {
 			s.Database, s.Flavour = db[:i], db[i+1:]
 		}
 		s.Latest = latest(s.Flavour)
+		s.setState()
 		out = append(out, s)
 		return nil
 	})
@@ -136,33 +196,109 @@ func latest(flavour string) uint {
 	return max
 }
 
-// each runs fn against the PostgreSQL migrator, then the ClickHouse one.
-func each(ctx context.Context, cfg Config, fn func(*migrate.Migrate, string) error) error {
+// each runs fn against the PostgreSQL migrator, then the ClickHouse one (only
+// the one named by only, when set), holding the migration lock throughout.
+func each(ctx context.Context, cfg Config, only string, fn func(*migrate.Migrate, string) error) error {
 	if err := cfg.ClickHouse.Validate(); err != nil {
 		return err
 	}
 	if cfg.Publication == "" {
 		return errors.New("publication name is empty")
 	}
-	pg, err := postgresMigrator(ctx, cfg)
+	unlock, err := lock(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	err = fn(pg, "postgres")
-	closeMigrator(pg)
-	if err != nil {
-		return fmt.Errorf("postgres migrations: %w", err)
+	defer unlock()
+	if only == "" || only == Postgres {
+		pg, err := postgresMigrator(ctx, cfg)
+		if err != nil {
+			return err
+		}
+		err = fn(pg, Postgres)
+		closeMigrator(pg)
+		if err != nil {
+			return fmt.Errorf("postgres migrations: %w", err)
+		}
 	}
-	ch, flavour, err := clickhouseMigrator(ctx, cfg.ClickHouse)
-	if err != nil {
-		return err
-	}
-	err = fn(ch, "clickhouse/"+flavour)
-	closeMigrator(ch)
-	if err != nil {
-		return fmt.Errorf("clickhouse migrations (%s schema): %w", flavour, err)
+	if only == "" || only == ClickHouse {
+		ch, flavour, err := clickhouseMigrator(ctx, cfg)
+		if err != nil {
+			return err
+		}
+		err = fn(ch, ClickHouse+"/"+flavour)
+		closeMigrator(ch)
+		if err != nil {
+			return fmt.Errorf("clickhouse migrations (%s schema): %w", flavour, err)
+		}
 	}
 	return nil
+}
+
+// LockKey is the PostgreSQL advisory lock a migration holds for its whole
+// run, over both databases. ClickHouse has no lock to take, so two migrate
+// jobs (two replicas of a Kubernetes Job, a compose job and an operator) would
+// run its migrations at once; every migrate talks to PostgreSQL first, so the
+// lock lives there. It is per ClickHouse table: migrations of other tables
+// through the same PostgreSQL do not wait for each other.
+func LockKey(cfg Config) int64 {
+	h := fnv.New64a()
+	fmt.Fprintf(h, "outbox-streamer migrate\x00%s\x00%s", cfg.ClickHouse.Database, cfg.ClickHouse.Table)
+	return int64(h.Sum64())
+}
+
+// lock takes LockKey on a connection of its own, waiting while another
+// migration holds it, and returns its release.
+func lock(ctx context.Context, cfg Config) (func(), error) {
+	var conn *pgx.Conn
+	err := connectRetrying(ctx, cfg, Postgres, func(ctx context.Context) error {
+		var err error
+		conn, err = pgx.Connect(ctx, cfg.PostgresDSN)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("connect to postgres: %w", err)
+	}
+	release := func() { conn.Close(context.Background()) }
+	key := LockKey(cfg)
+	for waited := false; ; waited = true {
+		var held bool
+		if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock($1)", key).Scan(&held); err != nil {
+			release()
+			return nil, fmt.Errorf("take the migration lock: %w", err)
+		}
+		if held {
+			return release, nil
+		}
+		if !waited {
+			cfg.notify("waiting for another migration of this event table to finish (PostgreSQL advisory lock %d)", key)
+		}
+		select {
+		case <-ctx.Done():
+			release()
+			return nil, fmt.Errorf("another migration holds the migration lock (PostgreSQL advisory lock %d; see pg_locks): %w", key, ctx.Err())
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// connectRetrying runs connect until it succeeds, fails for a reason other
+// than an unreachable server, or cfg.ConnectWait has passed.
+func connectRetrying(ctx context.Context, cfg Config, database string, connect func(context.Context) error) error {
+	if cfg.ConnectWait <= 0 {
+		return connect(ctx)
+	}
+	deadline := time.Now().Add(cfg.ConnectWait)
+	return retry.Do(ctx, retry.Policy{Initial: 250 * time.Millisecond, Max: 5 * time.Second},
+		func(err error) bool { return fault.Of(err) == fault.Transient && time.Now().Before(deadline) },
+		func(attempt int, wait time.Duration, err error) {
+			cfg.notify("%s is not reachable yet (attempt %d, next in %s): %v", database, attempt, wait.Round(10*time.Millisecond), err)
+		},
+		func(ctx context.Context) error {
+			actx, cancel := context.WithDeadline(ctx, deadline.Add(time.Second))
+			defer cancel()
+			return connect(actx)
+		})
 }
 
 func closeMigrator(m *migrate.Migrate) {
@@ -175,7 +311,7 @@ func postgresMigrator(ctx context.Context, cfg Config) (*migrate.Migrate, error)
 		return nil, fmt.Errorf("DATABASE_URL is not a valid PostgreSQL connection string: %w", err)
 	}
 	db := stdlib.OpenDB(*pcfg)
-	if err := db.PingContext(ctx); err != nil {
+	if err := connectRetrying(ctx, cfg, Postgres, db.PingContext); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("connect to postgres %s: %w", pcfg.Host, err)
 	}
@@ -195,20 +331,24 @@ func postgresMigrator(ctx context.Context, cfg Config) (*migrate.Migrate, error)
 	return migrate.NewWithInstance("iofs", src, "pgx5", drv)
 }
 
-func clickhouseMigrator(ctx context.Context, cfg sink.Config) (*migrate.Migrate, string, error) {
+func clickhouseMigrator(ctx context.Context, mcfg Config) (*migrate.Migrate, string, error) {
+	cfg := mcfg.ClickHouse
 	// The database must exist before a connection can use it, so it is created
 	// outside the versioned migrations.
 	bootstrap := cfg
 	bootstrap.Database = "system"
-	conn, err := sink.Connect(bootstrap)
-	if err != nil {
-		return nil, "", err
-	}
-	legacy, _, err := sink.DetectVersion(ctx, conn)
-	if err == nil {
-		err = conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS "+sink.QuoteIdent(cfg.Database))
-	}
-	conn.Close()
+	var legacy bool
+	err := connectRetrying(ctx, mcfg, ClickHouse, func(ctx context.Context) error {
+		conn, err := sink.Connect(bootstrap)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		if legacy, _, err = sink.DetectVersion(ctx, conn); err != nil {
+			return err
+		}
+		return conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS "+sink.QuoteIdent(cfg.Database))
+	})
 	if err != nil {
 		return nil, "", fmt.Errorf("prepare clickhouse database %q at %s: %w", cfg.Database, cfg.Addr, err)
 	}

@@ -84,7 +84,7 @@ func inProcessConfig(env []string) (pipeline.Config, error) {
 	}
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	cfg, _, err := config.Load(fs, nil, func(k string) string { return vars[k] })
+	cfg, _, err := config.Load(fs, nil, func(k string) (string, bool) { v, ok := vars[k]; return v, ok })
 	if err != nil {
 		return pipeline.Config{}, err
 	}

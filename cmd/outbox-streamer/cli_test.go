@@ -69,3 +69,59 @@ func TestRequeueChecksItsArgumentsFirst(t *testing.T) {
 		t.Fatalf("dead-letters requeue: exit %d, stderr %q", code, errOut.String())
 	}
 }
+
+// TestCommandHelpListsOnlyItsSettings: `COMMAND --help` goes to stdout with a
+// synopsis and the settings the command reads (healthcheck used to list all
+// of them); run lists every setting.
+func TestCommandHelpListsOnlyItsSettings(t *testing.T) {
+	for _, tc := range []struct {
+		args           []string
+		want, unwanted []string
+	}{
+		{[]string{"healthcheck", "--help"}, []string{"Usage: outbox-streamer healthcheck", "METRICS_ADDR"}, []string{"DATABASE_URL", "EVENT_BATCH_SIZE"}},
+		{[]string{"status", "--help"}, []string{"Usage: outbox-streamer status", "--max-lag", "DATABASE_URL", "REPLICATION_SLOT_NAME"}, []string{"CLICKHOUSE_HOST", "EVENT_BATCH_SIZE"}},
+		{[]string{"migrate", "force", "--help"}, []string{"migrate force VERSION --database", "CLICKHOUSE_HOST", "PUBLICATION_NAME", "--database"}, []string{"EVENT_BATCH_SIZE", "METRICS_ADDR"}},
+		{[]string{"prune", "--help"}, []string{"--older-than", "OUTBOX_RETENTION"}, []string{"CLICKHOUSE_HOST"}},
+		{[]string{"run", "--help"}, []string{"--sweep", "EVENT_BATCH_SIZE", "CLICKHOUSE_HOST", "METRICS_ADDR", "DATABASE_URL"}, []string{"accepted and ignored"}},
+	} {
+		var out, errOut bytes.Buffer
+		if code := run(tc.args, &out, &errOut); code != 0 || errOut.Len() != 0 {
+			t.Errorf("%v: exit %d, stderr %q", tc.args, code, errOut.String())
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(out.String(), w) {
+				t.Errorf("%v lacks %q:\n%s", tc.args, w, out.String())
+			}
+		}
+		for _, u := range tc.unwanted {
+			if strings.Contains(out.String(), u) {
+				t.Errorf("%v lists %q, which the command does not read", tc.args, u)
+			}
+		}
+	}
+}
+
+// TestSubcommandUsageErrors: a missing or unknown action is one line and exit
+// 2 for migrate and dead-letters too, before anything connects.
+func TestSubcommandUsageErrors(t *testing.T) {
+	t.Setenv("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none?connect_timeout=1")
+	for _, args := range [][]string{{"migrate"}, {"migrate", "sideways"}, {"migrate", "force"}, {"migrate", "force", "1"},
+		{"migrate", "force", "x", "--database", "postgres"}, {"migrate", "force", "1", "--database", "mysql"}, {"dead-letters"}} {
+		var out, errOut bytes.Buffer
+		code := run(args, &out, &errOut)
+		lines := strings.Split(strings.TrimSpace(errOut.String()), "\n")
+		if code != 2 || len(lines) != 1 || !strings.Contains(lines[0], "--help") || strings.Contains(errOut.String(), "connect") {
+			t.Errorf("%v: exit %d, stderr %q", args, code, errOut.String())
+		}
+	}
+}
+
+// TestHealthcheckWithMetricsDisabled: METRICS_ADDR= turns the HTTP server
+// off, so there is nothing to probe; say so instead of probing the default.
+func TestHealthcheckWithMetricsDisabled(t *testing.T) {
+	t.Setenv("METRICS_ADDR", "")
+	var out, errOut bytes.Buffer
+	if code := run([]string{"healthcheck"}, &out, &errOut); code != 1 || !strings.Contains(errOut.String(), "METRICS_ADDR is empty") {
+		t.Fatalf("healthcheck with METRICS_ADDR=: exit %d, stderr %q", code, errOut.String())
+	}
+}

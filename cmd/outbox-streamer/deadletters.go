@@ -14,19 +14,14 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 )
 
-const deadLettersUsage = `usage:
-  outbox-streamer dead-letters list [--limit N] [--type T] [--json]
-  outbox-streamer dead-letters requeue (--id N[,N...] | --all) [--type T]
-Requeued rows become failed with a fresh attempt count and are due at once: the sweep
-(EVENT_PROCESSING_INTERVAL, or "outbox-streamer run --sweep") delivers them.`
-
 func cmdDeadLetters(args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
+		h := helpFor("dead-letters")
+		fmt.Fprintf(stdout, "Usage: %s\n\n%s\n", h.synopsis, h.about)
+		return nil
+	}
 	if len(args) == 0 || (args[0] != "list" && args[0] != "requeue") {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
-			fmt.Fprintln(stdout, deadLettersUsage)
-			return nil
-		}
-		return errors.New(deadLettersUsage)
+		return usageError{command: "dead-letters", err: errors.New("want list or requeue")}
 	}
 	action := args[0]
 	var limit int

@@ -31,8 +31,9 @@ Usage:
   outbox-streamer run [flags]              stream inserts into ClickHouse until SIGTERM
                                            (one leader per slot; others wait as standby)
   outbox-streamer run --sweep [flags]      deliver due failed rows once, print a summary
-  outbox-streamer migrate up|down|status   apply, roll back (one step, needs --yes) or show
-                                           the migrations of both databases
+  outbox-streamer migrate up|down|status|force
+                                           apply, roll back (one step, needs --yes), show or
+                                           force the migrations of both databases
   outbox-streamer status [flags]           show the slot and the outbox's state
   outbox-streamer dead-letters list|requeue  inspect and re-drive rows that exhausted attempts
   outbox-streamer prune [--older-than DUR] [--dry-run]
@@ -42,7 +43,8 @@ Usage:
   outbox-streamer version [--json]         print the version (also: --version)
 
 Every command takes the settings below as flags or environment variables;
-"outbox-streamer COMMAND --help" lists them with their defaults.
+"outbox-streamer COMMAND --help" shows the command's synopsis and the settings it reads.
+
 `
 
 func main() {
@@ -80,7 +82,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "version", "--version", "-version":
 		err = cmdVersion(args[1:], stdout)
 	default:
-		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters, prune or demo; see --help)\n", args[0])
+		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters, prune, demo, healthcheck or version; see --help)\n", args[0])
 		return 2
 	}
 	var exit exitCode
@@ -132,11 +134,10 @@ func loadConfig(name string, args []string, stdout io.Writer, extra func(*flag.F
 	if extra != nil {
 		extra(fs)
 	}
-	cfg, _, err := config.Load(fs, args, os.Getenv)
+	cfg, src, err := config.Load(fs, args, os.LookupEnv)
 	switch {
 	case errors.Is(err, flag.ErrHelp):
-		fs.SetOutput(stdout)
-		fs.Usage()
+		printCommandHelp(stdout, name, src)
 		return nil, fs, err
 	case config.IsFlagError(err):
 		return nil, fs, usageError{command: name, err: err}

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"io"
 	"net/http"
 	"os"
@@ -340,5 +341,33 @@ func TestSIGTERMDuringStartExitsZero(t *testing.T) {
 	}
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("exit %v after SIGTERM during start-up:\n%s", err, out)
+	}
+}
+
+// TestMigrateStatusJSON: `migrate status --json` is one JSON array a script
+// can read, a state per database.
+func TestMigrateStatusJSON(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	code, out := runCmd(t, envFor(e), "migrate", "status", "--json")
+	if code != 0 {
+		t.Fatalf("migrate status --json exited %d:\n%s", code, out)
+	}
+	var st []struct {
+		Database string `json:"database"`
+		Version  uint   `json:"version"`
+		Latest   uint   `json:"latest"`
+		State    string `json:"state"`
+	}
+	line := out[strings.LastIndex(strings.TrimSpace(out), "\n")+1:]
+	if err := json.Unmarshal([]byte(line), &st); err != nil {
+		t.Fatalf("not JSON: %v\n%s", err, out)
+	}
+	if len(st) != 2 || st[0].Database != "postgres" || st[1].Database != "clickhouse" {
+		t.Fatalf("migrate status --json: %+v", st)
+	}
+	for _, s := range st {
+		if s.State != "up to date" || s.Version != s.Latest || s.Version == 0 {
+			t.Errorf("%s: %+v, want up to date", s.Database, s)
+		}
 	}
 }

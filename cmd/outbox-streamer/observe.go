@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -113,6 +114,8 @@ func setupObservability(ctx context.Context, cfg *config.Config, log *zap.Logger
 		go func() { defer close(done); _ = srv.Serve(sctx) }()
 		o.stop = append(o.stop, func() { cancel(); <-done })
 		log.Info("serving /metrics, /healthz and /readyz", zap.String("addr", srv.Addr().String()))
+	} else {
+		log.Info("no /metrics, /healthz or /readyz: METRICS_ADDR is empty")
 	}
 
 	pcfg, err := pgxpool.ParseConfig(cfg.PostgresDSN)
@@ -143,6 +146,9 @@ func cmdHealthcheck(args []string, stdout, stderr io.Writer) error {
 	cfg, _, err := loadConfig("healthcheck", args, stdout, nil)
 	if err != nil {
 		return err
+	}
+	if cfg.MetricsAddr == "" {
+		return errors.New("METRICS_ADDR is empty, so run serves no /healthz to probe; set it (default 127.0.0.1:8187) or probe another way")
 	}
 	host, port, err := net.SplitHostPort(cfg.MetricsAddr)
 	if err != nil {

@@ -160,7 +160,7 @@ func printStatus(w io.Writer, st slotStatus) {
 	}
 	retain := "keep everything (OUTBOX_RETENTION=0)"
 	if st.RetentionSeconds > 0 {
-		retain = "processed rows removed after " + time.Duration(st.RetentionSeconds*float64(time.Second)).String()
+		retain = "processed rows removed after " + config.FormatDuration(time.Duration(st.RetentionSeconds*float64(time.Second)))
 	}
 	fmt.Fprintf(w, "retention: %s", retain)
 	if st.OldestProcessed != nil {

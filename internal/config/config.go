@@ -68,9 +68,11 @@ type Config struct {
 
 // Bind registers every setting on src.
 func Bind(src *Source, c *Config) {
+	src.Group("General")
 	src.String(&c.Environment, "ENVIRONMENT", "environment", "dev", "environment name (dev, prod, ...), in logs")
 	src.Bool(&c.Debug, "DEBUG", "debug", false, "debug logging (console format on a terminal)")
 
+	src.Group("PostgreSQL")
 	src.Secret(&c.PostgresDSN, "DATABASE_URL", "database-url", "PostgreSQL connection string; when empty it is built from POSTGRES_*")
 	src.String(&c.pg.host, "POSTGRES_HOST", "", "localhost", "PostgreSQL host (when DATABASE_URL is empty)")
 	src.String(&c.pg.port, "POSTGRES_PORT", "", "5432", "PostgreSQL port (when DATABASE_URL is empty)")
@@ -78,6 +80,7 @@ func Bind(src *Source, c *Config) {
 	src.Secret(&c.pg.password, "POSTGRES_PASSWORD", "", "PostgreSQL password (when DATABASE_URL is empty)")
 	src.String(&c.pg.db, "POSTGRES_DB", "", "postgres", "PostgreSQL database (when DATABASE_URL is empty)")
 
+	src.Group("ClickHouse")
 	src.Secret(&c.ch.uri, "CLICKHOUSE_URI", "clickhouse-uri", "ClickHouse URI (tcp://user:pass@host:9000/db or http://...:8123/db); CLICKHOUSE_* settings override its parts")
 	src.String(&c.ch.host, "CLICKHOUSE_HOST", "clickhouse-host", "localhost", "ClickHouse host")
 	src.String(&c.ch.port, "CLICKHOUSE_PORT", "clickhouse-port", "", "ClickHouse port (default 9000 for native, 8123 for http)")
@@ -91,41 +94,49 @@ func Bind(src *Source, c *Config) {
 	src.Duration(&c.ClickHouse.ReadTimeout, "CLICKHOUSE_SEND_RECEIVE_TIMEOUT", "clickhouse-timeout", 10*time.Second, "ClickHouse send/receive timeout per request")
 	src.Int(&c.ClickHouse.MaxContextBytes, "EVENT_MAX_CONTEXT_BYTES", "max-context-bytes", 1<<20, 1, "largest event_context delivered; larger events are failed")
 
+	src.Group("Replication")
 	src.String(&c.Slot, "REPLICATION_SLOT_NAME", "slot", "outbox_streamer", "logical replication slot (created if missing)")
 	src.String(&c.Publication, "PUBLICATION_NAME", "publication", "outbox_publication", "publication carrying inserts into event_outbox")
 	src.Duration(&c.SlotBusyTimeout, "SLOT_BUSY_TIMEOUT", "slot-busy-timeout", 30*time.Second, "on start, how long to wait for a slot held by another connection (a previous leader's walsender) before giving up")
 	src.Duration(&c.StatusInterval, "STATUS_INTERVAL", "status-interval", time.Second, "how often the acknowledged LSN is reported to PostgreSQL")
-	src.String(&c.timeZone, "EVENT_TIME_ZONE", "time-zone", "UTC", "time zone of the outbox's TIMESTAMP (without time zone) values")
 
+	src.Group("Outbox table")
+	src.String(&c.timeZone, "EVENT_TIME_ZONE", "time-zone", "UTC", "time zone of the outbox's TIMESTAMP (without time zone) values")
+	src.DurationOrZero(&c.PartitionInterval, "OUTBOX_PARTITION_INTERVAL", "partition-interval", 0, "width of the partitions (e.g. 1d, 1h) when `migrate up` creates event_outbox range-partitioned by created_at; the leader creates them ahead. 0: an unpartitioned table")
+	src.DurationOrZero(&c.Retention, "OUTBOX_RETENTION", "retention", 7*24*time.Hour, "processed outbox rows older than this (by created_at) are removed by the leader after each sweep; 0 keeps everything (pending, failed and dead rows always stay)")
+
+	src.Group("Batching")
 	src.Int(&c.BatchSize, "EVENT_BATCH_SIZE", "batch-size", 1000, 1, "rows per batch")
 	src.Duration(&c.BatchTimeout, "EVENT_BATCH_TIMEOUT", "batch-timeout", 100*time.Millisecond, "a batch is written at the latest this long after its first row")
 	src.Int(&c.BatchMaxBytes, "EVENT_BATCH_MAX_BYTES", "batch-max-bytes", 8<<20, 0, "about the most bytes per batch (the rows' sizes in an insert); a batch is written when it reaches this or EVENT_BATCH_SIZE rows (0: no byte bound)")
 	src.Int(&c.ClickHouseBatchSize, "CLICKHOUSE_BATCH_SIZE", "clickhouse-batch-size", 10000, 0, "most rows per ClickHouse insert; a writer that falls behind merges queued batches up to it (batches are still cut at EVENT_BATCH_SIZE; at least EVENT_BATCH_SIZE); also the rows per sweep round")
 	src.Int(&c.ClickHouseBatchMaxBytes, "CLICKHOUSE_BATCH_MAX_BYTES", "clickhouse-batch-max-bytes", 64<<20, 0, "about the most bytes per ClickHouse insert that merges queued batches (0: no byte bound; at least EVENT_BATCH_MAX_BYTES)")
-	src.Duration(&c.SweepInterval, "EVENT_PROCESSING_INTERVAL", "sweep-interval", 60*time.Second, "period of the fallback sweep while streaming")
-	src.DurationOrZero(&c.PartitionInterval, "OUTBOX_PARTITION_INTERVAL", "partition-interval", 0, "width of the partitions (e.g. 1d, 1h) when `migrate up` creates event_outbox range-partitioned by created_at; the leader creates them ahead. 0: an unpartitioned table")
-	src.DurationOrZero(&c.Retention, "OUTBOX_RETENTION", "retention", 7*24*time.Hour, "processed outbox rows older than this (by created_at) are removed by the leader after each sweep; 0 keeps everything (pending, failed and dead rows always stay)")
-	src.Duration(&c.ShutdownTimeout, "SHUTDOWN_TIMEOUT", "shutdown-timeout", 30*time.Second, "bound on the final flush after SIGTERM")
-	src.Duration(&c.RetryMaxWait, "RETRY_MAX_WAIT", "retry-max-wait", 30*time.Second, "cap of the backoff between retries of a transient error")
-	src.Duration(&c.OutageFailAfter, "CLICKHOUSE_OUTAGE_FAIL_AFTER", "outage-fail-after", 2*time.Minute, "after ClickHouse is unavailable this long, a batch's rows are marked failed and acknowledged; the sweep delivers them later")
 
-	src.String(&c.MetricsAddr, "METRICS_ADDR", "metrics-addr", "127.0.0.1:8187", "address of /metrics, /healthz and /readyz (loopback by default; empty disables)")
+	src.Group("Delivery and retries")
+	src.Duration(&c.SweepInterval, "EVENT_PROCESSING_INTERVAL", "sweep-interval", 60*time.Second, "period of the fallback sweep while streaming")
+	src.Duration(&c.OutageFailAfter, "CLICKHOUSE_OUTAGE_FAIL_AFTER", "outage-fail-after", 2*time.Minute, "after ClickHouse is unavailable this long, a batch's rows are marked failed and acknowledged; the sweep delivers them later")
+	src.Duration(&c.RetryMaxWait, "RETRY_MAX_WAIT", "retry-max-wait", 30*time.Second, "cap of the backoff between retries of a transient error")
+	src.Int(&c.MaxAttempts, "EVENT_MAX_ATTEMPTS", "max-attempts", 10, 1, "failed deliveries after which a row becomes a dead letter")
+	src.Duration(&c.RetryBaseDelay, "EVENT_RETRY_BASE_DELAY", "retry-base-delay", 30*time.Second, "wait before a failed row is tried again; doubles per attempt")
+	src.Duration(&c.RetryMaxDelay, "EVENT_RETRY_MAX_DELAY", "retry-max-delay", time.Hour, "cap of the wait between attempts of a failed row")
+	src.Duration(&c.ShutdownTimeout, "SHUTDOWN_TIMEOUT", "shutdown-timeout", 30*time.Second, "bound on the final flush after SIGTERM")
+
+	src.Group("Observability")
+	src.Disableable(&c.MetricsAddr, "METRICS_ADDR", "metrics-addr", "127.0.0.1:8187", "address of /metrics, /healthz and /readyz (loopback by default; METRICS_ADDR= or --metrics-addr= disables)")
 	src.Secret(&c.SentryDSN, "SENTRY_CONFIG_DSN", "sentry-dsn", "send errors to Sentry when set")
 	src.String(&c.SentryEnv, "SENTRY_CONFIG_ENVIRONMENT", "sentry-environment", "", "Sentry environment (default: ENVIRONMENT)")
+	src.String(&c.OTLPEndpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp-endpoint", "", "OTLP/HTTP endpoint (e.g. http://otel-collector:4318) for traces and metrics; empty disables")
+
 	// The names Sentry's SDKs and ClickHouse users already know.
 	src.Alias("SENTRY_CONFIG_DSN", "SENTRY_DSN")
 	src.Alias("SENTRY_CONFIG_ENVIRONMENT", "SENTRY_ENVIRONMENT")
 	src.Alias("CLICKHOUSE_SCHEMA", "CLICKHOUSE_DATABASE")
-	src.String(&c.OTLPEndpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp-endpoint", "", "OTLP/HTTP endpoint (e.g. http://otel-collector:4318) for traces and metrics; empty disables")
-	src.Int(&c.MaxAttempts, "EVENT_MAX_ATTEMPTS", "max-attempts", 10, 1, "failed deliveries after which a row becomes a dead letter")
-	src.Duration(&c.RetryBaseDelay, "EVENT_RETRY_BASE_DELAY", "retry-base-delay", 30*time.Second, "wait before a failed row is tried again; doubles per attempt")
-	src.Duration(&c.RetryMaxDelay, "EVENT_RETRY_MAX_DELAY", "retry-max-delay", time.Hour, "cap of the wait between attempts of a failed row")
 }
 
 // Load parses args and the environment into a validated Config.
-func Load(fs *flag.FlagSet, args []string, getenv func(string) string) (*Config, *Source, error) {
+func Load(fs *flag.FlagSet, args []string, lookupEnv func(string) (string, bool)) (*Config, *Source, error) {
 	c := &Config{}
-	src := NewSource(fs, getenv)
+	src := NewSource(fs, lookupEnv)
 	Bind(src, c)
 	if err := src.Parse(args); err != nil {
 		return nil, src, err

@@ -13,7 +13,7 @@ func load(t *testing.T, env map[string]string, args ...string) (*Config, error) 
 	t.Helper()
 	fs := flag.NewFlagSet("test", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	cfg, _, err := Load(fs, args, func(k string) string { return env[k] })
+	cfg, _, err := Load(fs, args, mapEnv(env))
 	return cfg, err
 }
 
@@ -116,13 +116,7 @@ func TestParseDurationDays(t *testing.T) {
 
 func TestRetentionSetting(t *testing.T) {
 	for env, want := range map[string]time.Duration{"": 7 * 24 * time.Hour, "0": 0, "10s": 10 * time.Second, "30d": 30 * 24 * time.Hour} {
-		getenv := func(k string) string {
-			if k == "OUTBOX_RETENTION" {
-				return env
-			}
-			return ""
-		}
-		cfg, _, err := Load(flag.NewFlagSet("t", flag.ContinueOnError), nil, getenv)
+		cfg, _, err := Load(flag.NewFlagSet("t", flag.ContinueOnError), nil, mapEnv(map[string]string{"OUTBOX_RETENTION": env}))
 		if err != nil {
 			t.Fatalf("OUTBOX_RETENTION=%q: %v", env, err)
 		}
@@ -130,12 +124,7 @@ func TestRetentionSetting(t *testing.T) {
 			t.Errorf("OUTBOX_RETENTION=%q: %v, want %v", env, cfg.Retention, want)
 		}
 	}
-	if _, _, err := Load(flag.NewFlagSet("t", flag.ContinueOnError), nil, func(k string) string {
-		if k == "OUTBOX_RETENTION" {
-			return "-1h"
-		}
-		return ""
-	}); err == nil || !strings.Contains(err.Error(), "OUTBOX_RETENTION") {
+	if _, _, err := Load(flag.NewFlagSet("t", flag.ContinueOnError), nil, mapEnv(map[string]string{"OUTBOX_RETENTION": "-1h"})); err == nil || !strings.Contains(err.Error(), "OUTBOX_RETENTION") {
 		t.Errorf("a negative retention gave %v, want an error naming OUTBOX_RETENTION", err)
 	}
 }
@@ -222,5 +211,45 @@ func TestAliasesAndSecretFiles(t *testing.T) {
 	_, err = load(t, map[string]string{"CLICKHOUSE_PASSWORD_FILE": dir + "/missing"})
 	if err == nil || !strings.Contains(err.Error(), "CLICKHOUSE_PASSWORD_FILE") || strings.Contains(err.Error(), "s3cret") {
 		t.Fatalf("a missing secret file: %v", err)
+	}
+}
+
+// mapEnv is an environment of exactly these variables.
+func mapEnv(env map[string]string) func(string) (string, bool) {
+	return func(k string) (string, bool) { v, ok := env[k]; return v, ok }
+}
+
+func TestEmptyMetricsAddrDisables(t *testing.T) {
+	for _, tc := range []struct {
+		env  map[string]string
+		args []string
+		want string
+	}{
+		{nil, nil, "127.0.0.1:8187"},
+		{map[string]string{"METRICS_ADDR": ""}, nil, ""},
+		{nil, []string{"--metrics-addr="}, ""},
+		{map[string]string{"METRICS_ADDR": "0.0.0.0:8187"}, nil, "0.0.0.0:8187"},
+		// Other settings keep "set but empty means unset", for compose's ${X:-}.
+		{map[string]string{"METRICS_ADDR": "", "EVENT_BATCH_SIZE": ""}, nil, ""},
+	} {
+		cfg, err := load(t, tc.env, tc.args...)
+		if err != nil {
+			t.Fatalf("env %v args %v: %v", tc.env, tc.args, err)
+		}
+		if cfg.MetricsAddr != tc.want {
+			t.Errorf("env %v args %v: METRICS_ADDR %q, want %q", tc.env, tc.args, cfg.MetricsAddr, tc.want)
+		}
+	}
+}
+
+func TestFormatDuration(t *testing.T) {
+	for d, want := range map[time.Duration]string{0: "0", time.Minute: "1m", time.Hour: "1h", 90 * time.Minute: "1h30m",
+		30 * time.Second: "30s", 100 * time.Millisecond: "100ms", 7 * 24 * time.Hour: "7d", 61 * time.Second: "1m1s"} {
+		if got := FormatDuration(d); got != want {
+			t.Errorf("FormatDuration(%v) = %q, want %q", d, got, want)
+		}
+		if back, err := ParseDuration(want); err != nil || back != d {
+			t.Errorf("ParseDuration(%q) = %v, %v; want %v", want, back, err, d)
+		}
 	}
 }

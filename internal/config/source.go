@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -35,7 +36,9 @@ type setting struct {
 	value                 string
 	explicit              bool     // given by flag or environment
 	isBool                bool     // a bare --flag means true
+	emptyIsValue          bool     // NAME= (set but empty) is a value, not "unset"
 	aliases               []string // other environment names, read when env is unset
+	group                 string   // heading in the help
 	apply                 func(string) error
 }
 
@@ -59,24 +62,29 @@ func (v flagValue) IsBoolFlag() bool { return v.st != nil && v.st.isBool }
 
 // Source collects settings for one command.
 type Source struct {
-	fs       *flag.FlagSet
-	getenv   func(string) string
-	settings []*setting
-	byEnv    map[string]*setting
+	fs        *flag.FlagSet
+	lookupEnv func(string) (string, bool)
+	settings  []*setting
+	byEnv     map[string]*setting
+	group     string // heading of the settings bound next
 }
 
-// NewSource returns a source over fs that reads the environment with getenv
-// (os.Getenv when nil).
-func NewSource(fs *flag.FlagSet, getenv func(string) string) *Source {
-	if getenv == nil {
-		getenv = os.Getenv
+// NewSource returns a source over fs that reads the environment with lookupEnv
+// (os.LookupEnv when nil).
+func NewSource(fs *flag.FlagSet, lookupEnv func(string) (string, bool)) *Source {
+	if lookupEnv == nil {
+		lookupEnv = os.LookupEnv
 	}
-	s := &Source{fs: fs, getenv: getenv, byEnv: map[string]*setting{}}
+	s := &Source{fs: fs, lookupEnv: lookupEnv, byEnv: map[string]*setting{}}
 	fs.Usage = func() { s.PrintUsage(fs.Output()) }
 	return s
 }
 
+// Group names the heading under which the settings bound next are listed.
+func (s *Source) Group(name string) { s.group = name }
+
 func (s *Source) add(st *setting) {
+	st.group = s.group
 	s.settings = append(s.settings, st)
 	s.byEnv[st.env] = st
 	if st.flag != "" {
@@ -87,6 +95,13 @@ func (s *Source) add(st *setting) {
 // String binds a string setting.
 func (s *Source) String(p *string, env, flagName, def, usage string) {
 	s.add(&setting{env: env, flag: flagName, def: def, usage: usage, apply: func(v string) error { *p = v; return nil }})
+}
+
+// Disableable binds a string setting that an explicitly empty value turns off
+// (NAME= in the environment, --flag= on the command line). For other settings
+// an empty variable counts as unset, so that compose's ${NAME:-} keeps defaults.
+func (s *Source) Disableable(p *string, env, flagName, def, usage string) {
+	s.add(&setting{env: env, flag: flagName, def: def, usage: usage, emptyIsValue: true, apply: func(v string) error { *p = v; return nil }})
 }
 
 // Secret binds a string setting whose value is never printed.
@@ -124,7 +139,7 @@ func (s *Source) Bool(p *bool, env, flagName string, def bool, usage string) {
 // Duration binds a duration setting. A bare number is seconds, as in the earlier
 // service ("30"); Go durations ("250ms", "1m") work too.
 func (s *Source) Duration(p *time.Duration, env, flagName string, def time.Duration, usage string) {
-	s.add(&setting{env: env, flag: flagName, def: def.String(), usage: usage, apply: func(v string) error {
+	s.add(&setting{env: env, flag: flagName, def: FormatDuration(def), usage: usage, apply: func(v string) error {
 		d, err := ParseDuration(v)
 		if err != nil || d <= 0 {
 			return fmt.Errorf(`want a positive duration such as "30", "30s" or "250ms"`)
@@ -136,7 +151,7 @@ func (s *Source) Duration(p *time.Duration, env, flagName string, def time.Durat
 
 // DurationOrZero is Duration where 0 is allowed and means "off".
 func (s *Source) DurationOrZero(p *time.Duration, env, flagName string, def time.Duration, usage string) {
-	s.add(&setting{env: env, flag: flagName, def: formatDuration(def), usage: usage, apply: func(v string) error {
+	s.add(&setting{env: env, flag: flagName, def: FormatDuration(def), usage: usage, apply: func(v string) error {
 		d, err := ParseDuration(v)
 		if err != nil || d < 0 {
 			return fmt.Errorf(`want a duration such as "7d", "36h" or "90s" (0 turns it off)`)
@@ -146,12 +161,23 @@ func (s *Source) DurationOrZero(p *time.Duration, env, flagName string, def time
 	}})
 }
 
-// formatDuration writes whole days as "7d".
-func formatDuration(d time.Duration) string {
-	if d > 0 && d%(24*time.Hour) == 0 {
+// FormatDuration writes a duration the way a user would: whole days as "7d",
+// "1m" and "1h" rather than "1m0s" and "1h0m0s", zero as "0".
+func FormatDuration(d time.Duration) string {
+	switch {
+	case d == 0:
+		return "0"
+	case d%(24*time.Hour) == 0:
 		return strconv.FormatInt(int64(d/(24*time.Hour)), 10) + "d"
 	}
-	return d.String()
+	str := d.String()
+	if d%time.Minute == 0 {
+		str = strings.TrimSuffix(str, "0s")
+	}
+	if d%time.Hour == 0 {
+		str = strings.TrimSuffix(str, "0m")
+	}
+	return str
 }
 
 // ParseDuration accepts seconds as a bare number, a Go duration, or days as
@@ -228,7 +254,7 @@ func (s *Source) Alias(env, alias string) {
 func (s *Source) lookup(st *setting) (string, bool, error) {
 	names := append([]string{st.env}, st.aliases...)
 	for _, n := range names {
-		if v := s.getenv(n); v != "" {
+		if v, set := s.lookupEnv(n); v != "" || (set && st.emptyIsValue) {
 			return v, true, nil
 		}
 	}
@@ -236,7 +262,7 @@ func (s *Source) lookup(st *setting) (string, bool, error) {
 		return "", false, nil
 	}
 	for _, n := range names {
-		path := s.getenv(n + "_FILE")
+		path, _ := s.lookupEnv(n + "_FILE")
 		if path == "" {
 			continue
 		}
@@ -263,11 +289,37 @@ func (st *setting) name() string {
 	return st.env + " (--" + st.flag + ")"
 }
 
-// PrintUsage lists every setting with its flag, environment variable and default.
-func (s *Source) PrintUsage(w io.Writer) {
-	fmt.Fprintf(w, "Settings (flags win over environment variables):\n")
-	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+// PrintUsage lists every setting with its flag, environment variable and
+// default, under its group's heading, then the command's own flags.
+func (s *Source) PrintUsage(w io.Writer) { s.PrintUsageOf(w, nil) }
+
+// PrintUsageOf is PrintUsage for the settings whose group or environment
+// name is in only (every setting when only is nil).
+func (s *Source) PrintUsageOf(w io.Writer, only []string) {
+	var other []string
+	s.fs.VisitAll(func(f *flag.Flag) {
+		if _, ok := s.byFlag(f.Name); !ok {
+			other = append(other, fmt.Sprintf("  --%s\t%s", f.Name, f.Usage))
+		}
+	})
+	if len(other) > 0 {
+		tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+		fmt.Fprintf(tw, "Options:\n%s\n", strings.Join(other, "\n"))
+		tw.Flush()
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintf(w, "Settings (flag, environment variable, default; flags win):\n")
+	var buf strings.Builder
+	tw := tabwriter.NewWriter(&buf, 2, 4, 2, ' ', 0)
+	group := ""
 	for _, st := range s.settings {
+		if only != nil && !slices.Contains(only, st.group) && !slices.Contains(only, st.env) {
+			continue
+		}
+		if st.group != group && st.group != "" {
+			group = st.group
+			fmt.Fprintf(tw, " %s:\t\n", group)
+		}
 		flagName := "-"
 		if st.flag != "" {
 			flagName = "--" + st.flag
@@ -289,14 +341,10 @@ func (s *Source) PrintUsage(w io.Writer) {
 		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", flagName, env, def, st.usage)
 	}
 	tw.Flush()
-	var other []string
-	s.fs.VisitAll(func(f *flag.Flag) {
-		if _, ok := s.byFlag(f.Name); !ok {
-			other = append(other, fmt.Sprintf("  --%s\t%s", f.Name, f.Usage))
-		}
-	})
-	if len(other) > 0 {
-		fmt.Fprintf(w, "Options:\n%s\n", strings.Join(other, "\n"))
+	// A heading is a row of one cell (so that every group shares the columns);
+	// drop the padding after it.
+	for _, line := range strings.Split(strings.TrimSuffix(buf.String(), "\n"), "\n") {
+		fmt.Fprintln(w, strings.TrimRight(line, " "))
 	}
 }
 
