@@ -6,6 +6,8 @@ package replication
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"regexp"
 	"time"
 )
@@ -28,7 +30,28 @@ type Config struct {
 	StatusInterval time.Duration
 	// TimeZone is the zone of TIMESTAMP WITHOUT TIME ZONE values (default UTC).
 	TimeZone *time.Location
+	// Streaming is REPLICATION_STREAMING: "auto" (the default) streams
+	// in-progress transactions (pgoutput protocol 2, streaming on) from
+	// PostgreSQL 14 on and uses protocol 1 before; "on" requires it; "off"
+	// is protocol 1, where the server holds a transaction until its commit
+	// and spills it to its own disk past logical_decoding_work_mem.
+	Streaming string
+	// SpillDir is where in-progress streamed transactions are kept until
+	// they commit (STREAM_SPILL_DIR; default a directory per slot under the
+	// system's temporary directory). It is emptied when streaming starts.
+	SpillDir string
+	// SpillMaxBytes bounds SpillDir (STREAM_SPILL_MAX_BYTES; 0: no bound).
+	// Past it the stream ends with ErrSpillFull and the supervisor goes on
+	// with protocol 1.
+	SpillMaxBytes int64
 }
+
+// Streaming modes.
+const (
+	StreamingAuto = "auto"
+	StreamingOn   = "on"
+	StreamingOff  = "off"
+)
 
 var slotName = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
 
@@ -57,6 +80,16 @@ func (c *Config) Validate() error {
 	}
 	if c.TimeZone == nil {
 		c.TimeZone = time.UTC
+	}
+	switch c.Streaming {
+	case "":
+		c.Streaming = StreamingAuto
+	case StreamingAuto, StreamingOn, StreamingOff:
+	default:
+		return fmt.Errorf("REPLICATION_STREAMING %q: want auto, on or off", c.Streaming)
+	}
+	if c.SpillDir == "" {
+		c.SpillDir = filepath.Join(os.TempDir(), "outbox-streamer-spill-"+c.Slot)
 	}
 	return nil
 }

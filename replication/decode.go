@@ -21,10 +21,19 @@ const (
 	KindRelation
 	// KindInsert is a row of the outbox table that the stream must deliver.
 	KindInsert
+	// Protocol 2 (streaming of in-progress transactions): a chunk of the
+	// transaction Xid starts or stops; the transaction commits (CommitLSN,
+	// EndLSN, CommitTime) or aborts — all of it when SubXid == Xid, else the
+	// subtransaction SubXid.
+	KindStreamStart
+	KindStreamStop
+	KindStreamCommit
+	KindStreamAbort
 )
 
-// Message is one decoded pgoutput (protocol version 1) message. Decode fills a
-// caller-owned Message so the hot path allocates only the row's own strings.
+// Message is one decoded pgoutput message (protocol version 1, or 2 with
+// streaming). Decode fills a caller-owned Message so the hot path allocates
+// only the row's own strings.
 type Message struct {
 	Kind Kind
 	// Begin: FinalLSN is the LSN of the commit record to come.
@@ -35,7 +44,16 @@ type Message struct {
 	EndLSN    uint64
 	// Begin and Commit.
 	CommitTime time.Time
-	Xid        uint32
+	// Xid is the transaction of a Begin or of a streamed message (the
+	// top-level one, from its Stream Start).
+	Xid uint32
+	// SubXid is the (sub)transaction a streamed insert belongs to, or the one
+	// a Stream Abort rolls back.
+	SubXid uint32
+	// Streamed marks an insert that arrived inside a Stream Start/Stop chunk:
+	// its transaction has not committed yet (it may never), so its commit
+	// LSN, time and xid are not stamped on the event.
+	Streamed bool
 	// Insert: the decoded row.
 	Event record.Event
 }
@@ -54,6 +72,15 @@ type Decoder struct {
 	schema, table string
 	loc           *time.Location
 	relations     map[uint32]*relation
+
+	// Protocol 2: inside a Stream Start/Stop chunk of transaction streamXid.
+	// Relation messages of a streamed transaction describe the table as that
+	// transaction sees it, which may never commit: they are kept per
+	// transaction (streamRels), dropped if it aborts and made everyone's if
+	// it commits, as pgoutput itself then treats them as sent.
+	inStream   bool
+	streamXid  uint32
+	streamRels map[uint32]map[uint32]*relation
 
 	// The transaction being decoded, stamped on its rows.
 	txnCommitLSN  uint64
@@ -99,7 +126,8 @@ func NewDecoder(schema, table string, loc *time.Location) *Decoder {
 	if loc == nil {
 		loc = time.UTC
 	}
-	return &Decoder{schema: schema, table: table, loc: loc, relations: make(map[uint32]*relation)}
+	return &Decoder{schema: schema, table: table, loc: loc, relations: make(map[uint32]*relation),
+		streamRels: make(map[uint32]map[uint32]*relation)}
 }
 
 // Decode decodes one pgoutput message into m. It never panics: truncated or corrupt
@@ -134,12 +162,53 @@ func (d *Decoder) Decode(data []byte, m *Message) (err error) {
 		m.CommitTime = pgTime(r.i64())
 	case 'R':
 		m.Kind = KindRelation
+		if d.inStream {
+			r.u32() // the (sub)transaction's xid
+		}
 		d.decodeRelation(&r)
 	case 'I':
+		if d.inStream {
+			m.Streamed, m.Xid, m.SubXid = true, d.streamXid, r.u32()
+		}
 		d.decodeInsert(&r, m)
+	case 'S':
+		m.Kind = KindStreamStart
+		m.Xid = r.u32()
+		r.u8() // first segment of this transaction, or not
+		if r.err == nil {
+			d.inStream, d.streamXid = true, m.Xid
+		}
+	case 'E':
+		m.Kind = KindStreamStop
+		d.inStream = false
+	case 'c':
+		m.Kind = KindStreamCommit
+		m.Xid = r.u32()
+		r.u8() // flags, unused
+		m.CommitLSN = r.u64()
+		m.EndLSN = r.u64()
+		m.CommitTime = pgTime(r.i64())
+		if r.err == nil {
+			// pgoutput counts a committed streamed transaction's schema as
+			// sent to every later transaction (cleanup_rel_sync_cache): its
+			// relations become everyone's.
+			for id, rel := range d.streamRels[m.Xid] {
+				d.relations[id] = rel
+			}
+			delete(d.streamRels, m.Xid)
+		}
+	case 'A':
+		// Protocol 4 appends the abort's LSN and time; 2 and 3 end here.
+		m.Kind = KindStreamAbort
+		m.Xid = r.u32()
+		m.SubXid = r.u32()
+		if r.err == nil && m.SubXid == m.Xid {
+			delete(d.streamRels, m.Xid)
+		}
 	default:
-		// Type, Origin, Update, Delete, Truncate, logical messages: not the
-		// pipeline's business (the publication carries only inserts).
+		// Type, Origin, Update, Delete, Truncate, logical messages (streamed
+		// or not): not the pipeline's business (the publication carries only
+		// inserts).
 		m.Kind = KindIgnored
 	}
 	if r.err != nil {
@@ -169,9 +238,31 @@ func (d *Decoder) decodeRelation(r *reader) {
 			}
 		}
 	}
-	if r.err == nil {
-		d.relations[id] = rel
+	if r.err != nil {
+		return
 	}
+	if !d.inStream {
+		d.relations[id] = rel
+		return
+	}
+	rels := d.streamRels[d.streamXid]
+	if rels == nil {
+		rels = make(map[uint32]*relation)
+		d.streamRels[d.streamXid] = rels
+	}
+	rels[id] = rel
+}
+
+// relation returns the description of relation id as the message being
+// decoded sees it: a streamed transaction's own first.
+func (d *Decoder) relation(id uint32) (*relation, bool) {
+	if d.inStream {
+		if rel, ok := d.streamRels[d.streamXid][id]; ok {
+			return rel, true
+		}
+	}
+	rel, ok := d.relations[id]
+	return rel, ok
 }
 
 func (d *Decoder) decodeInsert(r *reader, m *Message) {
@@ -180,7 +271,7 @@ func (d *Decoder) decodeInsert(r *reader, m *Message) {
 		r.fail(fmt.Errorf("insert: tuple tag %q, want 'N'", tag))
 		return
 	}
-	rel, ok := d.relations[id]
+	rel, ok := d.relation(id)
 	if r.err != nil {
 		return
 	}
@@ -238,9 +329,11 @@ func (d *Decoder) decodeInsert(r *reader, m *Message) {
 // fillEvent converts the text columns of one row. It copies the three string columns
 // into one allocation, because the message buffer is reused by the next receive.
 func (d *Decoder) fillEvent(ev *record.Event, cols *[numFields][]byte, present *[numFields]bool) {
-	ev.CommitLSN = d.txnCommitLSN
-	ev.CommitTime = d.txnCommitTime
-	ev.Xid = d.txnXid
+	if !d.inStream {
+		ev.CommitLSN = d.txnCommitLSN
+		ev.CommitTime = d.txnCommitTime
+		ev.Xid = d.txnXid
+	}
 	id, ok := parseInt(cols[fID])
 	if !ok {
 		ev.Problem = fmt.Sprintf("id %q is not an integer", cols[fID])

@@ -228,17 +228,40 @@ func FuzzDecode(f *testing.F) {
 	f.Add(begin(1, 2, 3))
 	f.Add(commit(1, 2))
 	f.Add(insertMsg(1, s("1"), s("t"), s("2020-01-01 00:00:00"), s(""), s("{}"), s("1"), s("pending"), nil, nil))
+	f.Add(streamStart(7))
+	f.Add(streamAbort(7, 8))
+	f.Add(streamed(rel, 7))
 	golden, _ := filepath.Glob("testdata/pgoutput/*.bin")
 	for _, g := range golden {
 		if data, err := os.ReadFile(g); err == nil {
 			f.Add(data)
 		}
 	}
+	// A few of the captured protocol 2 messages: stream start, commit,
+	// abort, a streamed relation and insert.
+	if raw, err := os.ReadFile(filepath.Join(goldenDir, "v2", "stream.bin")); err == nil {
+		seen := map[byte]bool{}
+		for len(raw) >= 4 {
+			n := int(binary.BigEndian.Uint32(raw))
+			if msg := raw[4 : 4+n]; !seen[msg[0]] {
+				seen[msg[0]] = true
+				f.Add(msg)
+			}
+			raw = raw[4+n:]
+		}
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		d := NewDecoder("public", "event_outbox", nil)
-		var m Message
-		_ = d.Decode(rel, &m)
-		_ = d.Decode(data, &m) // must not panic
+		// Outside a stream and inside one: both paths must never panic.
+		for _, inStream := range []bool{false, true} {
+			d := NewDecoder("public", "event_outbox", nil)
+			var m Message
+			_ = d.Decode(rel, &m)
+			if inStream {
+				_ = d.Decode(streamStart(7), &m)
+				_ = d.Decode(streamed(rel, 7), &m)
+			}
+			_ = d.Decode(data, &m)
+		}
 	})
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgerrcode"
@@ -17,6 +18,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/batch"
 	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 	"github.com/outbox-streamer/outbox-streamer/internal/pgsql"
+	"github.com/outbox-streamer/outbox-streamer/internal/record"
 )
 
 // ErrWriterStopped is returned when the batch consumer exited while the stream still
@@ -39,6 +41,11 @@ type Stream struct {
 
 	lastSent   uint64
 	lastStatus time.Time
+
+	// streaming is whether this session asks for in-progress transactions
+	// (protocol 2); spill holds them until they commit.
+	streaming bool
+	spill     *spill
 }
 
 // Open checks the preconditions, creates the slot when it does not exist, and opens
@@ -108,7 +115,31 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 		s.startLSN = slot.ConfirmedFlush
 	}
 	s.tracker = checkpoint.NewTracker(s.startLSN)
+	major := serverMajor(conn.ParameterStatus("server_version"))
+	switch {
+	case cfg.Streaming == StreamingOn && major < 14:
+		conn.Close(context.Background())
+		return nil, &PreconditionError{Problem: fmt.Sprintf("REPLICATION_STREAMING is on, but PostgreSQL %s cannot stream in-progress transactions", conn.ParameterStatus("server_version")),
+			Hint: "use PostgreSQL 14 or newer, or set REPLICATION_STREAMING=auto (protocol 1 on older servers)"}
+	case cfg.Streaming != StreamingOff && major >= 14:
+		s.streaming = true
+	}
 	return s, nil
+}
+
+// Streaming reports whether the session streams in-progress transactions
+// (pgoutput protocol 2).
+func (s *Stream) Streaming() bool { return s.streaming }
+
+// serverMajor reads the major version from server_version ("15.18 (Debian
+// 15.18-0+deb12u1)", "9.6.24"); 0 when it does not parse.
+func serverMajor(v string) int {
+	end := 0
+	for end < len(v) && v[end] >= '0' && v[end] <= '9' {
+		end++
+	}
+	n, _ := strconv.Atoi(v[:end])
+	return n
 }
 
 // Tracker is the acknowledgement tracker the writer resolves batches in.
@@ -123,6 +154,9 @@ func (s *Stream) SlotCreated() (bool, string) { return s.slotCreated, s.snapshot
 
 // Close closes the replication connection.
 func (s *Stream) Close() error {
+	if s.spill != nil {
+		_ = s.spill.Close()
+	}
 	return s.conn.Close(context.Background())
 }
 
@@ -197,6 +231,14 @@ func (rc *RunConfig) setDefaults() {
 func (s *Stream) startReplication(ctx context.Context) error {
 	pub := pgx.Identifier{s.cfg.Publication}.Sanitize()
 	args := []string{"proto_version '1'", "publication_names " + pgsql.Literal(pub)}
+	if s.streaming {
+		sp, err := openSpill(s.cfg.SpillDir, s.cfg.SpillMaxBytes)
+		if err != nil {
+			return err
+		}
+		s.spill = sp
+		args = []string{"proto_version '2'", "streaming 'on'", "publication_names " + pgsql.Literal(pub)}
+	}
 	if err := pglogrepl.StartReplication(ctx, s.conn, s.cfg.Slot, pglogrepl.LSN(s.startLSN),
 		pglogrepl.StartReplicationOptions{Mode: pglogrepl.LogicalReplication, PluginArgs: args}); err != nil {
 		if fault.IsPostgres(err, pgerrcode.ObjectInUse) {
@@ -205,7 +247,7 @@ func (s *Stream) startReplication(ctx context.Context) error {
 		return fmt.Errorf("start replication on slot %q: %w", s.cfg.Slot, err)
 	}
 	s.log.Info("streaming", zap.String("from_lsn", pglogrepl.LSN(s.startLSN).String()),
-		zap.String("publication", s.cfg.Publication))
+		zap.String("publication", s.cfg.Publication), zap.Bool("in_progress_transactions", s.streaming))
 	s.lastStatus = time.Now()
 	return nil
 }
@@ -337,14 +379,64 @@ func (r *receiver) handleCopyData(ctx context.Context, data []byte) error {
 		case KindBegin:
 			s.tracker.Begin()
 		case KindInsert:
-			seq := s.tracker.NextSeq()
-			if r.builder.Add(seq, r.msg.Event, time.Now()) {
-				return r.emit(ctx, r.builder.Take())
+			if r.msg.Streamed {
+				return s.spillRow(&r.msg)
 			}
+			return r.add(ctx, r.msg.Event)
 		case KindCommit:
 			s.tracker.Commit(r.msg.EndLSN)
+		case KindStreamAbort:
+			if s.spill != nil {
+				s.spill.Abort(r.msg.Xid, r.msg.SubXid)
+			}
+		case KindStreamCommit:
+			return r.replay(ctx, &r.msg)
 		}
 	}
+	return nil
+}
+
+// add gives a row its sequence number and puts it into the open batch,
+// handing the batch over when it is full.
+func (r *receiver) add(ctx context.Context, ev record.Event) error {
+	seq := r.s.tracker.NextSeq()
+	if r.builder.Add(seq, ev, time.Now()) {
+		return r.emit(ctx, r.builder.Take())
+	}
+	return nil
+}
+
+// spillRow keeps a row of an in-progress streamed transaction until the
+// transaction commits or aborts.
+func (s *Stream) spillRow(m *Message) error {
+	if s.spill == nil {
+		return fmt.Errorf("%w: a streamed insert on a session without streaming", ErrMalformed)
+	}
+	return s.spill.Append(m.Xid, m.SubXid, &m.Event)
+}
+
+// replay delivers a committed streamed transaction: its spilled rows, minus
+// rolled-back subtransactions, become one transaction for the tracker, as if
+// protocol 1 had sent it at its commit. Acknowledgement cannot pass it: its
+// commit mark follows its last row.
+func (r *receiver) replay(ctx context.Context, m *Message) error {
+	s := r.s
+	if s.spill == nil {
+		return nil
+	}
+	commitLSN, endLSN, commitTime, xid := m.CommitLSN, m.EndLSN, m.CommitTime, m.Xid
+	s.tracker.Begin()
+	err := s.spill.Replay(xid, func(ev *record.Event) error {
+		ev.CommitLSN, ev.CommitTime, ev.Xid = commitLSN, commitTime, xid
+		if ev.CreatedAt.IsZero() { // no created_at column: as protocol 1 does
+			ev.CreatedAt = commitTime
+		}
+		return r.add(ctx, *ev)
+	})
+	if err != nil {
+		return err
+	}
+	s.tracker.Commit(endLSN)
 	return nil
 }
 

@@ -30,6 +30,12 @@ type Config struct {
 	}
 
 	Slot string
+	// Streaming, SpillDir, SpillMaxBytes: REPLICATION_STREAMING,
+	// STREAM_SPILL_DIR, STREAM_SPILL_MAX_BYTES (see replication.Config).
+	Streaming     string
+	SpillDir      string
+	SpillMaxBytes int64
+	spillMaxBytes int
 	// Retention is OUTBOX_RETENTION: processed rows older than it are pruned.
 	Retention time.Duration
 	// PartitionInterval is OUTBOX_PARTITION_INTERVAL (0: unpartitioned).
@@ -99,6 +105,9 @@ func Bind(src *Source, c *Config) {
 	src.String(&c.Publication, "PUBLICATION_NAME", "publication", "outbox_publication", "publication carrying inserts into event_outbox")
 	src.Duration(&c.SlotBusyTimeout, "SLOT_BUSY_TIMEOUT", "slot-busy-timeout", 30*time.Second, "on start, how long to wait for a slot held by another connection (a previous leader's walsender) before giving up")
 	src.Duration(&c.StatusInterval, "STATUS_INTERVAL", "status-interval", time.Second, "how often the acknowledged LSN is reported to PostgreSQL")
+	src.String(&c.Streaming, "REPLICATION_STREAMING", "streaming", "auto", "stream in-progress transactions (pgoutput protocol 2): auto (PostgreSQL 14+), on, or off (protocol 1: the server holds a transaction until its commit and spills it to its own disk)")
+	src.String(&c.SpillDir, "STREAM_SPILL_DIR", "spill-dir", "", "where in-progress streamed transactions wait for their commit (emptied when streaming starts; default: a directory per slot under the temporary directory)")
+	src.Int(&c.spillMaxBytes, "STREAM_SPILL_MAX_BYTES", "spill-max-bytes", 4<<30, 0, "bound of STREAM_SPILL_DIR; past it the streamer goes on with protocol 1 until it restarts (0: no bound)")
 
 	src.Group("Outbox table")
 	src.String(&c.timeZone, "EVENT_TIME_ZONE", "time-zone", "UTC", "time zone of the outbox's TIMESTAMP (without time zone) values")
@@ -153,6 +162,16 @@ func (c *Config) finish(src *Source) error {
 		return fmt.Errorf("invalid EVENT_TIME_ZONE (--time-zone) %q: not a known time zone", c.timeZone)
 	}
 	c.TimeZone = loc
+	c.SpillMaxBytes = int64(c.spillMaxBytes)
+	switch c.Streaming = strings.ToLower(strings.TrimSpace(c.Streaming)); c.Streaming {
+	case "auto", "on", "off":
+	case "true", "1", "yes":
+		c.Streaming = "on"
+	case "false", "0", "no":
+		c.Streaming = "off"
+	default:
+		return fmt.Errorf("invalid REPLICATION_STREAMING (--streaming) %q: want auto, on or off", c.Streaming)
+	}
 	if c.SentryEnv == "" {
 		c.SentryEnv = c.Environment
 	}

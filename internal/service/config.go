@@ -20,6 +20,9 @@ func PipelineConfig(cfg *config.Config) pipeline.Config {
 			Publication:    cfg.Publication,
 			StatusInterval: cfg.StatusInterval,
 			TimeZone:       cfg.TimeZone,
+			Streaming:      cfg.Streaming,
+			SpillDir:       cfg.SpillDir,
+			SpillMaxBytes:  cfg.SpillMaxBytes,
 		},
 		Run: replication.RunConfig{
 			BatchSize:       cfg.BatchSize,

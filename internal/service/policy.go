@@ -17,7 +17,7 @@ var errLeaderLost = errors.New("lost the leader lock's session")
 // transient reports whether err may pass by itself (a restart, a dropped
 // connection, a busy slot), as opposed to a configuration or data problem.
 func transient(err error) bool {
-	if errors.Is(err, errLeaderLost) || errors.Is(err, replication.ErrWriterStopped) || slotBusy(err) {
+	if errors.Is(err, errLeaderLost) || errors.Is(err, replication.ErrWriterStopped) || errors.Is(err, replication.ErrSpillFull) || slotBusy(err) {
 		return true
 	}
 	if errors.Is(err, replication.ErrMalformed) {

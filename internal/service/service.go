@@ -18,6 +18,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/retry"
+	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 
 // State is what the supervisor is doing, for readiness reporting.
@@ -87,6 +88,10 @@ type supervisor struct {
 	// the restart rules can be tested without servers.
 	acquire func(ctx context.Context, onStandby func()) (lease, error)
 	stream  func(drain, abandon context.Context, cfg pipeline.Config, log *zap.Logger) error
+	// protocol1 is set once the spill of in-progress transactions overflowed:
+	// the process goes on with protocol 1, where the server holds such a
+	// transaction until its commit, instead of failing on it again.
+	protocol1 bool
 }
 
 func (s *supervisor) setState(st State) {
@@ -148,6 +153,10 @@ func (s *supervisor) run(drain, abandon context.Context) error {
 		s.setState(Retrying)
 		m.SetUp(false)
 		m.AddError(metrics.StageReplication)
+		if errors.Is(err, replication.ErrSpillFull) && !s.protocol1 {
+			s.protocol1 = true
+			s.log.Warn("the spill of in-progress transactions is full (STREAM_SPILL_MAX_BYTES); going on with protocol 1 until the process restarts: PostgreSQL keeps such transactions until they commit", zap.Error(err))
+		}
 		if !transient(err) || (!streamed && !slotBusy(err)) {
 			return err
 		}
@@ -192,6 +201,9 @@ func (s *supervisor) streamAsLeader(drain, abandon context.Context, lock lease, 
 	}()
 
 	pcfg := PipelineConfig(s.cfg)
+	if s.protocol1 {
+		pcfg.Replication.Streaming = replication.StreamingOff
+	}
 	pcfg.Run.OnStreaming = onStreaming
 	pcfg.Metrics = s.hooks.Metrics
 	err := s.stream(runDrain, runAbandon, pcfg, s.log)
