@@ -76,7 +76,7 @@ func defaultConfig() benchConfig {
 	return benchConfig{
 		Reps: 3, Rows: 500_000, TxSize: 1000, PollBatch: 1000, CHBatchLarge: 1000, LiveConns: 1,
 		LatencyRate: 5000, LatencyTx: 10, LatencyWorkers: 2, LatencyDuration: time.Minute, LatencyPoll: 15 * time.Millisecond,
-		BigTx: 1_000_000, Scenarios: "a,b,c,c10k,d,e,er,f,g,h", Timeout: 15 * time.Minute,
+		BigTx: 1_000_000, Scenarios: "a,b,c,c10k,d,e,er,f,f1,g,h", Timeout: 15 * time.Minute,
 		Streamer: "bin/outbox-streamer",
 	}
 }
@@ -94,7 +94,7 @@ func (c *benchConfig) bind(fs *flag.FlagSet) {
 	fs.DurationVar(&c.LatencyDuration, "latency-duration", c.LatencyDuration, "how long the latency producer runs (e)")
 	fs.DurationVar(&c.LatencyPoll, "latency-poll", c.LatencyPoll, "how often the latency scenario polls ClickHouse for new events (e)")
 	fs.IntVar(&c.BigTx, "big-tx", c.BigTx, "rows of the single transaction of the memory scenario (f)")
-	fs.StringVar(&c.Scenarios, "scenarios", c.Scenarios, "comma-separated subset of a,b,c,c10k,d,e,er,f,g,h (empty: none, e.g. with --profile)")
+	fs.StringVar(&c.Scenarios, "scenarios", c.Scenarios, "comma-separated subset of a,b,c,c10k,d,e,er,f,f1,g,h (empty: none, e.g. with --profile)")
 	fs.DurationVar(&c.Timeout, "timeout", c.Timeout, "bound on one scenario's wait for delivery")
 	fs.StringVar(&c.Streamer, "streamer", c.Streamer, "the outbox-streamer binary (make build)")
 	fs.BoolVar(&c.PGDurable, "pg-durable", c.PGDurable, "run PostgreSQL with fsync and full_page_writes on (default: off, localsvc's Durable: false); synchronous_commit is on either way")
@@ -160,7 +160,12 @@ func scenarios(c *benchConfig) []scenario {
 		{"d", "streamer live", runLive},
 		{"e", "latency", runLatency},
 		{"er", "latency with retention", runLatencyRetention},
-		{"f", "memory", runMemory},
+		{"f", "memory, one big transaction (protocol 2)", func(ctx context.Context, b *bench) (map[string]float64, error) {
+			return runMemory(ctx, b, "f")
+		}},
+		{"f1", "memory, one big transaction (protocol 1)", func(ctx context.Context, b *bench) (map[string]float64, error) {
+			return runMemory(ctx, b, "f1", "REPLICATION_STREAMING=off")
+		}},
 	}
 	var out []scenario
 	for _, s := range all {
@@ -265,8 +270,9 @@ func brief(key string, m map[string]float64) string {
 		return fmt.Sprintf("producer %.0f rows/s, delivery %.0f rows/s, tail %.0f ms", m["producer_rows_per_s"], m["delivery_rows_per_s"], m["tail_after_producer_s"]*1000)
 	case "e":
 		return fmt.Sprintf("p50 %.0f ms, p99 %.0f ms, max %.0f ms over %.0f events", m["p50_ms"], m["p99_ms"], m["max_ms"], m["events"])
-	case "f":
-		return fmt.Sprintf("peak RSS %.1f MiB, all in ClickHouse %.1f s after the commit", m["peak_rss_mib"], m["ch_visible_s"])
+	case "f", "f1":
+		return fmt.Sprintf("peak RSS %.1f MiB, all in ClickHouse %.1f s after the commit; PostgreSQL spilled %.0f MiB, streamed %.0f MiB; local spill %.0f MiB",
+			m["peak_rss_mib"], m["ch_visible_s"], m["pg_spill_mib"], m["pg_stream_mib"], m["local_spill_mib"])
 	case "g":
 		var parts []string
 		if v, ok := m["rows_per_s"]; ok {
@@ -338,7 +344,7 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "outbox-bench: sizes, rates and repetitions must be positive")
 		return 2
 	}
-	needsBinary := cfg.has("c") || cfg.has("c10k") || cfg.has("d") || cfg.has("e") || cfg.has("er") || cfg.has("f") || cfg.has("h")
+	needsBinary := cfg.has("c") || cfg.has("c10k") || cfg.has("d") || cfg.has("e") || cfg.has("er") || cfg.has("f") || cfg.has("f1") || cfg.has("h")
 	if needsBinary {
 		abs, err := filepath.Abs(cfg.Streamer)
 		if err == nil {

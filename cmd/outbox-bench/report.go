@@ -228,6 +228,12 @@ func (b *bench) report(facts machine, args []string, took time.Duration) *report
 	add("er", "  outbox rows left after the load", "outbox_rows", "rows", 1)
 	add("f", fmt.Sprintf("peak RSS (VmHWM), one %s-row tx", thousands(float64(c.BigTx))), "peak_rss_mib", "MiB", 1)
 	add("f", "  that tx all in ClickHouse after its commit", "ch_visible_s", "ms", 1000)
+	add("f", "  PostgreSQL spilled to its disk (spill_bytes)", "pg_spill_mib", "MiB", 1)
+	add("f", "  PostgreSQL streamed before the commit (stream_bytes)", "pg_stream_mib", "MiB", 1)
+	add("f", "  the streamer's spill at its largest", "local_spill_mib", "MiB", 1)
+	add("f1", fmt.Sprintf("protocol 1 (REPLICATION_STREAMING=off): peak RSS, one %s-row tx", thousands(float64(c.BigTx))), "peak_rss_mib", "MiB", 1)
+	add("f1", "  that tx all in ClickHouse after its commit", "ch_visible_s", "ms", 1000)
+	add("f1", "  PostgreSQL spilled to its disk (spill_bytes)", "pg_spill_mib", "MiB", 1)
 	add("g", "peer (MaterializedPostgreSQL): drain from the WAL", "rows_per_s", "rows/s", 1)
 	add("g", "g snapshot copy (initial load; not a target)", "snapshot_rows_per_s", "rows/s", 1)
 	add("g", "peer live: producer (loadgen COPY)", "producer_rows_per_s", "rows/s", 1)
@@ -281,6 +287,19 @@ func (b *bench) report(facts machine, args []string, took time.Duration) *report
 	upper(fmt.Sprintf("e p99 (seen in ClickHouse) at %s events/s", thousands(c.LatencyRate)), "e", "p99_ms", "<", "ms", 1, 150)
 	upper("f peak RSS", "f", "peak_rss_mib", "<", "MiB", 1, 64)
 	upper(fmt.Sprintf("f %s-row tx in ClickHouse after its commit", thousands(float64(c.BigTx))), "f", "ch_visible_s", "<=", "ms", 1000, 10_000)
+	upper("f PostgreSQL spill_bytes with protocol 2", "f", "pg_spill_mib", "<=", "MiB", 1, 0)
+	if c.has("f") && c.has("f1") {
+		// Issue 17's goal: with protocol 2 the big transaction is in ClickHouse
+		// in at most half of protocol 1's time after its commit.
+		v := b.ratios("f", "f1", "ch_visible_s", "ch_visible_s")
+		t := targetRow{Name: "f commit -> ClickHouse, protocol 2 / protocol 1", Value: median(v), Runs: v, Op: "<=", Limit: 0.5, Unit: "x",
+			Valid: len(v) > 0, Method: "median over repetitions of the ratio within each repetition"}
+		t.Pass = t.Valid && t.Value <= t.Limit
+		if !t.Valid {
+			t.Value = 0
+		}
+		r.Targets = append(r.Targets, t)
+	}
 
 	for key, uses := range b.cpu {
 		m := map[string]float64{}
@@ -405,7 +424,7 @@ func (r *report) printTable(w io.Writer) {
 
 	if len(r.CPU) > 0 {
 		fmt.Fprintf(w, "\nCPU: cores kept busy during the timed part, from /proc (median over repetitions; the machine has %d; bench = this process: the reader in a, the poller in b, producers and pollers in d-g):\n", r.Machine.CPUs)
-		for _, key := range []string{"a", "b", "c", "c10k", "d", "e", "f", "g", "h"} {
+		for _, key := range []string{"a", "b", "c", "c10k", "d", "e", "f", "f1", "g", "h"} {
 			m, ok := r.CPU[key]
 			if !ok {
 				continue

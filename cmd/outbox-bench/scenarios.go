@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 	"sort"
 	"sync"
 	"time"
@@ -563,13 +564,23 @@ func percentile(sorted []float64, p float64) float64 {
 // transaction of BigTx rows, committed while it streams, and how long after its
 // commit the whole transaction was in ClickHouse (ch_visible_s) and processed in
 // the outbox (delivery_seconds).
-func runMemory(ctx context.Context, b *bench) (map[string]float64, error) {
+//
+// f streams the transaction before its commit (protocol 2, the default on
+// PostgreSQL 14+); f1 is the same with REPLICATION_STREAMING=off (protocol 1).
+// Both report what PostgreSQL spilled to its own disk and streamed
+// (pg_stat_replication_slots) and the streamer's own spill at its largest.
+func runMemory(ctx context.Context, b *bench, key string, extra ...string) (map[string]float64, error) {
 	e, err := newEnv(ctx, b.srv)
 	if err != nil {
 		return nil, err
 	}
 	defer e.close()
-	s, err := b.startStreaming(ctx, e, "f")
+	spillDir, err := os.MkdirTemp("", "outbox-bench-spill-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(spillDir)
+	s, err := b.startStreaming(ctx, e, key, append([]string{"STREAM_SPILL_DIR=" + spillDir}, extra...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -578,7 +589,7 @@ func runMemory(ctx context.Context, b *bench) (map[string]float64, error) {
 	if err != nil {
 		return nil, err
 	}
-	var maxRSS int64
+	var maxRSS, maxSpill int64
 	stopSampling := make(chan struct{})
 	sampled := make(chan struct{})
 	go func() {
@@ -588,6 +599,9 @@ func runMemory(ctx context.Context, b *bench) (map[string]float64, error) {
 		for {
 			if rss, _, err := s.memStatus(); err == nil && rss > maxRSS {
 				maxRSS = rss
+			}
+			if n := dirBytes(spillDir); n > maxSpill {
+				maxSpill = n
 			}
 			select {
 			case <-stopSampling:
@@ -629,11 +643,17 @@ func runMemory(ctx context.Context, b *bench) (map[string]float64, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The walsender reports its counters after each decoded transaction.
+	var spillBytes, streamBytes int64
+	if err := e.Pool.QueryRow(ctx, `SELECT spill_bytes, stream_bytes FROM pg_stat_replication_slots WHERE slot_name = $1`, e.Slot).
+		Scan(&spillBytes, &streamBytes); err != nil {
+		return nil, fmt.Errorf("read pg_stat_replication_slots: %w", err)
+	}
 	verr, err := e.stopAndVerify(ctx, s, int64(b.cfg.BigTx))
 	if err != nil {
 		return nil, err
 	}
-	b.note("f", use)
+	b.note(key, use)
 	inserts, _ := e.chInserts(ctx)
 	const mib = 1 << 20
 	return map[string]float64{
@@ -645,5 +665,20 @@ func runMemory(ctx context.Context, b *bench) (map[string]float64, error) {
 		"delivery_seconds":    last.Sub(committed).Seconds(),
 		"ch_visible_s":        visible.Sub(committed).Seconds(),
 		"ch_inserts":          float64(inserts),
+		"pg_spill_mib":        float64(spillBytes) / mib,
+		"pg_stream_mib":       float64(streamBytes) / mib,
+		"local_spill_mib":     float64(maxSpill) / mib,
 	}, verr
+}
+
+// dirBytes is the size of the files directly in dir (0 when it is missing).
+func dirBytes(dir string) int64 {
+	entries, _ := os.ReadDir(dir)
+	var n int64
+	for _, en := range entries {
+		if info, err := en.Info(); err == nil && !info.IsDir() {
+			n += info.Size()
+		}
+	}
+	return n
 }
