@@ -3,6 +3,7 @@ package service
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"sync"
 	"testing"
@@ -249,5 +250,43 @@ func TestPipelineConfigMapsSettings(t *testing.T) {
 	}
 	if r := RetryConfig(cfg); r.MaxAttempts != 3 || r.BaseDelay != time.Second || r.MaxDelay != time.Minute {
 		t.Errorf("RetryConfig = %+v", r)
+	}
+}
+
+// TestSupervisorFallsBackToProtocol1WhenTheSpillIsFull: a full spill of
+// in-progress transactions ends the session; the supervisor restarts it with
+// protocol 1 (the server holds such transactions) instead of failing again.
+func TestSupervisorFallsBackToProtocol1WhenTheSpillIsFull(t *testing.T) {
+	cfg := testConfig()
+	cfg.Streaming = replication.StreamingAuto
+	h := &harness{t: t, steps: []step{{streams: true, err: fmt.Errorf("receive: %w", replication.ErrSpillFull)}}}
+	s := h.supervisor(cfg)
+	var modes []string
+	inner := s.stream
+	s.stream = func(drain, abandon context.Context, pcfg pipeline.Config, log *zap.Logger) error {
+		modes = append(modes, pcfg.Replication.Streaming)
+		return inner(drain, abandon, pcfg, log)
+	}
+	drain, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.run(drain, context.Background()) }()
+	waitUntil(t, func() bool { h.mu.Lock(); defer h.mu.Unlock(); return h.starts > 1 })
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if len(modes) != 2 || modes[0] != replication.StreamingAuto || modes[1] != replication.StreamingOff {
+		t.Fatalf("streaming modes of the starts: %v, want [auto off]", modes)
+	}
+}
+
+func waitUntil(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("timed out")
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
