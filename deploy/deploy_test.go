@@ -5,14 +5,17 @@ import (
 	"encoding/json"
 	"errors"
 	"flag"
+	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"reflect"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -26,14 +29,22 @@ import (
 // root is the repository root, relative to this package's directory.
 const root = ".."
 
+// update rewrites the files generated from prometheus/alerts.yml (the
+// PrometheusRule and the Helm chart's copy): go test ./deploy -run Alerts -update
+var update = flag.Bool("update", false, "rewrite the files generated from prometheus/alerts.yml")
+
 // yamlFiles returns every YAML file of the deployment: docker-compose.yml and all of
-// deploy/.
+// deploy/, except the Helm chart's templates, which are YAML only once rendered (the
+// helm tests parse what helm template makes of them).
 func yamlFiles(t *testing.T) []string {
 	t.Helper()
 	files := []string{filepath.Join(root, "docker-compose.yml")}
 	err := filepath.WalkDir(".", func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
+		}
+		if d.IsDir() && d.Name() == "templates" && filepath.Base(filepath.Dir(filepath.Dir(path))) == "helm" {
+			return filepath.SkipDir
 		}
 		if ext := filepath.Ext(path); !d.IsDir() && (ext == ".yml" || ext == ".yaml") {
 			files = append(files, path)
@@ -52,6 +63,11 @@ func decodeAll(path string) ([]map[string]any, error) {
 	if err != nil {
 		return nil, err
 	}
+	return decodeYAML(raw)
+}
+
+// decodeYAML parses every document of a YAML stream, skipping empty ones.
+func decodeYAML(raw []byte) ([]map[string]any, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(raw))
 	var docs []map[string]any
 	for {
@@ -103,9 +119,27 @@ func get(t *testing.T, v any, path ...any) any {
 	return v
 }
 
+// lookup is get for paths that may be missing: nil where get would fail.
+func lookup(v any, path ...any) any {
+	for _, p := range path {
+		switch k := p.(type) {
+		case string:
+			m, _ := v.(map[string]any)
+			v = m[k]
+		case int:
+			l, _ := v.([]any)
+			if k >= len(l) {
+				return nil
+			}
+			v = l[k]
+		}
+	}
+	return v
+}
+
 func TestEveryYAMLAndJSONFileParses(t *testing.T) {
 	files := yamlFiles(t)
-	if len(files) < 12 {
+	if len(files) < 17 {
 		t.Fatalf("found only %d YAML files: %v", len(files), files)
 	}
 	for _, f := range files {
@@ -179,6 +213,65 @@ func alertGroups(t *testing.T) []any {
 	return groups
 }
 
+// The header of kubernetes/prometheusrule.yaml, which prometheusRuleYAML completes
+// with the groups of alerts.yml.
+const prometheusRuleHeader = `# The alert rules of deploy/prometheus/alerts.yml for the Prometheus Operator, made
+# from it by go test ./deploy -run Alerts -update (deploy_test.go checks that the groups
+# stay identical). Add the label your Prometheus selects rules by (often release:
+# <helm release>).
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: outbox-streamer
+  labels:
+    app.kubernetes.io/name: outbox-streamer
+spec:
+`
+
+// prometheusRuleYAML is kubernetes/prometheusrule.yaml made from alerts.yml: its
+// groups, as they are written, two spaces deeper under spec.
+func prometheusRuleYAML(t *testing.T, alerts []byte) []byte {
+	t.Helper()
+	lines := strings.SplitAfter(string(alerts), "\n")
+	start := slices.Index(lines, "groups:\n")
+	if start < 0 {
+		t.Fatal("alerts.yml has no top-level groups: line")
+	}
+	var b strings.Builder
+	b.WriteString(prometheusRuleHeader)
+	for _, l := range lines[start:] {
+		if strings.TrimSpace(l) != "" {
+			b.WriteString("  ")
+		}
+		b.WriteString(l)
+	}
+	return []byte(b.String())
+}
+
+// The Helm chart's copy of alerts.yml: Helm reads no file outside the chart.
+const chartAlerts = "helm/outbox-streamer/files/alerts.yml"
+
+// TestAlertsCopiesAreCurrent: the PrometheusRule and the chart's copy carry
+// alerts.yml's rules; -update rewrites them from it.
+func TestAlertsCopiesAreCurrent(t *testing.T) {
+	alerts, err := os.ReadFile("prometheus/alerts.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]byte{"kubernetes/prometheusrule.yaml": prometheusRuleYAML(t, alerts), chartAlerts: alerts}
+	for _, f := range slices.Sorted(maps.Keys(want)) {
+		if *update {
+			if err := os.WriteFile(f, want[f], 0o644); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		if got, err := os.ReadFile(f); err != nil || !bytes.Equal(got, want[f]) {
+			t.Errorf("%s is not made from prometheus/alerts.yml (%v): run go test ./deploy -run Alerts -update", f, err)
+		}
+	}
+}
+
 func TestPrometheusRuleMatchesAlertsFile(t *testing.T) {
 	rule := mustDoc(t, "kubernetes/prometheusrule.yaml")
 	if rule["kind"] != "PrometheusRule" {
@@ -204,6 +297,7 @@ func TestAlertsCoverTheOperatorsQuestions(t *testing.T) {
 		"OutboxStreamerSlotLagHigh", "OutboxStreamerRetainedWALHigh", "OutboxStreamerRetainedWALNearLimit",
 		"OutboxStreamerSlotInactive", "OutboxStreamerNoLeader", "OutboxStreamerFailedRowsGrowing",
 		"OutboxStreamerDeadLetters", "OutboxStreamerStale", "OutboxStreamerDown", "OutboxStreamerAllDown",
+		"OutboxStreamerSlotInvalidationPredicted", "OutboxStreamerSlotWALUnreserved",
 	} {
 		if !slices.Contains(names, want) {
 			t.Errorf("no alert %s", want)
@@ -218,7 +312,9 @@ func exportedNames(t *testing.T) map[string]bool {
 	m := metrics.New()
 	// Touch every labelled series that only appears once set.
 	v := 1.0
-	m.SetSlot(metrics.SlotStats{Slot: "s", Exists: true, Active: true, LagBytes: &v, RetainedBytes: &v, SafeWALSize: &v})
+	m.SetSlot(metrics.SlotStats{Slot: "s", Exists: true, Active: true, LagBytes: &v, RetainedBytes: &v, SafeWALSize: &v,
+		WALStatus: "reserved", WALPosition: &v})
+	m.SetWALKeepSize(&v)
 	m.SetOutbox(metrics.OutboxStats{Rows: map[string]float64{"pending": 1, "processed": 1, "failed": 1, "dead": 1}})
 	m.ObserveSweep(1, 1, 1)
 	for _, s := range metrics.Stages {
@@ -315,7 +411,8 @@ func TestDashboardUsesExportedMetrics(t *testing.T) {
 		"outbox_streamer_batch_rows_bucket", "outbox_streamer_clickhouse_insert_duration_seconds_bucket",
 		"outbox_streamer_commit_to_clickhouse_latency_seconds_bucket", "outbox_streamer_slot_lag_bytes",
 		"outbox_streamer_slot_retained_wal_bytes", "outbox_streamer_outbox_rows", "outbox_streamer_oldest_undelivered_age_seconds",
-		"outbox_streamer_leader",
+		"outbox_streamer_leader", "outbox_streamer_slot_wal_status", "outbox_streamer_max_slot_wal_keep_size_bytes",
+		"outbox_streamer_wal_position_bytes",
 	} {
 		if !strings.Contains(all, want) {
 			t.Errorf("the dashboard has no panel using %s", want)
@@ -330,6 +427,98 @@ func TestDashboardUsesExportedMetrics(t *testing.T) {
 	if dash["uid"] != "outbox-streamer" {
 		t.Errorf("dashboard uid = %v: provisioning and links rely on outbox-streamer", dash["uid"])
 	}
+
+	// The top row shows the retained WAL as a share of max_slot_wal_keep_size, and
+	// "unlimited" for its -1.
+	panels, _ := dash["panels"].([]any)
+	found := false
+	for _, p := range panels {
+		var pe []string
+		collectExprs(p, &pe)
+		e := strings.Join(pe, "\n")
+		if get(t, p, "gridPos", "y") != 1.0 || !strings.Contains(e, "outbox_streamer_slot_retained_wal_bytes") ||
+			!strings.Contains(e, "outbox_streamer_max_slot_wal_keep_size_bytes") {
+			continue
+		}
+		found = true
+		if typ := get(t, p, "type"); typ != "gauge" && typ != "stat" {
+			t.Errorf("the retained WAL share is a %v panel, want a gauge or stat", typ)
+		}
+		if get(t, p, "fieldConfig", "defaults", "unit") != "percentunit" {
+			t.Error("the retained WAL share is not in percentunit")
+		}
+		unlimited := false
+		for _, m := range get(t, p, "fieldConfig", "defaults", "mappings").([]any) {
+			if opt, _ := get(t, m, "options").(map[string]any); opt != nil && opt["-1"] != nil && get(t, opt["-1"], "text") == "unlimited" {
+				unlimited = true
+			}
+		}
+		if !unlimited || !strings.Contains(e, "> 0") || !strings.Contains(e, "< 0") {
+			t.Errorf("the retained WAL share must divide by a limit > 0 and map the -1 of an unlimited one to \"unlimited\": %s", e)
+		}
+	}
+	if !found {
+		t.Error("the top row (y = 1) has no panel of retained WAL over max_slot_wal_keep_size")
+	}
+	checkDashboardLayout(t, panels)
+}
+
+// checkDashboardLayout: unique panel ids, and panels within 24 columns that do not
+// overlap (Grafana would push them around).
+func checkDashboardLayout(t *testing.T, panels []any) {
+	t.Helper()
+	type box struct{ x, y, w, h int }
+	ids := map[float64]bool{}
+	var boxes []box
+	var titles []string
+	for _, p := range panels {
+		id := get(t, p, "id").(float64)
+		if ids[id] {
+			t.Errorf("panel id %v used twice", id)
+		}
+		ids[id] = true
+		g := func(k string) int { return int(get(t, p, "gridPos", k).(float64)) }
+		b := box{g("x"), g("y"), g("w"), g("h")}
+		title, _ := get(t, p, "title").(string)
+		if b.x < 0 || b.w <= 0 || b.x+b.w > 24 {
+			t.Errorf("panel %q is outside the 24 columns: %+v", title, b)
+		}
+		for i, o := range boxes {
+			if b.x < o.x+o.w && o.x < b.x+b.w && b.y < o.y+o.h && o.y < b.y+b.h {
+				t.Errorf("panels %q and %q overlap: %+v, %+v", titles[i], title, o, b)
+			}
+		}
+		boxes, titles = append(boxes, b), append(titles, title)
+	}
+}
+
+// TestDashboardQueriesParse: every dashboard query is valid PromQL (promtool checks
+// them as recording rules, with Grafana's variables filled in).
+func TestDashboardQueriesParse(t *testing.T) {
+	raw, err := os.ReadFile("grafana/dashboard.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash map[string]any
+	if err := json.Unmarshal(raw, &dash); err != nil {
+		t.Fatal(err)
+	}
+	var exprs []string
+	collectExprs(dash, &exprs)
+	vars := strings.NewReplacer(`"$job"`, `".+"`, "$__rate_interval", "1m", "$__interval", "15s", "$__range", "1h")
+	var rules []map[string]string
+	for i, e := range exprs {
+		rules = append(rules, map[string]string{"record": fmt.Sprintf("dashboard:query_%d", i), "expr": vars.Replace(e)})
+	}
+	out, err := yaml.Marshal(map[string]any{"groups": []any{map[string]any{"name": "dashboard", "rules": rules}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "dashboard.yml"), out, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	promtool(t, dir, "check", "rules", "dashboard.yml")
 }
 
 // knownEnv is every environment variable the streamer reads: the config package's
@@ -351,10 +540,40 @@ func knownEnv(t *testing.T) map[string]bool {
 	if !env["DATABASE_URL"] || !env["REPLICATION_SLOT_NAME"] {
 		t.Fatalf("could not read the settings from config.PrintUsage:\n%s", buf.String())
 	}
-	for _, e := range []string{"METRICS_ADDR", "SENTRY_CONFIG_DSN", "SENTRY_CONFIG_ENVIRONMENT", "OTEL_EXPORTER_OTLP_ENDPOINT"} {
+	for _, e := range []string{"METRICS_ADDR", "SENTRY_CONFIG_DSN", "SENTRY_CONFIG_ENVIRONMENT", "OTEL_EXPORTER_OTLP_ENDPOINT",
+		// Read by the Go runtime itself.
+		"GOMEMLIMIT"} {
 		env[e] = true
 	}
 	return env
+}
+
+// secretEnv is every setting the streamer treats as a secret ("(secret)" in its
+// usage), aliases included.
+func secretEnv(t *testing.T) []string {
+	t.Helper()
+	var buf bytes.Buffer
+	src := config.NewSource(flag.NewFlagSet("x", flag.ContinueOnError), func(string) (string, bool) { return "", false })
+	config.Bind(src, &config.Config{})
+	src.PrintUsage(&buf)
+	var names []string
+	name := regexp.MustCompile(`^[A-Z][A-Z0-9_]+$`)
+	for _, line := range strings.Split(buf.String(), "\n") {
+		if !strings.Contains(line, "(secret)") {
+			continue
+		}
+		f := strings.Fields(line)
+		for i := 1; i < len(f) && (i == 1 || f[i-1] == "|"); i += 2 {
+			if name.MatchString(f[i]) {
+				names = append(names, f[i])
+			}
+		}
+	}
+	if !slices.Contains(names, "DATABASE_URL") || !slices.Contains(names, "CLICKHOUSE_PASSWORD") {
+		t.Fatalf("could not read the secret settings from config.PrintUsage:\n%s", buf.String())
+	}
+	slices.Sort(names)
+	return names
 }
 
 func TestDockerCompose(t *testing.T) {
@@ -374,6 +593,12 @@ func TestDockerCompose(t *testing.T) {
 				t.Errorf("service %s has no healthcheck", name)
 			}
 		}
+	}
+	// The entrypoint's init server listens on the Unix socket only: a socket check
+	// passes before the real server is up, and migrate would start too early.
+	hc := fmt.Sprint(get(t, services, "postgres", "healthcheck", "test"))
+	if !strings.Contains(hc, "pg_isready") || !strings.Contains(hc, "-h 127.0.0.1") {
+		t.Errorf("the postgres healthcheck must run pg_isready over TCP (-h 127.0.0.1): %s", hc)
 	}
 	pgCmd, _ := get(t, services, "postgres", "command").([]any)
 	if !slices.Contains(pgCmd, any("wal_level=logical")) || !strings.HasPrefix(get(t, services, "postgres", "image").(string), "postgres:17") {
@@ -422,6 +647,16 @@ func TestDockerCompose(t *testing.T) {
 			}
 		}
 	}
+	// The collector's configuration uses what current collectors accept: the logging
+	// exporter is gone (debug replaced it), and so is telemetry.metrics.address
+	// (readers replaced it).
+	otel := mustDoc(t, "otel-collector.yaml")
+	if exp, _ := otel["exporters"].(map[string]any); exp["logging"] != nil || exp["debug"] == nil {
+		t.Errorf("otel-collector.yaml exporters = %v: use debug, the logging exporter was removed", exp)
+	}
+	if get(t, otel, "service", "telemetry", "metrics", "address") != nil || get(t, otel, "service", "telemetry", "metrics", "readers") == nil {
+		t.Error("otel-collector.yaml: the collector's own metrics need service.telemetry.metrics.readers (address was removed)")
+	}
 	// Grafana's dashboard provider reads the directory the dashboard is mounted in.
 	prov := mustDoc(t, "grafana/provisioning/dashboards/outbox-streamer.yml")
 	dir := get(t, prov, "providers", 0, "options", "path").(string)
@@ -436,54 +671,183 @@ func TestDockerCompose(t *testing.T) {
 	}
 }
 
+// streamerPod checks what every pod running the streamer's image needs, the
+// Deployment's and the migration Job's alike: a non-root, read-only container, the
+// settings the binary reads, secrets only from the Secret secretName (keys: the
+// Secret's keys, nil: not checked), and GOMEMLIMIT at about 90% of the memory
+// limit. It returns the container.
+func streamerPod(t *testing.T, where string, pod any, secretName string, keys map[string]any) any {
+	t.Helper()
+	if get(t, pod, "securityContext", "runAsNonRoot") != true {
+		t.Errorf("%s: pod securityContext must set runAsNonRoot", where)
+	}
+	if uid, _ := get(t, pod, "securityContext", "runAsUser").(int); uid == 0 {
+		t.Errorf("%s: pod securityContext.runAsUser must be the image's non-root uid (65532)", where)
+	}
+	if get(t, pod, "automountServiceAccountToken") != false {
+		t.Errorf("%s: the streamer needs no Kubernetes API token (automountServiceAccountToken: false)", where)
+	}
+	containers, _ := get(t, pod, "containers").([]any)
+	if len(containers) != 1 {
+		t.Fatalf("%s: %d containers, want 1", where, len(containers))
+	}
+	c := containers[0]
+	for k, want := range map[string]any{"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false, "runAsNonRoot": true} {
+		if got := get(t, c, "securityContext", k); got != want {
+			t.Errorf("%s: container securityContext.%s = %v, want %v", where, k, got, want)
+		}
+	}
+	if drop := fmt.Sprint(get(t, c, "securityContext", "capabilities", "drop")); drop != "[ALL]" {
+		t.Errorf("%s: container must drop all capabilities, drops %s", where, drop)
+	}
+	known := knownEnv(t)
+	secrets := secretEnv(t)
+	seen := map[string]bool{}
+	for _, e := range get(t, c, "env").([]any) {
+		name := get(t, e, "name").(string)
+		if seen[name] {
+			t.Errorf("%s sets %s twice", where, name)
+		}
+		seen[name] = true
+		if !known[name] {
+			t.Errorf("%s sets %s, which the streamer does not read", where, name)
+		}
+		ref, _ := lookup(e, "valueFrom", "secretKeyRef").(map[string]any)
+		if slices.Contains(secrets, name) && (get(t, e, "value") != nil || ref == nil) {
+			t.Errorf("%s: %s must come from the Secret, not a literal", where, name)
+		}
+		if ref != nil {
+			if ref["name"] != secretName {
+				t.Errorf("%s: env %s reads Secret %v, want %s", where, name, ref["name"], secretName)
+			}
+			if _, ok := keys[ref["key"].(string)]; keys != nil && !ok && ref["optional"] != true {
+				t.Errorf("%s: env %s reads secret key %v, which the Secret lacks", where, name, ref["key"])
+			}
+		}
+		if name == "METRICS_ADDR" && get(t, e, "value") != "0.0.0.0:8187" {
+			t.Errorf("%s: METRICS_ADDR = %v, want 0.0.0.0:8187 (Prometheus and the probes cannot reach loopback)", where, get(t, e, "value"))
+		}
+		if name == "GOMEMLIMIT" {
+			checkGoMemLimit(t, where, get(t, e, "value"), get(t, c, "resources", "limits", "memory"))
+		}
+	}
+	for _, want := range []string{"DATABASE_URL", "CLICKHOUSE_PASSWORD", "METRICS_ADDR", "GOMEMLIMIT"} {
+		if !seen[want] {
+			t.Errorf("%s does not set %s", where, want)
+		}
+	}
+	return c
+}
+
+// quantity parses a Kubernetes memory quantity or a GOMEMLIMIT value into bytes.
+func quantity(s string) (int64, error) {
+	m := regexp.MustCompile(`^([0-9]+)(|B|Ki|Mi|Gi|Ti|KiB|MiB|GiB|TiB|k|M|G|T)$`).FindStringSubmatch(s)
+	if m == nil {
+		return 0, fmt.Errorf("%q is not a whole number of bytes with a unit", s)
+	}
+	n, err := strconv.ParseInt(m[1], 10, 64)
+	mult := map[string]int64{"": 1, "B": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+		"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m[2]]
+	return n * mult, err
+}
+
+// checkGoMemLimit: GOMEMLIMIT below the container's memory limit, at about 90% of
+// it (the rest is memory the Go runtime does not count).
+func checkGoMemLimit(t *testing.T, where string, gomemlimit, limit any) {
+	t.Helper()
+	gs, _ := gomemlimit.(string)
+	ls, _ := limit.(string)
+	g, err1 := quantity(gs)
+	l, err2 := quantity(ls)
+	if err := errors.Join(err1, err2); err != nil {
+		t.Errorf("%s: GOMEMLIMIT %v, memory limit %v: %v", where, gomemlimit, limit, err)
+		return
+	}
+	if r := float64(g) / float64(l); g >= l || r < 0.85 || r > 0.95 {
+		t.Errorf("%s: GOMEMLIMIT %s is %.0f%% of the memory limit %s, want about 90%% (below the limit)", where, gs, 100*r, ls)
+	}
+}
+
+// migrationJob checks a Job running outbox-streamer migrate up: bounded retries, a
+// ttl, a pod that never restarts in place and that the streamers' selector does
+// not match. It returns the pod spec.
+func migrationJob(t *testing.T, where string, job map[string]any, streamerSelector map[string]any) any {
+	t.Helper()
+	if job["kind"] != "Job" {
+		t.Fatalf("%s: kind %v, want Job", where, job["kind"])
+	}
+	spec := get(t, job, "spec")
+	if n, ok := get(t, spec, "backoffLimit").(int); !ok || n < 1 || n > 10 {
+		t.Errorf("%s: backoffLimit = %v, want a small number of retries", where, get(t, spec, "backoffLimit"))
+	}
+	if n, ok := get(t, spec, "ttlSecondsAfterFinished").(int); !ok || n <= 0 {
+		t.Errorf("%s: ttlSecondsAfterFinished = %v, want the finished Job removed after a while", where, get(t, spec, "ttlSecondsAfterFinished"))
+	}
+	if n, ok := get(t, spec, "activeDeadlineSeconds").(int); !ok || n <= 0 {
+		t.Errorf("%s: activeDeadlineSeconds = %v, want a bound", where, get(t, spec, "activeDeadlineSeconds"))
+	}
+	pod := get(t, spec, "template", "spec")
+	if rp := get(t, pod, "restartPolicy"); rp != "Never" && rp != "OnFailure" {
+		t.Errorf("%s: restartPolicy %v", where, rp)
+	}
+	if got := get(t, pod, "containers", 0, "args"); !reflect.DeepEqual(got, []any{"migrate", "up"}) {
+		t.Errorf("%s: args %v, want [migrate up]", where, got)
+	}
+	labels, _ := get(t, spec, "template", "metadata", "labels").(map[string]any)
+	matches := len(streamerSelector) > 0
+	for k, v := range streamerSelector {
+		if labels[k] != v {
+			matches = false
+		}
+	}
+	if matches {
+		t.Errorf("%s: the Job's pod labels %v match the streamers' selector %v (the Service and the PodDisruptionBudget would count it)", where, labels, streamerSelector)
+	}
+	return pod
+}
+
 func TestKubernetesManifests(t *testing.T) {
 	dep := mustDoc(t, "kubernetes/deployment.yaml")
 	if get(t, dep, "spec", "replicas") != 2 {
 		t.Errorf("replicas = %v, want 2 (leader and standby)", get(t, dep, "spec", "replicas"))
 	}
 	podLabels := get(t, dep, "spec", "template", "metadata", "labels").(map[string]any)
-	if !reflect.DeepEqual(get(t, dep, "spec", "selector", "matchLabels"), podLabels) {
+	selector := get(t, dep, "spec", "selector", "matchLabels").(map[string]any)
+	if !reflect.DeepEqual(selector, podLabels) {
 		t.Error("the Deployment's selector does not match its pod labels")
 	}
 	pod := get(t, dep, "spec", "template", "spec")
-	if get(t, pod, "securityContext", "runAsNonRoot") != true {
-		t.Error("pod securityContext must set runAsNonRoot")
-	}
-	c := get(t, pod, "containers", 0)
-	for k, want := range map[string]any{"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false, "runAsNonRoot": true} {
-		if got := get(t, c, "securityContext", k); got != want {
-			t.Errorf("container securityContext.%s = %v, want %v", k, got, want)
-		}
-	}
+	secretKeys := get(t, mustDoc(t, "kubernetes/secret.example.yaml"), "stringData").(map[string]any)
+	c := streamerPod(t, "deployment.yaml", pod, "outbox-streamer", secretKeys)
 	if get(t, c, "readinessProbe", "httpGet", "path") != "/readyz" || get(t, c, "livenessProbe", "httpGet", "path") != "/healthz" {
 		t.Error("readiness must probe /readyz and liveness /healthz")
 	}
 	if get(t, c, "ports", 0, "name") != "metrics" || get(t, c, "ports", 0, "containerPort") != 8187 {
 		t.Error("the container must expose port 8187 named metrics")
 	}
-	env := knownEnv(t)
-	secretKeys := get(t, mustDoc(t, "kubernetes/secret.example.yaml"), "stringData").(map[string]any)
-	for _, e := range get(t, c, "env").([]any) {
-		name := get(t, e, "name").(string)
-		if !env[name] {
-			t.Errorf("the Deployment sets %s, which the streamer does not read", name)
+	if !reflect.DeepEqual(get(t, c, "args"), []any{"run"}) {
+		t.Errorf("the Deployment runs %v, want [run]", get(t, c, "args"))
+	}
+
+	// The migration Job: the Deployment's image, environment and Secret.
+	job := mustDoc(t, "kubernetes/migrate-job.yaml")
+	jobPod := migrationJob(t, "migrate-job.yaml", job, selector)
+	jc := streamerPod(t, "migrate-job.yaml", jobPod, "outbox-streamer", secretKeys)
+	for _, k := range []string{"image", "env", "resources", "securityContext"} {
+		if !reflect.DeepEqual(get(t, jc, k), get(t, c, k)) {
+			t.Errorf("migrate-job.yaml's container %s differs from the Deployment's", k)
 		}
-		if ref, ok := get(t, e, "valueFrom").(map[string]any); ok {
-			key := get(t, ref, "secretKeyRef", "key").(string)
-			if _, ok := secretKeys[key]; !ok {
-				t.Errorf("env %s reads secret key %s, missing from secret.example.yaml", name, key)
-			}
-		}
-		if name == "DATABASE_URL" || name == "CLICKHOUSE_PASSWORD" {
-			if get(t, e, "value") != nil {
-				t.Errorf("%s must come from the Secret, not a literal", name)
-			}
-		}
+	}
+	if !reflect.DeepEqual(get(t, jobPod, "securityContext"), get(t, pod, "securityContext")) {
+		t.Error("migrate-job.yaml's pod securityContext differs from the Deployment's")
 	}
 
 	svc := mustDoc(t, "kubernetes/service.yaml")
 	if !reflect.DeepEqual(get(t, svc, "spec", "selector"), podLabels) {
 		t.Error("the Service does not select the streamer pods")
+	}
+	if get(t, svc, "spec", "ports", 0, "port") != 8187 || get(t, svc, "spec", "ports", 0, "targetPort") != "metrics" {
+		t.Error("the Service must serve port 8187 from the container's metrics port")
 	}
 	pdb := mustDoc(t, "kubernetes/poddisruptionbudget.yaml")
 	if !reflect.DeepEqual(get(t, pdb, "spec", "selector", "matchLabels"), podLabels) || get(t, pdb, "spec", "minAvailable") != 1 {
@@ -506,13 +870,17 @@ func TestKubernetesManifests(t *testing.T) {
 	// kustomize applies every manifest except the Secret example.
 	kz := mustDoc(t, "kubernetes/kustomization.yaml")
 	res := get(t, kz, "resources").([]any)
-	for _, f := range []string{"deployment.yaml", "service.yaml", "poddisruptionbudget.yaml", "servicemonitor.yaml", "prometheusrule.yaml"} {
+	for _, f := range []string{"migrate-job.yaml", "deployment.yaml", "service.yaml", "poddisruptionbudget.yaml", "servicemonitor.yaml", "prometheusrule.yaml"} {
 		if !slices.Contains(res, any(f)) {
 			t.Errorf("kustomization.yaml does not list %s", f)
 		}
 	}
 	if slices.Contains(res, any("secret.example.yaml")) {
 		t.Error("kustomization.yaml must not apply the example Secret")
+	}
+	// The images transformer renames the one image both pods use.
+	if get(t, kz, "images", 0, "name") != get(t, c, "image") {
+		t.Errorf("kustomization.yaml renames image %v, the pods use %v", get(t, kz, "images", 0, "name"), get(t, c, "image"))
 	}
 }
 

@@ -50,6 +50,13 @@ var Statuses = []string{"pending", "processed", "failed", "dead"}
 // SweepResults are the values of the result label of sweep_rows_total.
 var SweepResults = []string{"delivered", "failed", "dead"}
 
+// WALStatuses are the values of pg_replication_slots.wal_status (PostgreSQL 13+),
+// the status label of slot_wal_status, from healthy to invalidated: reserved (the
+// WAL is within max_wal_size), extended (beyond it, still kept for the slot),
+// unreserved (beyond max_slot_wal_keep_size: removed at the next checkpoint unless
+// the slot catches up) and lost (removed: the slot is invalidated).
+var WALStatuses = []string{"reserved", "extended", "unreserved", "lost"}
+
 // Metrics is the set of the streamer's metrics. Create it with New; a nil *Metrics is
 // a valid no-op.
 type Metrics struct {
@@ -78,6 +85,9 @@ type Metrics struct {
 	slotRetained       *prometheus.GaugeVec
 	slotSafeWAL        *prometheus.GaugeVec
 	slotActive         *prometheus.GaugeVec
+	slotWALStatus      *prometheus.GaugeVec
+	walPosition        *prometheus.GaugeVec
+	walKeepSize        *prometheus.GaugeVec
 	buildInfo          *prometheus.GaugeVec
 	outboxRows         *prometheus.GaugeVec
 	oldestUndelivered  prometheus.Gauge
@@ -142,6 +152,15 @@ func New() *Metrics {
 	m.buildInfo = f.gaugeVec("build_info", "Always 1; its labels say which build runs (version, Go release).", "version", "goversion")
 	m.buildInfo.WithLabelValues("unknown", runtime.Version()).Set(1)
 	m.slotActive = f.gaugeVec("slot_active", "1 when a walsender streams from the slot, 0 when nobody does or the slot does not exist.", "slot")
+	m.slotWALStatus = f.gaugeVec("slot_wal_status",
+		"1 for the slot's current pg_replication_slots.wal_status (reserved, extended, unreserved, lost), 0 for the others; all 0 when the slot does not exist.", "slot", "status")
+	// The two server-wide gauges have no labels but are vectors all the same, so
+	// that they are absent until the first poll has read them: a 0 before it would
+	// make the WAL rate jump and read as "no limit set" alike.
+	m.walPosition = f.gaugeVec("wal_position_bytes",
+		"The server's current WAL write position (pg_current_wal_lsn()) in bytes; its rate is the WAL written per second (exact below 2^53 bytes of WAL).")
+	m.walKeepSize = f.gaugeVec("max_slot_wal_keep_size_bytes",
+		"The server's max_slot_wal_keep_size in bytes: the most WAL a slot may retain before PostgreSQL invalidates it; -1 when unlimited (the default).")
 	m.outboxRows = f.gaugeVec("outbox_rows",
 		"Outbox rows by status; pending, failed and dead are exact, processed is estimated from pg_class.reltuples.", "status")
 	m.oldestUndelivered = f.gauge("oldest_undelivered_age_seconds", "Age of the oldest pending or failed outbox row (0 when there is none).")
@@ -357,6 +376,12 @@ type SlotStats struct {
 	// SafeWALSize is pg_replication_slots.safe_wal_size; nil when
 	// max_slot_wal_keep_size is unlimited.
 	SafeWALSize *float64
+	// WALStatus is pg_replication_slots.wal_status, one of WALStatuses; any other
+	// value (none before PostgreSQL 13) sets every status to 0.
+	WALStatus string
+	// WALPosition is the server's pg_current_wal_lsn(), known even without the
+	// slot; nil when unknown.
+	WALPosition *float64
 }
 
 // SetSlot records the slot's state. Values that are unknown remove their series
@@ -376,6 +401,31 @@ func (m *Metrics) SetSlot(s SlotStats) {
 	set(m.slotLag, s.LagBytes)
 	set(m.slotRetained, s.RetainedBytes)
 	set(m.slotSafeWAL, s.SafeWALSize)
+	// Every status keeps a series (0 or 1), so a change shows as one series
+	// going to 1 rather than as series appearing and vanishing.
+	for _, st := range WALStatuses {
+		m.slotWALStatus.WithLabelValues(s.Slot, st).Set(boolFloat(s.Exists && s.WALStatus == st))
+	}
+	// The WAL position is the server's, so it is reported with or without the slot.
+	if s.WALPosition != nil {
+		m.walPosition.WithLabelValues().Set(*s.WALPosition)
+	} else {
+		m.walPosition.Reset()
+	}
+}
+
+// SetWALKeepSize records the server's max_slot_wal_keep_size in bytes (-1:
+// unlimited); nil (unknown, or a server before PostgreSQL 13 without the setting)
+// removes the series.
+func (m *Metrics) SetWALKeepSize(bytes *float64) {
+	if m == nil {
+		return
+	}
+	if bytes != nil {
+		m.walKeepSize.WithLabelValues().Set(*bytes)
+	} else {
+		m.walKeepSize.Reset()
+	}
 }
 
 // OutboxStats is the outbox table's state as the SlotPoller reads it.

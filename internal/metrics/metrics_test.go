@@ -29,6 +29,7 @@ func TestNilMetricsIsANoOp(t *testing.T) {
 	m.SetLeader(true)
 	m.SetUp(false)
 	m.SetSlot(SlotStats{Slot: "s", Exists: true})
+	m.SetWALKeepSize(nil)
 	m.SetOutbox(OutboxStats{Rows: map[string]float64{"pending": 1}})
 	if m.Registry() != nil {
 		t.Fatal("nil Metrics has a registry")
@@ -170,6 +171,73 @@ func TestSetSlotRemovesUnknownValues(t *testing.T) {
 	}
 }
 
+func TestSetSlotWALStatus(t *testing.T) {
+	f := func(v float64) *float64 { return &v }
+	for _, c := range []struct {
+		name  string
+		stats SlotStats
+		want  string // the status at 1; "" for all 0
+	}{
+		{"reserved", SlotStats{Slot: "s", Exists: true, WALStatus: "reserved"}, "reserved"},
+		{"extended", SlotStats{Slot: "s", Exists: true, WALStatus: "extended"}, "extended"},
+		{"unreserved", SlotStats{Slot: "s", Exists: true, WALStatus: "unreserved"}, "unreserved"},
+		{"lost", SlotStats{Slot: "s", Exists: true, WALStatus: "lost"}, "lost"},
+		{"missing slot", SlotStats{Slot: "s", WALStatus: "reserved"}, ""},
+		{"unknown status", SlotStats{Slot: "s", Exists: true, WALStatus: "something new"}, ""},
+		{"no status (before PostgreSQL 13)", SlotStats{Slot: "s", Exists: true, LagBytes: f(1)}, ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			m := New()
+			// From another status first: the old one must go back to 0.
+			m.SetSlot(SlotStats{Slot: "s", Exists: true, WALStatus: "extended"})
+			m.SetSlot(c.stats)
+			for _, st := range WALStatuses {
+				want := 0.0
+				if st == c.want {
+					want = 1
+				}
+				if got := testutil.ToFloat64(m.slotWALStatus.WithLabelValues("s", st)); got != want {
+					t.Errorf("slot_wal_status{status=%q} = %v, want %v", st, got, want)
+				}
+			}
+			if n := testutil.CollectAndCount(m.slotWALStatus); n != len(WALStatuses) {
+				t.Errorf("slot_wal_status has %d series, want %d (one per status)", n, len(WALStatuses))
+			}
+		})
+	}
+}
+
+func TestWALPositionAndKeepSize(t *testing.T) {
+	m := New()
+	// Absent before the first poll: a 0 would read as a jump of the WAL position
+	// and as a limit of 0 bytes.
+	if n := testutil.CollectAndCount(m.walPosition) + testutil.CollectAndCount(m.walKeepSize); n != 0 {
+		t.Fatalf("%d WAL position/keep size series before any poll, want 0", n)
+	}
+	pos, keep, unlimited := float64(0x3000060), float64(4<<30), -1.0
+	// The position is the server's: reported without the slot too.
+	m.SetSlot(SlotStats{Slot: "s", WALPosition: &pos})
+	if got := testutil.ToFloat64(m.walPosition); got != pos {
+		t.Errorf("wal_position_bytes = %v, want %v", got, pos)
+	}
+	m.SetSlot(SlotStats{Slot: "s"})
+	if n := testutil.CollectAndCount(m.walPosition); n != 0 {
+		t.Errorf("wal_position_bytes has %d series when unknown, want 0", n)
+	}
+	m.SetWALKeepSize(&keep)
+	if got := testutil.ToFloat64(m.walKeepSize); got != keep {
+		t.Errorf("max_slot_wal_keep_size_bytes = %v, want %v", got, keep)
+	}
+	m.SetWALKeepSize(&unlimited)
+	if got := testutil.ToFloat64(m.walKeepSize); got != -1 {
+		t.Errorf("max_slot_wal_keep_size_bytes = %v for unlimited, want -1", got)
+	}
+	m.SetWALKeepSize(nil)
+	if n := testutil.CollectAndCount(m.walKeepSize); n != 0 {
+		t.Errorf("max_slot_wal_keep_size_bytes has %d series when unknown, want 0", n)
+	}
+}
+
 func TestSetOutbox(t *testing.T) {
 	m := New()
 	m.SetOutbox(OutboxStats{Rows: map[string]float64{"pending": 3, "failed": 2, "processed": 1000, "archived": 4}, OldestUndeliveredAge: 90 * time.Second})
@@ -191,7 +259,8 @@ func TestSetOutbox(t *testing.T) {
 func TestMetricNamesFollowConventions(t *testing.T) {
 	m := New()
 	v := 1.0
-	m.SetSlot(SlotStats{Slot: "s", Exists: true, LagBytes: &v, RetainedBytes: &v, SafeWALSize: &v})
+	m.SetSlot(SlotStats{Slot: "s", Exists: true, LagBytes: &v, RetainedBytes: &v, SafeWALSize: &v, WALStatus: "reserved", WALPosition: &v})
+	m.SetWALKeepSize(&v)
 	fams, err := m.Registry().Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -212,8 +281,8 @@ func TestMetricNamesFollowConventions(t *testing.T) {
 			ours++
 		}
 	}
-	if ours != 28 {
-		t.Errorf("%d outbox_streamer_ metric families registered, want 28 (11 counters, 5 histograms, 12 gauges)", ours)
+	if ours != 31 {
+		t.Errorf("%d outbox_streamer_ metric families registered, want 31 (11 counters, 5 histograms, 15 gauges)", ours)
 	}
 	// The Go and process collectors are on the registry too.
 	if !hasFamily(fams, "go_goroutines") || !hasFamily(fams, "process_cpu_seconds_total") {

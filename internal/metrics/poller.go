@@ -3,6 +3,7 @@ package metrics
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -51,8 +52,9 @@ func (c *PollerConfig) Validate() error {
 	return nil
 }
 
-// SlotPoller periodically reads the replication slot's lag and retained WAL and the
-// outbox's counts by status from PostgreSQL and sets the gauges. It only reads
+// SlotPoller periodically reads the replication slot's lag, retained WAL and WAL
+// status, the server's WAL position and max_slot_wal_keep_size, and the outbox's
+// counts by status from PostgreSQL and sets the gauges. It only reads
 // catalog views and the outbox's partial index, so every replica (leader and standby)
 // can run one: the standby then still reports a slot nobody streams from.
 type SlotPoller struct {
@@ -136,6 +138,12 @@ func (p *SlotPoller) Poll(ctx context.Context) error {
 	} else {
 		p.m.SetSlot(s)
 	}
+	if keep, err := p.readWALKeepSize(ctx); err != nil {
+		p.m.AddError(StagePoller)
+		errs = append(errs, err)
+	} else {
+		p.m.SetWALKeepSize(keep)
+	}
 	if o, err := p.readOutbox(ctx); err != nil {
 		p.m.AddError(StagePoller)
 		errs = append(errs, err)
@@ -150,11 +158,29 @@ func (p *SlotPoller) readSlot(ctx context.Context) (SlotStats, error) {
 	if err != nil {
 		return SlotStats{}, err
 	}
+	pos := float64(slot.CurrentWAL)
 	if !slot.Exists || slot.Foreign {
-		return SlotStats{Slot: p.cfg.Slot}, nil
+		return SlotStats{Slot: p.cfg.Slot, WALPosition: &pos}, nil
 	}
 	return SlotStats{Slot: p.cfg.Slot, Exists: true, Active: slot.Active,
-		LagBytes: asFloat(slot.LagBytes), RetainedBytes: asFloat(slot.RetainedBytes), SafeWALSize: asFloat(slot.SafeWALSize)}, nil
+		LagBytes: asFloat(slot.LagBytes), RetainedBytes: asFloat(slot.RetainedBytes), SafeWALSize: asFloat(slot.SafeWALSize),
+		WALStatus: slot.WALStatus, WALPosition: &pos}, nil
+}
+
+// walKeepSizeQuery reads max_slot_wal_keep_size in bytes. current_setting gives
+// the value as SHOW prints it, with its unit ("4GB", "1500MB", "-1"), which
+// pg_size_bytes converts, -1 (unlimited) included; the setting's base unit (MB in
+// pg_settings) never enters. missing_ok makes it NULL before PostgreSQL 13.
+const walKeepSizeQuery = `SELECT pg_size_bytes(current_setting('max_slot_wal_keep_size', true))`
+
+// readWALKeepSize returns max_slot_wal_keep_size in bytes (-1: unlimited), nil
+// when the server has no such setting.
+func (p *SlotPoller) readWALKeepSize(ctx context.Context) (*float64, error) {
+	var n *int64
+	if err := p.db.QueryRow(ctx, walKeepSizeQuery).Scan(&n); err != nil {
+		return nil, fmt.Errorf("read max_slot_wal_keep_size: %w", err)
+	}
+	return asFloat(n), nil
 }
 
 func asFloat(n *int64) *float64 {

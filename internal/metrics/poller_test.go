@@ -49,8 +49,8 @@ func TestPollerCountsErrorsAndKeepsRunning(t *testing.T) {
 	if err := p.Poll(context.Background()); !errors.Is(err, errDown) {
 		t.Fatalf("Poll = %v, want the database's error", err)
 	}
-	if got := testutil.ToFloat64(m.errors.WithLabelValues(StagePoller)); got != 2 {
-		t.Errorf(`errors_total{stage="slot_poller"} = %v after one failed poll, want 2 (slot and outbox)`, got)
+	if got := testutil.ToFloat64(m.errors.WithLabelValues(StagePoller)); got != 3 {
+		t.Errorf(`errors_total{stage="slot_poller"} = %v after one failed poll, want 3 (slot, max_slot_wal_keep_size and outbox)`, got)
 	}
 
 	// Run keeps polling through failures and returns nil when its context ends.
@@ -131,6 +131,27 @@ func TestPollerAgainstPostgres(t *testing.T) {
 	if n := testutil.CollectAndCount(m.slotLag); n != 0 {
 		t.Errorf("slot_lag_bytes reported for a missing slot")
 	}
+	for _, st := range WALStatuses {
+		if got := testutil.ToFloat64(m.slotWALStatus.WithLabelValues(slot, st)); got != 0 {
+			t.Errorf("slot_wal_status{status=%q} = %v for a missing slot, want 0", st, got)
+		}
+	}
+	// The WAL position is the server's: known without the slot.
+	var current float64
+	if err := pool.QueryRow(ctx, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8").Scan(&current); err != nil {
+		t.Fatal(err)
+	}
+	if pos := testutil.ToFloat64(m.walPosition); pos <= 0 || pos > current {
+		t.Errorf("wal_position_bytes = %v, want in (0, %v], the position read just after", pos, current)
+	}
+	// max_slot_wal_keep_size in bytes, -1 for unlimited, whatever unit SHOW uses.
+	var keep string
+	if err := pool.QueryRow(ctx, "SHOW max_slot_wal_keep_size").Scan(&keep); err != nil {
+		t.Fatal(err)
+	}
+	if got := testutil.ToFloat64(m.walKeepSize); (keep == "-1") != (got == -1) || got == 0 {
+		t.Errorf("max_slot_wal_keep_size_bytes = %v with max_slot_wal_keep_size %s", got, keep)
+	}
 
 	if _, err := pool.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot); err != nil {
 		t.Fatal(err)
@@ -175,9 +196,9 @@ func TestPollerAgainstPostgres(t *testing.T) {
 	if ret := testutil.ToFloat64(m.slotRetained.WithLabelValues(slot)); ret < testutil.ToFloat64(m.slotLag.WithLabelValues(slot)) {
 		t.Errorf("slot_retained_wal_bytes = %v, smaller than the lag", ret)
 	}
-	var keep string
-	if err := pool.QueryRow(ctx, "SHOW max_slot_wal_keep_size").Scan(&keep); err != nil {
-		t.Fatal(err)
+	// A fresh slot's WAL is within max_wal_size.
+	if got := testutil.ToFloat64(m.slotWALStatus.WithLabelValues(slot, "reserved")); got != 1 {
+		t.Errorf(`slot_wal_status{status="reserved"} = %v for a fresh slot, want 1`, got)
 	}
 	if safe := testutil.CollectAndCount(m.slotSafeWAL); (keep == "-1") != (safe == 0) {
 		t.Errorf("max_slot_wal_keep_size %s but %d safe_wal_size series", keep, safe)
@@ -190,6 +211,32 @@ func TestPollerAgainstPostgres(t *testing.T) {
 	}
 	if err := p2.Poll(ctx); err == nil || !strings.Contains(err.Error(), "no_such_table") {
 		t.Errorf("Poll of a missing table = %v", err)
+	}
+}
+
+// TestWALKeepSizeQueryConvertsUnits: the query converts what SHOW prints, in any
+// unit, to bytes, and -1 (unlimited) stays -1. The server's own setting cannot be
+// changed here (it is server-wide and other tests share the server), so the same
+// conversion runs on the forms SHOW prints.
+func TestWALKeepSizeQueryConvertsUnits(t *testing.T) {
+	pool := outboxDB(t)
+	ctx := context.Background()
+	query := strings.Replace(walKeepSizeQuery, "current_setting('max_slot_wal_keep_size', true)", "$1::text", 1)
+	if query == walKeepSizeQuery {
+		t.Fatal("walKeepSizeQuery no longer reads current_setting('max_slot_wal_keep_size', true)")
+	}
+	for in, want := range map[string]int64{"-1": -1, "0": 0, "1500MB": 1500 << 20, "4GB": 4 << 30, "2TB": 2 << 40, "64kB": 64 << 10} {
+		var got *int64
+		if err := pool.QueryRow(ctx, query, in).Scan(&got); err != nil {
+			t.Fatalf("%s: %v", in, err)
+		}
+		if got == nil || *got != want {
+			t.Errorf("%s: %v bytes, want %d", in, got, want)
+		}
+	}
+	var got *int64
+	if err := pool.QueryRow(ctx, query, nil).Scan(&got); err != nil || got != nil {
+		t.Errorf("no setting (before PostgreSQL 13): %v, %v; want NULL", got, err)
 	}
 }
 
