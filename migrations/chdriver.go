@@ -28,8 +28,8 @@ type chDriver struct {
 	locked  atomic.Bool
 }
 
-func newCHDriver(ctx context.Context, conn driver.Conn, db string, timeout time.Duration) (*chDriver, error) {
-	d := &chDriver{conn: conn, db: db, table: sink.QuoteIdent(db) + "." + sink.QuoteIdent(MigrationsTable), timeout: timeout}
+func newCHDriver(ctx context.Context, conn driver.Conn, db, versionTable string, timeout time.Duration) (*chDriver, error) {
+	d := &chDriver{conn: conn, db: db, table: sink.QuoteIdent(db) + "." + sink.QuoteIdent(versionTable), timeout: timeout}
 	err := conn.Exec(ctx, "CREATE TABLE IF NOT EXISTS "+d.table+
 		" (version Int64, dirty UInt8, sequence UInt64) ENGINE = TinyLog")
 	if err != nil {

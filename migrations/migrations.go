@@ -7,6 +7,7 @@ package migrations
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"embed"
 	"errors"
 	"fmt"
@@ -38,9 +39,32 @@ import (
 //go:embed postgres/*.sql clickhouse/modern/*.sql clickhouse/legacy/*.sql
 var files embed.FS
 
-// MigrationsTable is the version table in both databases. It is not golang-migrate's
-// default name, so it cannot collide with an application's own migrations.
+// MigrationsTable is the version table in both databases for the default outbox
+// and event table. It is not golang-migrate's default name, so it cannot collide
+// with an application's own migrations. Every other outbox table and every other
+// ClickHouse table has a version table of its own (PostgresMigrationsTable,
+// ClickHouseMigrationsTable): with one shared table, the second outbox's
+// `migrate up` would find version 1 applied and create nothing.
 const MigrationsTable = "outbox_streamer_migrations"
+
+// PostgresMigrationsTable is the version table of the outbox's migrations, in
+// the outbox's schema (the search_path's first without one):
+// outbox_streamer_migrations for event_outbox, outbox_streamer_migrations_TABLE
+// for another table.
+func PostgresMigrationsTable(outbox outboxstore.Name) string { return outbox.MigrationsTable() }
+
+// ClickHouseMigrationsTable is the version table of the event table's
+// migrations, in its ClickHouse database: outbox_streamer_migrations for
+// event_log, outbox_streamer_migrations_TABLE for another table. (A database
+// whose event table was not named event_log recorded its version in
+// outbox_streamer_migrations before; its next `migrate up` records it in the
+// new table: migration 1 only creates what does not exist.)
+func ClickHouseMigrationsTable(table string) string {
+	if table == "" || table == "event_log" {
+		return MigrationsTable
+	}
+	return MigrationsTable + "_" + table
+}
 
 // Config names the databases and objects the migrations create.
 type Config struct {
@@ -48,6 +72,9 @@ type Config struct {
 	PostgresDSN string
 	// Publication is the PostgreSQL publication created for the outbox.
 	Publication string
+	// Outbox is the outbox table (OUTBOX_TABLE; zero: event_outbox). Its
+	// schema, when given, is created when missing.
+	Outbox outboxstore.Name
 	// ClickHouse is the ClickHouse connection and table.
 	ClickHouse sink.Config
 	// PartitionInterval, when set, creates event_outbox range-partitioned by
@@ -57,6 +84,10 @@ type Config struct {
 	// TimeZone is the zone of created_at's wall clock (EVENT_TIME_ZONE,
 	// default UTC), which partition bounds follow.
 	TimeZone *time.Location
+	// ContextType is the type of event_context when the event table is
+	// created: "String" (the default; every version) or "JSON" (ClickHouse
+	// 25.3 and newer). A table that exists keeps its type.
+	ContextType string
 	// ConnectWait is how long a database that refuses connections is retried
 	// before the migration gives up (a compose or Kubernetes migrate job can
 	// start before PostgreSQL accepts connections); 0 tries once.
@@ -315,12 +346,22 @@ func postgresMigrator(ctx context.Context, cfg Config) (*migrate.Migrate, error)
 		db.Close()
 		return nil, fmt.Errorf("connect to postgres %s: %w", pcfg.Host, err)
 	}
-	drv, err := pgxmigrate.WithInstance(db, &pgxmigrate.Config{MigrationsTable: MigrationsTable})
+	mcfg := &pgxmigrate.Config{MigrationsTable: PostgresMigrationsTable(cfg.Outbox)}
+	if schema := cfg.Outbox.Schema; schema != "" {
+		// The version table lives in the outbox's schema, and golang-migrate
+		// creates it before the first migration runs: the schema comes first.
+		if err := ensureSchema(ctx, db, schema); err != nil {
+			db.Close()
+			return nil, err
+		}
+		mcfg.SchemaName = schema
+	}
+	drv, err := pgxmigrate.WithInstance(db, mcfg)
 	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("prepare postgres migrations: %w", err)
 	}
-	data := PostgresData(cfg.Publication)
+	data := PostgresDataFor(cfg.Publication, cfg.Outbox)
 	if cfg.PartitionInterval > 0 {
 		data["Partitioned"] = "true"
 	}
@@ -338,13 +379,14 @@ func clickhouseMigrator(ctx context.Context, mcfg Config) (*migrate.Migrate, str
 	bootstrap := cfg
 	bootstrap.Database = "system"
 	var legacy bool
+	var version string
 	err := connectRetrying(ctx, mcfg, ClickHouse, func(ctx context.Context) error {
 		conn, err := sink.Connect(bootstrap)
 		if err != nil {
 			return err
 		}
 		defer conn.Close()
-		if legacy, _, err = sink.DetectVersion(ctx, conn); err != nil {
+		if legacy, version, err = sink.DetectVersion(ctx, conn); err != nil {
 			return err
 		}
 		return conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS "+sink.QuoteIdent(cfg.Database))
@@ -360,19 +402,43 @@ func clickhouseMigrator(ctx context.Context, mcfg Config) (*migrate.Migrate, str
 	if err != nil {
 		return nil, "", err
 	}
-	drv, err := newCHDriver(ctx, chConn, cfg.Database, cfg.ReadTimeout+time.Minute)
+	drv, err := newCHDriver(ctx, chConn, cfg.Database, ClickHouseMigrationsTable(cfg.Table), cfg.ReadTimeout+time.Minute)
+	if err != nil {
+		chConn.Close()
+		return nil, "", err
+	}
+	contextType, err := contextColumnType(mcfg.ContextType, legacy, version)
 	if err != nil {
 		chConn.Close()
 		return nil, "", err
 	}
 	src, err := render("clickhouse/"+flavour, map[string]string{
-		"Table": sink.QuoteIdent(cfg.Database) + "." + sink.QuoteIdent(cfg.Table),
+		"Table":       sink.QuoteIdent(cfg.Database) + "." + sink.QuoteIdent(cfg.Table),
+		"ContextType": contextType,
 	})
 	if err != nil {
 		return nil, "", err
 	}
 	m, err := migrate.NewWithInstance("iofs", src, "clickhouse", drv)
 	return m, flavour, err
+}
+
+// contextColumnType is the event_context column type for CLICKHOUSE_CONTEXT_TYPE
+// on a server of this version. JSON is production-ready from 25.3 (earlier
+// servers have an experimental one with another storage format).
+func contextColumnType(want string, legacy bool, version string) (string, error) {
+	switch want {
+	case "", "String":
+		return "String", nil
+	case "JSON":
+		var major, minor int
+		fmt.Sscanf(version, "%d.%d", &major, &minor)
+		if legacy || major < 25 || (major == 25 && minor < 3) {
+			return "", fmt.Errorf("CLICKHOUSE_CONTEXT_TYPE=JSON needs ClickHouse 25.3 or newer; this server is %s: use String (the default), and JSONExtract* functions in queries", version)
+		}
+		return "JSON", nil
+	}
+	return "", fmt.Errorf("CLICKHOUSE_CONTEXT_TYPE %q: want String or JSON", want)
 }
 
 // Rendered returns the SQL of one migration file after templating, for tests and
@@ -418,15 +484,58 @@ func render(dir string, data map[string]string) (source.Driver, error) {
 	return src, nil
 }
 
-// PostgresData is the template data of the PostgreSQL migrations for the
-// publication name (from PUBLICATION_NAME), quoted for every place it goes.
+// PostgresData is the template data of the PostgreSQL migrations of
+// event_outbox for the publication name (from PUBLICATION_NAME), quoted for
+// every place it goes.
 func PostgresData(publication string) map[string]string {
+	return PostgresDataFor(publication, outboxstore.DefaultName)
+}
+
+// PostgresDataFor is PostgresData for the outbox table outbox (OUTBOX_TABLE).
+// The names of the objects made beside the table (its index, constraint and
+// default partition) start with the table's name, so they are the same as
+// ever for event_outbox and differ for every other outbox in the schema.
+func PostgresDataFor(publication string, outbox outboxstore.Name) map[string]string {
+	if outbox.Table == "" {
+		outbox = outboxstore.DefaultName
+	}
+	drop := ""
+	if outbox.IsDefault() {
+		// outbox_checkpoint is shared by the outboxes of the database (keyed by
+		// slot): only rolling back the default outbox drops it, as it always
+		// did; rolling back another leaves it to the others.
+		drop = "true"
+	}
 	return map[string]string{
 		"Publication":        pgx.Identifier{publication}.Sanitize(),
 		"PublicationLiteral": pgsql.Literal(publication),
-		"DollarTag":          dollarTag(publication),
+		"DollarTag":          dollarTag(publication + outbox.Ident()),
 		"Partitioned":        "",
+		"Outbox":             outbox.Ident(),
+		"StatusCheck":        pgx.Identifier{outbox.Table + "_status_check"}.Sanitize(),
+		"UndeliveredIndex":   pgx.Identifier{outbox.Table + "_undelivered_idx"}.Sanitize(),
+		"DefaultPartition":   outbox.Related("_default"),
+		"DropCheckpoint":     drop,
 	}
+}
+
+// ensureSchema creates schema when it does not exist (looking first, so a
+// role without CREATE on the database migrates an outbox whose schema exists).
+func ensureSchema(ctx context.Context, db interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+	ExecContext(context.Context, string, ...any) (sql.Result, error)
+}, schema string) error {
+	var exists bool
+	if err := db.QueryRowContext(ctx, "SELECT to_regnamespace($1) IS NOT NULL", pgx.Identifier{schema}.Sanitize()).Scan(&exists); err != nil {
+		return fmt.Errorf("look up schema %q: %w", schema, err)
+	}
+	if exists {
+		return nil
+	}
+	if _, err := db.ExecContext(ctx, "CREATE SCHEMA IF NOT EXISTS "+pgx.Identifier{schema}.Sanitize()); err != nil {
+		return fmt.Errorf("create schema %q of the outbox table: %w", schema, err)
+	}
+	return nil
 }
 
 // dollarTag returns a dollar-quote tag ($outbox$, $outbox_x$, ...) that does
@@ -442,31 +551,31 @@ func dollarTag(s string) string {
 
 // DescribeLayout creates the partitions a partitioned outbox needs now (the
 // current one and PartitionsAhead after it; the leader keeps creating them) and
-// returns one line saying how event_outbox is laid out.
+// returns one line saying how the outbox table is laid out.
 func DescribeLayout(ctx context.Context, cfg Config) (string, error) {
 	pool, err := pgxpool.New(ctx, cfg.PostgresDSN)
 	if err != nil {
 		return "", fmt.Errorf("DATABASE_URL: %w", err)
 	}
 	defer pool.Close()
-	partitioned, err := outboxstore.Partitioned(ctx, pool)
+	partitioned, err := outboxstore.Partitioned(ctx, pool, cfg.Outbox)
 	if err != nil {
 		return "", err
 	}
 	if !partitioned {
 		if cfg.PartitionInterval > 0 {
-			return "event_outbox: not partitioned — OUTBOX_PARTITION_INTERVAL applies when the table is created; docs/partitioned-outbox.md shows how to convert an existing one", nil
+			return cfg.Outbox.String() + ": not partitioned — OUTBOX_PARTITION_INTERVAL applies when the table is created; docs/partitioned-outbox.md shows how to convert an existing one", nil
 		}
-		return "event_outbox: not partitioned", nil
+		return cfg.Outbox.String() + ": not partitioned", nil
 	}
 	if cfg.PartitionInterval > 0 {
-		if _, err := outboxstore.EnsurePartitions(ctx, pool, cfg.PartitionInterval, time.Now(), cfg.TimeZone, 1, 3, zap.NewNop()); err != nil {
+		if _, err := outboxstore.EnsurePartitions(ctx, pool, cfg.Outbox, cfg.PartitionInterval, time.Now(), cfg.TimeZone, 1, 3, zap.NewNop()); err != nil {
 			return "", err
 		}
 	}
-	parts, err := outboxstore.Partitions(ctx, pool)
+	parts, err := outboxstore.Partitions(ctx, pool, cfg.Outbox)
 	if err != nil {
 		return "", err
 	}
-	return fmt.Sprintf("event_outbox: range-partitioned by created_at, %d partitions (the default one included)", len(parts)), nil
+	return fmt.Sprintf("%s: range-partitioned by created_at, %d partitions (the default one included)", cfg.Outbox, len(parts)), nil
 }

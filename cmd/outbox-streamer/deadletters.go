@@ -61,7 +61,7 @@ func cmdDeadLetters(args []string, stdout, stderr io.Writer) error {
 	defer done()
 
 	if action == "list" {
-		list, err := outboxstore.DeadLetters(ctx, conn, typ, limit)
+		list, err := outboxstore.DeadLetters(ctx, conn, cfg.Outbox, typ, limit)
 		if err != nil {
 			return err
 		}
@@ -84,7 +84,7 @@ func cmdDeadLetters(args []string, stdout, stderr io.Writer) error {
 		return nil
 	}
 
-	n, err := outboxstore.Requeue(ctx, conn, idList, typ)
+	n, err := outboxstore.Requeue(ctx, conn, cfg.Outbox, idList, typ)
 	if err != nil {
 		return err
 	}

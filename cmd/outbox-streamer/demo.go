@@ -48,6 +48,8 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("connect to postgres: %w", err)
 	}
 	defer pool.Close()
+	// The demo produces into the instance's own outbox (OUTBOX_TABLE).
+	producer := outbox.New(outbox.Options{Table: cfg.Outbox.String()})
 	ch, err := sink.OpenLazy(cfg.ClickHouse, zap.NewNop())
 	if err != nil {
 		return err
@@ -104,7 +106,7 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 			if count > 0 && produced+n > count {
 				n = count - produced
 			}
-			if err := insertDemo(ctx, pool, n, cfg.Environment); err != nil {
+			if err := insertDemo(ctx, pool, producer, n, cfg.Environment); err != nil {
 				if ctx.Err() != nil {
 					continue
 				}
@@ -119,8 +121,8 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 }
 
 // insertDemo writes n demo events in one transaction through package outbox, as a
-// service would (one COPY for the lot).
-func insertDemo(ctx context.Context, pool *pgxpool.Pool, n int, env string) error {
+// service would (one COPY for the lot), into the outbox table of w.
+func insertDemo(ctx context.Context, pool *pgxpool.Pool, w *outbox.Writer, n int, env string) error {
 	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
 		evs := make([]outbox.Event, n)
 		for i := range evs {
@@ -131,7 +133,7 @@ func insertDemo(ctx context.Context, pool *pgxpool.Pool, n int, env string) erro
 				Context:     map[string]any{"demo": true, "seq": i, "user_id": time.Now().UnixNano() % 100000},
 			}
 		}
-		_, err := outbox.AppendBatch(ctx, tx, evs)
+		_, err := w.AppendBatch(ctx, tx, evs)
 		return err
 	})
 }

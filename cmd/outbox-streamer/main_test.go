@@ -371,3 +371,59 @@ func TestMigrateStatusJSON(t *testing.T) {
 		}
 	}
 }
+
+// TestSecondOutboxWithOutboxTable (docs/many-outboxes.md): a second instance
+// with its own OUTBOX_TABLE, publication, slot and event table migrates its
+// outbox beside the first one's, streams it, and its status and dead-letters
+// report its table, not event_outbox.
+func TestSecondOutboxWithOutboxTable(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	ctx := context.Background()
+	e.Insert(t, 3, false) // the first outbox's rows: never counted below
+	env := envFor(e, "OUTBOX_TABLE=billing.event_outbox", "PUBLICATION_NAME=billing_publication",
+		"CLICKHOUSE_EVENT_LOG_TABLE_NAME=billing_log")
+	for i, kv := range env {
+		if strings.HasPrefix(kv, "REPLICATION_SLOT_NAME=") {
+			env[i] = "REPLICATION_SLOT_NAME=" + e.Slot + "_billing"
+		}
+	}
+	code, out := runCmd(t, env, "migrate", "up")
+	if code != 0 || !strings.Contains(out, "billing.event_outbox: not partitioned") {
+		t.Fatalf("migrate up with OUTBOX_TABLE exited %d:\n%s", code, out)
+	}
+	code, out = runCmd(t, env, "migrate", "status")
+	if code != 0 || strings.Count(out, "up to date") != 2 {
+		t.Fatalf("migrate status with OUTBOX_TABLE exited %d:\n%s", code, out)
+	}
+	if _, err := e.Pool.Exec(ctx, `INSERT INTO billing.event_outbox (event_type, event_date_time, status, attempts, last_error)
+		VALUES ('billing.dead', now(), 'dead', 10, 'gave up')`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Pool.Exec(ctx, `INSERT INTO billing.event_outbox (event_type, event_date_time)
+		SELECT 'billing.paid', now() AT TIME ZONE 'UTC' FROM generate_series(1, 5)`); err != nil {
+		t.Fatal(err)
+	}
+	startStreamer(t, env)
+	e2e.WaitFor(t, time.Minute, "the billing rows delivered", func() bool {
+		var n int
+		_ = e.Pool.QueryRow(ctx, `SELECT count(*) FROM billing.event_outbox WHERE status = 'processed'`).Scan(&n)
+		return n == 5
+	})
+	var inCH uint64
+	if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+e.Sink.Database+".billing_log").Scan(&inCH); err != nil || inCH != 5 {
+		t.Fatalf("billing_log holds %d rows (%v), want 5", inCH, err)
+	}
+	if c, _ := e.CHCounts(t); c != 0 {
+		t.Fatalf("event_log holds %d rows: the billing instance delivered into the first outbox's table", c)
+	}
+	code, out = runCmd(t, env, "status", "--json")
+	if code != 0 || !strings.Contains(out, `"processed": 5`) || !strings.Contains(out, `"dead": 1`) || !strings.Contains(out, `"pending": 0`) {
+		t.Fatalf("status --json with OUTBOX_TABLE (exit %d):\n%s", code, out)
+	}
+	code, out = runCmd(t, env, "dead-letters", "list")
+	if code != 0 || !strings.Contains(out, "billing.dead") || !strings.Contains(out, "1 dead letter(s) shown") {
+		t.Fatalf("dead-letters list with OUTBOX_TABLE (exit %d):\n%s", code, out)
+	}
+	code, out = runCmd(t, append(envFor(e), "OUTBOX_TABLE=Billing.Outbox"), "status")
+	wantFailure(t, code, out, "invalid OUTBOX_TABLE (--outbox-table)")
+}

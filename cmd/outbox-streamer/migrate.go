@@ -59,8 +59,8 @@ func cmdMigrate(args []string, stdout, stderr io.Writer) error {
 			return usageError{command: "migrate force", err: fmt.Errorf("--database %q: want postgres or clickhouse", database)}
 		}
 	}
-	mcfg := migrations.Config{PostgresDSN: cfg.PostgresDSN, Publication: cfg.Publication, ClickHouse: cfg.ClickHouse,
-		PartitionInterval: cfg.PartitionInterval, TimeZone: cfg.TimeZone, ConnectWait: wait,
+	mcfg := migrations.Config{PostgresDSN: cfg.PostgresDSN, Publication: cfg.Publication, Outbox: cfg.Outbox, ClickHouse: cfg.ClickHouse,
+		PartitionInterval: cfg.PartitionInterval, TimeZone: cfg.TimeZone, ConnectWait: wait, ContextType: cfg.ContextType,
 		Notify: func(msg string) { fmt.Fprintln(stderr, "migrate:", msg) }}
 	ctx := context.Background()
 	switch action {

@@ -42,7 +42,7 @@ func cmdPrune(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("DATABASE_URL: %w", err)
 	}
 	defer pool.Close()
-	p := outboxstore.NewPruner(outboxstore.PruneConfig{Retention: age, TimeZone: cfg.TimeZone, PartitionInterval: cfg.PartitionInterval}, pool, log)
+	p := outboxstore.NewPruner(outboxstore.PruneConfig{Table: cfg.Outbox, Retention: age, TimeZone: cfg.TimeZone, PartitionInterval: cfg.PartitionInterval}, pool, log)
 	res, err := p.Prune(ctx, age, dry)
 	verb := "removed"
 	if dry {

@@ -40,7 +40,8 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	log.Info("starting outbox-streamer", zap.String("version", version),
 		zap.String("postgres", config.RedactDSN(cfg.PostgresDSN)),
 		zap.String("clickhouse", cfg.ClickHouse.Addr), zap.String("clickhouse_database", cfg.ClickHouse.Database),
-		zap.String("table", cfg.ClickHouse.Table), zap.String("slot", cfg.Slot),
+		zap.String("table", cfg.ClickHouse.Table), zap.Stringer("outbox_table", cfg.Outbox), zap.String("slot", cfg.Slot),
+		zap.String("publication", cfg.Publication),
 		zap.Int("batch_size", cfg.BatchSize), zap.Duration("batch_timeout", cfg.BatchTimeout))
 	return service.Run(drain, abandon, cfg, log, service.Hooks{OnState: obs.setService, Metrics: obs.metrics})
 }
@@ -57,7 +58,7 @@ func runSweepOnce(ctx context.Context, cfg *config.Config, log *zap.Logger, stdo
 		return fmt.Errorf("DATABASE_URL: %w", err)
 	}
 	defer pool.Close()
-	store := outboxstore.New(pool, service.RetryConfig(cfg))
+	store := outboxstore.NewFor(pool, service.RetryConfig(cfg), cfg.Outbox)
 	s := sweep.New(sweep.Config{BatchSize: cfg.ClickHouseBatchSize, TimeZone: cfg.TimeZone, Slot: cfg.Slot}, pool, ch, store, log)
 	res, err := s.Run(ctx)
 	// Stranded pending rows are rescued once the slot has passed the mark this
@@ -74,7 +75,7 @@ func runSweepOnce(ctx context.Context, cfg *config.Config, log *zap.Logger, stdo
 	}
 	var left struct{ failed, dead int64 }
 	var qerr error
-	if left.failed, left.dead, qerr = outboxstore.Undelivered(context.Background(), pool); qerr != nil && err == nil {
+	if left.failed, left.dead, qerr = outboxstore.Undelivered(context.Background(), pool, cfg.Outbox); qerr != nil && err == nil {
 		err = qerr
 	}
 	fmt.Fprintf(stdout, "sweep: %d delivered, %d already in ClickHouse, %d failed again, %d became dead letters, %d stranded pending rows rescued in %s; now %d failed, %d dead\n",

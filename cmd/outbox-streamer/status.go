@@ -90,14 +90,14 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	if err := conn.QueryRow(ctx, leader.HolderQuery, cfg.Slot).Scan(&st.Leader); err != nil && !errors.Is(err, pgx.ErrNoRows) {
 		return fmt.Errorf("read the leader lock: %w", err)
 	}
-	if st.Counts, err = outboxstore.CountByStatus(ctx, conn); err != nil {
+	if st.Counts, err = outboxstore.CountByStatus(ctx, conn, cfg.Outbox); err != nil {
 		return err
 	}
-	if st.OldestUndelivered, err = outboxstore.OldestUndelivered(ctx, conn); err != nil {
+	if st.OldestUndelivered, err = outboxstore.OldestUndelivered(ctx, conn, cfg.Outbox); err != nil {
 		return err
 	}
 	st.RetentionSeconds = cfg.Retention.Seconds()
-	ages, err := outboxstore.ReadAges(ctx, conn, cfg.TimeZone)
+	ages, err := outboxstore.ReadAges(ctx, conn, cfg.Outbox, cfg.TimeZone)
 	if err != nil {
 		return err
 	}

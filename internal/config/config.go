@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -29,6 +30,10 @@ type Config struct {
 		secure          bool
 	}
 
+	// ContextType is CLICKHOUSE_CONTEXT_TYPE, "String" or "JSON": the type of
+	// event_context in a new event table (migrations.Config.ContextType).
+	ContextType string
+
 	Slot string
 	// Streaming, SpillDir, SpillMaxBytes: REPLICATION_STREAMING,
 	// STREAM_SPILL_DIR, STREAM_SPILL_MAX_BYTES (see replication.Config).
@@ -36,6 +41,10 @@ type Config struct {
 	SpillDir      string
 	SpillMaxBytes int64
 	spillMaxBytes int
+	// Outbox is OUTBOX_TABLE: the outbox table this instance streams (one
+	// instance per outbox; see docs/many-outboxes.md).
+	Outbox      outboxstore.Name
+	outboxTable string
 	// Retention is OUTBOX_RETENTION: processed rows older than it are pruned.
 	Retention time.Duration
 	// PartitionInterval is OUTBOX_PARTITION_INTERVAL (0: unpartitioned).
@@ -98,6 +107,7 @@ func Bind(src *Source, c *Config) {
 	src.String(&c.ClickHouse.Table, "CLICKHOUSE_EVENT_LOG_TABLE_NAME", "table", "event_log", "ClickHouse event table")
 	src.Duration(&c.ClickHouse.DialTimeout, "CLICKHOUSE_CONNECT_TIMEOUT", "clickhouse-connect-timeout", 30*time.Second, "ClickHouse connect timeout")
 	src.Duration(&c.ClickHouse.ReadTimeout, "CLICKHOUSE_SEND_RECEIVE_TIMEOUT", "clickhouse-timeout", 10*time.Second, "ClickHouse send/receive timeout per request")
+	src.String(&c.ContextType, "CLICKHOUSE_CONTEXT_TYPE", "clickhouse-context-type", "String", "type of event_context when `migrate up` creates the event table: String, or JSON (ClickHouse 25.3+: queries read event_context.field as a subcolumn); an existing table keeps its type")
 	src.Int(&c.ClickHouse.MaxContextBytes, "EVENT_MAX_CONTEXT_BYTES", "max-context-bytes", 1<<20, 1, "largest event_context delivered; larger events are failed")
 
 	src.Group("Replication")
@@ -110,6 +120,7 @@ func Bind(src *Source, c *Config) {
 	src.Int(&c.spillMaxBytes, "STREAM_SPILL_MAX_BYTES", "spill-max-bytes", 4<<30, 0, "bound of STREAM_SPILL_DIR; past it the streamer goes on with protocol 1 until it restarts (0: no bound)")
 
 	src.Group("Outbox table")
+	src.String(&c.outboxTable, "OUTBOX_TABLE", "outbox-table", outboxstore.Table, "the outbox table this instance streams, table or schema.table (lower-case names); one instance, slot, publication and event table per outbox")
 	src.String(&c.timeZone, "EVENT_TIME_ZONE", "time-zone", "UTC", "time zone of the outbox's TIMESTAMP (without time zone) values")
 	src.DurationOrZero(&c.PartitionInterval, "OUTBOX_PARTITION_INTERVAL", "partition-interval", 0, "width of the partitions (e.g. 1d, 1h) when `migrate up` creates event_outbox range-partitioned by created_at; the leader creates them ahead. 0: an unpartitioned table")
 	src.DurationOrZero(&c.Retention, "OUTBOX_RETENTION", "retention", 7*24*time.Hour, "processed outbox rows older than this (by created_at) are removed by the leader after each sweep; 0 keeps everything (pending, failed and dead rows always stay)")
@@ -162,7 +173,18 @@ func (c *Config) finish(src *Source) error {
 		return fmt.Errorf("invalid EVENT_TIME_ZONE (--time-zone) %q: not a known time zone", c.timeZone)
 	}
 	c.TimeZone = loc
+	switch strings.ToLower(strings.TrimSpace(c.ContextType)) {
+	case "string":
+		c.ContextType = "String"
+	case "json":
+		c.ContextType = "JSON"
+	default:
+		return fmt.Errorf("invalid CLICKHOUSE_CONTEXT_TYPE (--clickhouse-context-type) %q: want String or JSON", c.ContextType)
+	}
 	c.SpillMaxBytes = int64(c.spillMaxBytes)
+	if c.Outbox, err = outboxstore.ParseName(c.outboxTable); err != nil {
+		return fmt.Errorf("invalid OUTBOX_TABLE (--outbox-table) %w", err)
+	}
 	switch c.Streaming = strings.ToLower(strings.TrimSpace(c.Streaming)); c.Streaming {
 	case "auto", "on", "off":
 	case "true", "1", "yes":

@@ -253,3 +253,47 @@ func TestFormatDuration(t *testing.T) {
 		}
 	}
 }
+
+func TestOutboxTable(t *testing.T) {
+	cfg, err := load(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.Outbox.IsDefault() || cfg.Outbox.Ident() != `"event_outbox"` {
+		t.Fatalf("default outbox = %+v (%s)", cfg.Outbox, cfg.Outbox.Ident())
+	}
+	for _, c := range []struct {
+		env, flag            string
+		schema, table, ident string
+	}{
+		{env: "orders_outbox", table: "orders_outbox", ident: `"orders_outbox"`},
+		{env: "billing.event_outbox", schema: "billing", table: "event_outbox", ident: `"billing"."event_outbox"`},
+		{env: " public.event_outbox ", schema: "public", table: "event_outbox", ident: `"public"."event_outbox"`},
+		{env: "a.b", flag: "_x.t1", schema: "_x", table: "t1", ident: `"_x"."t1"`},
+	} {
+		var args []string
+		if c.flag != "" {
+			args = []string{"--outbox-table", c.flag}
+		}
+		cfg, err := load(t, map[string]string{"OUTBOX_TABLE": c.env}, args...)
+		if err != nil {
+			t.Fatalf("OUTBOX_TABLE=%q %v: %v", c.env, args, err)
+		}
+		if cfg.Outbox.Schema != c.schema || cfg.Outbox.Table != c.table || cfg.Outbox.Ident() != c.ident {
+			t.Errorf("OUTBOX_TABLE=%q %v: %+v %s, want %s.%s %s", c.env, args, cfg.Outbox, cfg.Outbox.Ident(), c.schema, c.table, c.ident)
+		}
+	}
+	for _, bad := range []string{
+		"a.b.c", ".event_outbox", "billing.", "Orders", `"event_outbox"`, "1outbox", "event-outbox",
+		"event outbox", "x;drop table y", "billing.Event_Outbox",
+		strings.Repeat("t", 37), // the derived names would pass 63 bytes
+	} {
+		_, err := load(t, map[string]string{"OUTBOX_TABLE": bad})
+		if err == nil || !strings.HasPrefix(err.Error(), "invalid OUTBOX_TABLE (--outbox-table)") {
+			t.Errorf("OUTBOX_TABLE=%q: err = %v, want one naming the setting", bad, err)
+		}
+	}
+	if _, err := load(t, map[string]string{"OUTBOX_TABLE": strings.Repeat("t", 36)}); err != nil {
+		t.Errorf("a 36-byte table name: %v", err)
+	}
+}

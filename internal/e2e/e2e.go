@@ -19,6 +19,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/migrations"
 	"github.com/outbox-streamer/outbox-streamer/sink"
@@ -35,6 +36,8 @@ type Env struct {
 	Pool        *pgxpool.Pool
 	CHConn      driver.Conn
 	Table       string // quoted db.table in ClickHouse
+	// Outbox is the outbox table (event_outbox unless made by NewOutbox).
+	Outbox outboxstore.Name
 }
 
 // New migrates fresh databases on the shared test servers.
@@ -67,6 +70,7 @@ func newEnv(t *testing.T, serverDSN string, srv testenv.CHServer, partitionInter
 		Publication: "outbox_publication",
 		CH:          srv,
 		Sink:        sink.Config{Addr: srv.Addr, User: "default", Database: chdb, Table: "event_log"},
+		Outbox:      outboxstore.DefaultName,
 	}
 	if err := e.Sink.Validate(); err != nil {
 		t.Fatal(err)
@@ -104,6 +108,32 @@ func newEnv(t *testing.T, serverDSN string, srv testenv.CHServer, partitionInter
 	return e
 }
 
+// NewOutbox migrates a second outbox beside base's: the outbox table outbox
+// (table or schema.table) with its own publication and slot in base's
+// PostgreSQL database, and its own event table chTable in base's ClickHouse
+// database — what a second streamer instance of docs/many-outboxes.md has.
+// It shares base's connections.
+func NewOutbox(t *testing.T, base *Env, outbox, publication, chTable string) *Env {
+	t.Helper()
+	name, err := outboxstore.ParseName(outbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := *base
+	e.Outbox = name
+	e.Slot = "s_" + randomHex(t)
+	e.Publication = publication
+	e.Sink.Table = chTable
+	e.Table = sink.QuoteIdent(e.Sink.Database) + "." + sink.QuoteIdent(chTable)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := migrations.Up(ctx, migrations.Config{PostgresDSN: e.DSN, Publication: publication, Outbox: name, ClickHouse: e.Sink}); err != nil {
+		t.Fatalf("migrate outbox %s: %v", name, err)
+	}
+	e.StopMerges(t)
+	return &e
+}
+
 // StopMerges stops background merges of the event table. It is a
 // ReplacingMergeTree: a merge removes duplicates, and would hide from
 // count() = uniqExact(event_id) a row that was inserted twice. Tests must see
@@ -126,7 +156,7 @@ func (e *Env) Insert(t testing.TB, n int, rollback bool) {
 		t.Fatal(err)
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck
-	if _, err := tx.Exec(ctx, insertSeries, n); err != nil {
+	if _, err := tx.Exec(ctx, strings.Replace(insertSeries, "{outbox}", e.Outbox.Ident(), 1), n); err != nil {
 		t.Fatalf("insert %d events: %v", n, err)
 	}
 	if rollback {
@@ -138,7 +168,7 @@ func (e *Env) Insert(t testing.TB, n int, rollback bool) {
 }
 
 // insertSeries inserts $1 events with varied types and times.
-const insertSeries = `INSERT INTO event_outbox (event_type, event_date_time, environment, event_context, metadata_version)
+const insertSeries = `INSERT INTO {outbox} (event_type, event_date_time, environment, event_context, metadata_version)
 	SELECT 'type.' || (g % 7), (now() AT TIME ZONE 'UTC') - (g % 1000) * interval '1 second', 'test',
 	       jsonb_build_object('n', g, 'note', 'event ' || g), 1
 	FROM generate_series(1, $1) AS g`
@@ -202,7 +232,7 @@ func (e *Env) ConfirmedFlush(t testing.TB) uint64 {
 func (e *Env) Committed(t testing.TB) (total, processed int64) {
 	t.Helper()
 	err := e.Pool.QueryRow(context.Background(),
-		"SELECT count(*), count(*) FILTER (WHERE status = 'processed') FROM event_outbox").Scan(&total, &processed)
+		"SELECT count(*), count(*) FILTER (WHERE status = 'processed') FROM "+e.Outbox.Ident()).Scan(&total, &processed)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -212,7 +242,7 @@ func (e *Env) Committed(t testing.TB) (total, processed int64) {
 // StatusCounts returns the number of outbox rows per status.
 func (e *Env) StatusCounts(t testing.TB) map[string]int64 {
 	t.Helper()
-	rows, err := e.Pool.Query(context.Background(), "SELECT status, count(*) FROM event_outbox GROUP BY status")
+	rows, err := e.Pool.Query(context.Background(), "SELECT status, count(*) FROM "+e.Outbox.Ident()+" GROUP BY status")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -276,7 +306,7 @@ func (e *Env) AssertExactlyDelivered(t testing.TB, timeout time.Duration, walPos
 		t.Fatalf("ClickHouse has count()=%d uniqExact(event_id)=%d, want both = %d committed rows\n%s", c, u, total, e.DescribeDuplicates(t))
 	}
 	var sumPG int64
-	if err := e.Pool.QueryRow(context.Background(), "SELECT COALESCE(sum(id), 0) FROM event_outbox").Scan(&sumPG); err != nil {
+	if err := e.Pool.QueryRow(context.Background(), "SELECT COALESCE(sum(id), 0) FROM "+e.Outbox.Ident()).Scan(&sumPG); err != nil {
 		t.Fatal(err)
 	}
 	var sumCH uint64
@@ -299,7 +329,7 @@ func (e *Env) AssertExactlyDeliveredExcept(t testing.TB, timeout time.Duration, 
 	t.Helper()
 	ctx := context.Background()
 	var total, sumPG int64
-	if err := e.Pool.QueryRow(ctx, "SELECT count(*), COALESCE(sum(id), 0) FROM event_outbox").Scan(&total, &sumPG); err != nil {
+	if err := e.Pool.QueryRow(ctx, "SELECT count(*), COALESCE(sum(id), 0) FROM "+e.Outbox.Ident()).Scan(&total, &sumPG); err != nil {
 		t.Fatal(err)
 	}
 	var notDeleted strings.Builder
@@ -374,7 +404,7 @@ func (e *Env) DescribeDuplicates(t testing.TB) string {
 		if n < 12 || n%500 == 0 {
 			var status, reason string
 			var attempts int
-			_ = e.Pool.QueryRow(ctx, "SELECT status, attempts, coalesce(last_error, '') FROM event_outbox WHERE id = $1", int64(id)).Scan(&status, &attempts, &reason)
+			_ = e.Pool.QueryRow(ctx, "SELECT status, attempts, coalesce(last_error, '') FROM "+e.Outbox.Ident()+" WHERE id = $1", int64(id)).Scan(&status, &attempts, &reason)
 			fmt.Fprintf(&b, "  event %d: %d copies, commit_lsn %v, inserted_at %v; outbox: %s, %d attempts, %q\n", id, c, lsns, at, status, attempts, reason)
 		}
 		n++

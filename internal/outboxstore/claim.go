@@ -24,7 +24,8 @@ type Claimed struct {
 const claimColumns = `id, event_type, event_date_time, environment, event_context::text,
 			metadata_version, created_at, attempts`
 
-// The two claims, each an index scan of event_outbox_undelivered_idx
+// The two claims, each an index scan of event_outbox_undelivered_idx (the
+// outbox table's name followed by _undelivered_idx)
 // (status, next_attempt_at, id) in the index's order, so a round costs its
 // LIMIT, not the backlog: one `ORDER BY next_attempt_at NULLS FIRST, id` with
 // `OR next_attempt_at IS NULL` matched no index order and sorted every failed
@@ -33,22 +34,24 @@ const (
 	// claimUnscheduled takes failed rows without next_attempt_at (inserted so
 	// by hand or by an older tool): due now, not never.
 	claimUnscheduled = `SELECT ` + claimColumns + `
-		FROM event_outbox
+		FROM {outbox}
 		WHERE status = 'failed' AND next_attempt_at IS NULL
 		ORDER BY status, next_attempt_at, id
 		LIMIT $1
 		FOR UPDATE SKIP LOCKED`
 	// claimScheduled takes the failed rows that are due, oldest due first.
 	claimScheduled = `SELECT ` + claimColumns + `
-		FROM event_outbox
+		FROM {outbox}
 		WHERE status = 'failed' AND next_attempt_at <= now()
 		ORDER BY status, next_attempt_at, id
 		LIMIT $1
 		FOR UPDATE SKIP LOCKED`
 )
 
-// ClaimStatements are the statements ClaimDue runs (for EXPLAIN).
-func ClaimStatements() []string { return []string{claimUnscheduled, claimScheduled} }
+// ClaimStatements are the statements ClaimDue runs on table (for EXPLAIN).
+func ClaimStatements(table Name) []string {
+	return []string{table.sql(claimUnscheduled), table.sql(claimScheduled)}
+}
 
 // ClaimDue locks up to limit failed rows whose next attempt is due (those
 // without a next attempt first, then the oldest due), skipping rows another
@@ -57,7 +60,7 @@ func ClaimStatements() []string { return []string{claimUnscheduled, claimSchedul
 // outbox's TIMESTAMP values.
 func (s *Store) ClaimDue(ctx context.Context, limit int, loc *time.Location) ([]Claimed, error) {
 	var out []Claimed
-	for _, q := range ClaimStatements() {
+	for _, q := range ClaimStatements(s.table) {
 		if len(out) >= limit {
 			break
 		}
@@ -150,7 +153,7 @@ func (s *Store) Backfill(ctx context.Context, snapshot string, progress func(row
 	var total int64
 	last := int64(-1 << 63)
 	for {
-		rows, err := tx.Query(ctx, `SELECT id FROM event_outbox WHERE status = 'pending' AND id > $1 ORDER BY id LIMIT 10000`, last)
+		rows, err := tx.Query(ctx, s.sql(`SELECT id FROM {outbox} WHERE status = 'pending' AND id > $1 ORDER BY id LIMIT 10000`), last)
 		if err != nil {
 			return total, fmt.Errorf("backfill: read pending rows: %w", err)
 		}
@@ -161,11 +164,11 @@ func (s *Store) Backfill(ctx context.Context, snapshot string, progress func(row
 		if len(ids) == 0 {
 			return total, nil
 		}
-		if _, err := s.pool.Exec(ctx, `UPDATE event_outbox
+		if _, err := s.pool.Exec(ctx, s.sql(`UPDATE {outbox}
 			SET status = 'failed', next_attempt_at = now(),
 			    last_error = 'backfill: committed before the replication slot existed; delivered by the sweep',
 			    updated_at = now() AT TIME ZONE 'UTC'
-			WHERE id = ANY($1) AND status = 'pending'`, ids); err != nil {
+			WHERE id = ANY($1) AND status = 'pending'`), ids); err != nil {
 			return total, fmt.Errorf("backfill: mark %d rows for the sweep: %w", len(ids), err)
 		}
 		total += int64(len(ids))
@@ -209,19 +212,19 @@ const rescueChunk = 10000
 func (s *Store) MarkStranded(ctx context.Context, snapshot string) (int64, error) {
 	var total int64
 	for {
-		tag, err := s.db.Exec(ctx, `WITH snap AS (SELECT $1::txid_snapshot AS s),
+		tag, err := s.db.Exec(ctx, s.sql(`WITH snap AS (SELECT $1::txid_snapshot AS s),
 			stranded AS (
-				SELECT o.id FROM event_outbox o, snap
+				SELECT o.id FROM {outbox} o, snap
 				WHERE o.status = 'pending'
 				  AND txid_visible_in_snapshot(`+widenXmin("o.xmin::text::bigint", "snap.s")+`, snap.s)
 				ORDER BY o.id
 				LIMIT $2
 				FOR UPDATE OF o SKIP LOCKED)
-			UPDATE event_outbox o
+			UPDATE {outbox} o
 			SET status = 'failed', next_attempt_at = now(),
 			    last_error = 'stranded: still pending after the stream passed its commit (committed before the slot, outside the publication, or reset by hand); delivered by the sweep',
 			    updated_at = now() AT TIME ZONE 'UTC'
-			FROM stranded WHERE o.id = stranded.id`, snapshot, rescueChunk)
+			FROM stranded WHERE o.id = stranded.id`), snapshot, rescueChunk)
 		if err != nil {
 			return total, fmt.Errorf("mark stranded pending rows: %w", err)
 		}

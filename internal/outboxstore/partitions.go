@@ -18,17 +18,23 @@ import (
 
 // Partition is one range partition of a partitioned outbox.
 type Partition struct {
+	// Schema and Name are the partition's (the outbox's schema and, for the
+	// ones the leader makes, the outbox's name followed by _pDATE).
+	Schema   string
 	Name     string
 	From, To time.Time // created_at bounds, wall clock of the outbox's zone (as UTC values)
 	Default  bool
 }
 
-// Partitioned reports whether event_outbox is a partitioned table.
+// ident is the partition's quoted qualified name.
+func (p Partition) ident() string { return pgx.Identifier{p.Schema, p.Name}.Sanitize() }
+
+// Partitioned reports whether table is a partitioned table.
 func Partitioned(ctx context.Context, db interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
-}) (bool, error) {
+}, table Name) (bool, error) {
 	var kind string
-	err := db.QueryRow(ctx, `SELECT relkind::text FROM pg_class WHERE oid = to_regclass('event_outbox')`).Scan(&kind)
+	err := db.QueryRow(ctx, `SELECT relkind::text FROM pg_class WHERE oid = to_regclass(`+table.Literal()+`)`).Scan(&kind)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return false, nil
 	}
@@ -57,20 +63,20 @@ func parseBound(s string) (time.Time, error) {
 	return time.Parse("2006-01-02 15:04:05", strings.Trim(s, "'"))
 }
 
-// Partitions lists the outbox's partitions.
-func Partitions(ctx context.Context, db *pgxpool.Pool) ([]Partition, error) {
-	rows, err := db.Query(ctx, `SELECT c.relname, pg_get_expr(c.relpartbound, c.oid)
-		FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-		WHERE i.inhparent = to_regclass('event_outbox') ORDER BY c.relname`)
+// Partitions lists the partitions of table.
+func Partitions(ctx context.Context, db *pgxpool.Pool, table Name) ([]Partition, error) {
+	rows, err := db.Query(ctx, `SELECT n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid)
+		FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE i.inhparent = to_regclass(`+table.Literal()+`) ORDER BY c.relname`)
 	if err != nil {
 		return nil, fmt.Errorf("list outbox partitions: %w", err)
 	}
 	defer rows.Close()
 	var out []Partition
 	for rows.Next() {
-		var name string
+		var schema, name string
 		var boundp *string
-		if err := rows.Scan(&name, &boundp); err != nil {
+		if err := rows.Scan(&schema, &name, &boundp); err != nil {
 			return nil, fmt.Errorf("list outbox partitions: %w", err)
 		}
 		if boundp == nil {
@@ -78,7 +84,7 @@ func Partitions(ctx context.Context, db *pgxpool.Pool) ([]Partition, error) {
 		}
 		bound := *boundp
 		if bound == "DEFAULT" {
-			out = append(out, Partition{Name: name, Default: true})
+			out = append(out, Partition{Schema: schema, Name: name, Default: true})
 			continue
 		}
 		m := boundRE.FindStringSubmatch(bound)
@@ -90,7 +96,7 @@ func Partitions(ctx context.Context, db *pgxpool.Pool) ([]Partition, error) {
 		if err1 != nil || err2 != nil {
 			continue
 		}
-		out = append(out, Partition{Name: name, From: from, To: to})
+		out = append(out, Partition{Schema: schema, Name: name, From: from, To: to})
 	}
 	return out, rows.Err()
 }
@@ -102,13 +108,14 @@ func wallUTC(t time.Time, loc *time.Location) time.Time {
 	return time.Date(t.Year(), t.Month(), t.Day(), t.Hour(), t.Minute(), t.Second(), t.Nanosecond(), time.UTC)
 }
 
-// partitionName names the partition starting at from: event_outbox_p20261201
-// for whole days, event_outbox_p20261201_1500 otherwise.
-func partitionName(from time.Time, interval time.Duration) string {
+// partitionSuffix names the partition starting at from after its table:
+// event_outbox_p20261201 for whole days, event_outbox_p20261201_1500
+// otherwise.
+func partitionSuffix(from time.Time, interval time.Duration) string {
 	if interval%(24*time.Hour) == 0 {
-		return "event_outbox_p" + from.Format("20060102")
+		return "_p" + from.Format("20060102")
 	}
-	return "event_outbox_p" + from.Format("20060102_1504")
+	return "_p" + from.Format("20060102_1504")
 }
 
 // EnsurePartitions creates the partitions covering the interval that holds at
@@ -118,14 +125,18 @@ func partitionName(from time.Time, interval time.Duration) string {
 // partition stay there: keep the leader running so that partitions exist
 // before their rows arrive. A range whose rows already sit in the default
 // partition cannot be created (PostgreSQL refuses); it is logged and skipped.
-func EnsurePartitions(ctx context.Context, db *pgxpool.Pool, interval time.Duration, at time.Time, loc *time.Location, behind, ahead int, log *zap.Logger) ([]string, error) {
+//
+// The partitions go into table's schema, named after it, so two partitioned
+// outboxes in one schema never reach for the same name.
+func EnsurePartitions(ctx context.Context, db *pgxpool.Pool, table Name, interval time.Duration, at time.Time, loc *time.Location, behind, ahead int, log *zap.Logger) ([]string, error) {
 	if interval <= 0 {
 		return nil, nil
 	}
 	if loc == nil {
 		loc = time.UTC
 	}
-	existing, err := Partitions(ctx, db)
+	table = table.orDefault()
+	existing, err := Partitions(ctx, db, table)
 	if err != nil {
 		return nil, err
 	}
@@ -144,9 +155,10 @@ func EnsurePartitions(ctx context.Context, db *pgxpool.Pool, interval time.Durat
 		if overlaps {
 			continue
 		}
-		name := partitionName(from, interval)
-		_, err := db.Exec(ctx, fmt.Sprintf("CREATE TABLE IF NOT EXISTS %s PARTITION OF event_outbox FOR VALUES FROM ('%s') TO ('%s')",
-			pgx.Identifier{name}.Sanitize(), from.Format("2006-01-02 15:04:05"), to.Format("2006-01-02 15:04:05")))
+		suffix := partitionSuffix(from, interval)
+		name := table.Table + suffix
+		_, err := db.Exec(ctx, fmt.Sprintf("CREATE TABLE IF NOT EXISTS %s PARTITION OF %s FOR VALUES FROM ('%s') TO ('%s')",
+			table.Related(suffix), table.Ident(), from.Format("2006-01-02 15:04:05"), to.Format("2006-01-02 15:04:05")))
 		if fault.IsPostgres(err, pgerrcode.InvalidObjectDefinition) {
 			continue // overlaps a partition made by hand (e.g. a converted table)
 		}
@@ -167,7 +179,7 @@ func EnsurePartitions(ctx context.Context, db *pgxpool.Pool, interval time.Durat
 }
 
 // dropLockTimeout bounds how long detaching a partition may wait for its
-// lock: DETACH takes an ACCESS EXCLUSIVE lock on event_outbox, and while it
+// lock: DETACH takes an ACCESS EXCLUSIVE lock on the outbox, and while it
 // waits behind a long transaction every producer's insert would queue behind
 // it. A detach that cannot get the lock in time is tried again next pass.
 const dropLockTimeout = time.Second
@@ -188,7 +200,7 @@ type DropResult struct {
 // the lock, so a row that became undelivered meanwhile is never dropped.
 func (p *Pruner) dropOldPartitions(ctx context.Context, cutoff time.Time) (DropResult, error) {
 	var res DropResult
-	parts, err := Partitions(ctx, p.pool)
+	parts, err := Partitions(ctx, p.pool, p.cfg.Table)
 	if err != nil {
 		return res, err
 	}
@@ -196,7 +208,7 @@ func (p *Pruner) dropOldPartitions(ctx context.Context, cutoff time.Time) (DropR
 		if part.Default || part.To.After(cutoff) {
 			continue
 		}
-		ident := pgx.Identifier{part.Name}.Sanitize()
+		ident := part.ident()
 		// The partial index over undelivered rows makes this check cheap.
 		var undelivered int64
 		if err := p.pool.QueryRow(ctx, "SELECT count(*) FROM "+ident+" WHERE status <> 'processed'").Scan(&undelivered); err != nil {
@@ -211,7 +223,7 @@ func (p *Pruner) dropOldPartitions(ctx context.Context, cutoff time.Time) (DropR
 			if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = '%dms'", dropLockTimeout.Milliseconds())); err != nil {
 				return err
 			}
-			if _, err := tx.Exec(ctx, "ALTER TABLE event_outbox DETACH PARTITION "+ident); err != nil {
+			if _, err := tx.Exec(ctx, "ALTER TABLE "+p.cfg.Table.Ident()+" DETACH PARTITION "+ident); err != nil {
 				return err
 			}
 			if err := tx.QueryRow(ctx, "SELECT count(*) FILTER (WHERE status <> 'processed'), count(*) FROM "+ident).Scan(&undelivered, &rows); err != nil {

@@ -20,6 +20,8 @@ import (
 
 // PruneConfig tunes pruning.
 type PruneConfig struct {
+	// Table is the outbox table (OUTBOX_TABLE; zero: event_outbox).
+	Table Name
 	// Retention is how old (by created_at) a processed row must be to be
 	// removed (OUTBOX_RETENTION). Zero or less keeps everything.
 	Retention time.Duration
@@ -52,6 +54,7 @@ func (c *PruneConfig) defaults() {
 	if c.PartitionsAhead <= 0 {
 		c.PartitionsAhead = 3
 	}
+	c.Table = c.Table.orDefault()
 }
 
 // PruneResult is what one pass did (or, dry, would do).
@@ -89,19 +92,19 @@ func (p *Pruner) Enabled() bool { return p.cfg.Retention > 0 }
 // rows it removed, and whether every examined row was newer than the cutoff
 // (then there is nothing more to prune: ids grow with created_at).
 const pruneBatch = `WITH batch AS (
-		SELECT id, created_at FROM event_outbox WHERE id > $1 ORDER BY id LIMIT $2),
+		SELECT id, created_at FROM {outbox} WHERE id > $1 ORDER BY id LIMIT $2),
 	victims AS (
-		SELECT id FROM event_outbox
+		SELECT id FROM {outbox}
 		WHERE id = ANY(ARRAY(SELECT id FROM batch)) AND status = 'processed' AND created_at < $3
 		FOR UPDATE SKIP LOCKED),
 	removed AS (
-		DELETE FROM event_outbox o USING victims v WHERE o.id = v.id RETURNING 1)
+		DELETE FROM {outbox} o USING victims v WHERE o.id = v.id RETURNING 1)
 	SELECT (SELECT max(id) FROM batch), (SELECT count(*) FROM removed),
 	       coalesce((SELECT bool_and(created_at >= $3) FROM batch), true)`
 
 // countBatch is pruneBatch without the delete, for --dry-run.
 const countBatch = `WITH batch AS (
-		SELECT id, status, created_at FROM event_outbox WHERE id > $1 ORDER BY id LIMIT $2)
+		SELECT id, status, created_at FROM {outbox} WHERE id > $1 ORDER BY id LIMIT $2)
 	SELECT (SELECT max(id) FROM batch),
 	       (SELECT count(*) FROM batch WHERE status = 'processed' AND created_at < $3),
 	       coalesce((SELECT bool_and(created_at >= $3) FROM batch), true)`
@@ -111,7 +114,7 @@ const countBatch = `WITH batch AS (
 // id from the oldest row: the primary key is the only index it needs, and
 // it stops at the first batch that holds only newer rows.
 func (p *Pruner) Prune(ctx context.Context, olderThan time.Duration, dry bool) (PruneResult, error) {
-	partitioned, err := Partitioned(ctx, p.pool)
+	partitioned, err := Partitioned(ctx, p.pool, p.cfg.Table)
 	if err != nil {
 		return PruneResult{}, err
 	}
@@ -141,9 +144,9 @@ func (p *Pruner) prune(ctx context.Context, olderThan time.Duration, dry, partit
 			return res, err
 		}
 	}
-	query := pruneBatch
+	query := p.cfg.Table.sql(pruneBatch)
 	if dry {
-		query = countBatch
+		query = p.cfg.Table.sql(countBatch)
 	}
 	last := int64(-1 << 63)
 	for {
@@ -179,14 +182,15 @@ func (p *Pruner) prune(ctx context.Context, olderThan time.Duration, dry, partit
 // outbox it creates the partitions ahead of time, then it prunes (Prune with
 // the configured retention).
 func (p *Pruner) Maintain(ctx context.Context) (PruneResult, error) {
-	partitioned, err := Partitioned(ctx, p.pool)
+	partitioned, err := Partitioned(ctx, p.pool, p.cfg.Table)
 	if err != nil {
 		return PruneResult{}, err
 	}
 	if partitioned {
 		if p.cfg.PartitionInterval <= 0 {
-			p.log.Warn("event_outbox is partitioned but OUTBOX_PARTITION_INTERVAL is not set: no partitions are created ahead, new rows go to the default partition")
-		} else if _, err := EnsurePartitions(ctx, p.pool, p.cfg.PartitionInterval, time.Now(), p.cfg.TimeZone, 0, p.cfg.PartitionsAhead, p.log); err != nil {
+			p.log.Warn("the outbox is partitioned but OUTBOX_PARTITION_INTERVAL is not set: no partitions are created ahead, new rows go to the default partition",
+				zap.Stringer("outbox_table", p.cfg.Table))
+		} else if _, err := EnsurePartitions(ctx, p.pool, p.cfg.Table, p.cfg.PartitionInterval, time.Now(), p.cfg.TimeZone, 0, p.cfg.PartitionsAhead, p.log); err != nil {
 			return PruneResult{}, err
 		}
 	}
@@ -198,7 +202,7 @@ func (p *Pruner) Maintain(ctx context.Context) (PruneResult, error) {
 
 // Ages reads the ages of the oldest rows (see ReadAges).
 func (p *Pruner) Ages(ctx context.Context) (Ages, error) {
-	return ReadAges(ctx, p.pool, p.cfg.TimeZone)
+	return ReadAges(ctx, p.pool, p.cfg.Table, p.cfg.TimeZone)
 }
 
 // Ages are the ages of the oldest row and of the oldest processed row (nil
@@ -208,18 +212,19 @@ type Ages struct {
 	OldestProcessed *time.Duration
 }
 
-// ReadAges reads the ages by walking the primary key from the start (cheap:
-// the oldest rows come first; only rows not processed are skipped).
+// ReadAges reads the ages of table's rows by walking the primary key from the
+// start (cheap: the oldest rows come first; only rows not processed are
+// skipped).
 func ReadAges(ctx context.Context, db interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
-}, loc *time.Location) (Ages, error) {
+}, table Name, loc *time.Location) (Ages, error) {
 	if loc == nil {
 		loc = time.UTC
 	}
 	var a Ages
 	var oldest, processed *time.Time
-	err := db.QueryRow(ctx, `SELECT (SELECT created_at FROM event_outbox ORDER BY id LIMIT 1),
-		(SELECT created_at FROM event_outbox WHERE status = 'processed' ORDER BY id LIMIT 1)`).Scan(&oldest, &processed)
+	err := db.QueryRow(ctx, table.sql(`SELECT (SELECT created_at FROM {outbox} ORDER BY id LIMIT 1),
+		(SELECT created_at FROM {outbox} WHERE status = 'processed' ORDER BY id LIMIT 1)`)).Scan(&oldest, &processed)
 	if err != nil {
 		return a, fmt.Errorf("read the oldest outbox rows: %w", err)
 	}

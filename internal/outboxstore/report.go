@@ -16,11 +16,11 @@ type Reader interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
-// CountByStatus counts the rows of every status exactly (a scan of the whole
-// table: for `status`, not for a poll). Every status is in the map.
-func CountByStatus(ctx context.Context, db Reader) (map[string]int64, error) {
+// CountByStatus counts the rows of table by status exactly (a scan of the
+// whole table: for `status`, not for a poll). Every status is in the map.
+func CountByStatus(ctx context.Context, db Reader, table Name) (map[string]int64, error) {
 	counts := map[string]int64{StatusPending: 0, StatusProcessed: 0, StatusFailed: 0, StatusDead: 0}
-	rows, err := db.Query(ctx, `SELECT status, count(*) FROM event_outbox GROUP BY status`)
+	rows, err := db.Query(ctx, table.sql(`SELECT status, count(*) FROM {outbox} GROUP BY status`))
 	if err != nil {
 		return nil, fmt.Errorf("count outbox rows (has `outbox-streamer migrate up` run?): %w", err)
 	}
@@ -51,7 +51,7 @@ type Backlog struct {
 
 // backlogQuery counts the undelivered rows by status and finds the oldest pending or
 // failed one. Its WHERE clause is the predicate of the partial index
-// event_outbox_undelivered_idx, so the planner reads only undelivered rows however
+// event_outbox_undelivered_idx (TABLE_undelivered_idx), so the planner reads only undelivered rows however
 // many millions of processed rows the table holds: the cost follows the backlog, not
 // the table. created_at holds UTC (see the migration), hence the conversion of now().
 const backlogQuery = `SELECT status, count(*)::float8,
@@ -114,10 +114,11 @@ type DeadLetter struct {
 	UpdatedAt time.Time `json:"updated_at"`
 }
 
-// DeadLetters lists up to limit dead letters by id, of eventType when not empty.
-func DeadLetters(ctx context.Context, db Reader, eventType string, limit int) ([]DeadLetter, error) {
-	rows, err := db.Query(ctx, `SELECT id, event_type, event_date_time, attempts, COALESCE(last_error, ''), updated_at
-		FROM event_outbox WHERE status = 'dead' AND ($1 = '' OR event_type = $1) ORDER BY id LIMIT $2`, eventType, limit)
+// DeadLetters lists up to limit dead letters of table by id, of eventType
+// when not empty.
+func DeadLetters(ctx context.Context, db Reader, table Name, eventType string, limit int) ([]DeadLetter, error) {
+	rows, err := db.Query(ctx, table.sql(`SELECT id, event_type, event_date_time, attempts, COALESCE(last_error, ''), updated_at
+		FROM {outbox} WHERE status = 'dead' AND ($1 = '' OR event_type = $1) ORDER BY id LIMIT $2`), eventType, limit)
 	if err != nil {
 		return nil, fmt.Errorf("list dead letters: %w", err)
 	}
@@ -128,40 +129,41 @@ func DeadLetters(ctx context.Context, db Reader, eventType string, limit int) ([
 	return list, nil
 }
 
-// Requeue makes dead letters failed and due now with their attempts reset,
-// for the sweep to re-drive: those of ids (all when ids is empty), of
+// Requeue makes dead letters of table failed and due now with their attempts
+// reset, for the sweep to re-drive: those of ids (all when ids is empty), of
 // eventType when not empty. It returns how many it requeued.
-func Requeue(ctx context.Context, db DB, ids []int64, eventType string) (int64, error) {
+func Requeue(ctx context.Context, db DB, table Name, ids []int64, eventType string) (int64, error) {
 	var idArg any
 	if len(ids) > 0 {
 		idArg = ids
 	}
-	tag, err := db.Exec(ctx, `UPDATE event_outbox
+	tag, err := db.Exec(ctx, table.sql(`UPDATE {outbox}
 		SET status = 'failed', attempts = 0, next_attempt_at = now(), updated_at = now() AT TIME ZONE 'UTC',
 		    last_error = 'requeued by operator; before: ' || COALESCE(last_error, '')
-		WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1)) AND ($2 = '' OR event_type = $2)`, idArg, eventType)
+		WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1)) AND ($2 = '' OR event_type = $2)`), idArg, eventType)
 	if err != nil {
 		return 0, fmt.Errorf("requeue dead letters: %w", err)
 	}
 	return tag.RowsAffected(), nil
 }
 
-// Undelivered counts the failed and dead rows (through the partial index).
-func Undelivered(ctx context.Context, db Reader) (failed, dead int64, err error) {
-	err = db.QueryRow(ctx, `SELECT count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'dead')
-		FROM event_outbox WHERE status <> 'processed'`).Scan(&failed, &dead)
+// Undelivered counts the failed and dead rows of table (through the partial
+// index).
+func Undelivered(ctx context.Context, db Reader, table Name) (failed, dead int64, err error) {
+	err = db.QueryRow(ctx, table.sql(`SELECT count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'dead')
+		FROM {outbox} WHERE status <> 'processed'`)).Scan(&failed, &dead)
 	if err != nil {
 		return 0, 0, fmt.Errorf("count failed and dead rows: %w", err)
 	}
 	return failed, dead, nil
 }
 
-// OldestUndelivered is the age in seconds of the oldest pending or failed
-// row, nil when there is none.
-func OldestUndelivered(ctx context.Context, db Reader) (*float64, error) {
+// OldestUndelivered is the age in seconds of table's oldest pending or
+// failed row, nil when there is none.
+func OldestUndelivered(ctx context.Context, db Reader, table Name) (*float64, error) {
 	var age *float64
-	if err := db.QueryRow(ctx, `SELECT EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - min(created_at))::float8
-		FROM event_outbox WHERE status IN ('pending', 'failed')`).Scan(&age); err != nil {
+	if err := db.QueryRow(ctx, table.sql(`SELECT EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - min(created_at))::float8
+		FROM {outbox} WHERE status IN ('pending', 'failed')`)).Scan(&age); err != nil {
 		return nil, fmt.Errorf("read oldest undelivered row: %w", err)
 	}
 	return age, nil

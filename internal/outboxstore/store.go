@@ -1,5 +1,5 @@
-// Package outboxstore owns the event_outbox table: every statement the
-// streamer runs on it is here. It moves rows between pending, processed,
+// Package outboxstore owns the outbox table (event_outbox, or OUTBOX_TABLE;
+// see Name): every statement the streamer runs on it is here. It moves rows between pending, processed,
 // failed and dead (status updates, the sweep's claims, backfill and rescue),
 // removes old processed rows and partitions (retention), and reads the
 // counts, ages and dead letters that status, metrics and operators see. The
@@ -19,7 +19,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// Table is the outbox table's name.
+// Table is the default outbox table's name (OUTBOX_TABLE; see Name).
 const Table = "event_outbox"
 
 // Statuses of an outbox row.
@@ -68,23 +68,35 @@ type DB interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
-// Store runs the statements on event_outbox.
+// Store runs the statements on one outbox table (event_outbox unless told).
 type Store struct {
 	db    DB
 	pool  *pgxpool.Pool // for statements that need their own transaction
 	retry RetryConfig
+	table Name
 }
 
-// New returns a store over pool.
+// New returns a store of event_outbox over pool.
 func New(pool *pgxpool.Pool, retry RetryConfig) *Store {
+	return NewFor(pool, retry, DefaultName)
+}
+
+// NewFor returns a store of the outbox table over pool (OUTBOX_TABLE).
+func NewFor(pool *pgxpool.Pool, retry RetryConfig, table Name) *Store {
 	retry.defaults()
-	return &Store{db: pool, pool: pool, retry: retry}
+	return &Store{db: pool, pool: pool, retry: retry, table: table.orDefault()}
 }
 
 // WithTx returns a store whose statements run in tx.
 func (s *Store) WithTx(tx pgx.Tx) *Store {
-	return &Store{db: tx, pool: s.pool, retry: s.retry}
+	return &Store{db: tx, pool: s.pool, retry: s.retry, table: s.table}
 }
+
+// Table returns the outbox table the store works on.
+func (s *Store) Table() Name { return s.table }
+
+// sql puts the quoted outbox table where a statement says {outbox}.
+func (s *Store) sql(q string) string { return s.table.sql(q) }
 
 // Begin starts a transaction for WithTx.
 func (s *Store) Begin(ctx context.Context) (pgx.Tx, error) {
@@ -122,10 +134,10 @@ func (s *Store) MarkProcessed(ctx context.Context, refs []Ref) (vanished []int64
 		return nil, nil
 	}
 	vanished, err = s.untilVisible(ctx, refs, "status = 'processed'", func(ctx context.Context, ids []int64) (pgx.Rows, error) {
-		return s.db.Query(ctx, `UPDATE event_outbox
+		return s.db.Query(ctx, s.sql(`UPDATE {outbox}
 			SET status = 'processed', updated_at = now() AT TIME ZONE 'UTC', last_error = NULL, next_attempt_at = NULL
 			WHERE id = ANY($1) AND status <> 'processed'
-			RETURNING id`, ids)
+			RETURNING id`), ids)
 	})
 	if err != nil {
 		return vanished, fmt.Errorf("mark %d outbox rows processed: %w", len(refs), err)
@@ -174,7 +186,7 @@ func (s *Store) untilVisible(ctx context.Context, refs []Ref, leftAlone string, 
 		if err != nil {
 			return vanished, err
 		}
-		rows, err = s.db.Query(ctx, `SELECT id, `+leftAlone+` FROM event_outbox WHERE id = ANY($1)`, idsOf(rest))
+		rows, err = s.db.Query(ctx, s.sql(`SELECT id, `+leftAlone+` FROM {outbox} WHERE id = ANY($1)`), idsOf(rest))
 		if err != nil {
 			return vanished, err
 		}
@@ -294,7 +306,7 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) (vanished []
 		for i, id := range ids {
 			reasons[i] = reasonOf[id]
 		}
-		return s.db.Query(ctx, `UPDATE event_outbox o
+		return s.db.Query(ctx, s.sql(`UPDATE {outbox} o
 			SET attempts = o.attempts + 1,
 			    status = CASE WHEN o.attempts + 1 >= $3 THEN 'dead' ELSE 'failed' END,
 			    last_error = f.reason,
@@ -302,7 +314,7 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) (vanished []
 			    updated_at = now() AT TIME ZONE 'UTC'
 			FROM unnest($1::bigint[], $2::text[]) AS f(id, reason)
 			WHERE o.id = f.id AND o.status <> 'processed'
-			RETURNING o.id`,
+			RETURNING o.id`),
 			ids, reasons, s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds())
 	})
 	if err != nil {
@@ -320,11 +332,11 @@ func (s *Store) MarkDeferred(ctx context.Context, refs []Ref, reason string) (va
 		return nil, nil
 	}
 	vanished, err = s.untilVisible(ctx, refs, "status NOT IN ('pending', 'failed')", func(ctx context.Context, ids []int64) (pgx.Rows, error) {
-		return s.db.Query(ctx, `UPDATE event_outbox
+		return s.db.Query(ctx, s.sql(`UPDATE {outbox}
 			SET status = 'failed', last_error = $2, next_attempt_at = now() + $3::float8 * interval '1 second',
 			    updated_at = now() AT TIME ZONE 'UTC'
 			WHERE id = ANY($1) AND status IN ('pending', 'failed')
-			RETURNING id`,
+			RETURNING id`),
 			ids, cleanReason(reason, maxReasonBytes), s.retry.BaseDelay.Seconds())
 	})
 	if err != nil {
@@ -337,7 +349,7 @@ func (s *Store) MarkDeferred(ctx context.Context, refs []Ref, reason string) (va
 // after a crash such replayed rows belong to the sweep or are done, and the stream
 // must not deliver them again.
 func (s *Store) NotPending(ctx context.Context, ids []int64) (map[int64]struct{}, error) {
-	rows, err := s.db.Query(ctx, `SELECT id FROM event_outbox WHERE id = ANY($1) AND status <> 'pending'`, ids)
+	rows, err := s.db.Query(ctx, s.sql(`SELECT id FROM {outbox} WHERE id = ANY($1) AND status <> 'pending'`), ids)
 	if err != nil {
 		return nil, fmt.Errorf("read status of %d outbox rows: %w", len(ids), err)
 	}

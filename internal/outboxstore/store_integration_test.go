@@ -178,7 +178,7 @@ func TestClaimUsesTheIndex(t *testing.T) {
 	if _, err := e.Pool.Exec(ctx, "ANALYZE event_outbox"); err != nil {
 		t.Fatal(err)
 	}
-	for _, q := range outboxstore.ClaimStatements() {
+	for _, q := range outboxstore.ClaimStatements(outboxstore.DefaultName) {
 		rows, err := e.Pool.Query(ctx, "EXPLAIN "+strings.Replace(q, "$1", "1000", 1))
 		if err != nil {
 			t.Fatal(err)

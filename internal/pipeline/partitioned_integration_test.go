@@ -31,14 +31,14 @@ func TestPartitionedOutbox(t *testing.T) {
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
 	// Two partitions three days back, for retention to find.
 	old := time.Now().UTC().Add(-72 * time.Hour)
-	if _, err := outboxstore.EnsurePartitions(ctx, e.Pool, time.Hour, old, time.UTC, 0, 1, log); err != nil {
+	if _, err := outboxstore.EnsurePartitions(ctx, e.Pool, outboxstore.DefaultName, time.Hour, old, time.UTC, 0, 1, log); err != nil {
 		t.Fatal(err)
 	}
 	oldA := old.Truncate(time.Hour).Add(10 * time.Minute)
 	oldB := oldA.Add(time.Hour)
 	nameA, nameB := "event_outbox_p"+oldA.Format("20060102_15")+"00", "event_outbox_p"+oldB.Format("20060102_15")+"00"
 	names := func() map[string]bool {
-		parts, err := outboxstore.Partitions(ctx, e.Pool)
+		parts, err := outboxstore.Partitions(ctx, e.Pool, outboxstore.DefaultName)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -184,14 +184,14 @@ func TestConvertUnpartitionedOutbox(t *testing.T) {
 	if _, err := e.Pool.Exec(ctx, blocks[1]); err != nil {
 		t.Fatalf("conversion: %v", err)
 	}
-	partitioned, err := outboxstore.Partitioned(ctx, e.Pool)
+	partitioned, err := outboxstore.Partitioned(ctx, e.Pool, outboxstore.DefaultName)
 	if err != nil || !partitioned {
 		t.Fatalf("event_outbox partitioned after the guide: %v %v", partitioned, err)
 	}
 	e.Insert(t, 300, false) // before the cutover: into the old table
 	dayAfter := cutover.Add(12 * time.Hour)
 	e2e.WaitFor(t, time.Minute, "the leader to create the partitions from the cutover on", func() bool {
-		parts, err := outboxstore.Partitions(ctx, e.Pool)
+		parts, err := outboxstore.Partitions(ctx, e.Pool, outboxstore.DefaultName)
 		if err != nil {
 			t.Fatal(err)
 		}

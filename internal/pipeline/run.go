@@ -21,6 +21,9 @@ import (
 
 // Config is everything the streaming pipeline needs.
 type Config struct {
+	// Replication names the slot, the publication and the outbox table
+	// (Schema, Table: OUTBOX_TABLE); the store, the sweep and retention work
+	// on that same table (see Outbox).
 	Replication replication.Config
 	Run         replication.RunConfig
 	Sink        sink.Config
@@ -39,6 +42,13 @@ type Config struct {
 	// PartitionInterval is OUTBOX_PARTITION_INTERVAL: on a partitioned outbox
 	// the leader creates partitions of this width ahead after each sweep.
 	PartitionInterval time.Duration
+}
+
+// Outbox is the outbox table the pipeline streams, as the store names it:
+// Replication's Schema and Table, unqualified when no schema is given (found
+// through the search_path, as always).
+func (c Config) Outbox() outboxstore.Name {
+	return outboxstore.Name{Schema: c.Replication.Schema, Table: c.Replication.Table}
 }
 
 // Stream runs the streaming pipeline until ctx, the drain context, ends (then it
@@ -85,7 +95,7 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	if wcfg.MaxInsertRows < cfg.Run.BatchSize {
 		wcfg.MaxInsertRows = cfg.Run.BatchSize
 	}
-	store := outboxstore.New(pool, cfg.Retry)
+	store := outboxstore.NewFor(pool, cfg.Retry, cfg.Outbox())
 	if created, snapshot := stream.SlotCreated(); created {
 		n, err := sweep.Backfill(ctx, snapshot, store, log)
 		if err != nil {
@@ -120,7 +130,7 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 		defer close(sweepDone)
 		if cfg.SweepInterval > 0 {
 			sweeper := sweep.New(sweep.Config{BatchSize: wcfg.MaxInsertRows, TimeZone: cfg.Replication.TimeZone, Slot: cfg.Replication.Slot}, pool, ch, store, log)
-			pruner := outboxstore.NewPruner(outboxstore.PruneConfig{Retention: cfg.Retention, TimeZone: cfg.Replication.TimeZone,
+			pruner := outboxstore.NewPruner(outboxstore.PruneConfig{Table: cfg.Outbox(), Retention: cfg.Retention, TimeZone: cfg.Replication.TimeZone,
 				PartitionInterval: cfg.PartitionInterval}, pool, log)
 			runSweeps(sweepCtx, sweeper, pruner, cfg.SweepInterval, cfg.Metrics, log)
 		}

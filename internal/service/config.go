@@ -15,9 +15,14 @@ import (
 func PipelineConfig(cfg *config.Config) pipeline.Config {
 	return pipeline.Config{
 		Replication: replication.Config{
-			DSN:            cfg.PostgresDSN,
-			Slot:           cfg.Slot,
-			Publication:    cfg.Publication,
+			DSN:         cfg.PostgresDSN,
+			Slot:        cfg.Slot,
+			Publication: cfg.Publication,
+			// OUTBOX_TABLE: the decoder keeps the Relation of this schema and
+			// table; the store, sweep and retention take the same name
+			// (pipeline.Config.Outbox). An unqualified name is public's here.
+			Schema:         cfg.Outbox.Schema,
+			Table:          cfg.Outbox.Table,
 			StatusInterval: cfg.StatusInterval,
 			TimeZone:       cfg.TimeZone,
 			Streaming:      cfg.Streaming,

@@ -1,3 +1,5 @@
 DROP PUBLICATION IF EXISTS {{.Publication}};
+{{- if .DropCheckpoint}}
 DROP TABLE IF EXISTS outbox_checkpoint;
-DROP TABLE IF EXISTS event_outbox;
+{{- end}}
+DROP TABLE IF EXISTS {{.Outbox}};

@@ -1,10 +1,12 @@
--- The transactional outbox. Applications insert here inside their business
+-- The transactional outbox (event_outbox, or OUTBOX_TABLE: every name below that
+-- starts with the table's is derived from it, so outboxes in one schema never
+-- collide). Applications insert here inside their business
 -- transactions; outbox-streamer delivers the rows to ClickHouse. With
 -- OUTBOX_PARTITION_INTERVAL set when the table is created, it is range-partitioned
 -- by created_at (the primary key then includes it, as PostgreSQL requires); the
 -- leader creates partitions ahead of time, a DEFAULT partition catches any row
 -- outside them, and retention drops old partitions whole.
-CREATE TABLE IF NOT EXISTS event_outbox (
+CREATE TABLE IF NOT EXISTS {{.Outbox}} (
     id               BIGSERIAL    {{if not .Partitioned}}PRIMARY KEY{{end}},
     event_type       VARCHAR(255) NOT NULL,
     event_date_time  TIMESTAMP    NOT NULL,
@@ -20,23 +22,24 @@ CREATE TABLE IF NOT EXISTS event_outbox (
     attempts         INTEGER      NOT NULL DEFAULT 0,
     last_error       TEXT,
     next_attempt_at  TIMESTAMPTZ,
-    CONSTRAINT event_outbox_status_check
+    CONSTRAINT {{.StatusCheck}}
         CHECK (status IN ('pending', 'processed', 'failed', 'dead')){{if .Partitioned}},
     PRIMARY KEY (id, created_at)
 ) PARTITION BY RANGE (created_at);
-CREATE TABLE IF NOT EXISTS event_outbox_default PARTITION OF event_outbox DEFAULT;{{else}}
+CREATE TABLE IF NOT EXISTS {{.DefaultPartition}} PARTITION OF {{.Outbox}} DEFAULT;{{else}}
 );{{end}}
 
 -- Partial index over undelivered rows only: the sweep, the status counts and the
 -- oldest-undelivered age read it, and it stays small however many millions of
 -- processed rows the table holds.
-CREATE INDEX IF NOT EXISTS event_outbox_undelivered_idx
-    ON event_outbox (status, next_attempt_at, id)
+CREATE INDEX IF NOT EXISTS {{.UndeliveredIndex}}
+    ON {{.Outbox}} (status, next_attempt_at, id)
     WHERE status <> 'processed';
 
 -- The in-flight record: before a batch goes to ClickHouse, the highest commit LSN in it
 -- is written here, so after a crash the streamer knows which replayed rows ClickHouse
--- may already hold and checks them instead of inserting them twice.
+-- may already hold and checks them instead of inserting them twice. One table for
+-- every outbox of the database: its rows are keyed by slot, one slot per outbox.
 CREATE TABLE IF NOT EXISTS outbox_checkpoint (
     slot_name    TEXT        PRIMARY KEY,
     inflight_lsn PG_LSN      NOT NULL DEFAULT '0/0',
@@ -48,7 +51,7 @@ CREATE TABLE IF NOT EXISTS outbox_checkpoint (
 DO {{.DollarTag}}
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {{.PublicationLiteral}}) THEN
-        CREATE PUBLICATION {{.Publication}} FOR TABLE event_outbox WITH (publish = 'insert'{{if .Partitioned}}, publish_via_partition_root = true{{end}});
+        CREATE PUBLICATION {{.Publication}} FOR TABLE {{.Outbox}} WITH (publish = 'insert'{{if .Partitioned}}, publish_via_partition_root = true{{end}});
     END IF;
 END
 {{.DollarTag}};

@@ -7,7 +7,7 @@ CREATE TABLE IF NOT EXISTS {{.Table}} (
     event_type       LowCardinality(String),
     event_date_time  DateTime64(6, 'UTC'),
     environment      LowCardinality(String),
-    event_context    String,
+    event_context    {{.ContextType}},
     metadata_version Int64,
     created_at       DateTime64(6, 'UTC'),
     commit_lsn       UInt64,
