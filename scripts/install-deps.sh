@@ -6,6 +6,10 @@
 #   - PostgreSQL server binaries (/usr/lib/postgresql/*/bin)
 #   - Debian's ClickHouse 18.16 (the legacy compatibility target)
 #   - promtool (Debian's prometheus package), to check the alert rules
+#   - ZooKeeper 3.8 (Debian's zookeeper package, with a JRE), for the local
+#     ClickHouse cluster (internal/localsvc/cluster.go, docs/clickhouse-cluster.md):
+#     measured 15 s and 32.5 MB to download with the JRE already there; a
+#     machine without a JRE adds about 44 MB download, 190 MB installed
 #   - npm, only if the chDB library is not cached yet (it is fetched with
 #     `npm pack`)
 #   - the chDB library itself (ClickHouse 26.7), into ~/.cache/outbox-streamer
@@ -29,6 +33,8 @@ have_chdb() { [ -s "$chdb_lib" ]; }
 have_npm() { command -v npm >/dev/null 2>&1; }
 # promtool checks the alert rules in deploy/ (Debian's prometheus package ships it).
 have_promtool() { command -v promtool >/dev/null 2>&1; }
+# The local ClickHouse cluster runs ZooKeeper's jar with java.
+have_zookeeper() { { [ -s /usr/share/java/zookeeper.jar ] || [ -n "${OUTBOX_ZOOKEEPER_JAR:-}" ]; } && command -v java >/dev/null 2>&1; }
 # helm checks the chart in deploy/helm; deploy/helm_test.go looks for it on PATH and
 # here, and names the same version.
 helm_version=v4.3.2
@@ -40,6 +46,7 @@ installs=()
 have_pg || installs+=("postgresql")
 have_ch || installs+=("clickhouse-server clickhouse-client")
 have_promtool || installs+=("--no-install-recommends prometheus")
+have_zookeeper || installs+=("--no-install-recommends zookeeper")
 # npm drags in nodejs and many node-* packages: only when we need to download.
 if ! have_chdb && ! have_npm; then
 	installs+=("--no-install-recommends npm")
