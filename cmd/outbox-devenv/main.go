@@ -54,8 +54,9 @@ func run() int {
 	legacy := fs.Bool("legacy", false, "also start the legacy ClickHouse 18.16 (Debian's clickhouse-server)")
 	baseDir := fs.String("base-dir", "", "directory for the servers' data and logs (default "+localsvc.DefaultBaseDir()+")")
 	fetchOnly := fs.Bool("fetch-only", false, "download the chDB library (modern ClickHouse) into the cache and exit")
+	cluster := fs.String("cluster", "", `also start a local ClickHouse cluster: "replicated" (ZooKeeper + 1 shard of two 18.16 replicas) or "sharded" (2 shards of 26.7, no replication); exports CLICKHOUSE_CLUSTER and OUTBOX_TEST_CH_CLUSTER_ADDRS`)
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: outbox-devenv [--legacy] [--base-dir DIR] -- CMD [ARGS...]\n       outbox-devenv --fetch-only\n\n")
+		fmt.Fprintf(fs.Output(), "usage: outbox-devenv [--legacy] [--cluster replicated|sharded] [--base-dir DIR] -- CMD [ARGS...]\n       outbox-devenv --fetch-only\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(os.Args[1:]); err != nil {
@@ -107,7 +108,26 @@ func run() int {
 		return 1
 	}
 	defer crashes.remove()
+	var kind localsvc.ClusterKind
+	switch *cluster {
+	case "", "replicated":
+		kind = localsvc.ClusterReplicated
+	case "sharded":
+		kind = localsvc.ClusterSharded
+	default:
+		endStartup()
+		logf("--cluster %q: want replicated or sharded", *cluster)
+		return 2
+	}
 	env, stop, err := startServices(ctx, *legacy, *baseDir, crashes.report)
+	if err == nil && *cluster != "" {
+		var cenv []string
+		var cstop func() error
+		cenv, cstop, err = startCluster(ctx, kind, *baseDir, crashes.report)
+		env = append(env, cenv...)
+		prev := stop
+		stop = func() error { return errors.Join(cstop(), prev()) }
+	}
 	endStartup()
 	defer func() {
 		if err := stop(); err != nil {
@@ -282,6 +302,33 @@ func startServices(ctx context.Context, legacy bool, baseDir string, onCrash fun
 		}
 	}
 	return env, stop, nil
+}
+
+// envClusterAddrs lists every node of the --cluster cluster (native
+// host:port, comma-separated, shard by shard, replica by replica).
+const envClusterAddrs = "OUTBOX_TEST_CH_CLUSTER_ADDRS"
+
+// startCluster starts the --cluster cluster and returns its variables: the
+// cluster's name, its nodes, and CLICKHOUSE_HOST/PORT of the first node (the
+// streamer connects to one node and reaches the others through the cluster).
+func startCluster(ctx context.Context, kind localsvc.ClusterKind, baseDir string, onCrash func(*localsvc.Crash)) ([]string, func() error, error) {
+	began := time.Now()
+	c, err := localsvc.StartCluster(ctx, localsvc.ClusterOptions{Kind: kind, BaseDir: baseDir, OnCrash: onCrash})
+	if errors.Is(err, localsvc.ErrNotInstalled) {
+		return nil, func() error { return nil }, fmt.Errorf("--cluster %s needs packages this machine lacks (run make deps): %w", kind, err)
+	}
+	if err != nil {
+		return nil, func() error { return nil }, fmt.Errorf("start the clickhouse cluster: %w", err)
+	}
+	logf("clickhouse cluster %q, %s: %d shard(s) × %d replica(s) at %s, started in %v",
+		c.Name, kind, c.Shards, c.Replicas, strings.Join(c.Addrs(), ", "), time.Since(began).Round(time.Millisecond))
+	first := c.Nodes[0]
+	return []string{
+		"CLICKHOUSE_CLUSTER=" + c.Name,
+		"CLICKHOUSE_HOST=" + first.Host,
+		"CLICKHOUSE_PORT=" + strconv.Itoa(first.TCPPort),
+		envClusterAddrs + "=" + strings.Join(c.Addrs(), ","),
+	}, c.Stop, nil
 }
 
 // runCommand runs args with env added to our environment and inherited
