@@ -66,6 +66,15 @@ var commands = map[string]commandHelp{
 		about:    "Removes processed outbox rows older than OUTBOX_RETENTION (or --older-than) once, as the leader does after each sweep.",
 		settings: append(general[:len(general):len(general)], "Outbox table"),
 	},
+	"verify": {
+		synopsis: "outbox-streamer verify [--since DUR | --from TIME] [--until TIME] [--bucket DUR] [--max-ids N] [--json] [--repair] [settings]",
+		about: "Compares the rows the outbox holds with ClickHouse's event table, bucket by bucket of created_at: by count and an\n" +
+			"id checksum both databases compute, then id by id where they differ (missing in ClickHouse, there twice, there but\n" +
+			"not in the outbox; rows OUTBOX_RETENTION pruned from the outbox are out of scope). Exit 0 when everything matches,\n" +
+			"1 when something differs. --repair hands rows missing in ClickHouse to the sweep, which checks ClickHouse before it\n" +
+			"inserts; duplicates are only reported. See docs/verify.md.",
+		settings: append(general[:len(general):len(general)], "ClickHouse", "OUTBOX_TABLE", "EVENT_TIME_ZONE", "OUTBOX_RETENTION"),
+	},
 	"demo": {
 		synopsis: "outbox-streamer demo [--rate N] [--tx-size N] [--count N] [--duration DUR] [settings]",
 		about:    "Writes demo events into the outbox and prints, once a second, how many of them ClickHouse holds.",

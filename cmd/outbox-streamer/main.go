@@ -38,6 +38,9 @@ Usage:
   outbox-streamer dead-letters list|requeue  inspect and re-drive rows that exhausted attempts
   outbox-streamer prune [--older-than DUR] [--dry-run]
                                            remove processed rows older than OUTBOX_RETENTION once
+  outbox-streamer verify [--since DUR|--from TIME] [--until TIME] [--bucket DUR] [--json] [--repair]
+                                           check that ClickHouse holds every outbox row once;
+                                           exit 1 when something differs
   outbox-streamer demo [flags]             write demo events and show them arrive in ClickHouse
   outbox-streamer healthcheck              probe the local /healthz (for container health checks)
   outbox-streamer version [--json]         print the version (also: --version)
@@ -77,12 +80,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdDeadLetters(args[1:], stdout, stderr)
 	case "prune":
 		err = cmdPrune(args[1:], stdout, stderr)
+	case "verify":
+		err = cmdVerify(args[1:], stdout, stderr)
 	case "healthcheck":
 		err = cmdHealthcheck(args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		err = cmdVersion(args[1:], stdout)
 	default:
-		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters, prune, demo, healthcheck or version; see --help)\n", args[0])
+		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters, prune, verify, demo, healthcheck or version; see --help)\n", args[0])
 		return 2
 	}
 	var exit exitCode
