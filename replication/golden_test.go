@@ -62,14 +62,10 @@ func TestGoldenMessages(t *testing.T) {
 	}
 }
 
-// TestCaptureGolden streams one known insert from a real server and writes each
-// pgoutput message to testdata. It runs only with -update-golden.
-func TestCaptureGolden(t *testing.T) {
-	if !*updateGolden {
-		t.Skip("run with -update-golden to capture messages from a real server")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+// goldenSession migrates a fresh database and opens a replication connection
+// to it with the decoder's session settings plus extra ones.
+func goldenSession(ctx context.Context, t *testing.T, extra map[string]string) (string, *pgconn.PgConn) {
+	t.Helper()
 	dsn := testenv.NewDatabase(t)
 	srv := testenv.ModernClickHouse(t)
 	chCfg := sink.Config{Addr: srv.Addr, Database: testenv.NewCHDatabase(t, srv)}
@@ -85,11 +81,26 @@ func TestCaptureGolden(t *testing.T) {
 	}
 	rcfg.RuntimeParams["replication"] = "database"
 	rcfg.RuntimeParams["DateStyle"] = "ISO, YMD"
+	for k, v := range extra {
+		rcfg.RuntimeParams[k] = v
+	}
 	conn, err := pgconn.ConnectConfig(ctx, rcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close(context.Background())
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	return dsn, conn
+}
+
+// TestCaptureGolden streams one known insert from a real server and writes each
+// pgoutput message to testdata. It runs only with -update-golden.
+func TestCaptureGolden(t *testing.T) {
+	if !*updateGolden {
+		t.Skip("run with -update-golden to capture messages from a real server")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	dsn, conn := goldenSession(ctx, t, nil)
 	if _, err := pglogrepl.CreateReplicationSlot(ctx, conn, "golden", "pgoutput", pglogrepl.CreateReplicationSlotOptions{Temporary: true}); err != nil {
 		t.Fatal(err)
 	}

@@ -11,14 +11,10 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/outbox-streamer/outbox-streamer/checkpoint"
 	"github.com/outbox-streamer/outbox-streamer/internal/batch"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
-	"github.com/outbox-streamer/outbox-streamer/migrations"
-	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
 // goldenStream is a protocol 2 session captured from PostgreSQL 15 with
@@ -84,28 +80,7 @@ func TestCaptureGoldenStreaming(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	dsn := testenv.NewDatabase(t)
-	srv := testenv.ModernClickHouse(t)
-	chCfg := sink.Config{Addr: srv.Addr, Database: testenv.NewCHDatabase(t, srv)}
-	if err := chCfg.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	if err := migrations.Up(ctx, migrations.Config{PostgresDSN: dsn, Publication: "outbox_publication", ClickHouse: chCfg}); err != nil {
-		t.Fatal(err)
-	}
-	rcfg, err := pgconn.ParseConfig(dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rcfg.RuntimeParams["replication"] = "database"
-	rcfg.RuntimeParams["DateStyle"] = "ISO, YMD"
-	rcfg.RuntimeParams["TimeZone"] = "UTC"
-	rcfg.RuntimeParams["logical_decoding_work_mem"] = "64kB"
-	conn, err := pgconn.ConnectConfig(ctx, rcfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(context.Background())
+	dsn, conn := goldenSession(ctx, t, map[string]string{"TimeZone": "UTC", "logical_decoding_work_mem": "64kB"})
 	if _, err := pglogrepl.CreateReplicationSlot(ctx, conn, "golden_v2", "pgoutput", pglogrepl.CreateReplicationSlotOptions{Temporary: true}); err != nil {
 		t.Fatal(err)
 	}

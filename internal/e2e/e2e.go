@@ -18,10 +18,14 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
+	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/migrations"
+	"github.com/outbox-streamer/outbox-streamer/replication"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -418,4 +422,34 @@ func randomHex(t testing.TB) string {
 		t.Fatal(err)
 	}
 	return hex.EncodeToString(b)
+}
+
+// StartPipeline runs the streaming pipeline in-process on e until the test
+// ends (stopped as SIGTERM would, and checked to return nil), and waits until
+// it streams: rows committed before the slot's snapshot are the backfill's,
+// which is the sweep's.
+func (e *Env) StartPipeline(t *testing.T) {
+	t.Helper()
+	cfg := pipeline.Config{
+		Replication: replication.Config{DSN: e.DSN, Slot: e.Slot, Publication: e.Publication, StatusInterval: 100 * time.Millisecond,
+			Schema: e.Outbox.Schema, Table: e.Outbox.Table},
+		Run:  replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond},
+		Sink: e.Sink,
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
+	go func() { done <- pipeline.Stream(ctx, context.Background(), cfg, log) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("pipeline returned %v", err)
+			}
+		case <-time.After(time.Minute):
+			t.Error("pipeline did not stop within a minute")
+		}
+	})
+	e.WaitStreaming(t)
 }

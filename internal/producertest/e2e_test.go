@@ -8,44 +8,11 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"go.uber.org/zap"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/outbox"
-	"github.com/outbox-streamer/outbox-streamer/replication"
 )
-
-// startPipeline runs the streaming pipeline in-process until the test ends, as
-// pipeline's own integration tests do.
-func startPipeline(t *testing.T, e *e2e.Env) {
-	t.Helper()
-	cfg := pipeline.Config{
-		Replication: replication.Config{DSN: e.DSN, Slot: e.Slot, Publication: e.Publication, StatusInterval: 100 * time.Millisecond},
-		Run:         replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond},
-		Sink:        e.Sink,
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
-	go func() { done <- pipeline.Stream(ctx, context.Background(), cfg, log) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("pipeline returned %v", err)
-			}
-		case <-time.After(time.Minute):
-			t.Error("pipeline did not stop within a minute")
-		}
-	})
-	// Rows committed before the slot's snapshot are not streamed: they are
-	// for the backfill, which is the sweep's. Wait until the stream runs.
-	e.WaitStreaming(t)
-}
 
 // TestRolledBackNeverReachesClickHouse streams into a real ClickHouse: events
 // appended in transactions that roll back (one of them after a later
@@ -53,7 +20,7 @@ func startPipeline(t *testing.T, e *e2e.Env) {
 // with their fields intact.
 func TestRolledBackNeverReachesClickHouse(t *testing.T) {
 	e := e2e.New(t, testenv.ModernClickHouse(t))
-	startPipeline(t, e)
+	e.StartPipeline(t)
 	ctx := context.Background()
 	b := make([]byte, 8)
 	if _, err := rand.Read(b); err != nil {

@@ -18,12 +18,10 @@ import (
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
-	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/verify"
-	"github.com/outbox-streamer/outbox-streamer/replication"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -182,7 +180,7 @@ func TestCleanAfterStreaming(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
 		t.Run(srv.Name, func(t *testing.T) {
 			f := newFixture(t, srv, nil)
-			startPipeline(t, f.e)
+			f.e.StartPipeline(t)
 			for range 3 {
 				f.e.Insert(t, 700, false)
 			}
@@ -201,32 +199,6 @@ func TestCleanAfterStreaming(t *testing.T) {
 			}
 		})
 	}
-}
-
-// startPipeline runs the streaming pipeline in-process until the test ends.
-func startPipeline(t *testing.T, e *e2e.Env) {
-	t.Helper()
-	cfg := pipeline.Config{
-		Replication: replication.Config{DSN: e.DSN, Slot: e.Slot, Publication: e.Publication, StatusInterval: 100 * time.Millisecond},
-		Run:         replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond},
-		Sink:        e.Sink,
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
-	go func() { done <- pipeline.Stream(ctx, context.Background(), cfg, log) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("pipeline returned %v", err)
-			}
-		case <-time.After(time.Minute):
-			t.Error("pipeline did not stop within a minute")
-		}
-	})
-	e.WaitStreaming(t)
 }
 
 func sweepOnce(t *testing.T, f *fixture) sweep.Result {
