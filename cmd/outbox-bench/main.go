@@ -60,6 +60,8 @@ type benchConfig struct {
 	LatencyDuration time.Duration `json:"latency_duration_ns"`
 	LatencyPoll     time.Duration `json:"latency_poll_interval_ns"`
 	BigTx           int           `json:"memory_tx_rows"`
+	MixedRate       float64       `json:"mixed_rate"`
+	MixedBigTx      int           `json:"mixed_big_tx_rows"`
 	Scenarios       string        `json:"scenarios"`
 	Timeout         time.Duration `json:"timeout_ns"`
 	Streamer        string        `json:"streamer"`
@@ -76,7 +78,7 @@ func defaultConfig() benchConfig {
 	return benchConfig{
 		Reps: 3, Rows: 500_000, TxSize: 1000, PollBatch: 1000, CHBatchLarge: 1000, LiveConns: 1,
 		LatencyRate: 5000, LatencyTx: 10, LatencyWorkers: 2, LatencyDuration: time.Minute, LatencyPoll: 15 * time.Millisecond,
-		BigTx: 1_000_000, Scenarios: "a,b,c,c10k,d,e,er,f,f1,g,h", Timeout: 15 * time.Minute,
+		BigTx: 1_000_000, MixedRate: 2000, MixedBigTx: 300_000, Scenarios: "a,b,c,c10k,d,e,er,f,f1,m,m1,g,h", Timeout: 15 * time.Minute,
 		Streamer: "bin/outbox-streamer",
 	}
 }
@@ -94,7 +96,9 @@ func (c *benchConfig) bind(fs *flag.FlagSet) {
 	fs.DurationVar(&c.LatencyDuration, "latency-duration", c.LatencyDuration, "how long the latency producer runs (e)")
 	fs.DurationVar(&c.LatencyPoll, "latency-poll", c.LatencyPoll, "how often the latency scenario polls ClickHouse for new events (e)")
 	fs.IntVar(&c.BigTx, "big-tx", c.BigTx, "rows of the single transaction of the memory scenario (f)")
-	fs.StringVar(&c.Scenarios, "scenarios", c.Scenarios, "comma-separated subset of a,b,c,c10k,d,e,er,f,f1,g,h (empty: none, e.g. with --profile)")
+	fs.Float64Var(&c.MixedRate, "mixed-rate", c.MixedRate, "events per second of the small transactions of the mixed load (m), for --latency-duration")
+	fs.IntVar(&c.MixedBigTx, "mixed-big-tx", c.MixedBigTx, "rows of the big transaction committed in the middle of the mixed load (m)")
+	fs.StringVar(&c.Scenarios, "scenarios", c.Scenarios, "comma-separated subset of a,b,c,c10k,d,e,er,f,f1,m,m1,g,h (empty: none, e.g. with --profile)")
 	fs.DurationVar(&c.Timeout, "timeout", c.Timeout, "bound on one scenario's wait for delivery")
 	fs.StringVar(&c.Streamer, "streamer", c.Streamer, "the outbox-streamer binary (make build)")
 	fs.BoolVar(&c.PGDurable, "pg-durable", c.PGDurable, "run PostgreSQL with fsync and full_page_writes on (default: off, localsvc's Durable: false); synchronous_commit is on either way")
@@ -165,6 +169,12 @@ func scenarios(c *benchConfig) []scenario {
 		}},
 		{"f1", "memory, one big transaction (protocol 1)", func(ctx context.Context, b *bench) (map[string]float64, error) {
 			return runMemory(ctx, b, "f1", "REPLICATION_STREAMING=off")
+		}},
+		{"m", "mixed load: small transactions and a big one (protocol 2)", func(ctx context.Context, b *bench) (map[string]float64, error) {
+			return runMixed(ctx, b, "m")
+		}},
+		{"m1", "mixed load: small transactions and a big one (protocol 1)", func(ctx context.Context, b *bench) (map[string]float64, error) {
+			return runMixed(ctx, b, "m1", "REPLICATION_STREAMING=off")
 		}},
 	}
 	var out []scenario
@@ -270,6 +280,9 @@ func brief(key string, m map[string]float64) string {
 		return fmt.Sprintf("producer %.0f rows/s, delivery %.0f rows/s, tail %.0f ms", m["producer_rows_per_s"], m["delivery_rows_per_s"], m["tail_after_producer_s"]*1000)
 	case "e":
 		return fmt.Sprintf("p50 %.0f ms, p99 %.0f ms, max %.0f ms over %.0f events", m["p50_ms"], m["p99_ms"], m["max_ms"], m["events"])
+	case "m", "m1":
+		return fmt.Sprintf("small events p50 %.0f ms, p99 %.0f ms, max %.0f ms; big tx in ClickHouse %.1f s after its commit; PostgreSQL spilled %.0f MiB, streamed %.0f MiB; local spill %.0f MiB; peak RSS %.1f MiB",
+			m["small_p50_ms"], m["small_p99_ms"], m["small_max_ms"], m["big_ch_visible_s"], m["pg_spill_mib"], m["pg_stream_mib"], m["local_spill_mib"], m["peak_rss_mib"])
 	case "f", "f1":
 		return fmt.Sprintf("peak RSS %.1f MiB, all in ClickHouse %.1f s after the commit; PostgreSQL spilled %.0f MiB, streamed %.0f MiB; local spill %.0f MiB",
 			m["peak_rss_mib"], m["ch_visible_s"], m["pg_spill_mib"], m["pg_stream_mib"], m["local_spill_mib"])
@@ -344,7 +357,7 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "outbox-bench: sizes, rates and repetitions must be positive")
 		return 2
 	}
-	needsBinary := cfg.has("c") || cfg.has("c10k") || cfg.has("d") || cfg.has("e") || cfg.has("er") || cfg.has("f") || cfg.has("f1") || cfg.has("h")
+	needsBinary := cfg.has("c") || cfg.has("c10k") || cfg.has("d") || cfg.has("e") || cfg.has("er") || cfg.has("f") || cfg.has("f1") || cfg.has("m") || cfg.has("m1") || cfg.has("h")
 	if needsBinary {
 		abs, err := filepath.Abs(cfg.Streamer)
 		if err == nil {

@@ -234,6 +234,19 @@ func (b *bench) report(facts machine, args []string, took time.Duration) *report
 	add("f1", fmt.Sprintf("protocol 1 (REPLICATION_STREAMING=off): peak RSS, one %s-row tx", thousands(float64(c.BigTx))), "peak_rss_mib", "MiB", 1)
 	add("f1", "  that tx all in ClickHouse after its commit", "ch_visible_s", "ms", 1000)
 	add("f1", "  PostgreSQL spilled to its disk (spill_bytes)", "pg_spill_mib", "MiB", 1)
+	for _, k := range []string{"m", "m1"} {
+		proto := "protocol 2"
+		if k == "m1" {
+			proto = "protocol 1"
+		}
+		add(k, fmt.Sprintf("mixed (%s): %s small events/s + one %s-row tx: small events commit -> inserted_at, p50", proto, thousands(c.MixedRate), thousands(float64(c.MixedBigTx))), "small_p50_ms", "ms", 1)
+		add(k, "  p99", "small_p99_ms", "ms", 1)
+		add(k, "  max", "small_max_ms", "ms", 1)
+		add(k, "  the big tx all in ClickHouse after its commit", "big_ch_visible_s", "ms", 1000)
+		add(k, "  PostgreSQL spilled to its disk (spill_bytes)", "pg_spill_mib", "MiB", 1)
+		add(k, "  the streamer's spill at its largest", "local_spill_mib", "MiB", 1)
+		add(k, "  peak RSS", "peak_rss_mib", "MiB", 1)
+	}
 	add("g", "peer (MaterializedPostgreSQL): drain from the WAL", "rows_per_s", "rows/s", 1)
 	add("g", "g snapshot copy (initial load; not a target)", "snapshot_rows_per_s", "rows/s", 1)
 	add("g", "peer live: producer (loadgen COPY)", "producer_rows_per_s", "rows/s", 1)
@@ -424,7 +437,7 @@ func (r *report) printTable(w io.Writer) {
 
 	if len(r.CPU) > 0 {
 		fmt.Fprintf(w, "\nCPU: cores kept busy during the timed part, from /proc (median over repetitions; the machine has %d; bench = this process: the reader in a, the poller in b, producers and pollers in d-g):\n", r.Machine.CPUs)
-		for _, key := range []string{"a", "b", "c", "c10k", "d", "e", "f", "f1", "g", "h"} {
+		for _, key := range []string{"a", "b", "c", "c10k", "d", "e", "f", "f1", "m", "m1", "g", "h"} {
 			m, ok := r.CPU[key]
 			if !ok {
 				continue

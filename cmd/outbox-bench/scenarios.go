@@ -682,3 +682,131 @@ func dirBytes(dir string) int64 {
 	}
 	return n
 }
+
+// runMixed is scenario m (protocol 2, the default) and m1 (protocol 1): a
+// paced producer of small transactions (e's, at MixedRate events/s for
+// LatencyDuration) with one transaction of MixedBigTx rows committed in the
+// middle. It reports what the big transaction cost the primary (spill and
+// stream bytes) and the streamer (peak RSS, its spill at its largest), how
+// long after its commit it was all in ClickHouse, and the small events'
+// latency (commit to inserted_at, a lower bound) over the whole run: with
+// protocol 1 the walsender decodes the big transaction at its commit, and
+// every small one behind it waits.
+func runMixed(ctx context.Context, b *bench, key string, extra ...string) (map[string]float64, error) {
+	e, err := newEnv(ctx, b.srv)
+	if err != nil {
+		return nil, err
+	}
+	defer e.close()
+	spillDir, err := os.MkdirTemp("", "outbox-bench-spill-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(spillDir)
+	s, err := b.startStreaming(ctx, e, key, append([]string{"STREAM_SPILL_DIR=" + spillDir}, extra...)...)
+	if err != nil {
+		return nil, err
+	}
+	defer s.Stop(stopTimeout) //nolint:errcheck // stopped explicitly below; this is for early returns
+	var maxRSS, maxSpill int64
+	stopSampling, sampled := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(sampled)
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			if _, hwm, err := s.memStatus(); err == nil && hwm > maxRSS {
+				maxRSS = hwm
+			}
+			if n := dirBytes(spillDir); n > maxSpill {
+				maxSpill = n
+			}
+			select {
+			case <-stopSampling:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	type produced struct {
+		recs []commitRec
+		err  error
+	}
+	small := make(chan produced, 1)
+	go func() {
+		recs, _, err := latencyProducer(ctx, e.Pool, b.cfg.MixedRate, b.cfg.LatencyTx, b.cfg.LatencyWorkers, b.cfg.LatencyDuration)
+		small <- produced{recs, err}
+	}()
+	// The big transaction in the middle of the small ones.
+	time.Sleep(b.cfg.LatencyDuration / 4)
+	if _, err := e.Pool.Exec(ctx, backlogSQL, b.cfg.MixedBigTx, 0); err != nil {
+		close(stopSampling)
+		return nil, fmt.Errorf("insert the big transaction: %w", err)
+	}
+	committed := time.Now()
+	var bigVisible time.Duration
+	err = poll(ctx, b.cfg.Timeout, 20*time.Millisecond, "the big transaction in ClickHouse", func() (bool, error) {
+		var n uint64
+		if err := e.CH.QueryRow(ctx, "SELECT count() FROM "+e.Table+" WHERE event_type != 'latency.probe'").Scan(&n); err != nil {
+			return false, err
+		}
+		bigVisible = time.Since(committed)
+		return n >= uint64(b.cfg.MixedBigTx), nil
+	})
+	p := <-small
+	if err == nil {
+		err = p.err
+	}
+	if err == nil {
+		err = e.waitCH(ctx, uint64(b.cfg.MixedBigTx+len(p.recs)), b.cfg.Timeout)
+	}
+	close(stopSampling)
+	<-sampled
+	if err != nil {
+		return nil, err
+	}
+	var spillBytes, streamBytes int64
+	if err := e.Pool.QueryRow(ctx, `SELECT spill_bytes, stream_bytes FROM pg_stat_replication_slots WHERE slot_name = $1`, e.Slot).
+		Scan(&spillBytes, &streamBytes); err != nil {
+		return nil, fmt.Errorf("read pg_stat_replication_slots: %w", err)
+	}
+	verr, err := e.stopAndVerify(ctx, s, int64(b.cfg.MixedBigTx+len(p.recs)))
+	if err != nil {
+		return nil, err
+	}
+	committedAt := make(map[int64]time.Time, len(p.recs))
+	for _, r := range p.recs {
+		committedAt[r.id] = r.at
+	}
+	rows, err := e.CH.Query(ctx, "SELECT event_id, inserted_at FROM "+e.Table+" WHERE event_type = 'latency.probe'")
+	if err != nil {
+		return nil, err
+	}
+	var lat []float64
+	for rows.Next() {
+		var id uint64
+		var at time.Time
+		if err := rows.Scan(&id, &at); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		if c, ok := committedAt[int64(id)]; ok {
+			lat = append(lat, at.Sub(c).Seconds()*1000)
+		}
+	}
+	rows.Close()
+	sort.Float64s(lat)
+	const mib = 1 << 20
+	return map[string]float64{
+		"small_events":     float64(len(lat)),
+		"big_rows":         float64(b.cfg.MixedBigTx),
+		"big_ch_visible_s": bigVisible.Seconds(),
+		"small_p50_ms":     percentile(lat, 50),
+		"small_p99_ms":     percentile(lat, 99),
+		"small_max_ms":     percentile(lat, 100),
+		"peak_rss_mib":     float64(maxRSS) / mib,
+		"pg_spill_mib":     float64(spillBytes) / mib,
+		"pg_stream_mib":    float64(streamBytes) / mib,
+		"local_spill_mib":  float64(maxSpill) / mib,
+	}, verr
+}
