@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -19,6 +20,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
 	"github.com/outbox-streamer/outbox-streamer/internal/loadgen"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/verify"
 )
 
 // supervisor keeps one streamer process running, restarting it when it exits, as a
@@ -258,6 +260,7 @@ func TestChaos(t *testing.T) {
 	})
 	total, _ := e.Committed(t)
 	t.Logf("chaos survived: %d committed rows delivered exactly once", total)
+	checkVerifyAfterChaos(t, env, deleted)
 	// What the faults made the streamer go through, from its logs.
 	sup.mu.Lock()
 	logs := sup.out.String()
@@ -267,4 +270,46 @@ func TestChaos(t *testing.T) {
 		"insert with unknown outcome", "pending rows the stream had passed"} {
 		t.Logf("streamer log lines %q: %d", ev, strings.Count(logs, ev))
 	}
+}
+
+// checkVerifyAfterChaos runs `verify` over the whole outbox after the chaos
+// run (issue 18): nothing missing, nothing twice; the only rows in ClickHouse
+// but not in the outbox are ones the chaos deleted from the outbox after they
+// were delivered.
+func checkVerifyAfterChaos(t *testing.T, env []string, deleted []int64) {
+	t.Helper()
+	cmd := exec.Command(binary(t), "verify", "--json", "--max-ids", "100000")
+	cmd.Env = env
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, _ := cmd.Output() // the report (exit 1 when something differs); logs go to stderr
+	code := cmd.ProcessState.ExitCode()
+	var rep verify.Report
+	if err := json.Unmarshal(out, &rep); err != nil {
+		t.Fatalf("verify --json: exit %d, %v:\n%s\n%s", code, err, out, stderr.String())
+	}
+	gone := make(map[int64]bool, len(deleted))
+	for _, id := range deleted {
+		gone[id] = true
+	}
+	if rep.Totals.Missing != 0 || rep.Totals.Duplicates != 0 {
+		t.Fatalf("verify after chaos: %d missing, %d duplicated (exit %d)", rep.Totals.Missing, rep.Totals.Duplicates, code)
+	}
+	foreign := 0
+	for _, b := range rep.Buckets {
+		if b.NotInOutbox == nil {
+			continue
+		}
+		for _, id := range b.NotInOutbox.IDs {
+			if !gone[id] {
+				t.Errorf("verify: id %d is in ClickHouse but not in the outbox, and the chaos did not delete it", id)
+			}
+			foreign++
+		}
+	}
+	if foreign == 0 && code != 0 {
+		t.Errorf("verify found no difference but exited %d", code)
+	}
+	t.Logf("verify after chaos: %d buckets, %d processed rows, %d rows in ClickHouse that the chaos deleted from the outbox (exit %d)",
+		rep.Totals.Buckets, rep.Totals.Outbox, foreign, code)
 }
