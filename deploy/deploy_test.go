@@ -315,6 +315,7 @@ func exportedNames(t *testing.T) map[string]bool {
 	m.SetSlot(metrics.SlotStats{Slot: "s", Exists: true, Active: true, LagBytes: &v, RetainedBytes: &v, SafeWALSize: &v,
 		WALStatus: "reserved", WALPosition: &v})
 	m.SetWALKeepSize(&v)
+	m.ObserveVerify(metrics.VerifyResult{Match: true, Window: "24h"}, nil)
 	m.SetOutbox(metrics.OutboxStats{Rows: map[string]float64{"pending": 1, "processed": 1, "failed": 1, "dead": 1}})
 	m.ObserveSweep(1, 1, 1)
 	for _, s := range metrics.Stages {

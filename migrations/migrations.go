@@ -36,7 +36,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
-//go:embed postgres/*.sql clickhouse/modern/*.sql clickhouse/legacy/*.sql
+//go:embed postgres/*.sql clickhouse/modern/*.sql clickhouse/legacy/*.sql clickhouse/modern-cluster/*.sql clickhouse/legacy-cluster/*.sql
 var files embed.FS
 
 // MigrationsTable is the version table in both databases for the default outbox
@@ -389,7 +389,7 @@ func clickhouseMigrator(ctx context.Context, mcfg Config) (*migrate.Migrate, str
 		if legacy, version, err = sink.DetectVersion(ctx, conn); err != nil {
 			return err
 		}
-		return conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS "+sink.QuoteIdent(cfg.Database))
+		return conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS "+sink.QuoteIdent(cfg.Database)+onCluster(cfg))
 	})
 	if err != nil {
 		return nil, "", fmt.Errorf("prepare clickhouse database %q at %s: %w", cfg.Database, cfg.Addr, err)
@@ -398,10 +398,18 @@ func clickhouseMigrator(ctx context.Context, mcfg Config) (*migrate.Migrate, str
 	if legacy {
 		flavour = "legacy"
 	}
+	if cfg.Cluster != "" {
+		flavour += "-cluster"
+	}
 	chConn, err := sink.Connect(cfg)
 	if err != nil {
 		return nil, "", err
 	}
+	// On a cluster the version table stays a TinyLog on the node migrate
+	// talks to: the migrations themselves run ON CLUSTER, the lock that
+	// keeps two of them apart is PostgreSQL's, and a migrate pointed at
+	// another node (finding no version) re-runs migrations that create only
+	// what does not exist. Point migrate at one node (CLICKHOUSE_HOST).
 	drv, err := newCHDriver(ctx, chConn, cfg.Database, ClickHouseMigrationsTable(cfg.Table), cfg.ReadTimeout+time.Minute)
 	if err != nil {
 		chConn.Close()
@@ -412,15 +420,44 @@ func clickhouseMigrator(ctx context.Context, mcfg Config) (*migrate.Migrate, str
 		chConn.Close()
 		return nil, "", err
 	}
-	src, err := render("clickhouse/"+flavour, map[string]string{
-		"Table":       sink.QuoteIdent(cfg.Database) + "." + sink.QuoteIdent(cfg.Table),
-		"ContextType": contextType,
-	})
+	src, err := render("clickhouse/"+flavour, ClickHouseData(cfg, contextType))
 	if err != nil {
 		return nil, "", err
 	}
 	m, err := migrate.NewWithInstance("iofs", src, "clickhouse", drv)
 	return m, flavour, err
+}
+
+// ClickHouseData is the template data of the ClickHouse migrations of
+// cfg's event table with event_context of type contextType, every name
+// quoted for where it goes. The cluster flavours (cfg.Cluster set) also use
+// Local (the local table, sink.LocalTable), Cluster (for ON CLUSTER),
+// ClusterLiteral, DatabaseLiteral and LocalLiteral (the arguments of
+// Distributed) and ReplicaPath (the local table's ZooKeeper path, one per
+// shard: /clickhouse/tables/{shard}/DATABASE/TABLE_local).
+func ClickHouseData(cfg sink.Config, contextType string) map[string]string {
+	data := map[string]string{
+		"Table":       sink.QuoteIdent(cfg.Database) + "." + sink.QuoteIdent(cfg.Table),
+		"ContextType": contextType,
+	}
+	if cfg.Cluster != "" {
+		local := sink.LocalTable(cfg.Table)
+		data["Local"] = sink.QuoteIdent(cfg.Database) + "." + sink.QuoteIdent(local)
+		data["Cluster"] = sink.QuoteIdent(cfg.Cluster)
+		data["ClusterLiteral"] = sink.QuoteString(cfg.Cluster)
+		data["DatabaseLiteral"] = sink.QuoteString(cfg.Database)
+		data["LocalLiteral"] = sink.QuoteString(local)
+		data["ReplicaPath"] = sink.QuoteString("/clickhouse/tables/{shard}/" + cfg.Database + "/" + local)
+	}
+	return data
+}
+
+// onCluster is the ON CLUSTER clause of cfg's DDL, or "" on a single server.
+func onCluster(cfg sink.Config) string {
+	if cfg.Cluster == "" {
+		return ""
+	}
+	return " ON CLUSTER " + sink.QuoteIdent(cfg.Cluster)
 }
 
 // contextColumnType is the event_context column type for CLICKHOUSE_CONTEXT_TYPE

@@ -51,6 +51,10 @@ type Config struct {
 	// MaxContextBytes is the largest event_context accepted; larger rows are failed.
 	// Default 1 MiB.
 	MaxContextBytes int
+	// Cluster is the ClickHouse cluster (CLICKHOUSE_CLUSTER, a <remote_servers>
+	// name) whose Distributed table Table is, over LocalTable on every node;
+	// empty: a single server. See cluster.go.
+	Cluster string
 }
 
 // Validate checks the configuration and fills defaults.
@@ -100,6 +104,9 @@ type Writer struct {
 	// When the server last failed a request transiently, and when a quiet
 	// spell was last seen after that (see awaitInsertsDone).
 	lastFailure, settledAt time.Time
+
+	// The cluster's nodes, learnt by Ready when cfg.Cluster is set.
+	cluster *clusterInfo
 }
 
 // settleQuiet is how long the server must run no insert into the table, after
@@ -166,6 +173,18 @@ func (w *Writer) Ready(ctx context.Context) error {
 		}
 		return fmt.Errorf("clickhouse at %s is unreachable (check CLICKHOUSE_HOST/CLICKHOUSE_PORT/CLICKHOUSE_PROTOCOL and credentials): %w", w.cfg.Addr, err)
 	}
+	if w.cfg.Cluster != "" {
+		ci, err := loadCluster(ctx, w.conn, w.cfg, ver)
+		if err != nil {
+			if fault.Retryable(err) {
+				w.lastFailure = time.Now()
+			}
+			return err
+		}
+		w.cluster = ci
+		w.log.Info("clickhouse cluster", zap.String("cluster", w.cfg.Cluster), zap.Int("shards", ci.shards),
+			zap.Int("replicas_per_shard", ci.replicas), zap.Strings("nodes", ci.addrs()), zap.Int("insert_quorum", ci.quorum()))
+	}
 	w.legacy, w.detected = legacy, true
 	w.minT, w.maxT = TimeRange(legacy)
 	w.log.Info("connected to clickhouse", zap.String("addr", w.cfg.Addr), zap.String("version", ver), zap.Bool("legacy_schema", legacy))
@@ -230,8 +249,16 @@ func TimeRange(legacy bool) (min, max time.Time) {
 	return time.Date(1900, 1, 1, 0, 0, 0, 0, time.UTC), time.Unix(0, math.MaxInt64).UTC().Truncate(time.Microsecond)
 }
 
-// Close closes the connection.
-func (w *Writer) Close() error { return w.conn.Close() }
+// Close closes the connection (and those to the cluster's nodes).
+func (w *Writer) Close() error {
+	w.mu.Lock()
+	ci := w.cluster
+	w.mu.Unlock()
+	if ci != nil {
+		ci.close()
+	}
+	return w.conn.Close()
+}
 
 // Validate reports why ev cannot be stored faithfully, or nil. ClickHouse would
 // silently wrap an out-of-range DateTime, so ranges are checked here.
@@ -274,11 +301,18 @@ func (w *Writer) Insert(ctx context.Context, events []record.Event) error {
 	if err := w.Ready(ctx); err != nil {
 		return err
 	}
-	if _, legacy, _, _ := w.version(); !legacy {
+	_, legacy, _, _ := w.version()
+	settings := clickhouse.Settings{}
+	if !legacy {
 		// A re-sent copy of this insert (after an answer that was lost) is
 		// then dropped by the server, whatever of it had been committed.
-		ctx = clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{
-			"insert_deduplication_token": DedupToken(events) + "-" + attemptOf(ctx)}))
+		settings["insert_deduplication_token"] = DedupToken(events) + "-" + attemptOf(ctx)
+	}
+	if ci := w.clusterInfo(); ci != nil {
+		ci.insertSettings(settings, w.cfg.ReadTimeout)
+	}
+	if len(settings) > 0 {
+		ctx = clickhouse.Context(ctx, clickhouse.WithSettings(settings))
 	}
 	b, err := w.conn.PrepareBatch(ctx, "INSERT INTO "+w.table+" ("+insertColumns+")")
 	if err != nil {
@@ -369,12 +403,31 @@ func (w *Writer) ExistingIDs(ctx context.Context, events []record.Event) (map[in
 	if err := w.Ready(ctx); err != nil {
 		return nil, err
 	}
+	if ci := w.clusterInfo(); ci != nil {
+		return w.clusterExistingIDs(ctx, ci, events)
+	}
 	w.awaitInsertsDone(ctx)
+	q := w.lookupQuery(events, w.table)
+	rows, err := w.conn.Query(ctx, q)
+	if err != nil {
+		w.noteFailure(err)
+		return nil, fmt.Errorf("look up %d event ids in %s: %w", len(events), w.table, err)
+	}
+	defer rows.Close()
+	if err := scanIDs(rows, found); err != nil {
+		return nil, fmt.Errorf("look up event ids in %s: %w", w.table, err)
+	}
+	return found, nil
+}
+
+// lookupQuery selects which of the events' ids table holds; the time bounds
+// let ClickHouse prune partitions.
+func (w *Writer) lookupQuery(events []record.Event, table string) string {
 	_, legacy, _, maxValid := w.version()
 	var sb strings.Builder
 	minT, maxT := events[0].Time, events[0].Time
 	sb.WriteString("SELECT event_id FROM ")
-	sb.WriteString(w.table)
+	sb.WriteString(table)
 	sb.WriteString(" WHERE event_id IN (")
 	for i := range events {
 		if i > 0 {
@@ -398,23 +451,19 @@ func (w *Writer) ExistingIDs(ctx context.Context, events []record.Event) (map[in
 		upper = maxValid
 	}
 	sb.WriteString(timeLiteral(legacy, upper))
-	rows, err := w.conn.Query(ctx, sb.String())
-	if err != nil {
-		w.noteFailure(err)
-		return nil, fmt.Errorf("look up %d event ids in %s: %w", len(events), w.table, err)
-	}
-	defer rows.Close()
+	return sb.String()
+}
+
+// scanIDs adds the event ids rows return to found.
+func scanIDs(rows driver.Rows, found map[int64]struct{}) error {
 	for rows.Next() {
 		var id uint64
 		if err := rows.Scan(&id); err != nil {
-			return nil, fmt.Errorf("scan event id: %w", err)
+			return fmt.Errorf("scan event id: %w", err)
 		}
 		found[int64(id)] = struct{}{}
 	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("look up event ids in %s: %w", w.table, err)
-	}
-	return found, nil
+	return rows.Err()
 }
 
 // awaitInsertsDone waits until the server runs no insert into the table.
@@ -431,14 +480,22 @@ func (w *Writer) ExistingIDs(ctx context.Context, events []record.Event) (map[in
 // ReadTimeouts), after which the lookup goes ahead with a warning.
 func (w *Writer) awaitInsertsDone(ctx context.Context) {
 	q := "SELECT count() FROM system.processes WHERE position(query, " + quoteString("INSERT INTO "+w.table) + ") = 1"
+	running := func(ctx context.Context) (uint64, error) {
+		var n uint64
+		err := w.conn.QueryRow(ctx, q).Scan(&n)
+		return n, err
+	}
+	if ci := w.clusterInfo(); ci != nil {
+		running = ci.runningInserts
+	}
 	w.mu.Lock()
 	needQuiet := w.lastFailure.After(w.settledAt)
 	w.mu.Unlock()
 	deadline := time.Now().Add(3 * w.cfg.ReadTimeout)
 	var quietSince time.Time
 	for {
-		var n uint64
-		if err := w.conn.QueryRow(ctx, q).Scan(&n); err != nil {
+		n, err := running(ctx)
+		if err != nil {
 			w.noteFailure(err)
 			return // the error shows again in the lookup itself
 		}

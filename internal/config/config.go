@@ -76,6 +76,11 @@ type Config struct {
 	SentryEnv    string
 	OTLPEndpoint string
 
+	// VerifyInterval and VerifyWindow are VERIFY_INTERVAL (0: off) and
+	// VERIFY_WINDOW: the leader's periodic verification.
+	VerifyInterval time.Duration
+	VerifyWindow   time.Duration
+
 	MaxAttempts    int
 	RetryBaseDelay time.Duration
 	RetryMaxDelay  time.Duration
@@ -105,6 +110,7 @@ func Bind(src *Source, c *Config) {
 	src.String(&c.ClickHouse.Protocol, "CLICKHOUSE_PROTOCOL", "clickhouse-protocol", "native", "native or http")
 	src.Bool(&c.ch.secure, "CLICKHOUSE_SECURE", "clickhouse-secure", false, "connect to ClickHouse with TLS")
 	src.String(&c.ClickHouse.Table, "CLICKHOUSE_EVENT_LOG_TABLE_NAME", "table", "event_log", "ClickHouse event table")
+	src.String(&c.ClickHouse.Cluster, "CLICKHOUSE_CLUSTER", "clickhouse-cluster", "", "ClickHouse cluster (a <remote_servers> name): migrations create <table>_local ON CLUSTER with Replicated engines and the event table as a Distributed table over it; inserts go through it synchronously with a quorum of every replica; empty: one server")
 	src.Duration(&c.ClickHouse.DialTimeout, "CLICKHOUSE_CONNECT_TIMEOUT", "clickhouse-connect-timeout", 30*time.Second, "ClickHouse connect timeout")
 	src.Duration(&c.ClickHouse.ReadTimeout, "CLICKHOUSE_SEND_RECEIVE_TIMEOUT", "clickhouse-timeout", 10*time.Second, "ClickHouse send/receive timeout per request")
 	src.String(&c.ContextType, "CLICKHOUSE_CONTEXT_TYPE", "clickhouse-context-type", "String", "type of event_context when `migrate up` creates the event table: String, or JSON (ClickHouse 25.3+: queries read event_context.field as a subcolumn); an existing table keeps its type")
@@ -146,6 +152,8 @@ func Bind(src *Source, c *Config) {
 	src.Secret(&c.SentryDSN, "SENTRY_CONFIG_DSN", "sentry-dsn", "send errors to Sentry when set")
 	src.String(&c.SentryEnv, "SENTRY_CONFIG_ENVIRONMENT", "sentry-environment", "", "Sentry environment (default: ENVIRONMENT)")
 	src.String(&c.OTLPEndpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp-endpoint", "", "OTLP/HTTP endpoint (e.g. http://otel-collector:4318) for traces and metrics; empty disables")
+	src.DurationOrZero(&c.VerifyInterval, "VERIFY_INTERVAL", "verify-interval", 0, "how often the leader compares the outbox's last VERIFY_WINDOW with ClickHouse, as `verify` does, into metrics (verify_match, verify_rows) and logs; 0 turns it off")
+	src.Duration(&c.VerifyWindow, "VERIFY_WINDOW", "verify-window", 24*time.Hour, "the range of created_at each periodic verification compares, up to now")
 
 	// The names Sentry's SDKs and ClickHouse users already know.
 	src.Alias("SENTRY_CONFIG_DSN", "SENTRY_DSN")

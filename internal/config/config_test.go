@@ -297,3 +297,18 @@ func TestOutboxTable(t *testing.T) {
 		t.Errorf("a 36-byte table name: %v", err)
 	}
 }
+
+func TestClickHouseCluster(t *testing.T) {
+	cfg, err := load(t, nil)
+	if err != nil || cfg.ClickHouse.Cluster != "" {
+		t.Fatalf("default cluster = %q, %v; want empty (one server)", cfg.ClickHouse.Cluster, err)
+	}
+	cfg, err = load(t, map[string]string{"CLICKHOUSE_CLUSTER": "from_env"})
+	if err != nil || cfg.ClickHouse.Cluster != "from_env" {
+		t.Fatalf("CLICKHOUSE_CLUSTER: cluster = %q, %v", cfg.ClickHouse.Cluster, err)
+	}
+	cfg, err = load(t, map[string]string{"CLICKHOUSE_CLUSTER": "from_env"}, "--clickhouse-cluster", "from flag")
+	if err != nil || cfg.ClickHouse.Cluster != "from flag" {
+		t.Fatalf("--clickhouse-cluster: cluster = %q, %v", cfg.ClickHouse.Cluster, err)
+	}
+}

@@ -77,6 +77,7 @@ const (
 	chTableIsReadOnly             = 242
 	chTooManyParts                = 252
 	chTooFewLiveReplicas          = 285
+	chUnsatisfiedQuorumPrevious   = 286
 	chUnknownStatusOfInsert       = 319
 	chValueIsOutOfRangeOfDataType = 321
 	chDecimalOverflow             = 407
@@ -96,6 +97,7 @@ var clickhouseKinds = map[int32]Kind{
 	chNetworkError:               Transient,
 	chTableIsReadOnly:            Transient,
 	chTooFewLiveReplicas:         Transient,
+	chUnsatisfiedQuorumPrevious:  Transient, // a quorum insert that timed out completes once the replicas catch up (CLICKHOUSE_CLUSTER)
 	chUnknownStatusOfInsert:      Transient,
 	chSystemError:                Transient,
 	chCannotScheduleTask:         Transient,

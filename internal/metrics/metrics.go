@@ -96,6 +96,14 @@ type Metrics struct {
 	up                 prometheus.Gauge
 	oldestRowAge       prometheus.Gauge
 
+	// The last periodic verification (VERIFY_INTERVAL); vectors so that they
+	// are absent until the first one finished.
+	verifyRuns     *prometheus.CounterVec
+	verifyMatch    *prometheus.GaugeVec
+	verifyRows     *prometheus.GaugeVec
+	verifyLastRun  *prometheus.GaugeVec
+	verifyInterval prometheus.Gauge
+
 	stages map[string]prometheus.Counter
 }
 
@@ -141,6 +149,17 @@ func New() *Metrics {
 
 	m.pruneDuration = f.histogram("prune_duration_seconds", "Duration of one retention pass over the outbox.",
 		[]float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300})
+	m.verifyRuns = f.counterVec("verify_runs_total", "Periodic verifications (VERIFY_INTERVAL) by result: match, differ or error.", "result")
+	for _, r := range []string{"match", "differ", "error"} {
+		m.verifyRuns.WithLabelValues(r)
+	}
+	m.verifyMatch = f.gaugeVec("verify_match",
+		"1 when the last periodic verification found ClickHouse holding every processed outbox row of its window once, 0 when it did not; absent before the first.", "window")
+	m.verifyRows = f.gaugeVec("verify_rows",
+		"Rows the last periodic verification found wrong, by kind: missing (processed in the outbox, not in ClickHouse), duplicated, not_in_outbox.", "kind")
+	m.verifyLastRun = f.gaugeVec("verify_last_run_timestamp_seconds",
+		"When the last periodic verification finished (Unix time), by result (match or differ).", "result")
+	m.verifyInterval = f.gauge("verify_interval_seconds", "VERIFY_INTERVAL (0: periodic verification is off).")
 	m.oldestRowAge = f.gauge("oldest_row_age_seconds",
 		"Age (by created_at) of the oldest row the outbox still holds, whatever its status, as of the last retention pass (0 when empty).")
 	m.ackedLSN = f.gauge("acknowledged_lsn",
@@ -277,6 +296,46 @@ func (m *Metrics) ObservePrune(rows int64, took time.Duration, oldest *time.Dura
 	} else {
 		m.oldestRowAge.Set(0)
 	}
+}
+
+// VerifyResult is what a periodic verification found, for ObserveVerify.
+type VerifyResult struct {
+	Match                            bool
+	Missing, Duplicates, NotInOutbox int64
+	// Window is the compared range's length, as a label ("24h").
+	Window string
+}
+
+// SetVerifyInterval records VERIFY_INTERVAL, so that an alert can tell a
+// verification that stopped running from one that was never asked for.
+func (m *Metrics) SetVerifyInterval(d time.Duration) {
+	if m == nil {
+		return
+	}
+	m.verifyInterval.Set(d.Seconds())
+}
+
+// ObserveVerify records a periodic verification; err is one that could not
+// run (the gauges keep the last result).
+func (m *Metrics) ObserveVerify(res VerifyResult, err error) {
+	if m == nil {
+		return
+	}
+	if err != nil {
+		m.verifyRuns.WithLabelValues("error").Inc()
+		return
+	}
+	result, match := "differ", 0.0
+	if res.Match {
+		result, match = "match", 1
+	}
+	m.verifyRuns.WithLabelValues(result).Inc()
+	m.verifyMatch.Reset()
+	m.verifyMatch.WithLabelValues(res.Window).Set(match)
+	m.verifyRows.WithLabelValues("missing").Set(float64(res.Missing))
+	m.verifyRows.WithLabelValues("duplicated").Set(float64(res.Duplicates))
+	m.verifyRows.WithLabelValues("not_in_outbox").Set(float64(res.NotInOutbox))
+	m.verifyLastRun.WithLabelValues(result).SetToCurrentTime()
 }
 
 // AddFailed counts rows marked failed.

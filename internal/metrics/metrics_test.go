@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"errors"
 	"runtime"
 	"strings"
 	"testing"
@@ -261,6 +262,7 @@ func TestMetricNamesFollowConventions(t *testing.T) {
 	v := 1.0
 	m.SetSlot(SlotStats{Slot: "s", Exists: true, LagBytes: &v, RetainedBytes: &v, SafeWALSize: &v, WALStatus: "reserved", WALPosition: &v})
 	m.SetWALKeepSize(&v)
+	m.ObserveVerify(VerifyResult{Match: true, Window: "24h"}, nil)
 	fams, err := m.Registry().Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -281,8 +283,8 @@ func TestMetricNamesFollowConventions(t *testing.T) {
 			ours++
 		}
 	}
-	if ours != 31 {
-		t.Errorf("%d outbox_streamer_ metric families registered, want 31 (11 counters, 5 histograms, 15 gauges)", ours)
+	if ours != 36 {
+		t.Errorf("%d outbox_streamer_ metric families registered, want 36 (12 counters, 5 histograms, 19 gauges)", ours)
 	}
 	// The Go and process collectors are on the registry too.
 	if !hasFamily(fams, "go_goroutines") || !hasFamily(fams, "process_cpu_seconds_total") {
@@ -300,5 +302,33 @@ func TestBuildInfo(t *testing.T) {
 	}
 	if n := testutil.CollectAndCount(m.buildInfo); n != 1 {
 		t.Fatalf("%d build_info series, want 1", n)
+	}
+}
+
+func TestObserveVerify(t *testing.T) {
+	m := New()
+	m.SetVerifyInterval(time.Hour)
+	m.ObserveVerify(VerifyResult{Match: false, Missing: 2, Duplicates: 1, Window: "24h"}, nil)
+	if got := testutil.ToFloat64(m.verifyMatch.WithLabelValues("24h")); got != 0 {
+		t.Errorf("verify_match = %v after a difference, want 0", got)
+	}
+	if got := testutil.ToFloat64(m.verifyRows.WithLabelValues("missing")); got != 2 {
+		t.Errorf("verify_rows{kind=missing} = %v, want 2", got)
+	}
+	m.ObserveVerify(VerifyResult{}, errors.New("clickhouse down"))
+	if got := testutil.ToFloat64(m.verifyMatch.WithLabelValues("24h")); got != 0 {
+		t.Errorf("a failed run changed verify_match to %v", got)
+	}
+	m.ObserveVerify(VerifyResult{Match: true, Window: "24h"}, nil)
+	if got := testutil.ToFloat64(m.verifyMatch.WithLabelValues("24h")); got != 1 {
+		t.Errorf("verify_match = %v after a match, want 1", got)
+	}
+	for r, want := range map[string]float64{"match": 1, "differ": 1, "error": 1} {
+		if got := testutil.ToFloat64(m.verifyRuns.WithLabelValues(r)); got != want {
+			t.Errorf("verify_runs_total{result=%q} = %v, want %v", r, got, want)
+		}
+	}
+	if got := testutil.ToFloat64(m.verifyInterval); got != 3600 {
+		t.Errorf("verify_interval_seconds = %v", got)
 	}
 }

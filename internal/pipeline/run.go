@@ -42,6 +42,9 @@ type Config struct {
 	// PartitionInterval is OUTBOX_PARTITION_INTERVAL: on a partitioned outbox
 	// the leader creates partitions of this width ahead after each sweep.
 	PartitionInterval time.Duration
+	// VerifyInterval is VERIFY_INTERVAL: how often the leader compares the
+	// last VerifyWindow of the outbox with ClickHouse (0: never).
+	VerifyInterval, VerifyWindow time.Duration
 }
 
 // Outbox is the outbox table the pipeline streams, as the store names it:
@@ -136,6 +139,14 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 		}
 	}()
 	defer func() { cancelSweep(); <-sweepDone }()
+	if cfg.VerifyInterval > 0 {
+		if cfg.VerifyWindow <= 0 {
+			cfg.VerifyWindow = 24 * time.Hour
+		}
+		verifyDone := make(chan struct{})
+		go func() { defer close(verifyDone); runVerifies(sweepCtx, cfg, pool, ch, log) }()
+		defer func() { cancelSweep(); <-verifyDone }()
+	}
 
 	streamErr := stream.Run(ctx, cfg.Run, batches, writerDone)
 	if streamErr != nil {

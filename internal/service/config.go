@@ -42,9 +42,11 @@ func PipelineConfig(cfg *config.Config) pipeline.Config {
 			Retry:           retry.Policy{Max: cfg.RetryMaxWait},
 			OutageFailAfter: cfg.OutageFailAfter,
 		},
-		Retry:         RetryConfig(cfg),
-		SweepInterval: cfg.SweepInterval,
-		Retention:     cfg.Retention,
+		Retry:          RetryConfig(cfg),
+		SweepInterval:  cfg.SweepInterval,
+		Retention:      cfg.Retention,
+		VerifyInterval: cfg.VerifyInterval,
+		VerifyWindow:   cfg.VerifyWindow,
 
 		PartitionInterval: cfg.PartitionInterval,
 	}
