@@ -35,8 +35,13 @@ func clusterWriter(t *testing.T, c *testenv.CHCluster, readTimeout time.Duration
 	return w, db
 }
 
+// eventTime is every test event's time: a lookup bounds event_date_time by
+// the events it is given, so those of one test must agree with the inserted
+// ones (a second passing between two calls made the lookup miss them).
+var eventTime = time.Now().UTC().Truncate(time.Second)
+
 func events(from, n int64) []record.Event {
-	now := time.Now().UTC().Truncate(time.Second)
+	now := eventTime
 	out := make([]record.Event, n)
 	for i := range out {
 		out[i] = record.Event{ID: from + int64(i), Type: "t", Time: now, CreatedAt: now, Environment: "test", Context: "{}"}
