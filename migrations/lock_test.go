@@ -59,7 +59,7 @@ func TestMigrationLockHoldsAcrossProcesses(t *testing.T) {
 	}
 	var waits []string
 	cfg.Notify = func(m string) { waits = append(waits, m) }
-	short, cancel := context.WithTimeout(ctx, 2*time.Second)
+	short, cancel := context.WithTimeout(ctx, 5*time.Second)
 	err = migrations.Up(short, cfg)
 	cancel()
 	if err == nil || !strings.Contains(err.Error(), "migration lock") {
