@@ -575,46 +575,21 @@ func runMemory(ctx context.Context, b *bench, key string, extra ...string) (map[
 		return nil, err
 	}
 	defer e.close()
-	spillDir, err := os.MkdirTemp("", "outbox-bench-spill-")
+	s, spillDir, cleanup, err := b.startWithSpill(ctx, e, key, extra...)
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(spillDir)
-	s, err := b.startStreaming(ctx, e, key, append([]string{"STREAM_SPILL_DIR=" + spillDir}, extra...)...)
-	if err != nil {
-		return nil, err
-	}
-	defer s.Stop(stopTimeout) //nolint:errcheck // stopped explicitly below; this is for early returns
+	defer cleanup()
 	idleRSS, _, err := s.memStatus()
 	if err != nil {
 		return nil, err
 	}
-	var maxRSS, maxSpill int64
-	stopSampling := make(chan struct{})
-	sampled := make(chan struct{})
-	go func() {
-		defer close(sampled)
-		t := time.NewTicker(50 * time.Millisecond)
-		defer t.Stop()
-		for {
-			if rss, _, err := s.memStatus(); err == nil && rss > maxRSS {
-				maxRSS = rss
-			}
-			if n := dirBytes(spillDir); n > maxSpill {
-				maxSpill = n
-			}
-			select {
-			case <-stopSampling:
-				return
-			case <-t.C:
-			}
-		}
-	}()
+	smp := sampleStreamer(s, spillDir)
 	meter := &cpuMeter{streamerPID: s.Pid()}
 	c0 := meter.sample()
 	t0 := time.Now()
 	if _, err := e.Pool.Exec(ctx, backlogSQL, b.cfg.BigTx, 0); err != nil {
-		close(stopSampling)
+		smp.finish()
 		return nil, fmt.Errorf("insert the big transaction: %w", err)
 	}
 	committed := time.Now()
@@ -629,8 +604,7 @@ func runMemory(ctx context.Context, b *bench, key string, extra ...string) (map[
 	if err == nil {
 		err = e.waitConfirmed(ctx, target, b.cfg.Timeout)
 	}
-	close(stopSampling)
-	<-sampled
+	smp.finish()
 	if err != nil {
 		return nil, err
 	}
@@ -644,10 +618,9 @@ func runMemory(ctx context.Context, b *bench, key string, extra ...string) (map[
 		return nil, err
 	}
 	// The walsender reports its counters after each decoded transaction.
-	var spillBytes, streamBytes int64
-	if err := e.Pool.QueryRow(ctx, `SELECT spill_bytes, stream_bytes FROM pg_stat_replication_slots WHERE slot_name = $1`, e.Slot).
-		Scan(&spillBytes, &streamBytes); err != nil {
-		return nil, fmt.Errorf("read pg_stat_replication_slots: %w", err)
+	spillBytes, streamBytes, err := e.slotStreamStats(ctx)
+	if err != nil {
+		return nil, err
 	}
 	verr, err := e.stopAndVerify(ctx, s, int64(b.cfg.BigTx))
 	if err != nil {
@@ -659,7 +632,7 @@ func runMemory(ctx context.Context, b *bench, key string, extra ...string) (map[
 	return map[string]float64{
 		"rows":                float64(b.cfg.BigTx),
 		"peak_rss_mib":        float64(hwm) / mib,
-		"sampled_max_rss_mib": float64(maxRSS) / mib,
+		"sampled_max_rss_mib": float64(smp.maxRSS) / mib,
 		"idle_rss_mib":        float64(idleRSS) / mib,
 		"insert_seconds":      committed.Sub(t0).Seconds(),
 		"delivery_seconds":    last.Sub(committed).Seconds(),
@@ -667,8 +640,71 @@ func runMemory(ctx context.Context, b *bench, key string, extra ...string) (map[
 		"ch_inserts":          float64(inserts),
 		"pg_spill_mib":        float64(spillBytes) / mib,
 		"pg_stream_mib":       float64(streamBytes) / mib,
-		"local_spill_mib":     float64(maxSpill) / mib,
+		"local_spill_mib":     float64(smp.maxSpill) / mib,
 	}, verr
+}
+
+// startWithSpill starts the binary on e with STREAM_SPILL_DIR in a directory
+// of its own, so that the spill's size can be sampled; cleanup stops the
+// binary (for early returns; callers stop it themselves) and removes the
+// directory.
+func (b *bench) startWithSpill(ctx context.Context, e *dbEnv, key string, extra ...string) (*streamer, string, func(), error) {
+	dir, err := os.MkdirTemp("", "outbox-bench-spill-")
+	if err != nil {
+		return nil, "", nil, err
+	}
+	s, err := b.startStreaming(ctx, e, key, append([]string{"STREAM_SPILL_DIR=" + dir}, extra...)...)
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, "", nil, err
+	}
+	return s, dir, func() { _ = s.Stop(stopTimeout); os.RemoveAll(dir) }, nil
+}
+
+// streamerSampler records, every 50 ms until finish, the streamer's largest
+// resident set (current and VmHWM) and its spill directory's largest size.
+type streamerSampler struct {
+	maxRSS, maxHWM, maxSpill int64
+	stop, done               chan struct{}
+}
+
+func sampleStreamer(s *streamer, spillDir string) *streamerSampler {
+	p := &streamerSampler{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			if rss, hwm, err := s.memStatus(); err == nil {
+				p.maxRSS, p.maxHWM = max(p.maxRSS, rss), max(p.maxHWM, hwm)
+			}
+			p.maxSpill = max(p.maxSpill, dirBytes(spillDir))
+			select {
+			case <-p.stop:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return p
+}
+
+// finish stops the sampling; the maxima may be read after it.
+func (p *streamerSampler) finish() {
+	close(p.stop)
+	<-p.done
+}
+
+// slotStreamStats reads what PostgreSQL spilled to its own disk and streamed
+// before commit for e's slot (pg_stat_replication_slots; the walsender
+// reports after each decoded transaction).
+func (e *dbEnv) slotStreamStats(ctx context.Context) (spillBytes, streamBytes int64, err error) {
+	err = e.Pool.QueryRow(ctx, `SELECT spill_bytes, stream_bytes FROM pg_stat_replication_slots WHERE slot_name = $1`, e.Slot).
+		Scan(&spillBytes, &streamBytes)
+	if err != nil {
+		err = fmt.Errorf("read pg_stat_replication_slots: %w", err)
+	}
+	return spillBytes, streamBytes, err
 }
 
 // dirBytes is the size of the files directly in dir (0 when it is missing).
@@ -698,36 +734,12 @@ func runMixed(ctx context.Context, b *bench, key string, extra ...string) (map[s
 		return nil, err
 	}
 	defer e.close()
-	spillDir, err := os.MkdirTemp("", "outbox-bench-spill-")
+	s, spillDir, cleanup, err := b.startWithSpill(ctx, e, key, extra...)
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(spillDir)
-	s, err := b.startStreaming(ctx, e, key, append([]string{"STREAM_SPILL_DIR=" + spillDir}, extra...)...)
-	if err != nil {
-		return nil, err
-	}
-	defer s.Stop(stopTimeout) //nolint:errcheck // stopped explicitly below; this is for early returns
-	var maxRSS, maxSpill int64
-	stopSampling, sampled := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(sampled)
-		t := time.NewTicker(50 * time.Millisecond)
-		defer t.Stop()
-		for {
-			if _, hwm, err := s.memStatus(); err == nil && hwm > maxRSS {
-				maxRSS = hwm
-			}
-			if n := dirBytes(spillDir); n > maxSpill {
-				maxSpill = n
-			}
-			select {
-			case <-stopSampling:
-				return
-			case <-t.C:
-			}
-		}
-	}()
+	defer cleanup()
+	smp := sampleStreamer(s, spillDir)
 	type produced struct {
 		recs []commitRec
 		err  error
@@ -740,7 +752,7 @@ func runMixed(ctx context.Context, b *bench, key string, extra ...string) (map[s
 	// The big transaction in the middle of the small ones.
 	time.Sleep(b.cfg.LatencyDuration / 4)
 	if _, err := e.Pool.Exec(ctx, backlogSQL, b.cfg.MixedBigTx, 0); err != nil {
-		close(stopSampling)
+		smp.finish()
 		return nil, fmt.Errorf("insert the big transaction: %w", err)
 	}
 	committed := time.Now()
@@ -760,15 +772,13 @@ func runMixed(ctx context.Context, b *bench, key string, extra ...string) (map[s
 	if err == nil {
 		err = e.waitCH(ctx, uint64(b.cfg.MixedBigTx+len(p.recs)), b.cfg.Timeout)
 	}
-	close(stopSampling)
-	<-sampled
+	smp.finish()
 	if err != nil {
 		return nil, err
 	}
-	var spillBytes, streamBytes int64
-	if err := e.Pool.QueryRow(ctx, `SELECT spill_bytes, stream_bytes FROM pg_stat_replication_slots WHERE slot_name = $1`, e.Slot).
-		Scan(&spillBytes, &streamBytes); err != nil {
-		return nil, fmt.Errorf("read pg_stat_replication_slots: %w", err)
+	spillBytes, streamBytes, err := e.slotStreamStats(ctx)
+	if err != nil {
+		return nil, err
 	}
 	verr, err := e.stopAndVerify(ctx, s, int64(b.cfg.MixedBigTx+len(p.recs)))
 	if err != nil {
@@ -804,9 +814,9 @@ func runMixed(ctx context.Context, b *bench, key string, extra ...string) (map[s
 		"small_p50_ms":     percentile(lat, 50),
 		"small_p99_ms":     percentile(lat, 99),
 		"small_max_ms":     percentile(lat, 100),
-		"peak_rss_mib":     float64(maxRSS) / mib,
+		"peak_rss_mib":     float64(smp.maxHWM) / mib,
 		"pg_spill_mib":     float64(spillBytes) / mib,
 		"pg_stream_mib":    float64(streamBytes) / mib,
-		"local_spill_mib":  float64(maxSpill) / mib,
+		"local_spill_mib":  float64(smp.maxSpill) / mib,
 	}, verr
 }
