@@ -430,7 +430,8 @@ func clickhouseMigrator(ctx context.Context, mcfg Config) (*migrate.Migrate, str
 
 // ClickHouseData is the template data of the ClickHouse migrations of
 // cfg's event table with event_context of type contextType, every name
-// quoted for where it goes. The cluster flavours (cfg.Cluster set) also use
+// quoted for where it goes; Staging is the staging table of streamed
+// transactions (sink.StagingTable). The cluster flavours (cfg.Cluster set) also use
 // Local (the local table, sink.LocalTable), Cluster (for ON CLUSTER),
 // ClusterLiteral, DatabaseLiteral and LocalLiteral (the arguments of
 // Distributed) and ReplicaPath (the local table's ZooKeeper path, one per
@@ -438,6 +439,7 @@ func clickhouseMigrator(ctx context.Context, mcfg Config) (*migrate.Migrate, str
 func ClickHouseData(cfg sink.Config, contextType string) map[string]string {
 	data := map[string]string{
 		"Table":       sink.QuoteIdent(cfg.Database) + "." + sink.QuoteIdent(cfg.Table),
+		"Staging":     sink.QuoteIdent(cfg.Database) + "." + sink.QuoteIdent(sink.StagingTable(cfg.Table)),
 		"ContextType": contextType,
 	}
 	if cfg.Cluster != "" {

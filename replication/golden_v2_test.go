@@ -256,3 +256,101 @@ func TestGoldenStreaming(t *testing.T) {
 		t.Errorf("spill directory keeps %d files", len(entries))
 	}
 }
+
+// TestGoldenStreamingStaged feeds the same session with staging on and plays
+// the writer's staging table in memory: every streamed transaction's rows
+// arrive as staging batches before its commit; at the commit its tagged
+// batches carry exactly the staged rows minus rolled-back subtransactions
+// (the copy's WHERE), with Rows equal to that count; the aborted transaction
+// is dropped; the small transaction's batches are untagged.
+func TestGoldenStreamingStaged(t *testing.T) {
+	msgs := goldenMessages(t)
+	sp, err := openSpill(t.TempDir(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Stream{cfg: Config{StatusInterval: time.Hour}, dec: NewDecoder("public", "event_outbox", nil), spill: sp}
+	s.tracker = checkpoint.NewTracker(0)
+	out := make(chan *batch.Batch, 100000)
+	rc := RunConfig{BatchSize: 1000, Stage: true}
+	rc.setDefaults()
+	r := &receiver{s: s, rc: rc, out: out, builder: batch.NewBuilder(1000, 0, time.Hour)}
+	ctx := context.Background()
+	for i, m := range msgs {
+		if err := r.handleCopyData(ctx, xlogData(uint64(i), m)); err != nil {
+			t.Fatalf("message %d (%q): %v", i, m[0], err)
+		}
+	}
+	if b := r.builder.Take(); b != nil {
+		out <- b
+	}
+	close(out)
+
+	type row struct {
+		id  int64
+		sub uint32
+	}
+	staged := map[uint32][]row{} // the staging table
+	copied := map[uint32]map[int64]bool{}
+	dropped := map[uint32]bool{}
+	delivered := map[string]int{}
+	for b := range out {
+		switch {
+		case b.Streamed == nil:
+			for _, ev := range b.Events {
+				if ev.Type != "small.keep" {
+					t.Errorf("untagged batch holds %s, a streamed transaction's row", ev.Type)
+				}
+				delivered[ev.Type]++
+			}
+		case b.Streamed.Op == batch.OpStage:
+			if len(b.Streamed.SubXids) != b.Len() {
+				t.Fatalf("staging batch: %d rows, %d subtransaction ids", b.Len(), len(b.Streamed.SubXids))
+			}
+			for i, ev := range b.Events {
+				staged[b.Streamed.Xid] = append(staged[b.Streamed.Xid], row{ev.ID, b.Streamed.SubXids[i]})
+			}
+		case b.Streamed.Op == batch.OpDrop:
+			dropped[b.Streamed.Xid] = true
+			delete(staged, b.Streamed.Xid)
+		case b.Streamed.Op == batch.OpCommit:
+			xid := b.Streamed.Xid
+			if copied[xid] == nil { // the first batch: the copy
+				aborted := map[uint32]bool{}
+				for _, sub := range b.Streamed.Aborted {
+					aborted[sub] = true
+				}
+				copied[xid] = map[int64]bool{}
+				for _, r := range staged[xid] {
+					if !aborted[r.sub] {
+						copied[xid][r.id] = true
+					}
+				}
+				if len(copied[xid]) != b.Streamed.Rows {
+					t.Errorf("xid %d: the copy would take %d rows, the commit says %d", xid, len(copied[xid]), b.Streamed.Rows)
+				}
+				delete(staged, xid)
+			}
+			for _, ev := range b.Events {
+				if ev.Xid != xid || !copied[xid][ev.ID] {
+					t.Errorf("xid %d: committed row %d (%s, xid %d) is not among the copied", xid, ev.ID, ev.Type, ev.Xid)
+				}
+				delete(copied[xid], ev.ID)
+				delivered[ev.Type]++
+			}
+		}
+	}
+	for xid, left := range copied {
+		if len(left) != 0 {
+			t.Errorf("xid %d: %d copied rows not among its committed batches", xid, len(left))
+		}
+	}
+	if len(copied) != 3 || len(dropped) != 1 || len(staged) != 0 {
+		t.Errorf("%d transactions copied (want 3), %d dropped (want 1), %d left staged (want 0)", len(copied), len(dropped), len(staged))
+	}
+	for k, n := range goldenV2Want {
+		if delivered[k] != n {
+			t.Errorf("%s: %d rows delivered, want %d", k, delivered[k], n)
+		}
+	}
+}

@@ -39,6 +39,7 @@ type spillTxn struct {
 	w       *bufio.Writer
 	bytes   int64
 	rows    int
+	subRows map[uint32]int  // rows per subtransaction
 	aborted map[uint32]bool // subtransactions rolled back
 }
 
@@ -65,7 +66,7 @@ func (s *spill) Append(xid, sub uint32, ev *record.Event) error {
 		if err != nil {
 			return fmt.Errorf("spill transaction %d: %w", xid, err)
 		}
-		t = &spillTxn{f: f, w: bufio.NewWriterSize(f, 64<<10)}
+		t = &spillTxn{f: f, w: bufio.NewWriterSize(f, 64<<10), subRows: make(map[uint32]int)}
 		s.txns[xid] = t
 	}
 	s.enc = encodeSpilled(s.enc[:0], sub, ev)
@@ -77,6 +78,7 @@ func (s *spill) Append(xid, sub uint32, ev *record.Event) error {
 	}
 	t.bytes += int64(len(s.enc))
 	t.rows++
+	t.subRows[sub]++
 	s.bytes += int64(len(s.enc))
 	return nil
 }
@@ -96,6 +98,23 @@ func (s *spill) Abort(xid, sub uint32) {
 		t.aborted = make(map[uint32]bool)
 	}
 	t.aborted[sub] = true
+}
+
+// Committed returns how many rows of transaction xid a replay delivers and
+// which of its subtransactions (with rows) were rolled back.
+func (s *spill) Committed(xid uint32) (rows int, aborted []uint32) {
+	t := s.txns[xid]
+	if t == nil {
+		return 0, nil
+	}
+	rows = t.rows
+	for sub := range t.aborted {
+		if n := t.subRows[sub]; n > 0 {
+			rows -= n
+			aborted = append(aborted, sub)
+		}
+	}
+	return rows, aborted
 }
 
 // Replay calls fn with every row of committed transaction xid, in the order

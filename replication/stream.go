@@ -179,6 +179,13 @@ type RunConfig struct {
 	// Observer, if set, is told how many rows were received and what was
 	// acknowledged (implemented by *metrics.Metrics).
 	Observer Observer
+	// Stage hands the rows of transactions streamed before their commit
+	// (protocol 2) to the writer as they arrive, in batches of StageRows
+	// (default BatchSize) or BatchMaxBytes, for it to stage in ClickHouse; at
+	// the commit their batches say so (batch.Streamed). Off: they wait in the
+	// local spill only.
+	Stage     bool
+	StageRows int
 }
 
 // Observer follows the stream's progress.
@@ -225,6 +232,9 @@ func (rc *RunConfig) setDefaults() {
 	}
 	if rc.ShutdownTimeout <= 0 {
 		rc.ShutdownTimeout = 30 * time.Second
+	}
+	if rc.StageRows <= 0 {
+		rc.StageRows = rc.BatchSize
 	}
 }
 
@@ -278,6 +288,15 @@ type receiver struct {
 	// writer. When ctx ends during the hand-over it stays here for the shutdown
 	// path: a batch is never dropped while the writer is there to take it.
 	waiting *batch.Batch
+
+	// Rows of the streamed transaction stageXid received since the last
+	// staging batch (RunConfig.Stage), with their subtransactions.
+	stage      []record.Event
+	stageSubs  []uint32
+	stageXid   uint32
+	stageBytes int
+	// tag marks the batches of the staged transaction being replayed.
+	tag *batch.Streamed
 
 	// The receive deadline (next status update or batch time bound) lives in a
 	// context reused across messages: one per wake-up instead of one per message,
@@ -380,15 +399,18 @@ func (r *receiver) handleCopyData(ctx context.Context, data []byte) error {
 			s.tracker.Begin()
 		case KindInsert:
 			if r.msg.Streamed {
-				return s.spillRow(&r.msg)
+				if err := s.spillRow(&r.msg); err != nil {
+					return err
+				}
+				return r.stageRow(ctx, &r.msg)
 			}
 			return r.add(ctx, r.msg.Event)
 		case KindCommit:
 			s.tracker.Commit(r.msg.EndLSN)
+		case KindStreamStop:
+			return r.flushStage(ctx)
 		case KindStreamAbort:
-			if s.spill != nil {
-				s.spill.Abort(r.msg.Xid, r.msg.SubXid)
-			}
+			return r.abort(ctx, &r.msg)
 		case KindStreamCommit:
 			return r.replay(ctx, &r.msg)
 		}
@@ -415,16 +437,82 @@ func (s *Stream) spillRow(m *Message) error {
 	return s.spill.Append(m.Xid, m.SubXid, &m.Event)
 }
 
+// stageRow adds a streamed row to the staging batch of its transaction
+// (RunConfig.Stage), handing the batch over when it is full. A chunk of the
+// stream carries one transaction, and the batch is flushed at its end.
+func (r *receiver) stageRow(ctx context.Context, m *Message) error {
+	if !r.rc.Stage {
+		return nil
+	}
+	if len(r.stage) > 0 && r.stageXid != m.Xid {
+		if err := r.flushStage(ctx); err != nil {
+			return err
+		}
+	}
+	r.stageXid = m.Xid
+	r.stage = append(r.stage, m.Event)
+	r.stageSubs = append(r.stageSubs, m.SubXid)
+	r.stageBytes += m.Event.Size()
+	if len(r.stage) >= r.rc.StageRows || (r.rc.BatchMaxBytes > 0 && r.stageBytes >= r.rc.BatchMaxBytes) {
+		return r.flushStage(ctx)
+	}
+	return nil
+}
+
+// flushStage hands the staging batch over, if there is one.
+func (r *receiver) flushStage(ctx context.Context) error {
+	if len(r.stage) == 0 {
+		return nil
+	}
+	b := &batch.Batch{Events: r.stage, Bytes: r.stageBytes,
+		Streamed: &batch.Streamed{Op: batch.OpStage, Xid: r.stageXid, SubXids: r.stageSubs}}
+	r.stage, r.stageSubs, r.stageBytes = nil, nil, 0
+	return r.emit(ctx, b)
+}
+
+// abort forgets a rolled-back streamed transaction or subtransaction; what
+// was staged of an aborted transaction is dropped by the writer.
+func (r *receiver) abort(ctx context.Context, m *Message) error {
+	s := r.s
+	if s.spill == nil {
+		return nil
+	}
+	_, known := s.spill.txns[m.Xid]
+	s.spill.Abort(m.Xid, m.SubXid)
+	if !r.rc.Stage || !known || m.SubXid != m.Xid {
+		return nil // a subtransaction's rows stay staged and are left out at the commit
+	}
+	if err := r.flushStage(ctx); err != nil {
+		return err
+	}
+	return r.emit(ctx, &batch.Batch{Streamed: &batch.Streamed{Op: batch.OpDrop, Xid: m.Xid}})
+}
+
 // replay delivers a committed streamed transaction: its spilled rows, minus
 // rolled-back subtransactions, become one transaction for the tracker, as if
 // protocol 1 had sent it at its commit. Acknowledgement cannot pass it: its
-// commit mark follows its last row.
+// commit mark follows its last row. With staging, its batches are cut apart
+// from other rows' and say which transaction they are, for the writer to copy
+// the staged rows instead.
 func (r *receiver) replay(ctx context.Context, m *Message) error {
 	s := r.s
 	if s.spill == nil {
 		return nil
 	}
 	commitLSN, endLSN, commitTime, xid := m.CommitLSN, m.EndLSN, m.CommitTime, m.Xid
+	var tag *batch.Streamed
+	if _, known := s.spill.txns[xid]; r.rc.Stage && known {
+		if err := r.flushStage(ctx); err != nil {
+			return err
+		}
+		if err := r.flushOpen(ctx); err != nil {
+			return err
+		}
+		rows, aborted := s.spill.Committed(xid)
+		tag = &batch.Streamed{Op: batch.OpCommit, Xid: xid, Rows: rows, Aborted: aborted}
+		r.tag = tag
+		defer func() { r.tag = nil }()
+	}
 	s.tracker.Begin()
 	err := s.spill.Replay(xid, func(ev *record.Event) error {
 		ev.CommitLSN, ev.CommitTime, ev.Xid = commitLSN, commitTime, xid
@@ -437,14 +525,28 @@ func (r *receiver) replay(ctx context.Context, m *Message) error {
 		return err
 	}
 	s.tracker.Commit(endLSN)
+	if tag != nil {
+		return r.flushOpen(ctx)
+	}
+	return nil
+}
+
+// flushOpen hands over the open batch, if any.
+func (r *receiver) flushOpen(ctx context.Context) error {
+	if b := r.builder.Take(); b != nil {
+		return r.emit(ctx, b)
+	}
 	return nil
 }
 
 // emit hands b to the writer. While the writer is busy (backpressure) it keeps
 // sending status updates so the server does not time the connection out. Until
 // the writer takes b it is r.waiting, where the shutdown path finds it if ctx
-// ends first.
+// ends first. During the replay of a staged transaction its batches carry r.tag.
 func (r *receiver) emit(ctx context.Context, b *batch.Batch) error {
+	if r.tag != nil && b.Streamed == nil {
+		b.Streamed = r.tag
+	}
 	r.waiting = b
 	if err := ctx.Err(); err != nil {
 		return err
@@ -455,7 +557,7 @@ func (r *receiver) emit(ctx context.Context, b *batch.Batch) error {
 		select {
 		case r.out <- b:
 			r.waiting = nil
-			if r.rc.Observer != nil {
+			if r.rc.Observer != nil && b.Tracked() {
 				r.rc.Observer.AddReceived(b.Len())
 			}
 			return nil

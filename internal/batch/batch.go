@@ -20,7 +20,41 @@ type Batch struct {
 	Opened time.Time
 	// Bytes is the sum of the rows' Size: about what the batch takes in an insert.
 	Bytes int
+	// Streamed, when set, ties the batch to a transaction the server streamed
+	// before its commit (protocol 2) whose rows are staged in ClickHouse.
+	Streamed *Streamed
 }
+
+// StreamOp is what a Streamed batch asks of the writer.
+type StreamOp uint8
+
+const (
+	// OpStage: rows of an in-progress transaction, for the staging table.
+	// Such a batch has no sequence numbers and is never acknowledged.
+	OpStage StreamOp = iota + 1
+	// OpDrop: the transaction aborted; the batch has no rows.
+	OpDrop
+	// OpCommit: the transaction's rows after its commit, with sequence
+	// numbers like any batch; the writer copies the staged rows into the
+	// event table instead of inserting these.
+	OpCommit
+)
+
+// Streamed says which streamed transaction a batch belongs to.
+type Streamed struct {
+	Op  StreamOp
+	Xid uint32
+	// SubXids (OpStage) is the subtransaction of each row.
+	SubXids []uint32
+	// Aborted (OpCommit) are the subtransactions rolled back, and Rows the
+	// rows that committed: what the staging table must hold for the copy.
+	Aborted []uint32
+	Rows    int
+}
+
+// Tracked reports whether the batch's rows have sequence numbers (everything
+// but staging and drop batches).
+func (b *Batch) Tracked() bool { return b.Streamed == nil || b.Streamed.Op == OpCommit }
 
 // EndSeq is one past the last row's sequence number.
 func (b *Batch) EndSeq() uint64 { return b.FirstSeq + uint64(len(b.Events)) }

@@ -41,6 +41,9 @@ type Config struct {
 	SpillDir      string
 	SpillMaxBytes int64
 	spillMaxBytes int
+	// StreamStaging is STREAM_STAGING: stage streamed transactions in
+	// ClickHouse while they run (see sink.StagingTable).
+	StreamStaging bool
 	// Outbox is OUTBOX_TABLE: the outbox table this instance streams (one
 	// instance per outbox; see docs/many-outboxes.md).
 	Outbox      outboxstore.Name
@@ -124,6 +127,7 @@ func Bind(src *Source, c *Config) {
 	src.String(&c.Streaming, "REPLICATION_STREAMING", "streaming", "auto", "stream in-progress transactions (pgoutput protocol 2): auto (PostgreSQL 14+), on, or off (protocol 1: the server holds a transaction until its commit and spills it to its own disk)")
 	src.String(&c.SpillDir, "STREAM_SPILL_DIR", "spill-dir", "", "where in-progress streamed transactions wait for their commit (emptied when streaming starts; default: a directory per slot under the temporary directory)")
 	src.Int(&c.spillMaxBytes, "STREAM_SPILL_MAX_BYTES", "spill-max-bytes", 4<<30, 0, "bound of STREAM_SPILL_DIR; past it the streamer goes on with protocol 1 until it restarts (0: no bound)")
+	src.Bool(&c.StreamStaging, "STREAM_STAGING", "stream-staging", true, "write streamed transactions to ClickHouse's <table>_staging while they run and copy them into the event table with one INSERT ... SELECT at their commit (one server, after migration 2); false: they are inserted from the local spill after their commit")
 
 	src.Group("Outbox table")
 	src.String(&c.outboxTable, "OUTBOX_TABLE", "outbox-table", outboxstore.Table, "the outbox table this instance streams, table or schema.table (lower-case names); one instance, slot, publication and event table per outbox")

@@ -112,6 +112,12 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 		target = cfg.WrapSink(target)
 	}
 	writer := NewWriter(wcfg, target, store, ck, stream.Tracker(), log)
+	// Streamed transactions are staged in ClickHouse while they run (one
+	// server only); the writer checks the staging table at the first one.
+	cfg.Run.Stage = cfg.Run.Stage && stream.Streaming() && cfg.Sink.Cluster == ""
+	if cfg.Run.Stage {
+		writer.EnableStaging(ch, cfg.Replication.Slot)
+	}
 
 	// Room for as many batches as one merged insert holds, so a writer that fell
 	// behind finds them queued and merges them (CLICKHOUSE_BATCH_SIZE); memory stays

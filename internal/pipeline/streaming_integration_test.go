@@ -42,6 +42,43 @@ const bigRows = `INSERT INTO event_outbox (event_type, event_date_time, environm
 	SELECT $1, (now() AT TIME ZONE 'UTC'), 'test', jsonb_build_object('n', g, 'pad', repeat('x', 200)), 1
 	FROM generate_series(1, $2) g`
 
+// startStreaming runs the pipeline on e with protocol 2, every transaction
+// past 64kB streamed, staging on or off, until the returned stop abandons it
+// (as a crash would; also at the test's end).
+func startStreaming(t *testing.T, e *e2e.Env, spillDir string, stage bool) (stop func()) {
+	t.Helper()
+	cfg := pipeline.Config{
+		Replication: replication.Config{DSN: smallWorkMem(e.DSN), Slot: e.Slot, Publication: e.Publication,
+			StatusInterval: 100 * time.Millisecond, Streaming: replication.StreamingOn, SpillDir: spillDir},
+		Run:           replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond, Stage: stage},
+		Sink:          e.Sink,
+		SweepInterval: time.Second,
+	}
+	drain, stopDrain := context.WithCancel(context.Background())
+	abandon, stopAll := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- pipeline.Stream(drain, abandon, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+	}()
+	stopped := false
+	stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		stopAll()
+		stopDrain()
+		select {
+		case <-done:
+		case <-time.After(time.Minute):
+			t.Error("pipeline did not stop within a minute")
+		}
+	}
+	t.Cleanup(stop)
+	e.WaitStreaming(t)
+	return stop
+}
+
 // TestStreamingInProgressTransactions (issue 17): with protocol 2 the server
 // streams large transactions before they commit, and spills nothing to its
 // own disk; the streamer keeps them in its spill, delivers them on commit and
@@ -52,38 +89,7 @@ func TestStreamingInProgressTransactions(t *testing.T) {
 	e := e2e.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	spillDir := t.TempDir()
-	run := func() (stopCrash func()) {
-		cfg := pipeline.Config{
-			Replication: replication.Config{DSN: smallWorkMem(e.DSN), Slot: e.Slot, Publication: e.Publication,
-				StatusInterval: 100 * time.Millisecond, Streaming: replication.StreamingOn, SpillDir: spillDir},
-			Run:           replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond},
-			Sink:          e.Sink,
-			SweepInterval: time.Second,
-		}
-		drain, stopDrain := context.WithCancel(context.Background())
-		abandon, stopAll := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() {
-			done <- pipeline.Stream(drain, abandon, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
-		}()
-		stopped := false
-		stop := func() {
-			if stopped {
-				return
-			}
-			stopped = true
-			stopAll()
-			stopDrain()
-			select {
-			case <-done:
-			case <-time.After(time.Minute):
-				t.Error("pipeline did not stop within a minute")
-			}
-		}
-		t.Cleanup(stop)
-		e.WaitStreaming(t)
-		return stop
-	}
+	run := func() (stopCrash func()) { return startStreaming(t, e, spillDir, false) }
 	stop := run()
 
 	// A transaction with a savepoint rolled back, and one aborted whole.

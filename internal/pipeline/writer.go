@@ -81,6 +81,7 @@ type Writer struct {
 	log      *zap.Logger
 	recorded uint64
 	next     *batch.Batch // taken from the queue by merge, for the next insert
+	staging  *staging     // nil: streamed transactions are not staged
 }
 
 // ErrTableRejectsRows means ClickHouse refused every row of a batch with the
@@ -144,6 +145,10 @@ func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
 		if settleFailed.Load() {
 			break // unacknowledged: replayed on the next start
 		}
+		if !b.Tracked() {
+			w.streamed(ctx, w.mergeStaged(b, in))
+			continue
+		}
 		b = w.merge(b, in)
 		var o *outcome
 		if o, err = w.deliver(ctx, b); err != nil {
@@ -165,10 +170,56 @@ const settleWorkers = 2
 // errSettleStopped ends the spans of outcomes left after a failed status update.
 var errSettleStopped = errors.New("not settled: an earlier status update failed")
 
+// streamed handles a batch of an in-progress or aborted streamed transaction.
+func (w *Writer) streamed(ctx context.Context, b *batch.Batch) {
+	if w.staging == nil {
+		return
+	}
+	switch b.Streamed.Op {
+	case batch.OpStage:
+		w.stage(ctx, b)
+	case batch.OpDrop:
+		w.dropStaged(ctx, b.Streamed.Xid)
+	}
+}
+
+// mergeStaged appends the staging batches of b's transaction queued behind
+// it, up to MaxInsertRows, as merge does for ordinary batches: the stream
+// cuts them at EVENT_BATCH_SIZE to bound what waits in the queue.
+func (w *Writer) mergeStaged(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
+	if b.Streamed.Op != batch.OpStage {
+		return b
+	}
+	for b.Len() < w.cfg.MaxInsertRows {
+		select {
+		case next, ok := <-in:
+			if !ok {
+				return b
+			}
+			if next.Streamed == nil || next.Streamed.Op != batch.OpStage || next.Streamed.Xid != b.Streamed.Xid ||
+				(w.cfg.MaxInsertBytes > 0 && b.Bytes+next.Bytes > w.cfg.MaxInsertBytes) {
+				w.next = next
+				return b
+			}
+			if need := len(b.Streamed.SubXids) + len(next.Streamed.SubXids); need > cap(b.Streamed.SubXids) {
+				grown := make([]uint32, len(b.Streamed.SubXids), max(need, w.cfg.MaxInsertRows))
+				copy(grown, b.Streamed.SubXids)
+				b.Streamed.SubXids = grown
+			}
+			b.Streamed.SubXids = append(b.Streamed.SubXids, next.Streamed.SubXids...)
+			w.appendEvents(b, next, len(in))
+		default:
+			return b
+		}
+	}
+	return b
+}
+
 // merge appends batches already queued behind b, up to MaxInsertRows, so a writer that
 // fell behind catches up with fewer, larger inserts. Queued batches are contiguous.
 //
-// A queued batch that would take the insert past MaxInsertBytes stays queued
+// A queued batch that would take the insert past MaxInsertBytes, or that
+// belongs to another staged transaction than b (batch.Streamed), stays queued
 // for the next insert: it is peeked at through w.next, never dropped.
 func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
 	for b.Len() < w.cfg.MaxInsertRows {
@@ -177,21 +228,11 @@ func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
 			if !ok {
 				return b
 			}
-			if w.cfg.MaxInsertBytes > 0 && b.Bytes+next.Bytes > w.cfg.MaxInsertBytes {
+			if next.Streamed != b.Streamed || (w.cfg.MaxInsertBytes > 0 && b.Bytes+next.Bytes > w.cfg.MaxInsertBytes) {
 				w.next = next
 				return b
 			}
-			if need := b.Len() + next.Len(); need > cap(b.Events) {
-				// Grow once for everything queued now (up to the cap), not by
-				// doubling: a merged insert of 10,000 rows was copied four
-				// times, a quarter of the streamer's allocations in profiles.
-				want := min(max(need, b.Len()+next.Len()*(1+len(in))), w.cfg.MaxInsertRows+next.Len())
-				grown := make([]record.Event, b.Len(), max(want, need))
-				copy(grown, b.Events)
-				b.Events = grown
-			}
-			b.Events = append(b.Events, next.Events...)
-			b.Bytes += next.Bytes
+			w.appendEvents(b, next, len(in))
 			if next.MaxCommitLSN > b.MaxCommitLSN {
 				b.MaxCommitLSN = next.MaxCommitLSN
 			}
@@ -200,6 +241,21 @@ func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
 		}
 	}
 	return b
+}
+
+// appendEvents appends next's rows to b. It grows b once for everything
+// queued now (up to the cap), not by doubling: a merged insert of 10,000
+// rows was copied four times, a quarter of the streamer's allocations in
+// profiles.
+func (w *Writer) appendEvents(b, next *batch.Batch, queued int) {
+	if need := b.Len() + next.Len(); need > cap(b.Events) {
+		want := min(max(need, b.Len()+next.Len()*(1+queued)), w.cfg.MaxInsertRows+next.Len())
+		grown := make([]record.Event, b.Len(), max(want, need))
+		copy(grown, b.Events)
+		b.Events = grown
+	}
+	b.Events = append(b.Events, next.Events...)
+	b.Bytes += next.Bytes
 }
 
 // outcome is a batch that went through ClickHouse and whose outbox rows still need
@@ -257,6 +313,18 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 		}
 		w.recorded = b.MaxCommitLSN
 	}
+	if b.Streamed != nil && w.staging != nil {
+		if t := w.staging.txns[b.Streamed.Xid]; t != nil {
+			if !t.decided {
+				t.promoted = w.promote(ctx, b, t)
+			}
+			defer w.settledStaged(b)
+			if t.promoted {
+				w.stagedOutcome(o, b)
+				return o, nil
+			}
+		}
+	}
 	events, err := w.dropOwned(ctx, b.Events)
 	if err != nil {
 		return nil, err
@@ -274,10 +342,11 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 	return o, nil
 }
 
-// inDoubt reports whether ev may have reached ClickHouse before the last
-// stop: its transaction committed at or below the recorded in-flight LSN.
+// inDoubt reports whether ev may have reached ClickHouse already: before the
+// last stop (its transaction committed at or below the recorded in-flight
+// LSN), or by a copy from staging whose outcome is unknown.
 func (w *Writer) inDoubt(ev *record.Event) bool {
-	return ev.CommitLSN != 0 && ev.CommitLSN <= w.cfg.InDoubtUntil
+	return ev.CommitLSN != 0 && ev.CommitLSN <= w.cfg.InDoubtUntil || w.uncertainStaged(ev.Xid)
 }
 
 // dropOwned drops the in-doubt rows that are no longer pending: after a crash

@@ -34,6 +34,7 @@ func PipelineConfig(cfg *config.Config) pipeline.Config {
 			BatchTimeout:    cfg.BatchTimeout,
 			BatchMaxBytes:   cfg.BatchMaxBytes,
 			ShutdownTimeout: cfg.ShutdownTimeout,
+			Stage:           cfg.StreamStaging,
 		},
 		Sink: cfg.ClickHouse,
 		Writer: pipeline.WriterConfig{

@@ -1,0 +1,122 @@
+package pipeline_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/sink"
+)
+
+// TestStagedStreamedTransactions (issue 17): with staging on, the rows of a
+// transaction the server streams before its commit are written to the
+// staging table while it runs — none reaches the event table before the
+// commit — and copied into the event table at the commit; an aborted one is
+// only dropped from staging; savepoints rolled back stay out. A crash after
+// the copy and before the rows' status is set replays the transaction and
+// delivers nothing twice (the replay is checked against ClickHouse, not
+// copied again).
+func TestStagedStreamedTransactions(t *testing.T) {
+	for _, srv := range testenv.ClickHouseServers(t) {
+		t.Run(srv.Name, func(t *testing.T) { testStaged(t, e2e.New(t, srv)) })
+	}
+}
+
+func testStaged(t *testing.T, e *e2e.Env) {
+	ctx := context.Background()
+	spillDir := t.TempDir()
+	stop := startStreaming(t, e, spillDir, true)
+	staging := sinkStaging(e)
+	countType := func(typ string) uint64 {
+		var n uint64
+		if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+e.Table+" WHERE event_type = '"+typ+"'").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	stagedCount := func() uint64 {
+		var n uint64
+		if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+staging+" WHERE slot = '"+e.Slot+"'").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	// Committed, with a savepoint rolled back.
+	tx, err := e.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck
+	for _, q := range []struct {
+		sql  string
+		args []any
+	}{
+		{bigRows, []any{"staged.keep", 2000}},
+		{"SAVEPOINT s", nil},
+		{bigRows, []any{"staged.rolled.back", 1000}},
+		{"ROLLBACK TO SAVEPOINT s", nil},
+		{bigRows, []any{"staged.keep", 1000}},
+	} {
+		if _, err := tx.Exec(ctx, q.sql, q.args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e2e.WaitFor(t, 30*time.Second, "the open transaction's rows in the staging table", func() bool { return stagedCount() >= 3000 })
+	if n := countType("staged.keep") + countType("staged.rolled.back"); n != 0 {
+		t.Fatalf("%d rows of an open transaction in the event table", n)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+	if n := countType("staged.keep"); n != 3000 {
+		t.Errorf("%d committed rows in the event table, want 3000", n)
+	}
+	e2e.WaitFor(t, 30*time.Second, "the staging table empty after the copy", func() bool { return stagedCount() == 0 })
+
+	// Aborted whole: dropped from staging, never in the event table.
+	aborted, err := e.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := aborted.Exec(ctx, bigRows, "staged.aborted", 3000); err != nil {
+		t.Fatal(err)
+	}
+	e2e.WaitFor(t, 30*time.Second, "the aborted transaction's rows in the staging table", func() bool { return stagedCount() > 0 })
+	if err := aborted.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e2e.WaitFor(t, 30*time.Second, "the staging table empty after the abort", func() bool { return stagedCount() == 0 })
+
+	// A crash after the copy, before the status update: the status UPDATE
+	// of these rows hangs in a trigger until the pipeline is abandoned.
+	for _, q := range []string{
+		`CREATE FUNCTION hang_status() RETURNS trigger LANGUAGE plpgsql AS $$
+		 BEGIN IF NEW.event_type = 'staged.crash' THEN PERFORM pg_sleep(600); END IF; RETURN NEW; END $$`,
+		`CREATE TRIGGER hang_status BEFORE UPDATE ON ` + e.Outbox.Ident() + ` FOR EACH ROW EXECUTE FUNCTION hang_status()`,
+	} {
+		if _, err := e.Pool.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := e.Pool.Exec(ctx, bigRows, "staged.crash", 3000); err != nil {
+		t.Fatal(err)
+	}
+	e2e.WaitFor(t, time.Minute, "the transaction copied into the event table", func() bool { return countType("staged.crash") == 3000 })
+	stop()
+	if _, err := e.Pool.Exec(ctx, "DROP TRIGGER hang_status ON "+e.Outbox.Ident()); err != nil {
+		t.Fatal(err)
+	}
+	startStreaming(t, e, spillDir, true)
+	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+	if n := countType("staged.crash"); n != 3000 {
+		t.Errorf("%d rows of the replayed transaction in the event table, want 3000", n)
+	}
+}
+
+// sinkStaging is e's staging table, quoted.
+func sinkStaging(e *e2e.Env) string {
+	return sink.QuoteIdent(e.Sink.Database) + "." + sink.QuoteIdent(sink.StagingTable(e.Sink.Table))
+}
