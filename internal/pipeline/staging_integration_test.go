@@ -14,7 +14,8 @@ import (
 // transaction the server streams before its commit are written to the
 // staging table while it runs — none reaches the event table before the
 // commit — and copied into the event table at the commit; an aborted one is
-// only dropped from staging; savepoints rolled back stay out. A crash after
+// only dropped from staging; savepoints rolled back stay out. A crash while a
+// transaction is staged loses nothing of it. A crash after
 // the copy and before the rows' status is set replays the transaction and
 // delivers nothing twice (the replay is checked against ClickHouse, not
 // copied again).
@@ -89,6 +90,30 @@ func testStaged(t *testing.T, e *e2e.Env) {
 		t.Fatal(err)
 	}
 	e2e.WaitFor(t, 30*time.Second, "the staging table empty after the abort", func() bool { return stagedCount() == 0 })
+
+	// A crash while a transaction is being staged: the next session clears
+	// the staging table, and the server streams the transaction again.
+	open, err := e.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Rollback(ctx) //nolint:errcheck
+	if _, err := open.Exec(ctx, bigRows, "staged.across.crash", 2000); err != nil {
+		t.Fatal(err)
+	}
+	e2e.WaitFor(t, 30*time.Second, "the open transaction's rows in the staging table", func() bool { return stagedCount() > 0 })
+	stop()
+	stop = startStreaming(t, e, spillDir, true)
+	if _, err := open.Exec(ctx, bigRows, "staged.across.crash", 2000); err != nil {
+		t.Fatal(err)
+	}
+	if err := open.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+	if n := countType("staged.across.crash"); n != 4000 {
+		t.Errorf("%d rows of the transaction staged across a crash in the event table, want 4000", n)
+	}
 
 	// A crash after the copy, before the status update: the status UPDATE
 	// of these rows hangs in a trigger until the pipeline is abandoned.
