@@ -8,6 +8,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
+
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/loadgen"
@@ -136,10 +138,15 @@ func runDrainWith(ctx context.Context, b *bench, key string, backfill bool, extr
 	}
 	if backfill {
 		// The rows must have gone the backfill's way: the binary's own count of
-		// the rows it handed to the sweep (the stream never carried them).
-		rec, at, ok := s.logRecord(backfillLogMsg)
+		// the rows it backfilled (the stream never carried them), logged a
+		// moment after its last page commits.
+		rec, at, ok := s.logRecord(pipeline.BackfillLogMsg)
+		for wait := time.Now().Add(10 * time.Second); !ok && time.Now().Before(wait); {
+			time.Sleep(50 * time.Millisecond)
+			rec, at, ok = s.logRecord(pipeline.BackfillLogMsg)
+		}
 		if !ok {
-			return nil, fmt.Errorf("the streamer did not log %q; log %s", backfillLogMsg, s.logPath)
+			return nil, fmt.Errorf("the streamer did not log %q; log %s", pipeline.BackfillLogMsg, s.logPath)
 		}
 		n, _ := rec["backfilled_rows"].(float64)
 		if int(n) != b.cfg.Rows {
@@ -150,10 +157,6 @@ func runDrainWith(ctx context.Context, b *bench, key string, backfill bool, extr
 	}
 	return m, verr
 }
-
-// backfillLogMsg is what the binary logs after a new slot's backfill
-// (internal/pipeline), with the field backfilled_rows.
-const backfillLogMsg = "new replication slot: pending rows committed before it were handed to the sweep"
 
 // stopAndVerify stops the streamer and checks what it delivered. An error it
 // returns voids the run; verr (rows left unprocessed, the delivery itself

@@ -97,7 +97,7 @@ func scanClaimed(rows pgx.Rows, loc *time.Location) (Claimed, error) {
 	)
 	ev := &c.Event
 	if err := rows.Scan(&ev.ID, &typ, &at, &env, &ectx, &version, &created, &n); err != nil {
-		return c, fmt.Errorf("read due failed row: %w", err)
+		return c, fmt.Errorf("read claimed outbox row: %w", err)
 	}
 	ev.Type, ev.Environment, ev.Context, ev.MetadataVersion = typ.String, env.String, ectx.String, version.Int64
 	var problems []string
@@ -134,49 +134,6 @@ func inZone(t time.Time, loc *time.Location) time.Time {
 		return t
 	}
 	return time.Date(t.Year(), t.Month(), t.Day(), t.Hour(), t.Minute(), t.Second(), t.Nanosecond(), loc).UTC()
-}
-
-// Backfill marks the pending rows visible in snapshot — exactly the rows
-// committed before the replication slot was created, which the slot will
-// never carry — as failed and due now, so the sweep delivers them. Rows of an
-// earlier slot that may already be in ClickHouse are safe: the sweep checks
-// ClickHouse before inserting. progress is told the running total.
-func (s *Store) Backfill(ctx context.Context, snapshot string, progress func(rows int64)) (int64, error) {
-	tx, err := s.pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
-	if err != nil {
-		return 0, fmt.Errorf("backfill: begin: %w", err)
-	}
-	defer tx.Rollback(context.Background()) //nolint:errcheck // read-only
-	if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+pgsql.Literal(snapshot)); err != nil {
-		return 0, fmt.Errorf("backfill: import the slot's snapshot %q: %w", snapshot, err)
-	}
-	var total int64
-	last := int64(-1 << 63)
-	for {
-		rows, err := tx.Query(ctx, s.sql(`SELECT id FROM {outbox} WHERE status = 'pending' AND id > $1 ORDER BY id LIMIT 10000`), last)
-		if err != nil {
-			return total, fmt.Errorf("backfill: read pending rows: %w", err)
-		}
-		ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
-		if err != nil {
-			return total, fmt.Errorf("backfill: read pending rows: %w", err)
-		}
-		if len(ids) == 0 {
-			return total, nil
-		}
-		if _, err := s.pool.Exec(ctx, s.sql(`UPDATE {outbox}
-			SET status = 'failed', next_attempt_at = now(),
-			    last_error = 'backfill: committed before the replication slot existed; delivered by the sweep',
-			    updated_at = now() AT TIME ZONE 'UTC'
-			WHERE id = ANY($1) AND status = 'pending'`), ids); err != nil {
-			return total, fmt.Errorf("backfill: mark %d rows for the sweep: %w", len(ids), err)
-		}
-		total += int64(len(ids))
-		last = ids[len(ids)-1]
-		if progress != nil {
-			progress(total)
-		}
-	}
 }
 
 // Mark is a point the stream must pass before stranded rows can be rescued: a

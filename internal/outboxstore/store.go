@@ -306,15 +306,7 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) (vanished []
 		for i, id := range ids {
 			reasons[i] = reasonOf[id]
 		}
-		return s.db.Query(ctx, s.sql(`UPDATE {outbox} o
-			SET attempts = o.attempts + 1,
-			    status = CASE WHEN o.attempts + 1 >= $3 THEN 'dead' ELSE 'failed' END,
-			    last_error = f.reason,
-			    next_attempt_at = now() + least($5::float8, $4::float8 * power(2, o.attempts)) * interval '1 second',
-			    updated_at = now() AT TIME ZONE 'UTC'
-			FROM unnest($1::bigint[], $2::text[]) AS f(id, reason)
-			WHERE o.id = f.id AND o.status <> 'processed'
-			RETURNING o.id`),
+		return s.db.Query(ctx, s.sql(markFailedSQL+` AND o.status <> 'processed' RETURNING o.id`),
 			ids, reasons, s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds())
 	})
 	if err != nil {
@@ -322,6 +314,18 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) (vanished []
 	}
 	return vanished, nil
 }
+
+// markFailedSQL records one failed delivery of each row of unnest($1 ids, $2
+// reasons): attempts+1, dead at $3 attempts, the next attempt after $4
+// seconds doubled per attempt, at most $5.
+const markFailedSQL = `UPDATE {outbox} o
+	SET attempts = o.attempts + 1,
+	    status = CASE WHEN o.attempts + 1 >= $3 THEN 'dead' ELSE 'failed' END,
+	    last_error = f.reason,
+	    next_attempt_at = now() + least($5::float8, $4::float8 * power(2, o.attempts)) * interval '1 second',
+	    updated_at = now() AT TIME ZONE 'UTC'
+	FROM unnest($1::bigint[], $2::text[]) AS f(id, reason)
+	WHERE o.id = f.id`
 
 // MarkDeferred marks rows failed without counting an attempt against them: the
 // rows are fine, the destination was unavailable. They are due again after the base

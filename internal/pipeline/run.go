@@ -100,12 +100,27 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	}
 	store := outboxstore.NewFor(pool, cfg.Retry, cfg.Outbox())
 	if created, snapshot := stream.SlotCreated(); created {
-		n, err := sweep.Backfill(ctx, snapshot, store, log)
+		// The snapshot is imported now, before the stream's first command ends
+		// its export; the backlog is delivered beside the stream, whose rows
+		// are all newer. What it leaves undelivered (stopped, or failed) stays
+		// pending and the sweep's rescue of stranded rows takes it.
+		backfill, err := sweep.New(sweep.Config{BatchSize: wcfg.MaxInsertRows, TimeZone: cfg.Replication.TimeZone}, pool, ch, store, log).
+			StartBackfill(ctx, snapshot)
 		if err != nil {
 			return err
 		}
-		log.Info("new replication slot: pending rows committed before it were handed to the sweep",
-			zap.Int64("backfilled_rows", n))
+		backfillDone := make(chan struct{})
+		go func() {
+			defer close(backfillDone)
+			res, err := backfill(ctx)
+			ObserveSweep(cfg.Metrics, res, err)
+			if err != nil && ctx.Err() == nil {
+				log.Warn("backfill stopped; the rows it did not deliver stay pending and the sweep's rescue delivers them", zap.Error(err))
+				return
+			}
+			log.Info(BackfillLogMsg, zap.Int64("backfilled_rows", res.Backfilled))
+		}()
+		defer func() { <-backfillDone }()
 	}
 	var target Sink = ch
 	if cfg.WrapSink != nil {
@@ -169,6 +184,11 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	}
 	return writerErr
 }
+
+// BackfillLogMsg is what the pipeline logs when a new slot's backfill has
+// taken every row of the slot's snapshot (with their count as
+// backfilled_rows); the benchmark waits for it.
+const BackfillLogMsg = "new replication slot: pending rows committed before it were backfilled"
 
 // runSweeps sweeps at once and then every interval until ctx ends, and prunes
 // after each sweep (so at least as often). A sweep that finds ClickHouse

@@ -1,9 +1,12 @@
-// Package sweep is the polling fallback: it delivers outbox rows the replication
-// stream did not (rows marked failed, rows older than the slot that a backfill
-// marked, stranded pending rows it rescues). Each round claims due rows in one
-// transaction (SELECT ... FOR UPDATE SKIP LOCKED, so several sweepers never take
-// the same row), delivers them through the delivery engine and commits their
-// status in the same transaction.
+// Package sweep delivers the outbox rows the replication stream does not
+// carry. The sweep is the polling fallback for rows marked failed (and the
+// stranded pending rows it rescues): each round claims due rows in one
+// transaction (SELECT ... FOR UPDATE SKIP LOCKED, so several sweepers never
+// take the same row), delivers them through the delivery engine and commits
+// their status in the same transaction. The backfill (Sweeper.Backfill)
+// delivers the rows older than a new slot the same way, page by page, but
+// claims pending rows by their final status update instead (one write per
+// row), and leaves to the sweep only what it cannot deliver.
 package sweep
 
 import (
@@ -27,15 +30,15 @@ type Sink = delivery.Sink
 
 // Config tunes a sweep.
 type Config struct {
-	// BatchSize is the rows locked and delivered per round: the most rows of
-	// one ClickHouse insert (CLICKHOUSE_BATCH_SIZE). A round's cost is mostly
-	// fixed (a lookup, an insert, a commit), so a backfill goes at the pace of
-	// its rounds.
+	// BatchSize is the rows locked and delivered per round (and per backfill
+	// page): the most rows of one ClickHouse insert (CLICKHOUSE_BATCH_SIZE). A
+	// round's cost is mostly fixed (a lookup, an insert, a commit), so a long
+	// sweep or a backfill goes at the pace of its rounds.
 	BatchSize int
 	// TimeZone is the zone of the outbox's TIMESTAMP values (default UTC).
 	TimeZone *time.Location
-	// Workers is how many rounds run at once (default 2), each in its own
-	// transaction over rows the others skip.
+	// Workers is how many rounds (or backfill pages) run at once (default
+	// 2), each in its own transaction over rows the others do not take.
 	Workers int
 	// ProgressEvery is how often a long sweep logs its progress (default 10 s).
 	ProgressEvery time.Duration
@@ -52,18 +55,25 @@ type Result struct {
 	Failed         int64 // still failed, to be retried later
 	Dead           int64 // became dead letters in this sweep
 	Rescued        int64 // pending rows the stream had passed, handed to this sweep
-	Rounds         int
-	Took           time.Duration
+	// Backfilled are the rows of a new slot's snapshot a Backfill took:
+	// Delivered + AlreadyPresent + Failed + Dead + HandedOver.
+	Backfilled int64
+	// HandedOver are backfill rows marked failed and due for the sweep
+	// because ClickHouse failed the backfill.
+	HandedOver int64
+	Rounds     int
+	Took       time.Duration
 }
 
 // Add returns the sum of two results.
 func (r Result) Add(o Result) Result {
 	return Result{Delivered: r.Delivered + o.Delivered, AlreadyPresent: r.AlreadyPresent + o.AlreadyPresent,
 		Failed: r.Failed + o.Failed, Dead: r.Dead + o.Dead, Rescued: r.Rescued + o.Rescued,
+		Backfilled: r.Backfilled + o.Backfilled, HandedOver: r.HandedOver + o.HandedOver,
 		Rounds: r.Rounds + o.Rounds, Took: r.Took + o.Took}
 }
 
-// Sweeper delivers due failed rows.
+// Sweeper delivers due failed rows, and a new slot's backlog (Backfill).
 type Sweeper struct {
 	cfg    Config
 	pool   *pgxpool.Pool
@@ -111,18 +121,36 @@ func (s *Sweeper) Run(ctx context.Context) (Result, error) {
 		return res, s.unavailable(err)
 	}
 	// Workers take disjoint rows (SKIP LOCKED), so one's ClickHouse insert
-	// overlaps another's status commit: a backfill is paced by its rounds.
-	var mu sync.Mutex
-	var firstErr error
+	// overlaps another's status commit: a sweep is paced by its rounds.
+	more, err := s.workers(ctx, start, "sweep progress", s.round)
+	res = res.Add(more)
+	res.Took = time.Since(start)
+	if err != nil {
+		return res, err
+	}
+	if res.Rounds > 0 {
+		s.log.Info("sweep finished", zap.Int64("delivered", res.Delivered), zap.Int64("already_present", res.AlreadyPresent),
+			zap.Int64("failed", res.Failed), zap.Int64("dead", res.Dead), zap.Duration("took", res.Took))
+	}
+	return res, ctx.Err()
+}
+
+// workers runs round on Config.Workers goroutines until a round finds no rows
+// (returns 0), one fails, or ctx ends, and logs progress every ProgressEvery
+// as msg. It returns the rounds' results added up and the first error.
+func (s *Sweeper) workers(ctx context.Context, start time.Time, msg string, round func(context.Context, *Result) (int, error)) (Result, error) {
+	var (
+		mu       sync.Mutex
+		res      Result
+		firstErr error
+		wg       sync.WaitGroup
+	)
 	lastLog := start
-	var wg sync.WaitGroup
 	for range s.cfg.Workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for ctx.Err() == nil {
 				var r Result
-				n, err := s.round(ctx, &r)
+				n, err := round(ctx, &r)
 				mu.Lock()
 				res = res.Add(r)
 				if err != nil && firstErr == nil {
@@ -134,7 +162,7 @@ func (s *Sweeper) Run(ctx context.Context) (Result, error) {
 				}
 				if !stop && time.Since(lastLog) >= s.cfg.ProgressEvery {
 					done := res.Delivered + res.AlreadyPresent
-					s.log.Info("sweep progress", zap.Int64("delivered", done), zap.Int64("failed", res.Failed),
+					s.log.Info(msg, zap.Int64("delivered", done), zap.Int64("failed", res.Failed),
 						zap.Int64("dead", res.Dead), zap.Float64("rows_per_second", float64(done)/time.Since(start).Seconds()))
 					lastLog = time.Now()
 				}
@@ -143,19 +171,10 @@ func (s *Sweeper) Run(ctx context.Context) (Result, error) {
 					return
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
-	if firstErr != nil {
-		res.Took = time.Since(start)
-		return res, firstErr
-	}
-	res.Took = time.Since(start)
-	if res.Rounds > 0 {
-		s.log.Info("sweep finished", zap.Int64("delivered", res.Delivered), zap.Int64("already_present", res.AlreadyPresent),
-			zap.Int64("failed", res.Failed), zap.Int64("dead", res.Dead), zap.Duration("took", res.Took))
-	}
-	return res, ctx.Err()
+	return res, firstErr
 }
 
 // round locks one batch of due rows, delivers them and commits their new status. A
@@ -176,11 +195,7 @@ func (s *Sweeper) round(ctx context.Context, res *Result) (int, error) {
 	if len(claimed) == 0 {
 		return 0, nil
 	}
-	events := make([]record.Event, len(claimed))
-	attempts := make(map[int64]int, len(claimed))
-	for i, c := range claimed {
-		events[i], attempts[c.Event.ID] = c.Event, c.Attempts
-	}
+	events, attempts := eventsOf(claimed)
 	// Every row may be in ClickHouse already: an earlier delivery may have
 	// inserted it and failed before its status was committed.
 	out, err := s.engine.Deliver(ctx, events, func(*record.Event) bool { return true })
@@ -198,6 +213,26 @@ func (s *Sweeper) round(ctx context.Context, res *Result) (int, error) {
 	if err := tx.Commit(ctx); err != nil {
 		return 0, fmt.Errorf("sweep: commit: %w", err)
 	}
+	s.count(res, out, attempts)
+	if len(out.Deferred) > 0 {
+		return 0, s.unavailable(out.OutageErr)
+	}
+	return len(claimed), nil
+}
+
+// eventsOf returns the claimed rows' events and their failed deliveries so far.
+func eventsOf(claimed []outboxstore.Claimed) ([]record.Event, map[int64]int) {
+	events := make([]record.Event, len(claimed))
+	attempts := make(map[int64]int, len(claimed))
+	for i, c := range claimed {
+		events[i], attempts[c.Event.ID] = c.Event, c.Attempts
+	}
+	return events, attempts
+}
+
+// count adds a committed delivery's outcome to res; attempts are the rows'
+// failed deliveries before this one.
+func (s *Sweeper) count(res *Result, out *delivery.Outcome, attempts map[int64]int) {
 	res.Delivered += int64(len(out.Inserted))
 	res.AlreadyPresent += int64(len(out.Present))
 	max := s.store.Retry().MaxAttempts
@@ -209,10 +244,6 @@ func (s *Sweeper) round(ctx context.Context, res *Result) (int, error) {
 		}
 		s.log.Warn("event not delivered", zap.Int64("event_id", f.ID), zap.String("reason", f.Reason))
 	}
-	if len(out.Deferred) > 0 {
-		return 0, s.unavailable(out.OutageErr)
-	}
-	return len(claimed), nil
 }
 
 func (s *Sweeper) unavailable(err error) error {
@@ -220,13 +251,4 @@ func (s *Sweeper) unavailable(err error) error {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	return fmt.Errorf("sweep: %w", err)
-}
-
-// Backfill marks the pending rows committed before the replication slot was
-// created (visible in its exported snapshot) failed and due now, so the
-// sweep delivers them: the slot will never carry them.
-func Backfill(ctx context.Context, snapshot string, store *outboxstore.Store, log *zap.Logger) (int64, error) {
-	return store.Backfill(ctx, snapshot, func(rows int64) {
-		log.Info("backfill progress", zap.Int64("rows", rows))
-	})
 }
