@@ -7,6 +7,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -44,6 +45,13 @@ import (
 //     sequential consistency and takes the union. A node that is down fails
 //     the lookup (a part may live only there): the delivery engine retries
 //     it as it retries any unavailable server.
+//   - A committed part is not always kept: when its quorum fails (no active
+//     replica has it when another one tries to fetch it, e.g. its writer's
+//     ZooKeeper session expired), 18.16 lists it in <zk>/quorum/failed_parts
+//     and the writer detaches it ("noquorum_") when it reactivates. Before
+//     reading, the lookup therefore waits until no quorum insert is in
+//     progress and no node still holds a part of a failed quorum
+//     (awaitQuorumsSettled): then every part it reads stays.
 //
 // The writer learns the nodes from system.clusters of the server it is
 // connected to and connects to each by the host and port named there.
@@ -58,16 +66,22 @@ type clusterInfo struct {
 	shards, replicas int // replicas: the fewest of any shard
 	nodes            []*clusterNode
 	local            string // quoted db.<table>_local
-	// table and localName are the unquoted names matched in system.processes.
-	table, localName string
+	// database, table and localName are the unquoted names matched in
+	// system.processes and system.parts.
+	database, table, localName string
 	// major is the server's major version: which settings exist.
 	major int
+	// zkMu guards the nodes' zkPath (lookups run concurrently).
+	zkMu sync.Mutex
 }
 
 type clusterNode struct {
 	shard, replica int
 	addr           string
 	conn           driver.Conn
+	// zkPath is the local table's ZooKeeper path (system.replicas), read
+	// once by the first lookup that needs it.
+	zkPath string
 }
 
 // ErrUnknownCluster means CLICKHOUSE_CLUSTER names no cluster of the server.
@@ -82,7 +96,7 @@ func loadCluster(ctx context.Context, conn driver.Conn, cfg Config, version stri
 		return nil, fmt.Errorf("read cluster %q from system.clusters at %s: %w", cfg.Cluster, cfg.Addr, err)
 	}
 	defer rows.Close()
-	ci := &clusterInfo{name: cfg.Cluster, table: cfg.Table, localName: LocalTable(cfg.Table),
+	ci := &clusterInfo{name: cfg.Cluster, database: cfg.Database, table: cfg.Table, localName: LocalTable(cfg.Table),
 		local: QuoteIdent(cfg.Database) + "." + QuoteIdent(LocalTable(cfg.Table))}
 	ci.major, _ = strconv.Atoi(strings.SplitN(version, ".", 2)[0])
 	perShard := map[uint32]int{}
@@ -186,9 +200,86 @@ func (ci *clusterInfo) runningInserts(ctx context.Context) (uint64, error) {
 	return total, nil
 }
 
+// quorumSettlePoll is how often awaitQuorumsSettled asks the nodes again.
+const quorumSettlePoll = 200 * time.Millisecond
+
+// awaitQuorumsSettled waits until no node has a quorum insert into the local
+// table in progress or still holds a part whose quorum failed: until every
+// part a lookup can read is one the cluster keeps. A quorum in progress may
+// still fail, and a failed part is visible on its writer until that replica
+// reactivates and detaches it; a lookup that counted either as delivered
+// would lose its rows. The wait is bounded (three request timeouts; the
+// failure of a quorum can wait for a ZooKeeper session to expire), after
+// which the lookup fails as a transient error and is retried.
+func (ci *clusterInfo) awaitQuorumsSettled(ctx context.Context, timeout time.Duration) error {
+	if ci.quorum() == 0 {
+		return nil // no quorum inserts, so no failed quorums
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		pending, err := ci.unsettledQuorums(ctx)
+		if err != nil || pending == "" {
+			return err
+		}
+		if time.Now().After(deadline) {
+			// DeadlineExceeded: transient for the delivery engine's classifier.
+			return fmt.Errorf("look up ids on cluster %q: %s after %v: %w", ci.name, pending, timeout, context.DeadlineExceeded)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(quorumSettlePoll):
+		}
+	}
+}
+
+// unsettledQuorums describes what is unsettled on the first node where
+// something is ("" when nothing is).
+func (ci *clusterInfo) unsettledQuorums(ctx context.Context) (string, error) {
+	for _, n := range ci.nodes {
+		zk, err := ci.zkPathOf(ctx, n)
+		if err != nil {
+			return "", err
+		}
+		// <zk>/quorum/status exists while a quorum insert waits for its
+		// replicas (sequential quorums: insert_quorum_parallel=0).
+		q := "SELECT (SELECT count() FROM system.zookeeper WHERE path = " + quoteString(zk+"/quorum") + " AND name = 'status'), " +
+			"(SELECT count() FROM system.parts WHERE database = " + quoteString(ci.database) + " AND table = " + quoteString(ci.localName) +
+			" AND active AND name IN (SELECT name FROM system.zookeeper WHERE path = " + quoteString(zk+"/quorum/failed_parts") + "))"
+		var inProgress, failed uint64
+		if err := n.conn.QueryRow(ctx, q).Scan(&inProgress, &failed); err != nil {
+			return "", fmt.Errorf("read the quorum state of %s on %s: %w", ci.local, n.addr, err)
+		}
+		if inProgress > 0 || failed > 0 {
+			return fmt.Sprintf("node %s: a quorum insert in progress (%d), parts of failed quorums not yet detached (%d)", n.addr, inProgress, failed), nil
+		}
+	}
+	return "", nil
+}
+
+// zkPathOf returns the local table's ZooKeeper path on n, read from
+// system.replicas the first time.
+func (ci *clusterInfo) zkPathOf(ctx context.Context, n *clusterNode) (string, error) {
+	ci.zkMu.Lock()
+	defer ci.zkMu.Unlock()
+	if n.zkPath != "" {
+		return n.zkPath, nil
+	}
+	err := n.conn.QueryRow(ctx, "SELECT zookeeper_path FROM system.replicas WHERE database = "+quoteString(ci.database)+
+		" AND table = "+quoteString(ci.localName)).Scan(&n.zkPath)
+	if err != nil {
+		return "", fmt.Errorf("read the ZooKeeper path of %s on %s: %w", ci.local, n.addr, err)
+	}
+	return n.zkPath, nil
+}
+
 // clusterExistingIDs is ExistingIDs on a cluster: see the comment at the top.
 func (w *Writer) clusterExistingIDs(ctx context.Context, ci *clusterInfo, events []record.Event) (map[int64]struct{}, error) {
 	w.awaitInsertsDone(ctx)
+	if err := ci.awaitQuorumsSettled(ctx, 3*w.cfg.ReadTimeout); err != nil {
+		w.noteFailure(err)
+		return nil, err
+	}
 	// No SYSTEM SYNC REPLICA first: it waits for the replica's whole queue,
 	// merges and fetches from a replica that is down included, and hung here
 	// for minutes after a replica came back (docs/clickhouse-cluster.md). It

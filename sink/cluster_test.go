@@ -174,3 +174,99 @@ func TestClusterLookupSeesTimedOutQuorumInsert(t *testing.T) {
 		t.Logf("code %d", exc.Code)
 	}
 }
+
+// TestClusterLookupWaitsForFailedQuorum: a committed part can still be
+// dropped on 18.16. Replica 1 is SIGKILLed and restarted at once: for the
+// rest of its old ZooKeeper session (10 s) it takes inserts but cannot
+// reactivate. A quorum insert on it times out while replica 2 fetches
+// nothing (SYSTEM STOP FETCHES); once the old session has expired, replica
+// 2 fetches, finds no active replica holding the part and marks the quorum
+// failed, and replica 1 detaches the part when it reactivates. The lookup
+// must never report rows of such a part present (they would be lost): what
+// it reports must be what the cluster keeps.
+func TestClusterLookupWaitsForFailedQuorum(t *testing.T) {
+	c := testenv.PrivateCluster(t)
+	w, db := clusterWriter(t, c, 3*time.Second)
+	ctx := context.Background()
+	r1 := c.Handle.Nodes[0]
+	killed := time.Now()
+	if err := r1.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	// Not at once: the restarted replica must reactivate only after its old
+	// session has expired (it retries 10 s after its first attempt).
+	time.Sleep(4 * time.Second)
+	if err := r1.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	nodeExec(t, c.Nodes[1], db, "SYSTEM STOP FETCHES event_log_local")
+	batch := events(1, 100)
+	err := insertLocal(ctx, c.Nodes[0], db, batch, clickhouse.Settings{"insert_quorum": 2, "insert_quorum_timeout": 2000})
+	t.Logf("quorum insert on the restarted replica, replica 2 not fetching: %v", err)
+	time.Sleep(time.Until(killed.Add(11500 * time.Millisecond))) // the old session has expired
+	nodeExec(t, c.Nodes[1], db, "SYSTEM START FETCHES event_log_local")
+
+	var found map[int64]struct{}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		found, err = w.ExistingIDs(ctx, batch)
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		t.Logf("lookup: %v (retrying)", err)
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Wait until both replicas agree with each other and hold all or none
+	// of the block, then compare with what the lookup said.
+	var counts []uint64
+	deadline = time.Now().Add(time.Minute)
+	for {
+		counts = localCounts(t, c, db)
+		if (counts[0] == counts[1] && (counts[0] == 0 || counts[0] == uint64(len(batch)))) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("lookup found %d of %d; the replicas keep %v (0: the quorum failed and the part was detached)", len(found), len(batch), counts)
+	for i, k := range counts {
+		if int(k) != len(found) {
+			t.Errorf("node %s keeps %d rows, the lookup found %d", c.Nodes[i].Addr, k, len(found))
+		}
+	}
+}
+
+// insertLocal inserts events into the local table of one node with settings.
+func insertLocal(ctx context.Context, n testenv.CHServer, db string, evs []record.Event, settings clickhouse.Settings) error {
+	conn, err := clickhouse.Open(n.Options(db))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	b, err := conn.PrepareBatch(clickhouse.Context(ctx, clickhouse.WithSettings(settings)),
+		"INSERT INTO event_log_local (event_id, event_type, event_date_time, environment, event_context, created_at)")
+	if err != nil {
+		return err
+	}
+	for _, ev := range evs {
+		if err := b.Append(uint64(ev.ID), ev.Type, ev.Time, ev.Environment, ev.Context, ev.CreatedAt); err != nil {
+			return err
+		}
+	}
+	return b.Send()
+}
+
+// nodeExec runs q on one node, failing the test on an error.
+func nodeExec(t *testing.T, n testenv.CHServer, db, q string) {
+	t.Helper()
+	conn, err := clickhouse.Open(n.Options(db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if err := conn.Exec(context.Background(), q); err != nil {
+		t.Fatalf("%s on %s: %v", q, n.Addr, err)
+	}
+}

@@ -1,17 +1,11 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
-	"math/rand/v2"
-	"os"
 	"os/exec"
-	"path/filepath"
-	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,79 +16,6 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/verify"
 )
-
-// supervisor keeps one streamer process running, restarting it when it exits, as a
-// process manager would.
-type supervisor struct {
-	t    *testing.T
-	env  []string
-	mu   sync.Mutex
-	cmd  *exec.Cmd
-	out  bytes.Buffer
-	stop chan struct{}
-	done chan struct{}
-	runs int
-}
-
-func superviseStreamer(t *testing.T, env []string) *supervisor {
-	s := &supervisor{t: t, env: env, stop: make(chan struct{}), done: make(chan struct{})}
-	go s.loop()
-	t.Cleanup(s.shutdown)
-	return s
-}
-
-func (s *supervisor) loop() {
-	defer close(s.done)
-	for {
-		cmd := exec.Command(binary(s.t), "run")
-		cmd.Env = s.env
-		s.mu.Lock()
-		cmd.Stdout, cmd.Stderr = &lockedWriter{mu: &s.mu, w: &s.out}, &lockedWriter{mu: &s.mu, w: &s.out}
-		err := cmd.Start()
-		s.cmd = cmd
-		s.runs++
-		s.mu.Unlock()
-		if err == nil {
-			_ = cmd.Wait()
-		}
-		select {
-		case <-s.stop:
-			return
-		case <-time.After(300 * time.Millisecond):
-		}
-	}
-}
-
-// kill sends SIGKILL to the current streamer process.
-func (s *supervisor) kill() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.cmd != nil && s.cmd.Process != nil {
-		_ = s.cmd.Process.Kill()
-	}
-}
-
-func (s *supervisor) shutdown() {
-	select {
-	case <-s.stop:
-		return
-	default:
-	}
-	close(s.stop)
-	s.kill()
-	<-s.done
-}
-
-type lockedWriter struct {
-	mu *sync.Mutex
-	w  *bytes.Buffer
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
-}
 
 // TestChaos drives the real binary while a producer commits at least 200,000 events
 // in mixed transactions with rollbacks; meanwhile the streamer is SIGKILLed and
@@ -109,12 +30,7 @@ func TestChaos(t *testing.T) {
 	if testing.Short() {
 		t.Skip("chaos test skipped in -short mode")
 	}
-	seed := time.Now().UnixNano()
-	if s := os.Getenv("OUTBOX_CHAOS_SEED"); s != "" {
-		seed, _ = strconv.ParseInt(s, 10, 64)
-	}
-	t.Logf("chaos seed %d (OUTBOX_CHAOS_SEED=%d replays it)", seed, seed)
-	rng := rand.New(rand.NewPCG(uint64(seed), 0))
+	seed, rng := chaosSeed(t)
 
 	pg := testenv.PrivatePostgres(t)
 	ch := testenv.PrivateClickHouse(t, false)
@@ -123,16 +39,7 @@ func TestChaos(t *testing.T) {
 		"CLICKHOUSE_OUTAGE_FAIL_AFTER=2s", "EVENT_PROCESSING_INTERVAL=1s", "RETRY_MAX_WAIT=1s",
 		"EVENT_RETRY_BASE_DELAY=0.5", "EVENT_RETRY_MAX_DELAY=2", "CLICKHOUSE_CONNECT_TIMEOUT=2", "CLICKHOUSE_SEND_RECEIVE_TIMEOUT=5")
 	sup := superviseStreamer(t, env)
-	t.Cleanup(func() {
-		if t.Failed() {
-			// The streamers' logs explain a failure; keep them.
-			path := filepath.Join(os.TempDir(), fmt.Sprintf("chaos-%d.log", seed))
-			sup.mu.Lock()
-			_ = os.WriteFile(path, sup.out.Bytes(), 0o644)
-			sup.mu.Unlock()
-			t.Logf("streamer logs kept in %s", path)
-		}
-	})
+	sup.keepLogsOnFailure(fmt.Sprintf("chaos-%d.log", seed))
 	e2e.WaitFor(t, time.Minute, "streamer streaming", func() bool { return e.ConfirmedFlush(t) > 0 })
 
 	pcfg, err := pgxpool.ParseConfig(e.DSN)
@@ -262,9 +169,7 @@ func TestChaos(t *testing.T) {
 	t.Logf("chaos survived: %d committed rows delivered exactly once", total)
 	checkVerifyAfterChaos(t, env, deleted)
 	// What the faults made the streamer go through, from its logs.
-	sup.mu.Lock()
-	logs := sup.out.String()
-	sup.mu.Unlock()
+	logs := sup.logs()
 	for _, ev := range []string{"insert into clickhouse failed, retrying", "connect to clickhouse failed, retrying",
 		"clickhouse unavailable: batch marked failed", "rows gone from the outbox", "rows found in clickhouse are not sent again",
 		"insert with unknown outcome", "pending rows the stream had passed"} {

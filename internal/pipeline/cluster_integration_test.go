@@ -10,8 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ClickHouse/clickhouse-go/v2"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
@@ -19,90 +17,13 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
-	"github.com/outbox-streamer/outbox-streamer/migrations"
 	"github.com/outbox-streamer/outbox-streamer/replication"
-	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
-// clusterEnv is e2e.New on a ClickHouse cluster: the migrations run with
-// CLICKHOUSE_CLUSTER, e.Table is the Distributed event table (what the
-// assertions count, without FINAL) and merges are stopped on every node's
-// local table (a merge would hide a duplicate).
+// clusterEnv is e2e.New on the ClickHouse cluster c (see e2e.NewCluster).
 func clusterEnv(t *testing.T, c *testenv.CHCluster) *e2e.Env {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	dsn := testenv.NewDatabase(t)
-	db := testenv.NewCHClusterDatabase(t, c)
-	e := &e2e.Env{
-		DSN: dsn, Slot: fmt.Sprintf("s_cluster_%d", time.Now().UnixNano()), Publication: "outbox_publication",
-		CH:     c.First(),
-		Sink:   sink.Config{Addr: c.First().Addr, User: "default", Database: db, Table: "event_log", Cluster: c.Name},
-		Outbox: outboxstore.DefaultName,
-	}
-	if err := e.Sink.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	if err := migrations.Up(ctx, migrations.Config{PostgresDSN: dsn, Publication: e.Publication, ClickHouse: e.Sink}); err != nil {
-		t.Fatalf("migrate: %v", err)
-	}
-	pool, err := pgxpool.New(ctx, dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	e.Pool = pool
-	conn, err := clickhouse.Open(c.First().Options(db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	e.CHConn = conn
-	e.Table = sink.QuoteIdent(db) + "." + sink.QuoteIdent("event_log")
-	stopClusterMerges(t, c, db)
-	return e
-}
-
-func stopClusterMerges(t *testing.T, c *testenv.CHCluster, db string) {
-	t.Helper()
-	for _, n := range c.Nodes {
-		nodeQuery(t, n, db, func(conn clickhouse.Conn) error {
-			return conn.Exec(context.Background(), "SYSTEM STOP MERGES event_log_local")
-		})
-	}
-}
-
-func nodeQuery(t *testing.T, n testenv.CHServer, db string, f func(clickhouse.Conn) error) {
-	t.Helper()
-	conn, err := clickhouse.Open(n.Options(db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	if err := f(conn); err != nil {
-		t.Fatalf("node %s: %v%s", n.Addr, err, testenv.CrashNote())
-	}
-}
-
-// assertReplicasAgree checks that every node's local table holds the
-// committed rows once each (one shard: every replica holds all of them). It
-// polls rather than SYSTEM SYNC REPLICA, which waits for the merges the
-// test stopped.
-func assertReplicasAgree(t *testing.T, c *testenv.CHCluster, e *e2e.Env) {
-	t.Helper()
-	total, _ := e.Committed(t)
-	for _, n := range c.Nodes {
-		var cnt, uniq uint64
-		e2e.WaitFor(t, 2*time.Minute, "replica "+n.Addr+" caught up", func() bool {
-			nodeQuery(t, n, e.Sink.Database, func(conn clickhouse.Conn) error {
-				return conn.QueryRow(context.Background(), "SELECT count(), uniqExact(event_id) FROM event_log_local").Scan(&cnt, &uniq)
-			})
-			return cnt >= uint64(total)
-		})
-		if cnt != uint64(total) || uniq != uint64(total) {
-			t.Errorf("replica %s: count()=%d uniqExact(event_id)=%d, want both %d", n.Addr, cnt, uniq, total)
-		}
-	}
+	return e2e.NewCluster(t, testenv.Postgres(t), c, nil)
 }
 
 // TestClusterStreamsExactlyOnce: the pipeline streams into a Distributed
@@ -118,7 +39,63 @@ func TestClusterStreamsExactlyOnce(t *testing.T) {
 		e.Insert(t, 1000, i == 2)
 	}
 	e.AssertExactlyDelivered(t, 2*time.Minute, e.CurrentWAL(t))
-	assertReplicasAgree(t, c, e)
+	e.AssertShardsAgree(t, c)
+}
+
+// TestClusterShards: the pipeline streams into a Distributed event table
+// over two shards of 18.16, without replicas (no quorum) and with two
+// replicas each (insert_quorum 2), and is abandoned once mid-load (its
+// restart must look up the rows already inserted on every shard). Every
+// committed row is in the table once (count() = uniqExact(event_id) =
+// committed, no FINAL, same sum of ids), the rows are split across both
+// shards, each shard's replicas hold the same rows, and the shards together
+// hold every row once.
+func TestClusterShards(t *testing.T) {
+	for _, l := range []struct{ shards, replicas int }{{2, 1}, {2, 2}} {
+		t.Run(fmt.Sprintf("%dx%d", l.shards, l.replicas), func(t *testing.T) {
+			c := testenv.ClusterOf(t, l.shards, l.replicas)
+			e := clusterEnv(t, c)
+			kill := startAbandonable(t, e, nil)
+			e.WaitStreaming(t)
+			start := time.Now()
+			// Transactions of two batches each (1000 rows are split across
+			// the shards), one rolled back.
+			const txs, rows = 10, 2000
+			for i := 0; i < txs; i++ {
+				before, _ := e.CHCounts(t)
+				e.Insert(t, rows, i == 3)
+				if i == 2 || i == 6 {
+					abandonMidInsert(t, e, kill, before)
+					kill = startAbandonable(t, e, nil)
+				}
+			}
+			e.AssertExactlyDelivered(t, 2*time.Minute, e.CurrentWAL(t))
+			took := time.Since(start)
+			perShard := e.AssertShardsAgree(t, c)
+			t.Logf("%d shards × %d replicas: %d rows committed (+%d rolled back) delivered in %v; rows per shard %v",
+				l.shards, l.replicas, (txs-1)*rows, rows, took.Round(time.Millisecond), perShard)
+		})
+	}
+}
+
+// abandonMidInsert abandons the pipeline as soon as ClickHouse holds more
+// than before rows: often between an insert and its status update, so that
+// the restart has rows to find in ClickHouse rather than send again.
+func abandonMidInsert(t *testing.T, e *e2e.Env, kill func() error, before uint64) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for n, _ := e.CHCounts(t); n <= before; n, _ = e.CHCounts(t) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no new rows in ClickHouse within a minute (%d)%s", n, testenv.CrashNote())
+		}
+		time.Sleep(2 * time.Millisecond) // a tight poll: the moment matters
+	}
+	if err := kill(); err != nil && !errors.Is(err, context.Canceled) {
+		t.Logf("abandoned streamer returned %v", err)
+	}
+	inCH, _ := e.CHCounts(t)
+	_, processed := e.Committed(t)
+	t.Logf("streamer abandoned mid-load: %d rows in ClickHouse, %d processed in the outbox", inCH, processed)
 }
 
 // startAbandonable runs the pipeline; kill abandons it at once (the drain
@@ -222,7 +199,7 @@ func TestClusterChaos(t *testing.T) {
 	if err := replica.Restart(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	stopClusterMerges(t, c, e.Sink.Database) // a restart forgets it
+	e.StopClusterMerges(t, c) // a restart forgets it
 	t.Logf("replica %s back", replica.Addr())
 	before, _ := e.CHCounts(t)
 	waitRows("rows flowing again after the replica's return", before+1000)
@@ -237,7 +214,7 @@ func TestClusterChaos(t *testing.T) {
 	total, _ := e.Committed(t)
 	t.Logf("%d events committed", total)
 	e.AssertExactlyDelivered(t, 3*time.Minute, e.CurrentWAL(t))
-	assertReplicasAgree(t, c, e)
+	e.AssertShardsAgree(t, c)
 }
 
 // TestClusterThroughput measures the pipeline's rate into the cluster and

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -38,12 +39,22 @@ type CHCluster struct {
 	// Handle is the cluster when this binary started it (for chaos tests);
 	// nil when it was named by environment variables.
 	Handle *localsvc.Cluster
+	// Shards and Replicas (per shard) give the layout: Nodes[i] is shard
+	// i/Replicas+1, replica i%Replicas+1.
+	Shards, Replicas int
 }
 
 // First is the node the streamer connects to.
 func (c *CHCluster) First() CHServer { return c.Nodes[0] }
 
-var clusterSvc service[*localsvc.Cluster]
+// clusterLayout is a topology of a local replicated cluster.
+type clusterLayout struct{ shards, replicas int }
+
+var (
+	// clusterMu guards clusterSvcs, one shared cluster per layout.
+	clusterMu   sync.Mutex
+	clusterSvcs = map[clusterLayout]*service[*localsvc.Cluster]{}
+)
 
 // Cluster returns a replicated ClickHouse cluster shared by this test
 // binary: the one named by OUTBOX_TEST_CH_CLUSTER_ADDRS and
@@ -53,22 +64,72 @@ var clusterSvc service[*localsvc.Cluster]
 // must use PrivateCluster.
 func Cluster(t testing.TB) *CHCluster {
 	t.Helper()
-	if addrs := os.Getenv(EnvCHClusterAddrs); addrs != "" {
-		name := os.Getenv(EnvCHCluster)
-		if name == "" {
-			t.Fatalf("testenv: %s is set but %s is not", EnvCHClusterAddrs, EnvCHCluster)
-		}
-		c := &CHCluster{Name: name}
-		for _, a := range strings.Split(addrs, ",") {
-			c.Nodes = append(c.Nodes, CHServer{Name: "node", Addr: a, Legacy: isLegacy(t, a)})
-		}
+	if c := envCluster(t); c != nil {
+		return c
+	}
+	return ClusterOf(t, 1, 2)
+}
+
+// ClusterOf returns a cluster of shards × replicas 18.16 servers (with
+// ZooKeeper) shared by this test binary: the one named by the environment
+// (as in Cluster) when it has this layout, else one started once per layout.
+// Missing packages skip the test unless OUTBOX_TEST_REQUIRE_CLUSTER=1.
+func ClusterOf(t testing.TB, shards, replicas int) *CHCluster {
+	t.Helper()
+	if c := envCluster(t); c != nil && c.Shards == shards && c.Replicas == replicas {
 		return c
 	}
 	skipWithoutCluster(t)
-	h := startShared(t, &clusterSvc, "ClickHouse cluster", func(ctx context.Context) (*localsvc.Cluster, error) {
-		return localsvc.StartCluster(ctx, localsvc.ClusterOptions{OnCrash: recordCrash})
+	l := clusterLayout{shards, replicas}
+	clusterMu.Lock()
+	svc := clusterSvcs[l]
+	if svc == nil {
+		svc = &service[*localsvc.Cluster]{}
+		clusterSvcs[l] = svc
+	}
+	clusterMu.Unlock()
+	what := fmt.Sprintf("ClickHouse cluster (%d shards × %d replicas)", shards, replicas)
+	h := startShared(t, svc, what, func(ctx context.Context) (*localsvc.Cluster, error) {
+		return localsvc.StartCluster(ctx, localsvc.ClusterOptions{Shards: shards, Replicas: replicas, OnCrash: recordCrash})
 	})
 	return clusterOf(h)
+}
+
+// envCluster is the cluster named by OUTBOX_TEST_CH_CLUSTER_ADDRS and
+// CLICKHOUSE_CLUSTER, its layout read from system.clusters; nil when unset.
+func envCluster(t testing.TB) *CHCluster {
+	t.Helper()
+	addrs := os.Getenv(EnvCHClusterAddrs)
+	if addrs == "" {
+		return nil
+	}
+	name := os.Getenv(EnvCHCluster)
+	if name == "" {
+		t.Fatalf("testenv: %s is set but %s is not", EnvCHClusterAddrs, EnvCHCluster)
+	}
+	c := &CHCluster{Name: name}
+	for _, a := range strings.Split(addrs, ",") {
+		c.Nodes = append(c.Nodes, CHServer{Name: "node", Addr: a, Legacy: isLegacy(t, a)})
+	}
+	c.Shards, c.Replicas = layoutOf(t, c.First(), name)
+	return c
+}
+
+// layoutOf reads a cluster's shards and replicas per shard (the fewest of
+// any shard) from the server's system.clusters.
+func layoutOf(t testing.TB, srv CHServer, name string) (shards, replicas int) {
+	t.Helper()
+	conn, err := clickhouse.Open(srv.Options("default"))
+	if err != nil {
+		t.Fatalf("testenv: cluster node %s: %v", srv.Addr, err)
+	}
+	defer conn.Close()
+	var s, r uint64
+	err = conn.QueryRow(context.Background(), "SELECT uniqExact(shard_num), min(n) FROM (SELECT shard_num, count() AS n FROM system.clusters WHERE cluster = ? GROUP BY shard_num)", name).Scan(&s, &r)
+	if err != nil {
+		t.Fatalf("testenv: layout of cluster %q on %s: %v", name, srv.Addr, err)
+	}
+	return int(s), int(r)
 }
 
 // PrivateCluster starts a replicated cluster (ZooKeeper, 1 shard × 2
@@ -88,7 +149,7 @@ func PrivateCluster(t testing.TB) *CHCluster {
 }
 
 func clusterOf(h *localsvc.Cluster) *CHCluster {
-	c := &CHCluster{Name: h.Name, Handle: h}
+	c := &CHCluster{Name: h.Name, Handle: h, Shards: h.Shards, Replicas: h.Replicas}
 	for _, n := range h.Nodes {
 		c.Nodes = append(c.Nodes, CHServer{Name: fmt.Sprintf("s%dr%d", n.Shard, n.Replica), Addr: n.Addr(), HTTPAddr: n.HTTPAddr(), Legacy: n.Legacy})
 	}
