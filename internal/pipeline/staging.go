@@ -141,6 +141,9 @@ func (w *Writer) promote(ctx context.Context, b *batch.Batch, t *stagedTxn) bool
 	xid, commitLSN := b.Streamed.Xid, b.MaxCommitLSN
 	s := sink.Staged{Slot: st.slot, Xid: xid, Aborted: b.Streamed.Aborted}
 	defer func() {
+		if st.state != stagingOn {
+			return // nothing staged this session
+		}
 		if err := st.to.DropStaged(ctx, st.slot, xid); err != nil {
 			w.log.Warn("dropping the staged rows of a transaction failed; the next session drops them", zap.Uint32("xid", xid), zap.Error(err))
 		}
