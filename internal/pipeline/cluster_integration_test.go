@@ -114,6 +114,13 @@ func startAbandonable(t *testing.T, e *e2e.Env, tweak func(*pipeline.Config)) (k
 	if tweak != nil {
 		tweak(&cfg)
 	}
+	// An abandoned pipeline's walsender may still hold the slot for a moment
+	// (the binary's supervisor waits SLOT_BUSY_TIMEOUT for it; Stream does not).
+	e2e.WaitFor(t, 30*time.Second, "the slot released by the previous pipeline", func() bool {
+		var active bool
+		err := e.Pool.QueryRow(context.Background(), "SELECT COALESCE((SELECT active FROM pg_replication_slots WHERE slot_name = $1), false)", e.Slot).Scan(&active)
+		return err == nil && !active
+	})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
