@@ -250,7 +250,7 @@ func (s *Store) visibleXids(ctx context.Context, refs []Ref) (map[uint32]bool, e
 	}
 	rows, err := s.db.Query(ctx, `WITH snap AS (SELECT txid_current_snapshot() AS s)
 		SELECT x FROM snap, unnest($1::bigint[]) AS x
-		WHERE txid_visible_in_snapshot(`+widenXmin("x", "snap.s")+`, snap.s)`, xids)
+		WHERE txid_visible_in_snapshot(`+widenCommitted("x", "snap.s")+`, snap.s)`, xids)
 	if err != nil {
 		return nil, fmt.Errorf("check which transactions are visible: %w", err)
 	}
