@@ -86,6 +86,34 @@ func (st *staging) ready(ctx context.Context, log *zap.Logger) bool {
 	return st.state == stagingOn
 }
 
+// clearAtStart drops, when the session starts, what earlier sessions staged
+// for this slot: after a failover the new primary resumes past transactions
+// the old one was streaming and never sends them again, so waiting for the
+// first streamed transaction would leave their rows behind. When ClickHouse
+// cannot be asked now, the first streamed transaction asks again.
+func (st *staging) clearAtStart(ctx context.Context, log *zap.Logger) {
+	ctx, cancel := context.WithTimeout(ctx, stagingStartTimeout)
+	defer cancel()
+	ok, err := st.to.StagingAvailable(ctx)
+	if err != nil {
+		log.Debug("staging table not checked at start; checked at the first streamed transaction", zap.Error(err))
+		return
+	}
+	if !ok {
+		st.state = stagingOff
+		log.Info("no staging table (run `outbox-streamer migrate up`; not used on a cluster): large streamed transactions go to ClickHouse after their commit")
+		return
+	}
+	if err := st.to.ClearStaging(ctx, st.slot); err != nil {
+		log.Debug("staging table not cleared at start; cleared at the first streamed transaction", zap.Error(err))
+		return
+	}
+	st.state = stagingOn
+}
+
+// stagingStartTimeout bounds clearAtStart, which delays the writer's start.
+const stagingStartTimeout = 10 * time.Second
+
 // stage writes a staging batch. Any failure only marks the transaction
 // broken: its rows go the ordinary way after the commit.
 func (w *Writer) stage(ctx context.Context, b *batch.Batch) {

@@ -107,6 +107,9 @@ func NewWriter(cfg WriterConfig, s Sink, o Outbox, inflight InflightRecorder, re
 // they are resolved in, and each batch's in-flight record is written before its
 // insert, so a crash between the stages is reconciled like any other.
 func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
+	if w.staging != nil {
+		w.staging.clearAtStart(ctx, w.log)
+	}
 	outcomes := make(chan *outcome, 1)
 	var settled sync.WaitGroup
 	var settleMu sync.Mutex
