@@ -1,0 +1,1 @@
+ALTER TABLE {{.Local}} ON CLUSTER {{.Cluster}} DROP INDEX IF EXISTS created_at_minmax;

@@ -1,0 +1,1 @@
+ALTER TABLE {{.Table}} DROP INDEX IF EXISTS created_at_minmax;
