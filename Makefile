@@ -29,7 +29,13 @@ install: deps build ## deps + build
 run: deps build ## local PostgreSQL + ClickHouse 26.7, migrate, stream, and a demo producer with progress
 	$(DEVENV) -- ./scripts/demo.sh
 
-test: deps build ## the whole suite (unit, integration, end to end) on ClickHouse 26.7 and 18.16
+# The suite's PostgreSQL looks like an old production database: xid epoch 1,
+# and the 32-bit xid counter wraps early in the run (OUTBOX_PG_XID_EPOCH=0
+# OUTBOX_PG_NEXT_XID=0 for a fresh cluster).
+test: export OUTBOX_PG_XID_EPOCH ?= 1
+test: export OUTBOX_PG_NEXT_XID ?= 4294947296
+
+test: deps build ## the whole suite (unit, integration, end to end) on ClickHouse 26.7 and 18.16, PostgreSQL an old cluster
 	cd outbox && $(GO) test -count=1 $(TESTFLAGS) ./...
 	OUTBOX_TEST_REQUIRE_LEGACY=1 $(DEVENV) --legacy -- $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(TESTFLAGS) ./...
 
