@@ -558,3 +558,17 @@ func (w *Writer) Count(ctx context.Context) (uint64, error) {
 	}
 	return n, nil
 }
+
+// DeliveredCeiling returns the highest commit LSN among the rows inserted
+// into the event table within the last window (0 when there are none): what
+// ClickHouse holds, whatever record of it PostgreSQL kept. inserted_at has a
+// skipping index on modern servers (migration 3).
+func (w *Writer) DeliveredCeiling(ctx context.Context, window time.Duration) (uint64, error) {
+	var lsn uint64
+	q := fmt.Sprintf("SELECT max(commit_lsn) FROM %s WHERE inserted_at >= now() - INTERVAL %d SECOND", w.table, int64(window/time.Second))
+	if err := w.conn.QueryRow(ctx, q).Scan(&lsn); err != nil {
+		w.noteFailure(err)
+		return 0, fmt.Errorf("read the highest commit LSN in %s: %w", w.table, err)
+	}
+	return lsn, nil
+}

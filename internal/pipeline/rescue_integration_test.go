@@ -272,3 +272,36 @@ func replayAtConfirmed(t *testing.T) error {
 	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
 	return nil
 }
+
+// TestReplayAfterTheInflightRecordWasLost: a batch reaches ClickHouse, the
+// streamer dies before its status, and the in-flight record is gone too — as
+// after a failover to a standby the record had not reached. What ClickHouse
+// holds bounds the replay: the rows are looked up, not inserted twice.
+func TestReplayAfterTheInflightRecordWasLost(t *testing.T) {
+	for _, srv := range testenv.ClickHouseServers(t) {
+		t.Run(srv.Name, func(t *testing.T) {
+			e := e2e.New(t, srv)
+			stop := startWith(t, e, nil)
+			e.WaitStreaming(t)
+			e.Insert(t, 100, false)
+			e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+			if err := stop(); err != nil {
+				t.Fatal(err)
+			}
+			e.Insert(t, 1000, false)
+			crash := &crashOnType{typ: "type.0"}
+			stop = startWith(t, e, func(c *pipeline.Config) {
+				c.WrapSink = func(s pipeline.Sink) pipeline.Sink { crash.Sink = s; return crash }
+			})
+			e2e.WaitFor(t, time.Minute, "the batch inserted and the writer stopped", crash.crashed.Load)
+			if err := stop(); !errors.Is(err, errCrash) {
+				t.Fatalf("pipeline stopped with %v, want the simulated crash", err)
+			}
+			if _, err := e.Pool.Exec(context.Background(), "UPDATE outbox_checkpoint SET inflight_lsn = '0/0'"); err != nil {
+				t.Fatal(err)
+			}
+			startWith(t, e, nil)
+			e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
+		})
+	}
+}

@@ -131,6 +131,7 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 		target = cfg.WrapSink(target)
 	}
 	writer := NewWriter(wcfg, target, store, ck, stream.Tracker(), log)
+	writer.EnableCeiling(ch)
 	// Streamed transactions are staged in ClickHouse while they run (one
 	// server only); the writer checks the staging table at the first one.
 	cfg.Run.Stage = cfg.Run.Stage && stream.Streaming() && cfg.Sink.Cluster == ""

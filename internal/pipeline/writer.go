@@ -82,6 +82,7 @@ type Writer struct {
 	recorded uint64
 	next     *batch.Batch // taken from the queue by merge, for the next insert
 	staging  *staging     // nil: streamed transactions are not staged
+	ceiling  *ceiling     // nil: the in-flight record alone bounds the replay
 }
 
 // ErrTableRejectsRows means ClickHouse refused every row of a batch with the
@@ -107,6 +108,7 @@ func NewWriter(cfg WriterConfig, s Sink, o Outbox, inflight InflightRecorder, re
 // they are resolved in, and each batch's in-flight record is written before its
 // insert, so a crash between the stages is reconciled like any other.
 func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
+	w.raiseInDoubt(ctx)
 	if w.staging != nil {
 		w.staging.clearAtStart(ctx, w.log)
 	}
@@ -302,6 +304,7 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 		}
 	}()
 
+	w.raiseInDoubt(ctx)
 	// Record the in-flight position before anything can reach ClickHouse, so that a
 	// crash after the insert leaves a trace that these rows must be checked.
 	if b.MaxCommitLSN > w.recorded {
@@ -349,6 +352,9 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 // last stop (its transaction committed at or below the recorded in-flight
 // LSN), or by a copy from staging whose outcome is unknown.
 func (w *Writer) inDoubt(ev *record.Event) bool {
+	if w.ceiling != nil && !w.ceiling.known {
+		return true // what ClickHouse holds is not known yet
+	}
 	return ev.CommitLSN != 0 && ev.CommitLSN <= w.cfg.InDoubtUntil || w.uncertainStaged(ev.Xid)
 }
 

@@ -1,1 +1,0 @@
-ALTER TABLE {{.Local}} ON CLUSTER {{.Cluster}} DROP INDEX IF EXISTS created_at_minmax;

@@ -1,1 +1,0 @@
-ALTER TABLE {{.Table}} DROP INDEX IF EXISTS created_at_minmax;
