@@ -113,7 +113,6 @@ func setupObservability(ctx context.Context, cfg *config.Config, log *zap.Logger
 		done := make(chan struct{})
 		go func() { defer close(done); _ = srv.Serve(sctx) }()
 		o.stop = append(o.stop, func() { cancel(); <-done })
-		log.Info("serving /metrics, /healthz and /readyz", zap.String("addr", srv.Addr().String()))
 	} else {
 		log.Info("no /metrics, /healthz or /readyz: METRICS_ADDR is empty")
 	}

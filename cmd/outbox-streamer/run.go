@@ -25,7 +25,11 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log := newLogger(cfg)
+	who := forService
+	if once {
+		who = forPerson
+	}
+	log := newLogger(cfg, who)
 	defer log.Sync() //nolint:errcheck // nothing useful to do on a failed flush of stderr
 	drain, abandon, stop := signalContext(log)
 	defer stop()

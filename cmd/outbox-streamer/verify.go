@@ -77,7 +77,7 @@ func cmdVerify(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 
-	log := newLogger(cfg)
+	log := newLogger(cfg, forPerson)
 	defer log.Sync() //nolint:errcheck // nothing useful to do on a failed flush of stderr
 	ctx, _, stop := signalContext(log)
 	defer stop()

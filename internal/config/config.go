@@ -19,6 +19,14 @@ import (
 type Config struct {
 	Environment string
 	Debug       bool
+	// LogFormat is LOG_FORMAT: auto, console or json (auto: console when
+	// stderr is a terminal).
+	LogFormat string
+	// LogLevel is LOG_LEVEL: debug, info, warn or error; DEBUG forces debug.
+	LogLevel string
+	// LogLevelExplicit reports whether LOG_LEVEL or DEBUG was given: commands
+	// that print for a person log only warnings unless asked for more.
+	LogLevelExplicit bool
 
 	// PostgresDSN is DATABASE_URL, or built from the POSTGRES_* parts.
 	PostgresDSN string
@@ -93,7 +101,9 @@ type Config struct {
 func Bind(src *Source, c *Config) {
 	src.Group("General")
 	src.String(&c.Environment, "ENVIRONMENT", "environment", "dev", "environment name (dev, prod, ...), in logs")
-	src.Bool(&c.Debug, "DEBUG", "debug", false, "debug logging (console format on a terminal)")
+	src.Bool(&c.Debug, "DEBUG", "debug", false, "debug logging: the same as LOG_LEVEL=debug")
+	src.String(&c.LogFormat, "LOG_FORMAT", "log-format", "auto", "log format: console (one readable line per entry), json (one JSON object per line), or auto: console when stderr is a terminal, json otherwise")
+	src.String(&c.LogLevel, "LOG_LEVEL", "log-level", "info", "least severe log entries written: debug, info, warn or error")
 
 	src.Group("PostgreSQL")
 	src.Secret(&c.PostgresDSN, "DATABASE_URL", "database-url", "PostgreSQL connection string; when empty it is built from POSTGRES_*")
@@ -185,6 +195,9 @@ func (c *Config) finish(src *Source) error {
 		return fmt.Errorf("invalid EVENT_TIME_ZONE (--time-zone) %q: not a known time zone", c.timeZone)
 	}
 	c.TimeZone = loc
+	if err := c.finishLogging(src); err != nil {
+		return err
+	}
 	switch strings.ToLower(strings.TrimSpace(c.ContextType)) {
 	case "string":
 		c.ContextType = "String"
@@ -257,6 +270,28 @@ func (c *Config) finish(src *Source) error {
 		c.ClickHouseBatchMaxBytes = c.BatchMaxBytes
 	}
 	return c.ClickHouse.Validate()
+}
+
+// finishLogging normalises LOG_FORMAT and LOG_LEVEL; DEBUG wins over
+// LOG_LEVEL because it has always meant debug lines.
+func (c *Config) finishLogging(src *Source) error {
+	switch c.LogFormat = strings.ToLower(strings.TrimSpace(c.LogFormat)); c.LogFormat {
+	case "auto", "console", "json":
+	default:
+		return fmt.Errorf("invalid LOG_FORMAT (--log-format) %q: want auto, console or json", c.LogFormat)
+	}
+	switch c.LogLevel = strings.ToLower(strings.TrimSpace(c.LogLevel)); c.LogLevel {
+	case "debug", "info", "error":
+	case "warn", "warning":
+		c.LogLevel = "warn"
+	default:
+		return fmt.Errorf("invalid LOG_LEVEL (--log-level) %q: want debug, info, warn or error", c.LogLevel)
+	}
+	if c.Debug {
+		c.LogLevel = "debug"
+	}
+	c.LogLevelExplicit = c.Debug || src.Explicit("LOG_LEVEL")
+	return nil
 }
 
 // applyClickHouseURI fills the ClickHouse settings the user did not give one by one.
