@@ -51,15 +51,15 @@ var commands = map[string]commandHelp{
 	"status": {
 		synopsis: "outbox-streamer status [--json] [--max-lag BYTES] [--max-age DUR] [settings]",
 		about:    "Shows the slot (lag, retained WAL, state), the leader and the outbox's rows by status. Exit 3 when a --max-* check fails.",
-		settings: append(general[:len(general):len(general)], "REPLICATION_SLOT_NAME", "OUTBOX_RETENTION", "EVENT_TIME_ZONE"),
+		settings: append(general[:len(general):len(general)], "REPLICATION_SLOT_NAME", "OUTBOX_TABLE", "OUTBOX_RETENTION", "EVENT_TIME_ZONE"),
 	},
 	"dead-letters": {
 		synopsis: "outbox-streamer dead-letters list [--limit N] [--type T] [--json]\n" +
 			"       outbox-streamer dead-letters requeue (--id N[,N...] | --all) [--type T]",
 		about: "Lists the rows that exhausted EVENT_MAX_ATTEMPTS, or makes them due again: requeued rows\n" +
 			"become failed with a fresh attempt count and the next sweep (EVENT_PROCESSING_INTERVAL, or\n" +
-			"\"outbox-streamer run --sweep\") delivers them.",
-		settings: general,
+			"\"outbox-streamer run --sweep\") delivers them. A requeue of an --id that is not a dead letter exits 1.",
+		settings: append(general[:len(general):len(general)], "OUTBOX_TABLE"),
 	},
 	"prune": {
 		synopsis: "outbox-streamer prune [--older-than DUR] [--dry-run] [settings]",

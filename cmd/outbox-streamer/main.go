@@ -115,11 +115,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 // cmdVersion prints the version, or with --json the version and the Go
 // release it was built with.
 func cmdVersion(args []string, stdout io.Writer) error {
+	if len(args) == 1 && (args[0] == "-h" || args[0] == "--help") {
+		fmt.Fprintln(stdout, "Usage: outbox-streamer version [--json]")
+		return nil
+	}
 	if len(args) == 1 && (args[0] == "--json" || args[0] == "-json") {
 		return json.NewEncoder(stdout).Encode(map[string]string{"version": version, "go": runtime.Version()})
 	}
 	if len(args) > 0 {
-		return fmt.Errorf("version takes no arguments but --json (got %q)", strings.Join(args, " "))
+		return usageError{command: "version", err: fmt.Errorf("takes no arguments but --json (got %q)", strings.Join(args, " "))}
 	}
 	fmt.Fprintln(stdout, "outbox-streamer", version)
 	return nil

@@ -116,7 +116,12 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 		printStatus(stdout, st)
 	}
 	over := false
-	if maxLag > 0 && st.LagBytes > maxLag {
+	// A slot that is missing (a typo in --slot, or not created yet) has no
+	// lag to compare: a probe that passed on it would pass forever.
+	if maxLag > 0 && !st.SlotExists {
+		fmt.Fprintf(stderr, "outbox-streamer: slot %q does not exist in this database, so --max-lag cannot pass\n", cfg.Slot)
+		over = true
+	} else if maxLag > 0 && st.LagBytes > maxLag {
 		fmt.Fprintf(stderr, "outbox-streamer: slot %q lags by %d bytes, over --max-lag %d\n", cfg.Slot, st.LagBytes, maxLag)
 		over = true
 	}

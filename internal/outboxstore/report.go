@@ -131,20 +131,25 @@ func DeadLetters(ctx context.Context, db Reader, table Name, eventType string, l
 
 // Requeue makes dead letters of table failed and due now with their attempts
 // reset, for the sweep to re-drive: those of ids (all when ids is empty), of
-// eventType when not empty. It returns how many it requeued.
-func Requeue(ctx context.Context, db DB, table Name, ids []int64, eventType string) (int64, error) {
+// eventType when not empty. It returns the ids it requeued.
+func Requeue(ctx context.Context, db Reader, table Name, ids []int64, eventType string) ([]int64, error) {
 	var idArg any
 	if len(ids) > 0 {
 		idArg = ids
 	}
-	tag, err := db.Exec(ctx, table.sql(`UPDATE {outbox}
+	rows, err := db.Query(ctx, table.sql(`UPDATE {outbox}
 		SET status = 'failed', attempts = 0, next_attempt_at = now(), updated_at = now() AT TIME ZONE 'UTC',
 		    last_error = 'requeued by operator; before: ' || COALESCE(last_error, '')
-		WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1)) AND ($2 = '' OR event_type = $2)`), idArg, eventType)
+		WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1)) AND ($2 = '' OR event_type = $2)
+		RETURNING id`), idArg, eventType)
 	if err != nil {
-		return 0, fmt.Errorf("requeue dead letters: %w", err)
+		return nil, fmt.Errorf("requeue dead letters: %w", err)
 	}
-	return tag.RowsAffected(), nil
+	done, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return nil, fmt.Errorf("requeue dead letters: %w", err)
+	}
+	return done, nil
 }
 
 // Undelivered counts the failed and dead rows of table (through the partial
