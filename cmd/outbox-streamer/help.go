@@ -61,6 +61,13 @@ var commands = map[string]commandHelp{
 			"\"outbox-streamer run --sweep\") delivers them. A requeue of an --id that is not a dead letter exits 1.",
 		settings: append(general[:len(general):len(general)], "OUTBOX_TABLE"),
 	},
+	"failures": {
+		synopsis: "outbox-streamer failures [--json] [--limit N] [--type T] [settings]",
+		about: "Why rows failed: the failed and dead rows grouped by reason (reasons that differ only in numbers are one),\n" +
+			"with counts and the oldest and newest created_at of each, then the most recently failed rows with their\n" +
+			"attempts, next attempt and reason. It only reads.",
+		settings: append(general[:len(general):len(general)], "OUTBOX_TABLE"),
+	},
 	"prune": {
 		synopsis: "outbox-streamer prune [--older-than DUR] [--dry-run] [settings]",
 		about:    "Removes processed outbox rows older than OUTBOX_RETENTION (or --older-than) once, as the leader does after each sweep.",

@@ -16,8 +16,10 @@ const (
 	// forService: a long-running process whose log is its only output.
 	forService logFor = iota
 	// forPerson: a command that prints its result for a person; its log
-	// shows only warnings and errors unless LOG_LEVEL or DEBUG asks for more,
-	// so that informational lines do not interleave with the result.
+	// shows only errors unless LOG_LEVEL or DEBUG asks for more, so that log
+	// lines do not interleave with the result (which says what the warnings
+	// would: run --sweep counts the rows that failed and points at
+	// `failures`).
 	forPerson
 )
 
@@ -38,7 +40,7 @@ func logLevel(cfg *config.Config, who logFor) zapcore.Level {
 		level = zapcore.InfoLevel
 	}
 	if who == forPerson && !cfg.LogLevelExplicit {
-		level = zapcore.WarnLevel
+		level = zapcore.ErrorLevel
 	}
 	return level
 }

@@ -72,7 +72,7 @@ func duplicateKeys(t *testing.T, line string) []string {
 
 // TestLogFormatAndLevel: LOG_FORMAT picks the encoder (auto follows the
 // terminal), LOG_LEVEL the level, DEBUG forces debug, and commands that
-// print for a person log warnings only unless a level was asked for.
+// print for a person log errors only unless a level was asked for.
 func TestLogFormatAndLevel(t *testing.T) {
 	for _, tc := range []struct {
 		format string
@@ -100,7 +100,7 @@ func TestLogFormatAndLevel(t *testing.T) {
 		want zapcore.Level
 	}{
 		{nil, forService, zapcore.InfoLevel},
-		{nil, forPerson, zapcore.WarnLevel},
+		{nil, forPerson, zapcore.ErrorLevel},
 		{map[string]string{"LOG_LEVEL": "error"}, forService, zapcore.ErrorLevel},
 		{map[string]string{"LOG_LEVEL": "info"}, forPerson, zapcore.InfoLevel},
 		{map[string]string{"LOG_LEVEL": "warning"}, forService, zapcore.WarnLevel},

@@ -36,6 +36,9 @@ Usage:
                                            force the migrations of both databases
   outbox-streamer status [flags]           show the slot and the outbox's state
   outbox-streamer dead-letters list|requeue  inspect and re-drive rows that exhausted attempts
+  outbox-streamer failures [--json] [--limit N] [--type T]
+                                           why rows failed: failed and dead rows grouped by
+                                           reason, then the rows with attempts and next attempt
   outbox-streamer prune [--older-than DUR] [--dry-run]
                                            remove processed rows older than OUTBOX_RETENTION once
   outbox-streamer verify [--since DUR|--from TIME] [--until TIME] [--bucket DUR] [--json] [--repair]
@@ -78,6 +81,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdDemo(args[1:], stdout, stderr)
 	case "dead-letters":
 		err = cmdDeadLetters(args[1:], stdout, stderr)
+	case "failures":
+		err = cmdFailures(args[1:], stdout, stderr)
 	case "prune":
 		err = cmdPrune(args[1:], stdout, stderr)
 	case "verify":
@@ -87,7 +92,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "version", "--version", "-version":
 		err = cmdVersion(args[1:], stdout)
 	default:
-		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters, prune, verify, demo, healthcheck or version; see --help)\n", args[0])
+		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters, failures, prune, verify, demo, healthcheck or version; see --help)\n", args[0])
 		return 2
 	}
 	var exit exitCode

@@ -84,5 +84,8 @@ func runSweepOnce(ctx context.Context, cfg *config.Config, log *zap.Logger, stdo
 	}
 	fmt.Fprintf(stdout, "sweep: %d delivered, %d already in ClickHouse, %d failed again, %d became dead letters, %d stranded pending rows rescued in %s; now %d failed, %d dead\n",
 		res.Delivered, res.AlreadyPresent, res.Failed, res.Dead, res.Rescued, res.Took.Round(time.Millisecond), left.failed, left.dead)
+	if res.Failed+res.Dead > 0 {
+		fmt.Fprintln(stdout, "why: outbox-streamer failures")
+	}
 	return err
 }

@@ -37,7 +37,13 @@ type slotStatus struct {
 	RetentionSeconds float64 `json:"retention_seconds"`
 	// OldestProcessed is the age of the oldest processed row still held.
 	OldestProcessed *float64 `json:"oldest_processed_age_seconds,omitempty"`
+	// TopReasons are the most common reasons of failed and dead rows
+	// (`failures` lists them all).
+	TopReasons []outboxstore.FailureReason `json:"top_failure_reasons,omitempty"`
 }
+
+// topReasons is how many reasons `status` shows.
+const topReasons = 3
 
 func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	var asJSON bool
@@ -95,6 +101,11 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	}
 	if st.OldestUndelivered, err = outboxstore.OldestUndelivered(ctx, conn, cfg.Outbox); err != nil {
 		return err
+	}
+	if st.Counts[outboxstore.StatusFailed]+st.Counts[outboxstore.StatusDead] > 0 {
+		if st.TopReasons, err = outboxstore.FailureReasons(ctx, conn, cfg.Outbox, topReasons); err != nil {
+			return err
+		}
 	}
 	st.RetentionSeconds = cfg.Retention.Seconds()
 	ages, err := outboxstore.ReadAges(ctx, conn, cfg.Outbox, cfg.TimeZone)
@@ -162,6 +173,12 @@ func printStatus(w io.Writer, st slotStatus) {
 		st.Counts["pending"], st.Counts["processed"], st.Counts["failed"], st.Counts["dead"])
 	if st.OldestUndelivered != nil {
 		fmt.Fprintf(w, "  oldest undelivered row: %s old\n", time.Duration(*st.OldestUndelivered*float64(time.Second)).Round(time.Second))
+	}
+	for _, r := range st.TopReasons {
+		fmt.Fprintf(w, "  %d× %s\n", r.Rows(), clip(r.Reason, reasonWidth))
+	}
+	if len(st.TopReasons) > 0 {
+		fmt.Fprintln(w, "  (outbox-streamer failures: every reason and row)")
 	}
 	retain := "keep everything (OUTBOX_RETENTION=0)"
 	if st.RetentionSeconds > 0 {

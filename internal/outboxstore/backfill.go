@@ -117,12 +117,12 @@ func (s *Store) FailTaken(ctx context.Context, failures []Failure) error {
 		return nil
 	}
 	ids := make([]int64, len(failures))
-	reasons := make([]string, len(failures))
 	for i, f := range failures {
-		ids[i], reasons[i] = f.ID, cleanReason(f.Reason, maxReasonBytes)
+		ids[i] = f.ID
 	}
+	reasons, finals := failureArgs(failures)
 	if _, err := s.db.Exec(ctx, s.sql(markFailedSQL), ids, reasons,
-		s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds()); err != nil {
+		s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds(), finals); err != nil {
 		return fmt.Errorf("mark %d backfilled rows failed: %w", len(failures), err)
 	}
 	return nil

@@ -34,6 +34,10 @@ const (
 type Failure struct {
 	ID     int64
 	Reason string
+	// Final: no retry can deliver the row as it is (the streamer's own
+	// validation refused a value, such as a date the event table cannot
+	// hold), so it becomes dead at once instead of after MaxAttempts.
+	Final bool
 	// Xid is the inserting transaction's id for streamed rows (see Ref).
 	Xid uint32
 }
@@ -295,19 +299,20 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) (vanished []
 	if len(failures) == 0 {
 		return nil, nil
 	}
-	reasonOf := make(map[int64]string, len(failures))
+	byID := make(map[int64]Failure, len(failures))
 	refs := make([]Ref, len(failures))
 	for i, f := range failures {
 		refs[i] = Ref{ID: f.ID, Xid: f.Xid}
-		reasonOf[f.ID] = cleanReason(f.Reason, maxReasonBytes)
+		byID[f.ID] = f
 	}
 	vanished, err = s.untilVisible(ctx, refs, "status = 'processed'", func(ctx context.Context, ids []int64) (pgx.Rows, error) {
-		reasons := make([]string, len(ids))
+		sub := make([]Failure, len(ids))
 		for i, id := range ids {
-			reasons[i] = reasonOf[id]
+			sub[i] = byID[id]
 		}
+		reasons, finals := failureArgs(sub)
 		return s.db.Query(ctx, s.sql(markFailedSQL+` AND o.status <> 'processed' RETURNING o.id`),
-			ids, reasons, s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds())
+			ids, reasons, s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds(), finals)
 	})
 	if err != nil {
 		return vanished, fmt.Errorf("mark %d outbox rows failed: %w", len(failures), err)
@@ -315,16 +320,25 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) (vanished []
 	return vanished, nil
 }
 
+// failureArgs are markFailedSQL's reasons ($2) and finals ($6) of failures.
+func failureArgs(failures []Failure) (reasons []string, finals []bool) {
+	reasons, finals = make([]string, len(failures)), make([]bool, len(failures))
+	for i, f := range failures {
+		reasons[i], finals[i] = cleanReason(f.Reason, maxReasonBytes), f.Final
+	}
+	return reasons, finals
+}
+
 // markFailedSQL records one failed delivery of each row of unnest($1 ids, $2
-// reasons): attempts+1, dead at $3 attempts, the next attempt after $4
-// seconds doubled per attempt, at most $5.
+// reasons, $6 finals): attempts+1, dead at $3 attempts or at once when final,
+// the next attempt after $4 seconds doubled per attempt, at most $5.
 const markFailedSQL = `UPDATE {outbox} o
 	SET attempts = o.attempts + 1,
-	    status = CASE WHEN o.attempts + 1 >= $3 THEN 'dead' ELSE 'failed' END,
+	    status = CASE WHEN f.final OR o.attempts + 1 >= $3 THEN 'dead' ELSE 'failed' END,
 	    last_error = f.reason,
 	    next_attempt_at = now() + least($5::float8, $4::float8 * power(2, o.attempts)) * interval '1 second',
 	    updated_at = now() AT TIME ZONE 'UTC'
-	FROM unnest($1::bigint[], $2::text[]) AS f(id, reason)
+	FROM unnest($1::bigint[], $2::text[], $6::bool[]) AS f(id, reason, final)
 	WHERE o.id = f.id`
 
 // MarkDeferred marks rows failed without counting an attempt against them: the

@@ -1,0 +1,88 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+)
+
+// TestFailuresAndStrictProbes (issue 27): a row the streamer's validation
+// refuses is dead after one attempt, not EVENT_MAX_ATTEMPTS; `failures`
+// groups failed and dead rows by reason and lists them; `status` shows the
+// top reasons; probes that would pass by mistake fail; the sweep's summary
+// is the only thing it prints.
+func TestFailuresAndStrictProbes(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	env := envFor(e)
+	ctx := context.Background()
+	var invalid []int64
+	for _, day := range []string{"2300-01-01", "2300-06-15", "2301-02-03"} {
+		var id int64
+		if err := e.Pool.QueryRow(ctx, `INSERT INTO event_outbox (event_type, event_date_time, status, next_attempt_at)
+			VALUES ('poison', $1, 'failed', now()) RETURNING id`, day).Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		invalid = append(invalid, id)
+	}
+	var waiting int64
+	if err := e.Pool.QueryRow(ctx, `INSERT INTO event_outbox (event_type, event_date_time, status, attempts, next_attempt_at, last_error)
+		VALUES ('order', now(), 'failed', 1, now() + interval '1 hour', 'clickhouse at 127.0.0.1:1 is unreachable') RETURNING id`).Scan(&waiting); err != nil {
+		t.Fatal(err)
+	}
+
+	code, out := runCmd(t, env, "run", "--sweep")
+	if code != 0 || !strings.HasPrefix(out, "sweep: ") || !strings.Contains(out, "3 became dead letters") || strings.Contains(out, "{") {
+		t.Fatalf("run --sweep should print its summary line only (exit %d):\n%s", code, out)
+	}
+	for _, id := range invalid {
+		var status string
+		var attempts int
+		if err := e.Pool.QueryRow(ctx, `SELECT status, attempts FROM event_outbox WHERE id = $1`, id).Scan(&status, &attempts); err != nil {
+			t.Fatal(err)
+		}
+		if status != "dead" || attempts != 1 {
+			t.Errorf("row %d with a date ClickHouse cannot hold: %s after %d attempt(s), want dead after 1", id, status, attempts)
+		}
+	}
+
+	code, out = runCmd(t, env, "failures")
+	t.Logf("failures:\n%s", out)
+	if code != 0 {
+		t.Fatalf("failures exited %d:\n%s", code, out)
+	}
+	if !regexp.MustCompile(`(?m)^0\s+3\s+.*invalid event: event_date_time`).MatchString(out) ||
+		!regexp.MustCompile(`(?m)^1\s+0\s+.*is unreachable$`).MatchString(out) ||
+		!strings.Contains(out, "1 failed, 3 dead, 2 reason(s)") ||
+		!regexp.MustCompile(fmt.Sprintf(`(?m)^%d\s+order\s+failed\s+1\s+in \d+m`, waiting)).MatchString(out) ||
+		!regexp.MustCompile(fmt.Sprintf(`(?m)^%d\s+poison\s+dead\s+1\s+never \(dead\)`, invalid[0])).MatchString(out) {
+		t.Errorf("failures does not group the reasons or list the rows")
+	}
+	code, out = runCmd(t, env, "failures", "--json", "--limit", "2")
+	var rep failuresReport
+	if err := json.Unmarshal([]byte(out), &rep); code != 0 || err != nil || len(rep.Reasons) != 2 || len(rep.Rows) != 2 || rep.Reasons[0].Dead != 3 {
+		t.Errorf("failures --json --limit 2 (exit %d, %v):\n%s", code, err, out)
+	}
+
+	code, out = runCmd(t, env, "status")
+	if code != 0 || !strings.Contains(out, "3× invalid event: event_date_time") || !strings.Contains(out, "1× clickhouse at 127.0.0.1:1 is unreachable") {
+		t.Errorf("status does not show the top failure reasons (exit %d):\n%s", code, out)
+	}
+	code, out = runCmd(t, env, "status", "--slot", "typo", "--max-lag", "1000")
+	if code != 3 || !strings.Contains(out, `slot "typo" does not exist`) {
+		t.Errorf("status --slot typo --max-lag 1000: exit %d, want 3:\n%s", code, out)
+	}
+	code, out = runCmd(t, env, "dead-letters", "requeue", "--id", "999999")
+	if code != 1 || !strings.Contains(out, "requeued 0") || !strings.Contains(out, "no dead letter with id 999999") {
+		t.Errorf("requeue of a missing id: exit %d, want 1:\n%s", code, out)
+	}
+	code, out = runCmd(t, env, "dead-letters", "requeue", "--id", fmt.Sprintf("%d,%d", invalid[0], waiting))
+	if code != 1 || !strings.Contains(out, "requeued 1") || !strings.Contains(out, fmt.Sprintf("no dead letter with id %d", waiting)) {
+		t.Errorf("requeue of a dead and a failed row: exit %d, want 1 naming the failed one:\n%s", code, out)
+	}
+}
