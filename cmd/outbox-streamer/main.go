@@ -9,14 +9,17 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"go.uber.org/zap"
 
@@ -113,8 +116,26 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "outbox-streamer: %s\n  fix: %s\n", pre.Problem, pre.Hint)
 		return 1
 	}
-	fmt.Fprintf(stderr, "outbox-streamer: %v\n", err)
+	fmt.Fprintf(stderr, "outbox-streamer: %s\n", describe(err))
 	return 1
+}
+
+// describe is err as the one line a command ends with. A login PostgreSQL
+// refused names the user and server (pgx lists every address it tried, TLS
+// first, on lines of their own); other multi-line errors are joined.
+func describe(err error) string {
+	var ce *pgconn.ConnectError
+	var pgErr *pgconn.PgError
+	if errors.As(err, &ce) && errors.As(err, &pgErr) && strings.HasPrefix(pgErr.Code, "28") && ce.Config != nil {
+		addr := net.JoinHostPort(ce.Config.Host, strconv.Itoa(int(ce.Config.Port)))
+		return fmt.Sprintf("postgres at %s rejected user %q for database %q: %s (%s); check DATABASE_URL or POSTGRES_*",
+			addr, ce.Config.User, ce.Config.Database, pgErr.Message, pgErr.Code)
+	}
+	lines := strings.Split(strings.TrimSpace(err.Error()), "\n")
+	for i := range lines {
+		lines[i] = strings.TrimSpace(lines[i])
+	}
+	return strings.Join(lines, " ")
 }
 
 // cmdVersion prints the version, or with --json the version and the Go

@@ -4,9 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/url"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
@@ -84,5 +87,57 @@ func TestFailuresAndStrictProbes(t *testing.T) {
 	code, out = runCmd(t, env, "dead-letters", "requeue", "--id", fmt.Sprintf("%d,%d", invalid[0], waiting))
 	if code != 1 || !strings.Contains(out, "requeued 1") || !strings.Contains(out, fmt.Sprintf("no dead letter with id %d", waiting)) {
 		t.Errorf("requeue of a dead and a failed row: exit %d, want 1 naming the failed one:\n%s", code, out)
+	}
+}
+
+// keywordDSN is e's DSN in libpq's keyword/value form with a password
+// (which the harness's trust authentication ignores).
+func keywordDSN(t *testing.T, e *e2e.Env, user string) (dsn, redacted string) {
+	t.Helper()
+	u, err := url.Parse(e.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := strings.TrimPrefix(u.Path, "/")
+	dsn = fmt.Sprintf("host=%s port=%s user=%s dbname=%s password='pass secret' sslmode=disable", u.Hostname(), u.Port(), user, db)
+	return dsn, fmt.Sprintf("postgres://%s@%s/%s", user, u.Host, db)
+}
+
+// TestOneLinePerError (issue 27): a refused ClickHouse or PostgreSQL login
+// is one line naming the user and server, not "unreachable", server advice or
+// a `migrate up` hint; a keyword DSN is logged with host, port, user and
+// database, never its password.
+func TestOneLinePerError(t *testing.T) {
+	srv := testenv.ModernClickHouse(t)
+	if srv.HTTPAddr == "" {
+		t.Skip("no HTTP address of the modern ClickHouse")
+	}
+	e := e2e.New(t, srv)
+	// Over HTTP: the 26.7 library server aborts on a refused native login
+	// (ENVIRONMENT.md), its HTTP handler answers.
+	host, port, _ := strings.Cut(srv.HTTPAddr, ":")
+	wrongCH := envFor(e, "CLICKHOUSE_PROTOCOL=http", "CLICKHOUSE_HOST="+host, "CLICKHOUSE_PORT="+port, "CLICKHOUSE_USER=nobody", "CLICKHOUSE_PASSWORD=wrong")
+	for _, args := range [][]string{{"verify", "--since", "1h"}, {"run", "--sweep"}} {
+		code, out := runCmd(t, wrongCH, args...)
+		want := fmt.Sprintf("outbox-streamer: clickhouse at %s rejected user \"nobody\": authentication failed (516); check CLICKHOUSE_USER and CLICKHOUSE_PASSWORD\n", srv.HTTPAddr)
+		if code != 1 || out != want {
+			t.Errorf("%v with a wrong ClickHouse user: exit %d, output:\n%s\nwant:\n%s", args, code, out, want)
+		}
+	}
+
+	dsn, _ := keywordDSN(t, e, "nobody")
+	code, out := runCmd(t, envFor(e, "DATABASE_URL="+dsn), "verify", "--since", "1h")
+	if code != 1 || strings.Count(out, "\n") != 1 || !strings.Contains(out, `rejected user "nobody"`) || !strings.Contains(out, "(28000)") ||
+		strings.Contains(out, "migrate up") || strings.Contains(out, "secret") {
+		t.Errorf("verify with an unknown PostgreSQL user: exit %d, output:\n%s", code, out)
+	}
+
+	dsn, redacted := keywordDSN(t, e, "postgres")
+	cmd, log := startStreamer(t, envFor(e, "DATABASE_URL="+dsn, "LOG_FORMAT=json"))
+	e2e.WaitFor(t, time.Minute, "the start line", func() bool { return strings.Contains(log.String(), `"starting outbox-streamer"`) })
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	_ = cmd.Wait()
+	if !strings.Contains(log.String(), `"postgres":"`+redacted+`"`) || strings.Contains(log.String(), "secret") {
+		t.Errorf("the start line should show %s and no password:\n%s", redacted, log)
 	}
 }

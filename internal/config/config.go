@@ -319,21 +319,76 @@ func (c *Config) applyClickHouseURI(src *Source) error {
 }
 
 // RedactDSN returns a PostgreSQL connection string fit for logs: host, port, database
-// and user, never the password or other parameters.
+// and user, never the password or other parameters. Both forms are read: a URL and
+// keyword/value pairs ("host=db port=5433 user=app dbname=shop password=...").
 func RedactDSN(dsn string) string {
 	u, err := url.Parse(dsn)
 	if err != nil || u.Host == "" {
-		// Key/value form: show only the host.
-		for _, kv := range strings.Fields(dsn) {
-			if strings.HasPrefix(kv, "host=") {
-				return "postgres://" + strings.TrimPrefix(kv, "host=")
-			}
+		kv, ok := keywordDSN(dsn)
+		if !ok || kv["host"] == "" {
+			return "postgres://(unparsed)"
 		}
-		return "postgres://(unparsed)"
+		host := kv["host"]
+		if kv["port"] != "" {
+			host = net.JoinHostPort(host, kv["port"])
+		}
+		u = &url.URL{Scheme: "postgres", Host: host}
+		if kv["user"] != "" {
+			u.User = url.User(kv["user"])
+		}
+		if kv["dbname"] != "" {
+			u.Path = "/" + kv["dbname"]
+		}
 	}
 	user := ""
 	if u.User != nil {
 		user = u.User.Username() + "@"
 	}
 	return u.Scheme + "://" + user + u.Host + u.Path
+}
+
+// keywordDSN parses libpq's keyword/value form: key=value pairs separated by
+// spaces, a value in single quotes when it holds spaces, with \' and \\
+// escapes. ok is false when the text is not of that form.
+func keywordDSN(dsn string) (map[string]string, bool) {
+	kv := map[string]string{}
+	s := strings.TrimSpace(dsn)
+	for s != "" {
+		eq := strings.IndexByte(s, '=')
+		if eq <= 0 {
+			return nil, false
+		}
+		key := strings.TrimSpace(s[:eq])
+		s = strings.TrimLeft(s[eq+1:], " ")
+		var val strings.Builder
+		if strings.HasPrefix(s, "'") {
+			i, closed := 1, false
+			for ; i < len(s); i++ {
+				if s[i] == '\\' && i+1 < len(s) {
+					i++
+					val.WriteByte(s[i])
+					continue
+				}
+				if s[i] == '\'' {
+					closed = true
+					break
+				}
+				val.WriteByte(s[i])
+			}
+			if !closed {
+				return nil, false
+			}
+			s = s[i+1:]
+		} else {
+			end := strings.IndexAny(s, " \t\n")
+			if end < 0 {
+				end = len(s)
+			}
+			val.WriteString(s[:end])
+			s = s[end:]
+		}
+		kv[key] = val.String()
+		s = strings.TrimLeft(s, " \t\n")
+	}
+	return kv, true
 }

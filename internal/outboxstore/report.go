@@ -5,7 +5,10 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/pgsql"
 )
@@ -16,13 +19,23 @@ type Reader interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
+// schemaHint is the advice for a failed statement on the outbox: `migrate
+// up` when the table or a column is missing, nothing otherwise (migrating
+// does not cure a refused password or a server that is down).
+func schemaHint(err error) string {
+	if fault.IsPostgres(err, pgerrcode.UndefinedTable) || fault.IsPostgres(err, pgerrcode.UndefinedColumn) {
+		return " (has `outbox-streamer migrate up` run?)"
+	}
+	return ""
+}
+
 // CountByStatus counts the rows of table by status exactly (a scan of the
 // whole table: for `status`, not for a poll). Every status is in the map.
 func CountByStatus(ctx context.Context, db Reader, table Name) (map[string]int64, error) {
 	counts := map[string]int64{StatusPending: 0, StatusProcessed: 0, StatusFailed: 0, StatusDead: 0}
 	rows, err := db.Query(ctx, table.sql(`SELECT status, count(*) FROM {outbox} GROUP BY status`))
 	if err != nil {
-		return nil, fmt.Errorf("count outbox rows (has `outbox-streamer migrate up` run?): %w", err)
+		return nil, fmt.Errorf("count outbox rows%s: %w", schemaHint(err), err)
 	}
 	defer rows.Close()
 	for rows.Next() {

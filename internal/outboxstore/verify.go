@@ -338,7 +338,7 @@ func ReadVerifyBounds(ctx context.Context, db Reader, table Name) (VerifyBounds,
 		(SELECT id FROM {outbox} ORDER BY id DESC LIMIT 1),
 		(SELECT created_at FROM {outbox} ORDER BY id LIMIT 1)`)).Scan(&lo, &hi, &at)
 	if err != nil {
-		return b, fmt.Errorf("verify: read the outbox's id range (has `outbox-streamer migrate up` run?): %w", err)
+		return b, fmt.Errorf("verify: read the outbox's id range%s: %w", schemaHint(err), err)
 	}
 	if lo == nil || hi == nil || at == nil {
 		b.Empty = true
