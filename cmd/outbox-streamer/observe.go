@@ -132,10 +132,13 @@ func setupObservability(ctx context.Context, cfg *config.Config, log *zap.Logger
 		return log, o, err
 	}
 	o.poller = poller
+	progress := metrics.NewProgress(metrics.ProgressConfig{Interval: cfg.ProgressInterval, BehindRows: float64(cfg.ClickHouseBatchSize)},
+		o.metrics, log, func() bool { return state(o.state.Load()) == stateStreaming }, poller.Poll)
 	pctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = poller.Run(pctx) }()
-	o.stop = append(o.stop, func() { cancel(); <-done; pool.Close() })
+	done := make(chan struct{}, 2)
+	go func() { defer func() { done <- struct{}{} }(); _ = poller.Run(pctx) }()
+	go func() { defer func() { done <- struct{}{} }(); progress.Run(pctx) }()
+	o.stop = append(o.stop, func() { cancel(); <-done; <-done; pool.Close() })
 	return log, o, nil
 }
 

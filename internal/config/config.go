@@ -83,6 +83,8 @@ type Config struct {
 	ClickHouseBatchMaxBytes int
 
 	MetricsAddr  string
+	// ProgressInterval is PROGRESS_INTERVAL: the leader's progress line (0: off).
+	ProgressInterval time.Duration
 	SentryDSN    string
 	SentryEnv    string
 	OTLPEndpoint string
@@ -163,6 +165,7 @@ func Bind(src *Source, c *Config) {
 
 	src.Group("Observability")
 	src.Disableable(&c.MetricsAddr, "METRICS_ADDR", "metrics-addr", "127.0.0.1:8187", "address of /metrics, /healthz and /readyz (loopback by default; METRICS_ADDR= or --metrics-addr= disables)")
+	src.DurationOrZero(&c.ProgressInterval, "PROGRESS_INTERVAL", "progress-interval", 30*time.Second, "how often the leader logs its progress: rows/s, confirmed LSN, slot lag, pending and failed rows, the oldest undelivered row; \"catching up: N left, ETA\" while more than CLICKHOUSE_BATCH_SIZE rows are pending, then \"caught up\" once; 0 turns it off")
 	src.Secret(&c.SentryDSN, "SENTRY_CONFIG_DSN", "sentry-dsn", "send errors to Sentry when set")
 	src.String(&c.SentryEnv, "SENTRY_CONFIG_ENVIRONMENT", "sentry-environment", "", "Sentry environment (default: ENVIRONMENT)")
 	src.String(&c.OTLPEndpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp-endpoint", "", "OTLP/HTTP endpoint (e.g. http://otel-collector:4318) for traces and metrics; empty disables")
