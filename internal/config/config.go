@@ -82,12 +82,12 @@ type Config struct {
 	// bound. It is at least BatchMaxBytes when both bound.
 	ClickHouseBatchMaxBytes int
 
-	MetricsAddr  string
+	MetricsAddr string
 	// ProgressInterval is PROGRESS_INTERVAL: the leader's progress line (0: off).
 	ProgressInterval time.Duration
-	SentryDSN    string
-	SentryEnv    string
-	OTLPEndpoint string
+	SentryDSN        string
+	SentryEnv        string
+	OTLPEndpoint     string
 
 	// VerifyInterval and VerifyWindow are VERIFY_INTERVAL (0: off) and
 	// VERIFY_WINDOW: the leader's periodic verification.
