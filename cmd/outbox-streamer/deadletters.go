@@ -83,7 +83,7 @@ func cmdDeadLetters(args []string, stdout, stderr io.Writer) error {
 		return nil
 	}
 
-	requeued, err := outboxstore.Requeue(ctx, conn, cfg.Outbox, idList, typ)
+	requeued, err := outboxstore.Requeue(ctx, conn, cfg.Outbox, cfg.TimeZone, idList, typ)
 	if err != nil {
 		return err
 	}

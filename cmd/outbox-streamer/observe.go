@@ -126,7 +126,7 @@ func setupObservability(ctx context.Context, cfg *config.Config, log *zap.Logger
 	if err != nil {
 		return log, o, fmt.Errorf("DATABASE_URL: %w", err)
 	}
-	poller, err := metrics.NewSlotPoller(metrics.PollerConfig{Slot: cfg.Slot, Schema: cfg.Outbox.Schema, Table: cfg.Outbox.Table}, pool, o.metrics, log)
+	poller, err := metrics.NewSlotPoller(metrics.PollerConfig{Slot: cfg.Slot, Schema: cfg.Outbox.Schema, Table: cfg.Outbox.Table, TimeZone: cfg.TimeZone}, pool, o.metrics, log)
 	if err != nil {
 		pool.Close()
 		return log, o, err

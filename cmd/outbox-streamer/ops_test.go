@@ -141,3 +141,56 @@ func TestOneLinePerError(t *testing.T) {
 		t.Errorf("the start line should show %s and no password:\n%s", redacted, log)
 	}
 }
+
+// TestTimeZoneColumnsAgree (issue 27): with EVENT_TIME_ZONE set, the
+// streamer writes updated_at in that zone as the application writes
+// created_at (it wrote UTC: three hours apart for Europe/Moscow), on the
+// stream's and the sweep's status updates and on requeue; `status` warns
+// when created_at lies hours ahead read in EVENT_TIME_ZONE (the zone
+// forgotten).
+func TestTimeZoneColumnsAgree(t *testing.T) {
+	e := e2e.New(t, testenv.ModernClickHouse(t))
+	ctx := context.Background()
+	const zone = "Europe/Moscow" // UTC+3 all year
+	insert := func(n int, eventTime string) {
+		t.Helper()
+		if _, err := e.Pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, created_at, updated_at)
+			SELECT 'tz', `+eventTime+`, now() AT TIME ZONE '`+zone+`', now() AT TIME ZONE '`+zone+`' FROM generate_series(1, $1)`, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	env := envFor(e, "EVENT_TIME_ZONE="+zone, "EVENT_RETRY_BASE_DELAY=0.05")
+	cmd, _ := startStreamer(t, env)
+	e.WaitStreaming(t)
+	insert(50, "now()")
+	insert(1, "'2300-01-01'") // invalid: dead at once, by MarkFailed
+	e2e.WaitFor(t, time.Minute, "delivered", func() bool { c := e.StatusCounts(t); return c["processed"] == 50 && c["dead"] == 1 })
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	_ = cmd.Wait()
+	var dead int64
+	if err := e.Pool.QueryRow(ctx, `SELECT id FROM event_outbox WHERE status = 'dead'`).Scan(&dead); err != nil {
+		t.Fatal(err)
+	}
+	if code, out := runCmd(t, env, "dead-letters", "requeue", "--id", fmt.Sprint(dead)); code != 0 {
+		t.Fatalf("requeue: exit %d:\n%s", code, out)
+	}
+	// The two columns of a row are seconds apart, not three hours.
+	var worst float64
+	if err := e.Pool.QueryRow(ctx, `SELECT max(abs(EXTRACT(EPOCH FROM updated_at - created_at)))::float8 FROM event_outbox`).Scan(&worst); err != nil {
+		t.Fatal(err)
+	}
+	if worst > 3600 {
+		t.Errorf("updated_at and created_at of a row differ by up to %.0f s with EVENT_TIME_ZONE=%s", worst, zone)
+	}
+	if code, out := runCmd(t, env, "status"); code != 0 || strings.Contains(out, "in the future") {
+		t.Errorf("status with the right zone (exit %d) should not warn:\n%s", code, out)
+	}
+	code, out := runCmd(t, envFor(e), "status", "--json")
+	var st slotStatus
+	if err := json.Unmarshal([]byte(out), &st); code != 0 || err != nil || st.CreatedAheadSeconds < 2*3600 || st.CreatedAheadSeconds > 4*3600 {
+		t.Errorf("status --json with EVENT_TIME_ZONE forgotten should report created_at about 3 h ahead (exit %d, %v):\n%s", code, err, out)
+	}
+	if code, out := runCmd(t, envFor(e), "status"); code != 0 || !strings.Contains(out, "in the future read in EVENT_TIME_ZONE UTC") {
+		t.Errorf("status with EVENT_TIME_ZONE forgotten does not warn (exit %d):\n%s", code, out)
+	}
+}

@@ -62,7 +62,7 @@ func runSweepOnce(ctx context.Context, cfg *config.Config, log *zap.Logger, stdo
 		return fmt.Errorf("DATABASE_URL: %w", err)
 	}
 	defer pool.Close()
-	store := outboxstore.NewFor(pool, service.RetryConfig(cfg), cfg.Outbox)
+	store := outboxstore.NewFor(pool, service.RetryConfig(cfg), cfg.Outbox).InZone(cfg.TimeZone)
 	s := sweep.New(sweep.Config{BatchSize: cfg.ClickHouseBatchSize, TimeZone: cfg.TimeZone, Slot: cfg.Slot}, pool, ch, store, log)
 	res, err := s.Run(ctx)
 	// Stranded pending rows are rescued once the slot has passed the mark this

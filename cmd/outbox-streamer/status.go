@@ -40,7 +40,15 @@ type slotStatus struct {
 	// TopReasons are the most common reasons of failed and dead rows
 	// (`failures` lists them all).
 	TopReasons []outboxstore.FailureReason `json:"top_failure_reasons,omitempty"`
+	// CreatedAhead is how far the newest row's created_at lies in the future
+	// read in EVENT_TIME_ZONE (see outboxstore.ZoneSkew); 0 when it does not.
+	CreatedAheadSeconds float64 `json:"newest_created_at_ahead_seconds,omitempty"`
+	TimeZone            string  `json:"time_zone"`
 }
+
+// zoneSkewShown is how far ahead created_at may be before status warns:
+// clocks of application hosts differ by seconds, time zones by hours.
+const zoneSkewShown = 5 * time.Minute
 
 // topReasons is how many reasons `status` shows.
 const topReasons = 3
@@ -99,7 +107,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	if st.Counts, err = outboxstore.CountByStatus(ctx, conn, cfg.Outbox); err != nil {
 		return err
 	}
-	if st.OldestUndelivered, err = outboxstore.OldestUndelivered(ctx, conn, cfg.Outbox); err != nil {
+	if st.OldestUndelivered, err = outboxstore.OldestUndelivered(ctx, conn, cfg.Outbox, cfg.TimeZone); err != nil {
 		return err
 	}
 	if st.Counts[outboxstore.StatusFailed]+st.Counts[outboxstore.StatusDead] > 0 {
@@ -108,6 +116,14 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	st.RetentionSeconds = cfg.Retention.Seconds()
+	st.TimeZone = cfg.TimeZone.String()
+	skew, err := outboxstore.ZoneSkew(ctx, conn, cfg.Outbox, cfg.TimeZone)
+	if err != nil {
+		return err
+	}
+	if skew > zoneSkewShown {
+		st.CreatedAheadSeconds = skew.Seconds()
+	}
 	ages, err := outboxstore.ReadAges(ctx, conn, cfg.Outbox, cfg.TimeZone)
 	if err != nil {
 		return err
@@ -179,6 +195,10 @@ func printStatus(w io.Writer, st slotStatus) {
 	}
 	if len(st.TopReasons) > 0 {
 		fmt.Fprintln(w, "  (outbox-streamer failures: every reason and row)")
+	}
+	if st.CreatedAheadSeconds > 0 {
+		fmt.Fprintf(w, "warning: the newest row's created_at is %s in the future read in EVENT_TIME_ZONE %s: set EVENT_TIME_ZONE to the zone the application writes created_at in (ages, retention and verify ranges are off by the difference)\n",
+			time.Duration(st.CreatedAheadSeconds*float64(time.Second)).Round(time.Minute), st.TimeZone)
 	}
 	retain := "keep everything (OUTBOX_RETENTION=0)"
 	if st.RetentionSeconds > 0 {

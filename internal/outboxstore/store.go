@@ -17,6 +17,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/pgsql"
 )
 
 // Table is the default outbox table's name (OUTBOX_TABLE; see Name).
@@ -78,6 +80,7 @@ type Store struct {
 	pool  *pgxpool.Pool // for statements that need their own transaction
 	retry RetryConfig
 	table Name
+	zone  string // EVENT_TIME_ZONE's name ("" is UTC), of the updated_at it writes
 }
 
 // New returns a store of event_outbox over pool.
@@ -93,14 +96,36 @@ func NewFor(pool *pgxpool.Pool, retry RetryConfig, table Name) *Store {
 
 // WithTx returns a store whose statements run in tx.
 func (s *Store) WithTx(tx pgx.Tx) *Store {
-	return &Store{db: tx, pool: s.pool, retry: s.retry, table: s.table}
+	return &Store{db: tx, pool: s.pool, retry: s.retry, table: s.table, zone: s.zone}
+}
+
+// InZone returns the store writing updated_at as a wall clock in loc
+// (EVENT_TIME_ZONE), the zone the application writes created_at in: in UTC
+// the two columns of one row would be hours apart.
+func (s *Store) InZone(loc *time.Location) *Store {
+	c := *s
+	if loc != nil {
+		c.zone = loc.String()
+	}
+	return &c
+}
+
+// NowIn is SQL for the current time as a wall clock in the zone named zone
+// ("" is UTC): what the outbox's TIMESTAMP columns hold.
+func NowIn(zone string) string {
+	if zone == "" {
+		zone = "UTC"
+	}
+	return "(now() AT TIME ZONE " + pgsql.Literal(zone) + ")"
 }
 
 // Table returns the outbox table the store works on.
 func (s *Store) Table() Name { return s.table }
 
 // sql puts the quoted outbox table where a statement says {outbox}.
-func (s *Store) sql(q string) string { return s.table.sql(q) }
+func (s *Store) sql(q string) string {
+	return strings.ReplaceAll(s.table.sql(q), "{now}", NowIn(s.zone))
+}
 
 // Begin starts a transaction for WithTx.
 func (s *Store) Begin(ctx context.Context) (pgx.Tx, error) {
@@ -139,7 +164,7 @@ func (s *Store) MarkProcessed(ctx context.Context, refs []Ref) (vanished []int64
 	}
 	vanished, err = s.untilVisible(ctx, refs, "status = 'processed'", func(ctx context.Context, ids []int64) (pgx.Rows, error) {
 		return s.db.Query(ctx, s.sql(`UPDATE {outbox}
-			SET status = 'processed', updated_at = now() AT TIME ZONE 'UTC', last_error = NULL, next_attempt_at = NULL
+			SET status = 'processed', updated_at = {now}, last_error = NULL, next_attempt_at = NULL
 			WHERE id = ANY($1) AND status <> 'processed'
 			RETURNING id`), ids)
 	})
@@ -337,7 +362,7 @@ const markFailedSQL = `UPDATE {outbox} o
 	    status = CASE WHEN f.final OR o.attempts + 1 >= $3 THEN 'dead' ELSE 'failed' END,
 	    last_error = f.reason,
 	    next_attempt_at = now() + least($5::float8, $4::float8 * power(2, o.attempts)) * interval '1 second',
-	    updated_at = now() AT TIME ZONE 'UTC'
+	    updated_at = {now}
 	FROM unnest($1::bigint[], $2::text[], $6::bool[]) AS f(id, reason, final)
 	WHERE o.id = f.id`
 
@@ -352,7 +377,7 @@ func (s *Store) MarkDeferred(ctx context.Context, refs []Ref, reason string) (va
 	vanished, err = s.untilVisible(ctx, refs, "status NOT IN ('pending', 'failed')", func(ctx context.Context, ids []int64) (pgx.Rows, error) {
 		return s.db.Query(ctx, s.sql(`UPDATE {outbox}
 			SET status = 'failed', last_error = $2, next_attempt_at = now() + $3::float8 * interval '1 second',
-			    updated_at = now() AT TIME ZONE 'UTC'
+			    updated_at = {now}
 			WHERE id = ANY($1) AND status IN ('pending', 'failed')
 			RETURNING id`),
 			ids, cleanReason(reason, maxReasonBytes), s.retry.BaseDelay.Seconds())

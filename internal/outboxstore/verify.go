@@ -480,7 +480,7 @@ const MissingReason = "verify: missing in ClickHouse"
 // change, all in one transaction; it returns the ids it changed.
 func RequeueMissing(ctx context.Context, db interface {
 	Begin(context.Context) (pgx.Tx, error)
-}, table Name, ids []int64) ([]int64, error) {
+}, table Name, zone string, ids []int64) ([]int64, error) {
 	if len(ids) == 0 {
 		return nil, nil
 	}
@@ -494,7 +494,7 @@ func RequeueMissing(ctx context.Context, db interface {
 		part := ids[start:min(start+lookupChunk, len(ids))]
 		rows, err := tx.Query(ctx, table.sql(`UPDATE {outbox}
 			SET status = 'failed', attempts = 0, next_attempt_at = now(), last_error = $2,
-			    updated_at = now() AT TIME ZONE 'UTC'
+			    updated_at = `+NowIn(zone)+`
 			WHERE id = ANY($1) AND status = 'processed'
 			RETURNING id`), part, MissingReason)
 		if err != nil {
