@@ -193,4 +193,10 @@ func TestTimeZoneColumnsAgree(t *testing.T) {
 	if code, out := runCmd(t, envFor(e), "status"); code != 0 || !strings.Contains(out, "in the future read in EVENT_TIME_ZONE UTC") {
 		t.Errorf("status with EVENT_TIME_ZONE forgotten does not warn (exit %d):\n%s", code, out)
 	}
+	if _, out := runCmd(t, envFor(e), "verify", "--since", "1h"); !strings.Contains(out, "warning: the newest row's created_at is 3h0m0s in the future") {
+		t.Errorf("verify with EVENT_TIME_ZONE forgotten does not warn:\n%s", out)
+	}
+	if _, out := runCmd(t, env, "verify", "--since", "1h"); strings.Contains(out, "warning") || strings.Contains(out, `"level"`) {
+		t.Errorf("verify with the right zone should print its report only:\n%s", out)
+	}
 }
