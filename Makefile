@@ -8,7 +8,7 @@ DEVENV  := $(BIN)/outbox-devenv
 STREAMER := $(BIN)/outbox-streamer
 TEST_TIMEOUT ?= 30m
 
-.PHONY: all build deps install run test test-unit fuzz lint migrate reset-test-db bench clean help
+.PHONY: all build deps deps-run install run test test-unit fuzz lint migrate reset-test-db bench clean help
 
 all: build
 
@@ -21,12 +21,15 @@ build: ## build bin/outbox-streamer (and the local-services launcher bin/outbox-
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o $(STREAMER) ./cmd/outbox-streamer
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(DEVENV) ./cmd/outbox-devenv
 
-deps: ## install PostgreSQL, ClickHouse 18.16, the ClickHouse 26.7 library and promtool if missing
+deps: ## install what make test needs if missing: PostgreSQL, ClickHouse 18.16, the ClickHouse 26.7 library, promtool, ZooKeeper, helm
 	./scripts/install-deps.sh
+
+deps-run: ## install only what make run needs if missing: PostgreSQL and the ClickHouse 26.7 library
+	./scripts/install-deps.sh run
 
 install: deps build ## deps + build
 
-run: deps build ## local PostgreSQL + ClickHouse 26.7, migrate, stream, and a demo producer with progress
+run: deps-run build ## local PostgreSQL + ClickHouse 26.7, migrate, stream, and a demo producer with progress
 	$(DEVENV) -- ./scripts/demo.sh
 
 # The suite's PostgreSQL looks like an old production database: xid epoch 1,

@@ -3,6 +3,11 @@
 # ClickHouse as local processes (no Docker), on Debian 12. Idempotent: it
 # only installs what is missing, so CI can run it on every build.
 #
+#   install-deps.sh        everything `make test` needs (the list below)
+#   install-deps.sh run    only what `make run`'s demo needs: PostgreSQL and
+#                          the chDB library (with npm to fetch it); a fresh
+#                          machine is then a minute or two from its first event
+#
 #   - PostgreSQL server binaries (/usr/lib/postgresql/*/bin)
 #   - Debian's ClickHouse 18.16 (the legacy compatibility target)
 #   - promtool (Debian's prometheus package), to check the alert rules
@@ -21,6 +26,17 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
+
+scope="${1:-all}"
+case "$scope" in
+all | run) ;;
+*)
+	echo "usage: $0 [run]   (run: only what make run needs)" >&2
+	exit 2
+	;;
+esac
+# only_all is true when the tools only the tests need are wanted too.
+only_all() { [ "$scope" = all ]; }
 
 step() { printf 'install-deps: %s\n' "$*"; }
 
@@ -44,9 +60,11 @@ have_helm() { command -v helm >/dev/null 2>&1 || [ -x "$helm_bin" ] || [ -n "${O
 # Each entry is one apt-get install command line (its arguments).
 installs=()
 have_pg || installs+=("postgresql")
-have_ch || installs+=("clickhouse-server clickhouse-client")
-have_promtool || installs+=("--no-install-recommends prometheus")
-have_zookeeper || installs+=("--no-install-recommends zookeeper")
+if only_all; then
+	have_ch || installs+=("clickhouse-server clickhouse-client")
+	have_promtool || installs+=("--no-install-recommends prometheus")
+	have_zookeeper || installs+=("--no-install-recommends zookeeper")
+fi
 # npm drags in nodejs and many node-* packages: only when we need to download.
 if ! have_chdb && ! have_npm; then
 	installs+=("--no-install-recommends npm")
@@ -61,14 +79,17 @@ if [ "${#installs[@]}" -gt 0 ]; then
 		exit 1
 	fi
 	step "apt-get update"
-	apt-get update -qq
+	apt-get update -q
 	for i in "${installs[@]}"; do
 		step "apt-get install -y $i"
+		# apt's "Get:N ... [size]" lines are the download's progress.
 		# shellcheck disable=SC2086 # $i holds several words on purpose
-		apt-get install -y -qq $i >/dev/null
+		apt-get install -y -q $i | { grep --line-buffered -E '^(Get:|Fetched|Setting up)' || true; }
 	done
+elif only_all; then
+	step "system packages present (postgresql, clickhouse-server, prometheus, zookeeper, chDB or npm)"
 else
-	step "system packages present (postgresql, clickhouse-server, chDB or npm)"
+	step "system packages present (postgresql, chDB or npm)"
 fi
 
 if have_chdb; then
@@ -80,6 +101,11 @@ else
 	fi
 	step "fetching the chDB library (ClickHouse 26.7, 178 MB download) into $(dirname "$chdb_lib")"
 	go run ./cmd/outbox-devenv --fetch-only
+fi
+
+if ! only_all; then
+	step "done (for make run; make test installs the rest: ClickHouse 18.16, promtool, ZooKeeper, helm)"
+	exit 0
 fi
 
 if have_helm; then

@@ -168,6 +168,9 @@ func (w *Writer) Ready(ctx context.Context) error {
 	}
 	legacy, ver, err := DetectVersion(ctx, w.conn)
 	if err != nil {
+		if fault.AuthFailed(err) {
+			return &AuthError{Addr: w.cfg.Addr, User: w.cfg.User, Code: fault.ClickHouseCode(err), err: err}
+		}
 		if fault.Retryable(err) {
 			w.lastFailure = time.Now()
 		}
@@ -190,6 +193,23 @@ func (w *Writer) Ready(ctx context.Context) error {
 	w.log.Info("connected to clickhouse", zap.String("addr", w.cfg.Addr), zap.String("version", ver), zap.Bool("legacy_schema", legacy))
 	return nil
 }
+
+// AuthError is ClickHouse refusing the configured user or password. Its
+// text is one line: the server's own message adds advice for the server's
+// administrator (how to reset a password) over several lines, and the
+// connection was not "unreachable".
+type AuthError struct {
+	Addr, User string
+	Code       int32
+	err        error
+}
+
+func (e *AuthError) Error() string {
+	return fmt.Sprintf("clickhouse at %s rejected user %q: authentication failed (%d); check CLICKHOUSE_USER and CLICKHOUSE_PASSWORD", e.Addr, e.User, e.Code)
+}
+
+// Unwrap returns the server's exception, for fault's classification.
+func (e *AuthError) Unwrap() error { return e.err }
 
 // version returns what Ready learnt.
 func (w *Writer) version() (detected, legacy bool, minT, maxT time.Time) {

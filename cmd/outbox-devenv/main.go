@@ -44,6 +44,8 @@ const (
 func main() {
 	// First: this binary doubles as the modern ClickHouse's launcher.
 	localsvc.RunCHDBLauncherIfRequested()
+	// A first run downloads 178 MB: show that it moves.
+	localsvc.CHDBProgress = os.Stderr
 	os.Exit(run())
 }
 

@@ -196,7 +196,7 @@ func (s *Store) MarkStranded(ctx context.Context, ids []int64) (int64, error) {
 			UPDATE {outbox} o
 			SET status = 'failed', next_attempt_at = now(),
 			    last_error = 'stranded: still pending after the stream passed its commit (committed before the slot, outside the publication, or reset by hand); delivered by the sweep',
-			    updated_at = now() AT TIME ZONE 'UTC'
+			    updated_at = {now}
 			FROM stranded WHERE o.id = stranded.id`), chunk)
 		if err != nil {
 			return total, fmt.Errorf("mark stranded pending rows: %w", err)

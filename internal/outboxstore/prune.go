@@ -229,14 +229,6 @@ func ReadAges(ctx context.Context, db interface {
 		return a, fmt.Errorf("read the oldest outbox rows: %w", err)
 	}
 	now := time.Now()
-	age := func(t *time.Time) *time.Duration {
-		if t == nil {
-			return nil
-		}
-		wall := time.Date(t.Year(), t.Month(), t.Day(), t.Hour(), t.Minute(), t.Second(), t.Nanosecond(), loc)
-		d := max(now.Sub(wall), 0)
-		return &d
-	}
-	a.OldestRow, a.OldestProcessed = age(oldest), age(processed)
+	a.OldestRow, a.OldestProcessed = WallAge(oldest, loc, now), WallAge(processed, loc, now)
 	return a, nil
 }

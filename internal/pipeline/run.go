@@ -102,7 +102,7 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	if wcfg.MaxInsertRows < cfg.Run.BatchSize {
 		wcfg.MaxInsertRows = cfg.Run.BatchSize
 	}
-	store := outboxstore.NewFor(pool, cfg.Retry, cfg.Outbox())
+	store := outboxstore.NewFor(pool, cfg.Retry, cfg.Outbox()).InZone(cfg.Replication.TimeZone)
 	if created, snapshot := stream.SlotCreated(); created {
 		// The snapshot is imported now, before the stream's first command ends
 		// its export; the backlog is delivered beside the stream, whose rows

@@ -597,7 +597,7 @@ func Repair(ctx context.Context, db interface {
 		maxIDs = 1000
 	}
 	res := &RepairResult{Requeued: IDList{IDs: []int64{}}, Skipped: IDList{IDs: []int64{}}, DuplicatesLeft: rep.Totals.Duplicates}
-	done, err := outboxstore.RequeueMissing(ctx, db, table, rep.missing)
+	done, err := outboxstore.RequeueMissing(ctx, db, table, rep.TimeZone, rep.missing)
 	if err != nil {
 		return err
 	}
