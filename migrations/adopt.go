@@ -44,7 +44,7 @@ type PostgresPlan struct {
 	// TimeType is the type of created_at of an existing table
 	// ("timestamp without time zone" or "timestamp with time zone").
 	TimeType string
-	// Rows is the estimated row count of an existing table (pg_class.reltuples).
+	// Rows is the row count of an adopted table.
 	Rows int64
 }
 
@@ -69,7 +69,6 @@ type column struct {
 type tableShape struct {
 	oid          uint32
 	partitioned  bool
-	rows         int64
 	columns      map[string]column
 	idUnique     bool
 	indexValid   *bool // the undelivered index; nil when missing
@@ -195,10 +194,11 @@ func planAdoption(ctx context.Context, q querier, cfg Config) (PostgresPlan, boo
 		return PostgresPlan{}, false, err
 	}
 	shape.versionTable = vt
-	if err := refusal(ctx, q, cfg, shape); err != nil {
+	rows, err := refusal(ctx, q, cfg, shape)
+	if err != nil {
 		return PostgresPlan{}, false, err
 	}
-	plan := PostgresPlan{Adopt: true, Statements: adoptionStatements(cfg, shape), Rows: shape.rows}
+	plan := PostgresPlan{Adopt: true, Statements: adoptionStatements(cfg, shape), Rows: rows}
 	plan.TimeType = shape.columns["created_at"].typ
 	if plan.TimeType == "" {
 		plan.TimeType = shape.columns["event_date_time"].typ
@@ -208,12 +208,11 @@ func planAdoption(ctx context.Context, q querier, cfg Config) (PostgresPlan, boo
 
 func readShape(ctx context.Context, q querier, cfg Config, oid uint32) (tableShape, error) {
 	s := tableShape{oid: oid, columns: map[string]column{}}
-	var reltuples float64
 	var relkind string
-	if err := q.QueryRow(ctx, "SELECT relkind::text, reltuples FROM pg_class WHERE oid = $1", oid).Scan(&relkind, &reltuples); err != nil {
+	if err := q.QueryRow(ctx, "SELECT relkind::text FROM pg_class WHERE oid = $1", oid).Scan(&relkind); err != nil {
 		return s, fmt.Errorf("read %s: %w", cfg.Outbox, err)
 	}
-	s.partitioned, s.rows = relkind == "p", max(int64(reltuples), 0)
+	s.partitioned = relkind == "p"
 	rows, err := q.Query(ctx, `SELECT a.attname, format_type(a.atttypid, a.atttypmod), format_type(a.atttypid, NULL), a.atthasdef
 		FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped`, oid)
 	if err != nil {
@@ -328,8 +327,8 @@ func timeTypeOf(s tableShape) string {
 }
 
 // refusal returns the *AdoptionError of a table adoption cannot take, after
-// reading only the catalog and, for status, the table.
-func refusal(ctx context.Context, q querier, cfg Config, s tableShape) error {
+// reading only the catalog and, for status, the table; and the table's rows.
+func refusal(ctx context.Context, q querier, cfg Config, s tableShape) (int64, error) {
 	refuse := func(problem, fix string) error {
 		return &AdoptionError{Table: cfg.Outbox.String(), Problem: problem, Fix: fix}
 	}
@@ -338,7 +337,7 @@ func refusal(ctx context.Context, q querier, cfg Config, s tableShape) error {
 		c, ok := s.columns[r.name]
 		if !ok {
 			if r.required {
-				return refuse("it has no column "+r.name, "add it (the outbox needs id, event_type, event_date_time and status; see docs/migrating-from-celery.md)")
+				return 0, refuse("it has no column "+r.name, "add it (the outbox needs id, event_type, event_date_time and status; see docs/migrating-from-celery.md)")
 			}
 			continue
 		}
@@ -347,36 +346,37 @@ func refusal(ctx context.Context, q querier, cfg Config, s tableShape) error {
 			if fix == "" {
 				fix = fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s TYPE %s", ident, pgsql.Ident(r.name), r.types[len(r.types)-1])
 			}
-			return refuse(fmt.Sprintf("column %s is %s, the streamer reads %s", r.name, c.typ, strings.Join(r.types, " or ")),
+			return 0, refuse(fmt.Sprintf("column %s is %s, the streamer reads %s", r.name, c.typ, strings.Join(r.types, " or ")),
 				"convert it (e.g. "+fix+")")
 		}
 	}
 	if !s.idUnique {
-		return refuse("id is not its primary key (no unique index on id alone)",
+		return 0, refuse("id is not its primary key (no unique index on id alone)",
 			"make it one: ALTER TABLE "+ident+" ADD PRIMARY KEY (id)")
 	}
 	if s.indexValid != nil && !*s.indexValid {
-		return refuse("the index "+cfg.Outbox.Related("_undelivered_idx")+" is invalid (a CREATE INDEX CONCURRENTLY that failed)",
+		return 0, refuse("the index "+cfg.Outbox.Related("_undelivered_idx")+" is invalid (a CREATE INDEX CONCURRENTLY that failed)",
 			"drop it: DROP INDEX "+cfg.Outbox.Related("_undelivered_idx"))
 	}
 	if s.publication != nil && s.publication.allTables {
-		return refuse(fmt.Sprintf("publication %q publishes all tables", cfg.Publication),
+		return 0, refuse(fmt.Sprintf("publication %q publishes all tables", cfg.Publication),
 			"set PUBLICATION_NAME to a publication of the outbox alone")
 	}
 	// Rows the streamer would never deliver nor prune: say which, before
 	// anything changes. One scan of the table (no index serves NOT IN).
-	var unknown int64
+	var rows, unknown int64
 	var examples []string
-	err := q.QueryRow(ctx, `SELECT count(*), (array_agg(DISTINCT coalesce(quote_literal(status), 'NULL')))[1:5]
-		FROM `+ident+` WHERE status IS NULL OR status NOT IN ('pending', 'processed', 'failed', 'dead')`).Scan(&unknown, &examples)
+	err := q.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE NOT known),
+			(array_agg(DISTINCT coalesce(quote_literal(status), 'NULL')) FILTER (WHERE NOT known))[1:5]
+		FROM (SELECT status, coalesce(status IN ('pending', 'processed', 'failed', 'dead'), false) AS known FROM `+ident+`) s`).Scan(&rows, &unknown, &examples)
 	if err != nil {
-		return fmt.Errorf("count the statuses of %s: %w", cfg.Outbox, err)
+		return 0, fmt.Errorf("count the statuses of %s: %w", cfg.Outbox, err)
 	}
 	if unknown > 0 {
-		return refuse(fmt.Sprintf("%d rows have a status other than %s (%s)", unknown, strings.Join(statuses, ", "), strings.Join(examples, ", ")),
+		return 0, refuse(fmt.Sprintf("%d rows have a status other than %s (%s)", unknown, strings.Join(statuses, ", "), strings.Join(examples, ", ")),
 			"set them to one of these, e.g. UPDATE "+ident+" SET status = 'pending' WHERE status IS NULL")
 	}
-	return nil
+	return rows, nil
 }
 
 // adoptionStatements are the statements that bring s to migration 1's shape,

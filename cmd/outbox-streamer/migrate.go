@@ -72,8 +72,8 @@ func cmdMigrate(args []string, stdout, stderr io.Writer) error {
 	case "up":
 		var plan migrations.PostgresPlan
 		if plan, err = migrations.UpReport(ctx, mcfg); err == nil && plan.Adopt {
-			fmt.Fprintf(stdout, "postgres: adopted the existing table %s (about %d rows, times read as %s): %d statements in one transaction\n",
-				cfg.Outbox, plan.Rows, plan.TimeType, len(plan.Statements))
+			fmt.Fprintf(stdout, "postgres: adopted the existing table %s (%d rows; %s): %d statements in one transaction\n",
+				cfg.Outbox, plan.Rows, timesRead(plan.TimeType, mcfg.TimeZone), len(plan.Statements))
 		}
 	case "down":
 		if !yes {
@@ -119,8 +119,8 @@ func printPlan(ctx context.Context, mcfg migrations.Config, retention time.Durat
 	}
 	switch {
 	case plan.Adopt:
-		fmt.Fprintf(stdout, "-- postgres: adopt the existing table %s (about %d rows, times read as %s), in one transaction\n",
-			mcfg.Outbox, plan.Rows, plan.TimeType)
+		fmt.Fprintf(stdout, "-- postgres: adopt the existing table %s (%d rows; %s), in one transaction\n",
+			mcfg.Outbox, plan.Rows, timesRead(plan.TimeType, mcfg.TimeZone))
 		fmt.Fprintf(stdout, "BEGIN;\nSET LOCAL lock_timeout = '%dms';\nLOCK TABLE %s IN ACCESS EXCLUSIVE MODE;\n", migrations.AdoptLockTimeout.Milliseconds(), mcfg.Outbox.Ident())
 		for _, stmt := range plan.Statements {
 			fmt.Fprintln(stdout, stmt+";")
@@ -144,6 +144,19 @@ func printPlan(ctx context.Context, mcfg migrations.Config, retention time.Durat
 		fmt.Fprintln(stdout, "-- clickhouse: "+stmt)
 	}
 	return printRetention(ctx, mcfg, retention, stdout)
+}
+
+// timesRead says how the streamer reads created_at and event_date_time of
+// this type.
+func timesRead(typ string, loc *time.Location) string {
+	if typ == "timestamp with time zone" {
+		return "times are timestamp with time zone, read as instants"
+	}
+	zone := "UTC"
+	if loc != nil {
+		zone = loc.String()
+	}
+	return "times are " + typ + ", read as wall clock in EVENT_TIME_ZONE=" + zone
 }
 
 // printRetention says what the first retention pass of `run` will remove.
