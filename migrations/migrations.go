@@ -178,6 +178,7 @@ func UpReport(ctx context.Context, cfg Config) (PostgresPlan, error) {
 			if err == nil || errors.Is(err, migrate.ErrNoChange) {
 				return nil
 			}
+			err = shortError(err)
 			if db == Postgres {
 				if rerr := recoverDirty(m, cfg); rerr != nil {
 					return fmt.Errorf("%w; and then: %v", err, rerr)
@@ -188,6 +189,20 @@ func UpReport(ctx context.Context, cfg Config) (PostgresPlan, error) {
 		})
 	})
 	return plan, err
+}
+
+// shortError drops the migration's whole SQL text that golang-migrate puts
+// in its error, keeping the server's error and the failing migration's name.
+func shortError(err error) error {
+	var dbErr database.Error
+	if errors.As(err, &dbErr) && dbErr.OrigErr != nil {
+		return fmt.Errorf("%s: %w", dbErr.Err, dbErr.OrigErr)
+	}
+	var dbErrPtr *database.Error
+	if errors.As(err, &dbErrPtr) && dbErrPtr.OrigErr != nil {
+		return fmt.Errorf("%s: %w", dbErrPtr.Err, dbErrPtr.OrigErr)
+	}
+	return err
 }
 
 // recoverDirty clears a dirty PostgreSQL version: golang-migrate marks a

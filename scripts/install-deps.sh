@@ -13,6 +13,9 @@
 #   - npm, only if the chDB library is not cached yet (it is fetched with
 #     `npm pack`)
 #   - the chDB library itself (ClickHouse 26.7), into ~/.cache/outbox-streamer
+#   - Django 3.2 and psycopg2 for /usr/bin/python3 (python3-django,
+#     python3-psycopg2), for the test that adopts an outbox made by a real
+#     Django model and migration (migrations/django_test.go)
 #   - helm, to lint and render the chart in deploy/helm: Debian has no package,
 #     so it is built from its Go module into ~/.cache/outbox-streamer/helm
 #
@@ -47,6 +50,8 @@ have_pg || installs+=("postgresql")
 have_ch || installs+=("clickhouse-server clickhouse-client")
 have_promtool || installs+=("--no-install-recommends prometheus")
 have_zookeeper || installs+=("--no-install-recommends zookeeper")
+have_django() { /usr/bin/python3 -c 'import django, psycopg2' >/dev/null 2>&1; }
+have_django || installs+=("--no-install-recommends python3-django python3-psycopg2")
 # npm drags in nodejs and many node-* packages: only when we need to download.
 if ! have_chdb && ! have_npm; then
 	installs+=("--no-install-recommends npm")
