@@ -19,6 +19,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pgsql"
 )
 
@@ -247,7 +248,7 @@ func readShape(ctx context.Context, q querier, cfg Config, oid uint32) (tableSha
 		return s, fmt.Errorf("look up the undelivered index: %w", err)
 	}
 	err = q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1 AND conname = $2)`,
-		oid, cfg.Outbox.Table+"_status_check").Scan(&s.hasCheck)
+		oid, outboxTable(cfg)+"_status_check").Scan(&s.hasCheck)
 	if err != nil {
 		return s, fmt.Errorf("look up the status check of %s: %w", cfg.Outbox, err)
 	}
@@ -485,6 +486,14 @@ func adopt(ctx context.Context, cfg Config) (PostgresPlan, error) {
 		return PostgresPlan{}, fmt.Errorf("adopt %s: commit: %w", cfg.Outbox, err)
 	}
 	return plan, nil
+}
+
+// outboxTable is the outbox's table name without its schema.
+func outboxTable(cfg Config) string {
+	if cfg.Outbox.Table == "" {
+		return outboxstore.DefaultName.Table
+	}
+	return cfg.Outbox.Table
 }
 
 func firstLine(s string) string {

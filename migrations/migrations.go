@@ -128,6 +128,11 @@ func (s Status) String() string {
 	state := fmt.Sprintf("version %d of %d", s.Version, s.Latest)
 	switch s.State {
 	case "dirty":
+		if s.Database == Postgres {
+			// recoverDirty: a PostgreSQL migration is one transaction.
+			state += ", DIRTY: a migration did not complete and was rolled back; run: outbox-streamer migrate up (it runs it again)"
+			break
+		}
 		state += fmt.Sprintf(", DIRTY: a migration failed half-way; repair the schema by hand, then run: outbox-streamer migrate force VERSION --database %s (the version whose changes are now complete)", s.Database)
 	case "up to date":
 		state += ", up to date"
