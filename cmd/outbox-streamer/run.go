@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -15,7 +14,6 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/service"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
-	"github.com/outbox-streamer/outbox-streamer/migrations"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -45,28 +43,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 		zap.String("table", cfg.ClickHouse.Table), zap.Stringer("outbox_table", cfg.Outbox), zap.String("slot", cfg.Slot),
 		zap.String("publication", cfg.Publication),
 		zap.Int("batch_size", cfg.BatchSize), zap.Duration("batch_timeout", cfg.BatchTimeout))
-	if err := checkEventTable(drain, cfg, log); err != nil {
-		return err
-	}
 	return service.Run(drain, abandon, cfg, log, service.Hooks{OnState: obs.setService, Metrics: obs.metrics})
-}
-
-// checkEventTable refuses to start on an event table of another schema
-// (the earlier service's event_log): nothing is inserted into a table whose
-// columns do not match. An unreachable ClickHouse is no reason not to start
-// (the outbox buffers until it is back); it is only logged.
-func checkEventTable(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	err := migrations.CheckEventTable(ctx, migrations.Config{ClickHouse: cfg.ClickHouse})
-	var mismatch *sink.SchemaMismatch
-	if errors.As(err, &mismatch) {
-		return err
-	}
-	if err != nil {
-		log.Warn("could not check the event table's columns at start", zap.Error(err))
-	}
-	return nil
 }
 
 // runSweepOnce is `run --sweep`: one sweep over due failed rows, then a summary.
