@@ -139,6 +139,7 @@ func TestAdoptSeedTable(t *testing.T) {
 			seedRows(t, conn, timeType, 500)
 			undelivered := idsWhere(t, conn, "status <> 'processed' AND event_date_time IS NOT NULL")
 			processed := idsWhere(t, conn, "status = 'processed'")
+			seededAs := map[string][]int64{"pending": idsWhere(t, conn, "status = 'pending'"), "failed": idsWhere(t, conn, "status = 'failed'")}
 			nullID := idsWhere(t, conn, "environment IS NULL AND event_context IS NULL AND status <> 'processed' AND event_date_time IS NOT NULL")[0]
 
 			before := dbState(t, conn)
@@ -207,21 +208,25 @@ func TestAdoptSeedTable(t *testing.T) {
 			if err := chConn.QueryRow(ctx, q, uint64(nullID)).Scan(&env, &ectx); err != nil || env != "" || ectx != "{}" {
 				t.Fatalf("row %d with NULL environment and event_context: %q, %q, %v; want \"\" and {}", nullID, env, ectx, err)
 			}
-			// Times: timestamptz as instants, TIMESTAMP as UTC wall clock.
-			var pgTime time.Time
-			sel := "SELECT event_date_time FROM event_outbox WHERE id = $1"
+			// Times: timestamptz as instants, TIMESTAMP as UTC wall clock, on
+			// the backfill's path (a pending row) and the sweep's (a failed one).
+			sel := "SELECT id, event_date_time FROM event_outbox WHERE id = ANY($1) AND updated_at IS NOT NULL AND event_type = 'type_1' ORDER BY id LIMIT 1"
 			if timeType == "timestamp" {
-				sel = "SELECT event_date_time AT TIME ZONE 'UTC' FROM event_outbox WHERE id = $1"
+				sel = strings.Replace(sel, "event_date_time", "event_date_time AT TIME ZONE 'UTC'", 1)
 			}
-			if err := conn.QueryRow(ctx, sel, undelivered[0]).Scan(&pgTime); err != nil {
-				t.Fatal(err)
-			}
-			var chTime time.Time
-			if err := chConn.QueryRow(ctx, "SELECT event_date_time FROM "+table(cfg)+" WHERE event_id = ?", uint64(undelivered[0])).Scan(&chTime); err != nil {
-				t.Fatal(err)
-			}
-			if !chTime.Equal(pgTime) {
-				t.Fatalf("event_date_time of row %d: ClickHouse %s, PostgreSQL %s", undelivered[0], chTime, pgTime)
+			for _, status := range []string{"pending", "failed"} {
+				var id int64
+				var pgTime time.Time
+				if err := conn.QueryRow(ctx, sel, seededAs[status]).Scan(&id, &pgTime); err != nil {
+					t.Fatal(err)
+				}
+				var chTime time.Time
+				if err := chConn.QueryRow(ctx, "SELECT event_date_time FROM "+table(cfg)+" WHERE event_id = ?", uint64(id)).Scan(&chTime); err != nil {
+					t.Fatal(err)
+				}
+				if !chTime.Equal(pgTime) {
+					t.Fatalf("event_date_time of %s row %d: ClickHouse %s, PostgreSQL %s", status, id, chTime, pgTime)
+				}
 			}
 			for _, p := range processed[:3] {
 				if slices.Contains(got, p) {
