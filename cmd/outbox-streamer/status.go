@@ -37,6 +37,10 @@ type slotStatus struct {
 	RetentionSeconds float64 `json:"retention_seconds"`
 	// OldestProcessed is the age of the oldest processed row still held.
 	OldestProcessed *float64 `json:"oldest_processed_age_seconds,omitempty"`
+	// TimeType is the type of the outbox's times, and TimesRead how the
+	// streamer reads them (an adopted outbox may have either type).
+	TimeType  string `json:"time_type"`
+	TimesRead string `json:"times_read"`
 }
 
 func cmdStatus(args []string, stdout, stderr io.Writer) error {
@@ -96,6 +100,10 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	if st.OldestUndelivered, err = outboxstore.OldestUndelivered(ctx, conn, cfg.Outbox); err != nil {
 		return err
 	}
+	if st.TimeType, err = outboxstore.TimeType(ctx, conn, cfg.Outbox); err != nil {
+		return err
+	}
+	st.TimesRead = timesRead(st.TimeType, cfg.TimeZone)
 	st.RetentionSeconds = cfg.Retention.Seconds()
 	ages, err := outboxstore.ReadAges(ctx, conn, cfg.Outbox, cfg.TimeZone)
 	if err != nil {
@@ -157,6 +165,9 @@ func printStatus(w io.Writer, st slotStatus) {
 		st.Counts["pending"], st.Counts["processed"], st.Counts["failed"], st.Counts["dead"])
 	if st.OldestUndelivered != nil {
 		fmt.Fprintf(w, "  oldest undelivered row: %s old\n", time.Duration(*st.OldestUndelivered*float64(time.Second)).Round(time.Second))
+	}
+	if st.TimesRead != "" {
+		fmt.Fprintf(w, "  %s\n", st.TimesRead)
 	}
 	retain := "keep everything (OUTBOX_RETENTION=0)"
 	if st.RetentionSeconds > 0 {

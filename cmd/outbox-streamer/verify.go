@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/verify"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
@@ -109,6 +110,9 @@ func cmdVerify(args []string, stdout, stderr io.Writer) error {
 		}
 	} else {
 		printVerify(stdout, rep)
+		if typ, err := outboxstore.TimeType(ctx, pool, vc.Table); err == nil {
+			fmt.Fprintf(stdout, "outbox %s\n", timesRead(typ, cfg.TimeZone))
+		}
 	}
 	if !rep.Match {
 		return exitCode(1)
