@@ -163,7 +163,7 @@ func planMigrations(ctx context.Context, q querier, cfg Config) (PostgresPlan, e
 	}
 	var plan PostgresPlan
 	for _, name := range sortedUp(rendered, uint(max(version, 0))) {
-		plan.Statements = append(plan.Statements, "-- "+name+" (one transaction)\n"+strings.TrimSpace(rendered[name]))
+		plan.Statements = append(plan.Statements, name+" (one transaction)\n"+strings.TrimSpace(rendered[name]))
 	}
 	return plan, nil
 }

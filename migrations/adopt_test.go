@@ -18,10 +18,13 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/migrations"
@@ -649,4 +652,97 @@ func TestRunChecksBeforeSlot(t *testing.T) {
 	if err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()").Scan(&slots); err != nil || slots != 0 {
 		t.Fatalf("%d replication slots (%v); want none", slots, err)
 	}
+}
+
+// TestAdoptRetentionAnnounced (issue 26 item 5): the first prune after an
+// adoption logs how many processed rows it is about to remove, and the
+// oldest, before removing them.
+func TestAdoptRetentionAnnounced(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cfg := freshConfig(t)
+	conn := connect(t, cfg.PostgresDSN)
+	seedTable(t, conn, "timestamp")
+	seedRows(t, conn, "timestamp", 200)
+	processed := idsWhere(t, conn, "status = 'processed'")
+	if err := migrations.Up(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	pool, err := pgxpool.New(ctx, cfg.PostgresDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	core, logs := observer.New(zap.InfoLevel)
+	p := outboxstore.NewPruner(outboxstore.PruneConfig{Retention: 7 * 24 * time.Hour}, pool, zap.New(core))
+	res, err := p.Maintain(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Removed != int64(len(processed)) {
+		t.Fatalf("the first prune removed %d rows, want the %d processed ones", res.Removed, len(processed))
+	}
+	entries := logs.All()
+	if len(entries) == 0 || !strings.Contains(entries[0].Message, "retention is about to remove") {
+		t.Fatalf("first log entries %v: want the announcement first", entries)
+	}
+	fields := entries[0].ContextMap()
+	if fields["rows"] != int64(len(processed)) || fields["oldest_created_at"] == nil {
+		t.Fatalf("announcement fields %v: want rows=%d and the oldest row", fields, len(processed))
+	}
+	if _, err := p.Maintain(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range logs.All()[1:] {
+		if strings.Contains(e.Message, "about to remove") {
+			t.Fatalf("announced twice: %v", e)
+		}
+	}
+}
+
+// TestAdoptOtherShapes: an outbox in its own schema (OUTBOX_TABLE=
+// billing.event_outbox) and a range-partitioned one are adopted too.
+func TestAdoptOtherShapes(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	t.Run("schema", func(t *testing.T) {
+		cfg := freshConfig(t)
+		cfg.Outbox = outboxstore.Name{Schema: "billing", Table: "event_outbox"}
+		cfg.Publication = "billing_publication"
+		conn := connect(t, cfg.PostgresDSN)
+		if _, err := conn.Exec(ctx, "CREATE SCHEMA billing; SET search_path = billing"); err != nil {
+			t.Fatal(err)
+		}
+		seedTable(t, conn, "timestamptz")
+		if err := migrations.Up(ctx, cfg); err != nil {
+			t.Fatalf("migrate up: %v", err)
+		}
+		var v int64
+		var dirty, published bool
+		if err := conn.QueryRow(ctx, `SELECT version, dirty, EXISTS (SELECT 1 FROM pg_publication_tables
+			WHERE pubname = 'billing_publication' AND schemaname = 'billing' AND tablename = 'event_outbox')
+			FROM billing.outbox_streamer_migrations`).Scan(&v, &dirty, &published); err != nil || v != 1 || dirty || !published {
+			t.Fatalf("version %d dirty %t published %t, %v", v, dirty, published, err)
+		}
+	})
+	t.Run("partitioned", func(t *testing.T) {
+		cfg := freshConfig(t)
+		conn := connect(t, cfg.PostgresDSN)
+		if _, err := conn.Exec(ctx, `CREATE TABLE event_outbox (id BIGSERIAL, event_type VARCHAR(255) NOT NULL,
+			event_date_time TIMESTAMP, environment VARCHAR(50), event_context JSONB, metadata_version BIGINT,
+			status VARCHAR(20), created_at TIMESTAMP NOT NULL, updated_at TIMESTAMP, PRIMARY KEY (id, created_at))
+			PARTITION BY RANGE (created_at);
+			CREATE TABLE event_outbox_default PARTITION OF event_outbox DEFAULT;
+			INSERT INTO event_outbox (event_type, event_date_time, status, created_at) VALUES ('t', now(), 'pending', now())`); err != nil {
+			t.Fatal(err)
+		}
+		if err := migrations.Up(ctx, cfg); err != nil {
+			t.Fatalf("migrate up: %v", err)
+		}
+		assertClean(t, conn)
+		var viaRoot bool
+		if err := conn.QueryRow(ctx, "SELECT pubviaroot FROM pg_publication WHERE pubname = 'outbox_publication'").Scan(&viaRoot); err != nil || !viaRoot {
+			t.Fatalf("publish_via_partition_root %t, %v", viaRoot, err)
+		}
+	})
 }
