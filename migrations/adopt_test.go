@@ -146,6 +146,10 @@ func TestAdoptSeedTable(t *testing.T) {
 			nullID := idsWhere(t, conn, "environment IS NULL AND event_context IS NULL AND status <> 'processed' AND event_date_time IS NOT NULL")[0]
 
 			before := dbState(t, conn)
+			st, err := migrations.Statuses(ctx, cfg)
+			if err != nil || !st[0].Adopt || !strings.Contains(st[0].String(), "adopts it") {
+				t.Fatalf("status before adoption: %v, %v; want it to say migrate up adopts the table", st, err)
+			}
 			plan, err := migrations.PlanPostgres(ctx, cfg)
 			if err != nil {
 				t.Fatalf("plan: %v", err)
@@ -159,7 +163,7 @@ func TestAdoptSeedTable(t *testing.T) {
 			if _, err := migrations.UpReport(ctx, cfg); err != nil {
 				t.Fatalf("migrate up: %v", err)
 			}
-			st, err := migrations.Statuses(ctx, cfg)
+			st, err = migrations.Statuses(ctx, cfg)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -118,6 +118,9 @@ type Status struct {
 	Latest   uint   `json:"latest"`
 	// State is "up to date", "pending" or "dirty".
 	State string `json:"state"`
+	// Adopt is true when PostgreSQL's outbox table exists but no migration
+	// completed: migrate up adopts it (see adopt.go).
+	Adopt bool `json:"adopt,omitempty"`
 }
 
 func (s Status) String() string {
@@ -126,16 +129,18 @@ func (s Status) String() string {
 		name += " (" + s.Flavour + ")"
 	}
 	state := fmt.Sprintf("version %d of %d", s.Version, s.Latest)
-	switch s.State {
-	case "dirty":
+	switch {
+	case s.State == "dirty":
 		if s.Database == Postgres {
 			// recoverDirty: a PostgreSQL migration is one transaction.
 			state += ", DIRTY: a migration did not complete and was rolled back; run: outbox-streamer migrate up (it runs it again)"
 			break
 		}
 		state += fmt.Sprintf(", DIRTY: a migration failed half-way; repair the schema by hand, then run: outbox-streamer migrate force VERSION --database %s (the version whose changes are now complete)", s.Database)
-	case "up to date":
+	case s.State == "up to date":
 		state += ", up to date"
+	case s.Adopt:
+		state += ", pending: the outbox table exists without the streamer's migrations; outbox-streamer migrate up adopts it (see migrate up --dry-run)"
 	default:
 		state += ", pending migrations (run: outbox-streamer migrate up)"
 	}

@@ -54,6 +54,11 @@ func postgresStatus(ctx context.Context, cfg Config) (Status, error) {
 	}
 	s := Status{Database: Postgres, Version: uint(max(v, 0)), Dirty: dirty, Latest: latest("")}
 	s.setState()
+	if s.Version == 0 || (dirty && s.Version == adoptedVersion) {
+		if err := conn.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", cfg.Outbox.Ident()).Scan(&s.Adopt); err != nil {
+			return Status{}, fmt.Errorf("look up %s: %w", cfg.Outbox, err)
+		}
+	}
 	return s, nil
 }
 
