@@ -103,6 +103,7 @@ func readVersion(ctx context.Context, q querier, versionTable string) (version i
 	return version, dirty, true, nil
 }
 
+// querier is a connection or a transaction.
 type querier interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 	Query(context.Context, string, ...any) (pgx.Rows, error)
@@ -170,7 +171,8 @@ func planMigrations(ctx context.Context, q querier, cfg Config) (PostgresPlan, e
 
 // planAdoption reads the outbox and, when it exists without a completed
 // migration, returns the adoption statements (adopt true). It reads the
-// catalog only; under adopt's lock the reading cannot go stale.
+// catalog and the table's statuses, and changes nothing; under adopt's lock
+// what it read cannot go stale before the statements run.
 func planAdoption(ctx context.Context, q querier, cfg Config) (PostgresPlan, bool, error) {
 	var oid *uint32
 	if err := q.QueryRow(ctx, "SELECT to_regclass($1)::oid", cfg.Outbox.Ident()).Scan(&oid); err != nil {
@@ -200,9 +202,9 @@ func planAdoption(ctx context.Context, q querier, cfg Config) (PostgresPlan, boo
 		return PostgresPlan{}, false, err
 	}
 	plan := PostgresPlan{Adopt: true, Statements: adoptionStatements(cfg, shape), Rows: rows}
-	plan.TimeType = shape.columns["created_at"].typ
+	plan.TimeType = shape.columns["created_at"].base
 	if plan.TimeType == "" {
-		plan.TimeType = shape.columns["event_date_time"].typ
+		plan.TimeType = shape.columns["event_date_time"].base
 	}
 	return plan, true, nil
 }
