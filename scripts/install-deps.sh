@@ -51,7 +51,14 @@ have_ch || installs+=("clickhouse-server clickhouse-client")
 have_promtool || installs+=("--no-install-recommends prometheus")
 have_zookeeper || installs+=("--no-install-recommends zookeeper")
 have_django() { /usr/bin/python3 -c 'import django, psycopg2' >/dev/null 2>&1; }
-have_django || installs+=("--no-install-recommends python3-django python3-psycopg2")
+# Optional (its one test skips without it): installed as root, only noted otherwise.
+if ! have_django; then
+	if [ "$(id -u)" -eq 0 ]; then
+		installs+=("--no-install-recommends python3-django python3-psycopg2")
+	else
+		step "optional: apt-get install -y python3-django python3-psycopg2 (the Django adoption test skips without them)"
+	fi
+fi
 # npm drags in nodejs and many node-* packages: only when we need to download.
 if ! have_chdb && ! have_npm; then
 	installs+=("--no-install-recommends npm")
