@@ -750,3 +750,44 @@ func TestAdoptOtherShapes(t *testing.T) {
 		}
 	})
 }
+
+// TestRunRefusesForeignEventLog: an event table replaced by one of another
+// schema after migrate up is refused when the streamer starts, before it
+// creates a replication slot; nothing is inserted into it.
+func TestRunRefusesForeignEventLog(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cfg := freshConfig(t)
+	if err := migrations.Up(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	ch := chConnect(t, cfg)
+	if err := ch.Exec(ctx, "DROP TABLE "+table(cfg)); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.Exec(ctx, "CREATE TABLE "+table(cfg)+` (id UInt64, event_type String, event_date_time DateTime)
+		ENGINE = MergeTree ORDER BY id`); err != nil {
+		t.Fatal(err)
+	}
+	conn := connect(t, cfg.PostgresDSN)
+	if _, err := conn.Exec(ctx, "INSERT INTO event_outbox (event_type, event_date_time) VALUES ('a', now())"); err != nil {
+		t.Fatal(err)
+	}
+	pcfg := pipeline.Config{
+		Replication: replication.Config{DSN: cfg.PostgresDSN, Slot: "s_adopt", Publication: cfg.Publication},
+		Run:         replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond},
+		Sink:        cfg.ClickHouse, SweepInterval: 200 * time.Millisecond,
+	}
+	err := pipeline.Stream(ctx, context.Background(), pcfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+	var mm *sink.SchemaMismatch
+	if !errors.As(err, &mm) {
+		t.Fatalf("stream over a foreign event table: %v; want a *sink.SchemaMismatch", err)
+	}
+	var slots, rows uint64
+	if err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()").Scan(&slots); err != nil || slots != 0 {
+		t.Fatalf("%d replication slots (%v); want none", slots, err)
+	}
+	if err := ch.QueryRow(ctx, "SELECT count() FROM "+table(cfg)).Scan(&rows); err != nil || rows != 0 {
+		t.Fatalf("%d rows in the foreign table (%v); want none", rows, err)
+	}
+}
