@@ -215,6 +215,10 @@ func readShape(ctx context.Context, q querier, cfg Config, oid uint32) (tableSha
 	if err := q.QueryRow(ctx, "SELECT relkind::text FROM pg_class WHERE oid = $1", oid).Scan(&relkind); err != nil {
 		return s, fmt.Errorf("read %s: %w", cfg.Outbox, err)
 	}
+	if relkind != "r" && relkind != "p" {
+		return s, &AdoptionError{Table: cfg.Outbox.String(), Problem: fmt.Sprintf("it is not a table (pg_class.relkind %q)", relkind),
+			Fix: "rename or drop it, or set OUTBOX_TABLE to another name"}
+	}
 	s.partitioned = relkind == "p"
 	rows, err := q.Query(ctx, `SELECT a.attname, format_type(a.atttypid, a.atttypmod), format_type(a.atttypid, NULL), a.atthasdef
 		FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped`, oid)
@@ -453,12 +457,18 @@ func adopt(ctx context.Context, cfg Config) (PostgresPlan, error) {
 		return PostgresPlan{}, fmt.Errorf("connect to postgres: %w", err)
 	}
 	defer conn.Close(context.Background())
-	var exists bool
-	if err := conn.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", cfg.Outbox.Ident()).Scan(&exists); err != nil {
+	var relkind *string
+	if err := conn.QueryRow(ctx, "SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1))", cfg.Outbox.Ident()).Scan(&relkind); err != nil {
 		return PostgresPlan{}, fmt.Errorf("look up %s: %w", cfg.Outbox, err)
 	}
-	if !exists {
+	if relkind == nil {
 		return PostgresPlan{}, nil
+	}
+	if *relkind != "r" && *relkind != "p" {
+		// A view, a composite type, a sequence...: nothing to adopt, and
+		// migration 1 could not create the table beside it.
+		return PostgresPlan{}, &AdoptionError{Table: cfg.Outbox.String(), Problem: fmt.Sprintf("it is not a table (pg_class.relkind %q)", *relkind),
+			Fix: "rename or drop it, or set OUTBOX_TABLE to another name"}
 	}
 	tx, err := conn.Begin(ctx)
 	if err != nil {

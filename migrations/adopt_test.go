@@ -319,6 +319,7 @@ func TestAdoptRefused(t *testing.T) {
 		{"unreadable context", "ALTER TABLE event_outbox ALTER COLUMN event_context TYPE bytea USING convert_to(event_context::text, 'UTF8')", "TYPE jsonb USING"},
 		{"no event time", "ALTER TABLE event_outbox DROP COLUMN event_date_time", "has no column event_date_time"},
 		{"unknown status", "UPDATE event_outbox SET status = NULL WHERE id % 100 = 0; UPDATE event_outbox SET status = 'sent' WHERE id % 100 = 1", "status IS NULL"},
+		{"a view", "ALTER TABLE event_outbox RENAME TO old_outbox; CREATE VIEW event_outbox AS SELECT * FROM old_outbox", "not a table"},
 		{"invalid index", "CREATE INDEX event_outbox_undelivered_idx ON event_outbox (id); UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'event_outbox_undelivered_idx'::regclass", "DROP INDEX"},
 	}
 	for _, c := range cases {
@@ -790,4 +791,43 @@ func TestRunRefusesForeignEventLog(t *testing.T) {
 	if err := ch.QueryRow(ctx, "SELECT count() FROM "+table(cfg)).Scan(&rows); err != nil || rows != 0 {
 		t.Fatalf("%d rows in the foreign table (%v); want none", rows, err)
 	}
+}
+
+// TestFailedMigrationLeavesNoDirtyVersion: a PostgreSQL migration that fails
+// is rolled back with its version (golang-migrate marked it dirty first), and
+// the next migrate up, once the cause is gone, applies it; no migrate force.
+func TestFailedMigrationLeavesNoDirtyVersion(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cfg := freshConfig(t)
+	conn := connect(t, cfg.PostgresDSN)
+	// An event trigger makes the migration's last statement fail, after it
+	// created the tables.
+	if _, err := conn.Exec(ctx, `CREATE FUNCTION refuse() RETURNS event_trigger LANGUAGE plpgsql AS
+		$$BEGIN RAISE EXCEPTION 'publications are refused here'; END$$;
+		CREATE EVENT TRIGGER refuse_publications ON ddl_command_end WHEN TAG IN ('CREATE PUBLICATION') EXECUTE FUNCTION refuse()`); err != nil {
+		t.Fatal(err)
+	}
+	before := dbStateNoOutbox(t, conn)
+	err := migrations.Up(ctx, cfg)
+	if err == nil || !strings.Contains(err.Error(), "rolled back") || strings.Contains(err.Error(), "CREATE TABLE IF NOT EXISTS") {
+		t.Fatalf("migrate up: %v; want the server's error, said to be rolled back, without the migration's SQL", err)
+	}
+	st, err := migrations.Statuses(ctx, cfg)
+	if err != nil || st[0].Dirty || st[0].Version != 0 {
+		t.Fatalf("status after the failure: %v, %v; want version 0, clean", st, err)
+	}
+	// golang-migrate's version table (created before the migration runs,
+	// empty now) is the only relation left.
+	after := strings.TrimSuffix(dbStateNoOutbox(t, conn), "public.outbox_streamer_migrations,public.outbox_streamer_migrations_pkey")
+	if after != before {
+		t.Fatalf("the failed migration left relations behind:\nbefore: %s\nafter:  %s", before, after)
+	}
+	if _, err := conn.Exec(ctx, "DROP EVENT TRIGGER refuse_publications"); err != nil {
+		t.Fatal(err)
+	}
+	if err := migrations.Up(ctx, cfg); err != nil {
+		t.Fatalf("migrate up once the cause is gone: %v", err)
+	}
+	assertClean(t, conn)
 }
