@@ -43,7 +43,7 @@ var commands = map[string]commandHelp{
 	},
 	"migrate status": {
 		synopsis: "outbox-streamer migrate status [--json] [--wait DUR] [settings]",
-		about:    "Prints each database's migration version, and whether it is up to date, pending or dirty.",
+		about:    "Prints each database's migration version, and whether it is up to date, pending or dirty; it only reads, creating nothing.",
 	},
 	"migrate force": {
 		synopsis: "outbox-streamer migrate force VERSION --database postgres|clickhouse [settings]",
