@@ -18,6 +18,9 @@
 #   - npm, only if the chDB library is not cached yet (it is fetched with
 #     `npm pack`)
 #   - the chDB library itself (ClickHouse 26.7), into ~/.cache/outbox-streamer
+#   - Django 3.2 and psycopg2 for /usr/bin/python3 (python3-django,
+#     python3-psycopg2), for the test that adopts an outbox made by a real
+#     Django model and migration (migrations/django_test.go)
 #   - helm, to lint and render the chart in deploy/helm: Debian has no package,
 #     so it is built from its Go module into ~/.cache/outbox-streamer/helm
 #
@@ -64,6 +67,15 @@ if only_all; then
 	have_ch || installs+=("clickhouse-server clickhouse-client")
 	have_promtool || installs+=("--no-install-recommends prometheus")
 	have_zookeeper || installs+=("--no-install-recommends zookeeper")
+	have_django() { /usr/bin/python3 -c 'import django, psycopg2' >/dev/null 2>&1; }
+	# Optional (its one test skips without it): installed as root, only noted otherwise.
+	if ! have_django; then
+		if [ "$(id -u)" -eq 0 ]; then
+			installs+=("--no-install-recommends python3-django python3-psycopg2")
+		else
+			step "optional: apt-get install -y python3-django python3-psycopg2 (the Django adoption test skips without them)"
+		fi
+	fi
 fi
 # npm drags in nodejs and many node-* packages: only when we need to download.
 if ! have_chdb && ! have_npm; then

@@ -32,8 +32,10 @@ var commands = map[string]commandHelp{
 		settings: append(general[:len(general):len(general)], "ClickHouse", "PUBLICATION_NAME", "OUTBOX_PARTITION_INTERVAL", "EVENT_TIME_ZONE"),
 	},
 	"migrate up": {
-		synopsis: "outbox-streamer migrate up [--wait DUR] [settings]",
-		about:    "Applies every pending migration to PostgreSQL, then ClickHouse, and prints both versions.",
+		synopsis: "outbox-streamer migrate up [--dry-run] [--wait DUR] [settings]",
+		about: "Applies every pending migration to PostgreSQL, then ClickHouse, and prints both versions.\n" +
+			"An existing outbox table (the earlier service's) is adopted in one transaction: see\n" +
+			"docs/migrating-from-celery.md. --dry-run prints the statements it would run and changes nothing.",
 	},
 	"migrate down": {
 		synopsis: "outbox-streamer migrate down --yes [--steps N] [--wait DUR] [settings]",
@@ -41,7 +43,7 @@ var commands = map[string]commandHelp{
 	},
 	"migrate status": {
 		synopsis: "outbox-streamer migrate status [--json] [--wait DUR] [settings]",
-		about:    "Prints each database's migration version, and whether it is up to date, pending or dirty.",
+		about:    "Prints each database's migration version, and whether it is up to date, pending or dirty; it only reads, creating nothing.",
 	},
 	"migrate force": {
 		synopsis: "outbox-streamer migrate force VERSION --database postgres|clickhouse [settings]",

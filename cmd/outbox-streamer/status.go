@@ -44,6 +44,10 @@ type slotStatus struct {
 	// read in EVENT_TIME_ZONE (see outboxstore.ZoneSkew); 0 when it does not.
 	CreatedAheadSeconds float64 `json:"newest_created_at_ahead_seconds,omitempty"`
 	TimeZone            string  `json:"time_zone"`
+	// TimeType is the type of the outbox's times, and TimesRead how the
+	// streamer reads them (an adopted outbox may have either type).
+	TimeType  string `json:"time_type"`
+	TimesRead string `json:"times_read"`
 }
 
 // zoneSkewShown is how far ahead created_at may be before status warns:
@@ -115,6 +119,10 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	}
+	if st.TimeType, err = outboxstore.TimeType(ctx, conn, cfg.Outbox); err != nil {
+		return err
+	}
+	st.TimesRead = timesRead(st.TimeType, cfg.TimeZone)
 	st.RetentionSeconds = cfg.Retention.Seconds()
 	st.TimeZone = cfg.TimeZone.String()
 	skew, err := outboxstore.ZoneSkew(ctx, conn, cfg.Outbox, cfg.TimeZone)
@@ -199,6 +207,9 @@ func printStatus(w io.Writer, st slotStatus) {
 	if st.CreatedAheadSeconds > 0 {
 		fmt.Fprintf(w, "warning: the newest row's created_at is %s in the future read in EVENT_TIME_ZONE %s: set EVENT_TIME_ZONE to the zone the application writes created_at in (ages, retention and verify ranges are off by the difference)\n",
 			time.Duration(st.CreatedAheadSeconds*float64(time.Second)).Round(time.Minute), st.TimeZone)
+	}
+	if st.TimesRead != "" {
+		fmt.Fprintf(w, "  %s\n", st.TimesRead)
 	}
 	retain := "keep everything (OUTBOX_RETENTION=0)"
 	if st.RetentionSeconds > 0 {

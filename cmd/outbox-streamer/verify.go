@@ -114,6 +114,9 @@ func cmdVerify(args []string, stdout, stderr io.Writer) error {
 		}
 	} else {
 		printVerify(stdout, rep)
+		if typ, err := outboxstore.TimeType(ctx, pool, vc.Table); err == nil {
+			fmt.Fprintf(stdout, "outbox %s\n", timesRead(typ, cfg.TimeZone))
+		}
 	}
 	if !rep.Match {
 		return exitCode(1)

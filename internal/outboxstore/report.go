@@ -238,3 +238,18 @@ func zoneName(loc *time.Location) string {
 	}
 	return loc.String()
 }
+
+// TimeType is the type of table's created_at, "timestamp without time zone"
+// (wall clock in EVENT_TIME_ZONE) or "timestamp with time zone" (instants):
+// an adopted outbox may have either.
+func TimeType(ctx context.Context, db interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, table Name) (string, error) {
+	var typ string
+	err := db.QueryRow(ctx, `SELECT format_type(atttypid, NULL) FROM pg_attribute
+		WHERE attrelid = `+table.Literal()+`::regclass AND attname = 'created_at' AND NOT attisdropped`).Scan(&typ)
+	if err != nil {
+		return "", fmt.Errorf("read the type of %s.created_at: %w", table, err)
+	}
+	return typ, nil
+}

@@ -47,6 +47,31 @@ type Config struct {
 	VerifyInterval, VerifyWindow time.Duration
 }
 
+// eventTableCheckWait bounds the start's look at the event table's columns.
+const eventTableCheckWait = 3 * time.Second
+
+// checkEventTable refuses, before a replication slot is created, an event
+// table whose columns the streamer cannot write (an earlier service's
+// event_log): nothing is inserted into it. It asks ClickHouse only once
+// PostgreSQL answered, and an unreachable ClickHouse is no reason not to
+// start (the outbox buffers until it is back): that is only logged.
+func checkEventTable(ctx context.Context, ch *sink.Writer, pool *pgxpool.Pool, log *zap.Logger) error {
+	if err := pool.Ping(ctx); err != nil {
+		return fmt.Errorf("connect to postgres: %w", err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, eventTableCheckWait)
+	defer cancel()
+	err := ch.CheckTable(cctx)
+	var mismatch *sink.SchemaMismatch
+	if errors.As(err, &mismatch) {
+		return err
+	}
+	if err != nil && ctx.Err() == nil {
+		log.Warn("could not check the event table's columns at start; going on", zap.Error(err))
+	}
+	return nil
+}
+
 // Outbox is the outbox table the pipeline streams, as the store names it:
 // Replication's Schema and Table, unqualified when no schema is given (found
 // through the search_path, as always).
@@ -73,6 +98,9 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	}
 	defer pool.Close()
 
+	if err := checkEventTable(ctx, ch, pool, log); err != nil {
+		return err
+	}
 	stream, err := replication.Open(ctx, cfg.Replication, log)
 	if err != nil {
 		return err
