@@ -117,11 +117,7 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	if cfg.Metrics != nil {
 		cfg.Run.Observer = cfg.Metrics
 	}
-	// At or past: the stream confirms commit end positions and the record
-	// holds commit start positions, and the next transaction's commit can
-	// start exactly where the last confirmed one ended; PostgreSQL sends
-	// that transaction again.
-	if inflight != 0 && inflight >= stream.StartLSN() {
+	if recordCoversReplay(inflight, stream.StartLSN()) {
 		wcfg.InDoubtUntil = inflight
 		log.Info("rows up to the recorded in-flight LSN will be checked against ClickHouse before insert",
 			zap.String("acknowledged_lsn", pglogrepl.LSN(stream.StartLSN()).String()),
