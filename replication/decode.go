@@ -61,6 +61,10 @@ type Message struct {
 // ErrMalformed is wrapped by every error about a message that cannot be decoded.
 var ErrMalformed = errors.New("malformed pgoutput message")
 
+// ErrBinaryType is wrapped by the error about a value in binary format of a
+// type the decoder has no binary reader for (see REPLICATION_BINARY).
+var ErrBinaryType = errors.New("no binary decoder for the column's type (set REPLICATION_BINARY=off)")
+
 // postgresEpoch is the zero of the replication protocol's timestamps.
 var postgresEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
 
@@ -98,6 +102,9 @@ type relation struct {
 	// field is the outbox field of each column, or -1 for the columns the
 	// pipeline does not read.
 	field []int8
+	// typ is the type OID of each outbox field's column: how a value in
+	// binary format is read.
+	typ [numFields]uint32
 }
 
 // The outbox columns the decoder maps by name.
@@ -216,6 +223,9 @@ func (d *Decoder) Decode(data []byte, m *Message) (err error) {
 		m.Kind = KindIgnored
 	}
 	if r.err != nil {
+		if errors.Is(r.err, ErrBinaryType) {
+			return fmt.Errorf("%q message: %w", data[0], r.err) // well-formed, just unreadable
+		}
 		return fmt.Errorf("%w: %q message: %v", ErrMalformed, data[0], r.err)
 	}
 	return nil
@@ -234,10 +244,13 @@ func (d *Decoder) decodeRelation(r *reader) {
 	for i := 0; i < n && r.err == nil; i++ {
 		r.u8() // flags
 		col := r.cstring()
-		r.u32() // type oid
+		oid := r.u32()
 		r.u32() // type modifier
 		if i < len(rel.field) {
 			rel.field[i] = fieldOf(col)
+			if f := rel.field[i]; f >= 0 {
+				rel.typ[f] = oid
+			}
 		}
 	}
 	if r.err != nil {
@@ -299,27 +312,54 @@ func (d *Decoder) decodeInsert(r *reader, m *Message) {
 	if readTuple(r, rel, &cols); r.err != nil {
 		return
 	}
-	if cols[fID].kind != 't' {
+	if !cols[fID].present() {
 		r.fail(errors.New(`insert: row has no "id" value (is the column missing from event_outbox?)`))
+		return
+	}
+	if err := checkBinary(rel, &cols); err != nil {
+		r.fail(err)
 		return
 	}
 	// Rows inserted as anything but pending (processed, failed, dead) belong to the
 	// sweep or to nobody; the stream only delivers new events.
-	if cols[fStatus].kind == 't' && string(cols[fStatus].val) != "pending" {
+	if cols[fStatus].present() && string(textValue(cols[fStatus], rel.typ[fStatus])) != "pending" {
 		m.Kind = KindIgnored
 		return
 	}
 	m.Kind = KindInsert
-	d.fillEvent(&m.Event, &cols)
+	d.fillEvent(&m.Event, rel, &cols)
 }
 
-// column is one value of a row: its kind ('t' text, 'n' NULL, 'u' unchanged
-// TOAST; 0 when the relation has no such column) and its bytes, which point into
-// the message.
+// checkBinary refuses a row with a value in binary format the decoder cannot
+// read: the session asked for binary values although a column's type changed to
+// one without a binary decoder (a new session, REPLICATION_BINARY auto, asks for
+// text then), or a jsonb in a format version it does not know.
+func checkBinary(rel *relation, cols *[numFields]column) error {
+	for f := range cols {
+		c := cols[f]
+		if c.kind != 'b' {
+			continue
+		}
+		if !binaryDecodable(f, rel.typ[f]) {
+			return fmt.Errorf("%w: column %q (type oid %d) arrived in binary format", ErrBinaryType, fieldNames[f], rel.typ[f])
+		}
+		if rel.typ[f] == oidJSONB && (len(c.val) == 0 || c.val[0] != jsonbVersion) {
+			return fmt.Errorf("%w: column %q: jsonb in a binary format other than version %d", ErrBinaryType, fieldNames[f], jsonbVersion)
+		}
+	}
+	return nil
+}
+
+// column is one value of a row: its kind ('t' text, 'b' binary, 'n' NULL, 'u'
+// unchanged TOAST; 0 when the relation has no such column) and its bytes, which
+// point into the message.
 type column struct {
 	kind byte
 	val  []byte
 }
+
+// present reports a value that is neither NULL nor missing.
+func (c column) present() bool { return c.kind == 't' || c.kind == 'b' }
 
 // readTuple reads the n columns of a row and keeps the outbox fields' values. It
 // is the per-column loop of every row, so it reads the buffer directly, with the
@@ -359,57 +399,52 @@ func readTuple(r *reader, rel *relation, cols *[numFields]column) {
 		if i >= len(rel.field) || rel.field[i] < 0 {
 			continue
 		}
-		f := rel.field[i]
-		if kind == 'b' {
-			r.fail(fmt.Errorf("insert: column %q in binary format", fieldNames[f]))
-			return
-		}
-		cols[f] = column{kind: kind, val: val}
+		cols[rel.field[i]] = column{kind: kind, val: val}
 	}
 	r.buf = buf
 }
 
-// fillEvent converts the text columns of one row.
-func (d *Decoder) fillEvent(ev *record.Event, cols *[numFields]column) {
+// fillEvent converts the columns of one row, text or binary.
+func (d *Decoder) fillEvent(ev *record.Event, rel *relation, cols *[numFields]column) {
 	if !d.inStream {
 		ev.CommitLSN = d.txnCommitLSN
 		ev.CommitTime = d.txnCommitTime
 		ev.Xid = d.txnXid
 	}
-	id, ok := parseInt(cols[fID].val)
+	id, ok := intValue(cols[fID], rel.typ[fID])
 	if !ok {
-		ev.Problem = fmt.Sprintf("id %q is not an integer", cols[fID].val)
+		ev.Problem = fmt.Sprintf("id %s is not an integer", describe(cols[fID]))
 	}
 	ev.ID = id
-	d.fillStrings(ev, cols)
+	d.fillStrings(ev, rel, cols)
 
 	problem := func(p string) {
 		if ev.Problem == "" {
 			ev.Problem = p
 		}
 	}
-	if cols[fType].kind != 't' || len(cols[fType].val) == 0 {
+	if !cols[fType].present() || len(ev.Type) == 0 {
 		problem("event_type is NULL or empty")
 	}
-	if cols[fContext].kind != 't' {
+	if !cols[fContext].present() {
 		ev.Context = "{}" // a NULL context carries no data; keep the row deliverable
 	}
-	if c := cols[fMetadataVersion]; c.kind == 't' {
-		v, ok := parseInt(c.val)
+	if c := cols[fMetadataVersion]; c.present() {
+		v, ok := intValue(c, rel.typ[fMetadataVersion])
 		if !ok {
-			problem(fmt.Sprintf("metadata_version %q is not an integer", c.val))
+			problem(fmt.Sprintf("metadata_version %s is not an integer", describe(c)))
 		}
 		ev.MetadataVersion = v
 	}
-	if c := cols[fTime]; c.kind != 't' {
+	if c := cols[fTime]; !c.present() {
 		problem("event_date_time is NULL")
-	} else if t, err := parseTimestamp(c.val, d.loc); err != nil {
+	} else if t, err := d.timeValue(c, rel.typ[fTime]); err != nil {
 		problem(fmt.Sprintf("event_date_time: %v", err))
 	} else {
 		ev.Time = t
 	}
-	if c := cols[fCreatedAt]; c.kind == 't' {
-		if t, err := parseTimestamp(c.val, d.loc); err != nil {
+	if c := cols[fCreatedAt]; c.present() {
+		if t, err := d.timeValue(c, rel.typ[fCreatedAt]); err != nil {
 			problem(fmt.Sprintf("created_at: %v", err))
 		} else {
 			ev.CreatedAt = t
@@ -419,10 +454,20 @@ func (d *Decoder) fillEvent(ev *record.Event, cols *[numFields]column) {
 	}
 }
 
+// describe quotes a value for a problem message: text as it is, binary in hex.
+func describe(c column) string {
+	if c.kind == 'b' {
+		return fmt.Sprintf("(binary %x)", c.val)
+	}
+	return fmt.Sprintf("%q", c.val)
+}
+
 // fillStrings copies the row's three string columns out of the message, whose
 // buffer the next receive reuses, into the decoder's current string block.
-func (d *Decoder) fillStrings(ev *record.Event, cols *[numFields]column) {
-	typ, env, ctx := cols[fType].val, cols[fEnvironment].val, cols[fContext].val
+func (d *Decoder) fillStrings(ev *record.Event, rel *relation, cols *[numFields]column) {
+	typ := textValue(cols[fType], rel.typ[fType])
+	env := textValue(cols[fEnvironment], rel.typ[fEnvironment])
+	ctx := textValue(cols[fContext], rel.typ[fContext])
 	total := len(typ) + len(env) + len(ctx)
 	if total == 0 {
 		return

@@ -88,3 +88,32 @@ func BenchmarkReceiveRows(b *testing.B) {
 	close(out)
 	<-done
 }
+
+// BenchmarkDecodeCapturedRow decodes the same captured row of the outbox
+// (testdata/pgoutput/binary, TestCaptureGoldenBinary) as text and as binary:
+// the decoder's cost per row both ways.
+func BenchmarkDecodeCapturedRow(b *testing.B) {
+	for _, c := range []struct{ name, path string }{{"text", goldenText}, {"binary", goldenBinary}} {
+		b.Run(c.name, func(b *testing.B) {
+			d := NewDecoder("public", "event_outbox", nil)
+			var m Message
+			var insert []byte
+			for _, msg := range readCapture(b, c.path) {
+				if msg[0] == 'I' {
+					insert = msg
+					break
+				}
+				if err := d.Decode(msg, &m); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportAllocs()
+			b.SetBytes(int64(len(insert)))
+			for b.Loop() {
+				if err := d.Decode(insert, &m); err != nil || m.Kind != KindInsert || m.Event.Type != "golden.binary" {
+					b.Fatalf("%v %v %q", err, m.Kind, m.Event.Type)
+				}
+			}
+		})
+	}
+}

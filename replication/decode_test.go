@@ -221,7 +221,7 @@ func TestParseInt(t *testing.T) {
 }
 
 // FuzzDecode feeds arbitrary bytes to the decoder after a real relation message: it
-// must never panic, whatever arrives. The corpus is seeded with messages captured from
+// must never panic, whatever arrives, in text or binary format. The corpus is seeded with messages captured from
 // a real server (testdata/pgoutput/*.bin, see TestCaptureGolden) and hand-built ones.
 func FuzzDecode(f *testing.F) {
 	rel := relationMsg(1, "public", "event_outbox", outboxCols...)
@@ -251,6 +251,22 @@ func FuzzDecode(f *testing.F) {
 			raw = raw[4+n:]
 		}
 	}
+	// The binary captures (every message: they are few), and their Relation
+	// messages, which carry the real column types, to decode inserts after.
+	typedRels := [][]byte{relationTyped(1, outboxTyped...)}
+	for _, path := range []string{goldenText, goldenBinary} {
+		raw, err := os.ReadFile(path)
+		for err == nil && len(raw) >= 4 {
+			n := int(binary.BigEndian.Uint32(raw))
+			msg := raw[4 : 4+n]
+			f.Add(msg)
+			if msg[0] == 'R' && path == goldenBinary {
+				typedRels = append(typedRels, msg)
+			}
+			raw = raw[4+n:]
+		}
+	}
+	f.Add(insertVals(1, bin(i8(1)), bin([]byte("t")), bin(i8(0)), bin(nil), bin(jsonb("{}")), bin(i8(1)), bin([]byte("pending")), null(), null(), bin(i4(0)), null(), null()))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		// Outside a stream and inside one: both paths must never panic.
 		for _, inStream := range []bool{false, true} {
@@ -260,6 +276,16 @@ func FuzzDecode(f *testing.F) {
 			if inStream {
 				_ = d.Decode(streamStart(7), &m)
 				_ = d.Decode(streamed(rel, 7), &m)
+			}
+			_ = d.Decode(data, &m)
+		}
+		// After Relation messages with binary-readable types (a captured one
+		// has the real relation id of the captured inserts).
+		for _, schema := range []string{"public", "alt"} {
+			d := NewDecoder(schema, "event_outbox", nil)
+			var m Message
+			for _, r := range typedRels {
+				_ = d.Decode(r, &m)
 			}
 			_ = d.Decode(data, &m)
 		}
