@@ -119,6 +119,7 @@ func Bind(src *Source, c *Config) {
 	src.Duration(&c.ClickHouse.DialTimeout, "CLICKHOUSE_CONNECT_TIMEOUT", "clickhouse-connect-timeout", 30*time.Second, "ClickHouse connect timeout")
 	src.Duration(&c.ClickHouse.ReadTimeout, "CLICKHOUSE_SEND_RECEIVE_TIMEOUT", "clickhouse-timeout", 10*time.Second, "ClickHouse send/receive timeout per request")
 	src.String(&c.ContextType, "CLICKHOUSE_CONTEXT_TYPE", "clickhouse-context-type", "String", "type of event_context when `migrate up` creates the event table: String, or JSON (ClickHouse 25.3+: queries read event_context.field as a subcolumn); an existing table keeps its type")
+	src.String(&c.ClickHouse.Compression, "CLICKHOUSE_COMPRESSION", "clickhouse-compression", "lz4", "how inserts travel over the native protocol: lz4, or none (less CPU in the streamer, more bytes on the link; for a ClickHouse on the same host or a fast network)")
 	src.Int(&c.ClickHouse.MaxContextBytes, "EVENT_MAX_CONTEXT_BYTES", "max-context-bytes", 1<<20, 1, "largest event_context delivered; larger events are failed")
 
 	src.Group("Replication")
@@ -236,6 +237,11 @@ func (c *Config) finish(src *Source) error {
 		if err := c.applyClickHouseURI(src); err != nil {
 			return err
 		}
+	}
+	switch c.ClickHouse.Compression = strings.ToLower(strings.TrimSpace(c.ClickHouse.Compression)); c.ClickHouse.Compression {
+	case "lz4", "none":
+	default:
+		return fmt.Errorf("invalid CLICKHOUSE_COMPRESSION (--clickhouse-compression) %q: want lz4 or none", c.ClickHouse.Compression)
 	}
 	c.ClickHouse.Protocol = strings.ToLower(c.ClickHouse.Protocol)
 	switch c.ClickHouse.Protocol {

@@ -53,6 +53,7 @@ func TestBadValuesNameTheSetting(t *testing.T) {
 		{map[string]string{"EVENT_TIME_ZONE": "Mars/Olympus"}, "invalid EVENT_TIME_ZONE"},
 		{map[string]string{"CLICKHOUSE_URI": "::nonsense"}, "invalid CLICKHOUSE_URI"},
 		{map[string]string{"REPLICATION_BINARY": "sometimes"}, "invalid REPLICATION_BINARY (--binary)"},
+		{map[string]string{"CLICKHOUSE_COMPRESSION": "zstd"}, "invalid CLICKHOUSE_COMPRESSION (--clickhouse-compression)"},
 	}
 	for _, c := range cases {
 		_, err := load(t, c.env)
@@ -331,6 +332,21 @@ func TestReplicationBinary(t *testing.T) {
 		}
 		if cfg.Binary != c.want {
 			t.Errorf("%v %v: Binary = %q, want %q", c.env, c.args, cfg.Binary, c.want)
+		}
+	}
+}
+
+func TestClickHouseCompression(t *testing.T) {
+	for env, want := range map[string]string{"": "lz4", "LZ4": "lz4", "none": "none"} {
+		cfg, err := load(t, map[string]string{"CLICKHOUSE_COMPRESSION": env})
+		if env == "" {
+			cfg, err = load(t, nil)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.ClickHouse.Compression != want {
+			t.Errorf("CLICKHOUSE_COMPRESSION=%q: %q, want %q", env, cfg.ClickHouse.Compression, want)
 		}
 	}
 }
