@@ -471,7 +471,7 @@ func (r *receiver) handleCopyData(ctx context.Context, data []byte) error {
 				}
 				return r.stageRow(ctx, &r.msg)
 			}
-			return r.add(ctx, r.msg.Event)
+			return r.add(ctx, &r.msg.Event)
 		case KindCommit:
 			s.tracker.Commit(r.msg.EndLSN)
 		case KindStreamStop:
@@ -487,9 +487,15 @@ func (r *receiver) handleCopyData(ctx context.Context, data []byte) error {
 
 // add gives a row its sequence number and puts it into the open batch,
 // handing the batch over when it is full.
-func (r *receiver) add(ctx context.Context, ev record.Event) error {
+func (r *receiver) add(ctx context.Context, ev *record.Event) error {
 	seq := r.s.tracker.NextSeq()
-	if r.builder.Add(seq, ev, time.Now()) {
+	// The clock matters only to the row that opens a batch (its time bound
+	// starts there): the other rows skip reading it.
+	var now time.Time
+	if r.builder.Pending() == 0 {
+		now = time.Now()
+	}
+	if r.builder.Add(seq, *ev, now) {
 		return r.emit(ctx, r.builder.Take())
 	}
 	return nil
@@ -586,7 +592,7 @@ func (r *receiver) replay(ctx context.Context, m *Message) error {
 		if ev.CreatedAt.IsZero() { // no created_at column: as protocol 1 does
 			ev.CreatedAt = commitTime
 		}
-		return r.add(ctx, *ev)
+		return r.add(ctx, ev)
 	})
 	if err != nil {
 		return err
