@@ -9,6 +9,7 @@ import (
 
 	"github.com/outbox-streamer/outbox-streamer/checkpoint"
 	"github.com/outbox-streamer/outbox-streamer/internal/batch"
+	"github.com/outbox-streamer/outbox-streamer/internal/record"
 )
 
 // benchMessages returns the captured protocol 1 transaction (Begin, Relation,
@@ -115,5 +116,38 @@ func BenchmarkDecodeCapturedRow(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkSpillReplay replays a spilled streamed transaction of 1,000 rows
+// of the benchmark's shape: the cost per row of protocol 2's local spill on
+// the way back (one op is one row).
+func BenchmarkSpillReplay(b *testing.B) {
+	sp, err := openSpill(b.TempDir(), 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	at := time.Date(2026, 12, 7, 10, 0, 0, 123456000, time.UTC)
+	ev := record.Event{ID: 1 << 40, Type: "bench.event", Time: at, Environment: "bench",
+		Context: `{"n": 123456, "user": "u123456", "amount": 185184.0}`, MetadataVersion: 1, CreatedAt: at}
+	const rows = 1000
+	xid := uint32(0)
+	b.ReportAllocs()
+	n := 0
+	for b.Loop() {
+		if n%rows == 0 {
+			b.StopTimer()
+			xid++
+			for i := 0; i < rows; i++ {
+				if err := sp.Append(xid, xid, &ev); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StartTimer()
+			if err := sp.Replay(xid, func(ev *record.Event) error { return nil }); err != nil {
+				b.Fatal(err)
+			}
+		}
+		n++
 	}
 }
