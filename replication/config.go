@@ -36,6 +36,12 @@ type Config struct {
 	// is protocol 1, where the server holds a transaction until its commit
 	// and spills it to its own disk past logical_decoding_work_mem.
 	Streaming string
+	// Binary is REPLICATION_BINARY: "auto" (the default) asks pgoutput for
+	// values in binary format (PostgreSQL 14+, binary 'true': the walsender
+	// skips timestamp_out and int8out, the decoder reads fixed-width values)
+	// when every outbox column the pipeline reads has a type the decoder
+	// reads in binary, and for text otherwise; "on" requires it; "off" is text.
+	Binary string
 	// SpillDir is where in-progress streamed transactions are kept until
 	// they commit (STREAM_SPILL_DIR; default a directory per slot under the
 	// system's temporary directory). It is emptied when streaming starts.
@@ -51,6 +57,13 @@ const (
 	StreamingAuto = "auto"
 	StreamingOn   = "on"
 	StreamingOff  = "off"
+)
+
+// Binary modes.
+const (
+	BinaryAuto = "auto"
+	BinaryOn   = "on"
+	BinaryOff  = "off"
 )
 
 var slotName = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
@@ -87,6 +100,13 @@ func (c *Config) Validate() error {
 	case StreamingAuto, StreamingOn, StreamingOff:
 	default:
 		return fmt.Errorf("REPLICATION_STREAMING %q: want auto, on or off", c.Streaming)
+	}
+	switch c.Binary {
+	case "":
+		c.Binary = BinaryAuto
+	case BinaryAuto, BinaryOn, BinaryOff:
+	default:
+		return fmt.Errorf("REPLICATION_BINARY %q: want auto, on or off", c.Binary)
 	}
 	if c.SpillDir == "" {
 		c.SpillDir = filepath.Join(os.TempDir(), "outbox-streamer-spill-"+c.Slot)

@@ -61,6 +61,10 @@ type Message struct {
 // ErrMalformed is wrapped by every error about a message that cannot be decoded.
 var ErrMalformed = errors.New("malformed pgoutput message")
 
+// ErrBinaryType is wrapped by the error about a value in binary format of a
+// type the decoder has no binary reader for (see REPLICATION_BINARY).
+var ErrBinaryType = errors.New("no binary decoder for the column's type (set REPLICATION_BINARY=off)")
+
 // postgresEpoch is the zero of the replication protocol's timestamps.
 var postgresEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
 
@@ -86,14 +90,21 @@ type Decoder struct {
 	txnCommitLSN  uint64
 	txnXid        uint32
 	txnCommitTime time.Time
+
+	strings stringBlock
 }
 
-// relation is a table description from a Relation message, with the positions of the
-// outbox columns (-1 when the table has no such column).
+// relation is a table description from a Relation message: which outbox field each
+// column holds, looked up per column of a row instead of per field.
 type relation struct {
 	outbox bool
 	ncols  int
-	pos    [numFields]int
+	// field is the outbox field of each column, or -1 for the columns the
+	// pipeline does not read.
+	field []int8
+	// typ is the type OID of each outbox field's column: how a value in
+	// binary format is read.
+	typ [numFields]uint32
 }
 
 // The outbox columns the decoder maps by name.
@@ -212,6 +223,9 @@ func (d *Decoder) Decode(data []byte, m *Message) (err error) {
 		m.Kind = KindIgnored
 	}
 	if r.err != nil {
+		if errors.Is(r.err, ErrBinaryType) {
+			return fmt.Errorf("%q message: %w", data[0], r.err) // well-formed, just unreadable
+		}
 		return fmt.Errorf("%w: %q message: %v", ErrMalformed, data[0], r.err)
 	}
 	return nil
@@ -224,17 +238,18 @@ func (d *Decoder) decodeRelation(r *reader) {
 	r.u8() // replica identity
 	n := int(r.u16())
 	rel := &relation{outbox: ns == d.schema && name == d.table, ncols: n}
-	for i := range rel.pos {
-		rel.pos[i] = -1
+	if r.err == nil && n <= len(r.buf) { // a count the message cannot hold allocates nothing
+		rel.field = make([]int8, n)
 	}
 	for i := 0; i < n && r.err == nil; i++ {
 		r.u8() // flags
 		col := r.cstring()
-		r.u32() // type oid
+		oid := r.u32()
 		r.u32() // type modifier
-		for f, fname := range fieldNames {
-			if col == fname {
-				rel.pos[f] = i
+		if i < len(rel.field) {
+			rel.field[i] = fieldOf(col)
+			if f := rel.field[i]; f >= 0 {
+				rel.typ[f] = oid
 			}
 		}
 	}
@@ -251,6 +266,16 @@ func (d *Decoder) decodeRelation(r *reader) {
 		d.streamRels[d.streamXid] = rels
 	}
 	rels[id] = rel
+}
+
+// fieldOf is the outbox field a column named col holds, or -1.
+func fieldOf(col string) int8 {
+	for f, name := range fieldNames {
+		if col == name {
+			return int8(f)
+		}
+	}
+	return -1
 }
 
 // relation returns the description of relation id as the message being
@@ -283,101 +308,143 @@ func (d *Decoder) decodeInsert(r *reader, m *Message) {
 		m.Kind = KindIgnored
 		return
 	}
-	var cols [numFields][]byte
-	var present [numFields]bool
-	n := int(r.u16())
-	for i := 0; i < n && r.err == nil; i++ {
-		kind := r.u8()
-		var val []byte
-		switch kind {
-		case 'n', 'u':
-		case 't', 'b':
-			l := r.u32()
-			val = r.bytes(int(l))
-		default:
-			if r.err == nil {
-				r.fail(fmt.Errorf("insert: column %d has unknown kind %q", i, kind))
-			}
-		}
-		for f := range rel.pos {
-			if rel.pos[f] == i {
-				cols[f] = val
-				present[f] = kind == 't'
-				if kind == 'b' {
-					r.fail(fmt.Errorf("insert: column %q in binary format", fieldNames[f]))
-				}
-			}
-		}
-	}
-	if r.err != nil {
+	var cols [numFields]column
+	if readTuple(r, rel, &cols); r.err != nil {
 		return
 	}
-	if !present[fID] {
+	if !cols[fID].present() {
 		r.fail(errors.New(`insert: row has no "id" value (is the column missing from event_outbox?)`))
+		return
+	}
+	if err := checkBinary(rel, &cols); err != nil {
+		r.fail(err)
 		return
 	}
 	// Rows inserted as anything but pending (processed, failed, dead) belong to the
 	// sweep or to nobody; the stream only delivers new events.
-	if present[fStatus] && string(cols[fStatus]) != "pending" {
+	if cols[fStatus].present() && string(textValue(cols[fStatus], rel.typ[fStatus])) != "pending" {
 		m.Kind = KindIgnored
 		return
 	}
 	m.Kind = KindInsert
-	d.fillEvent(&m.Event, &cols, &present)
+	d.fillEvent(&m.Event, rel, &cols)
 }
 
-// fillEvent converts the text columns of one row. It copies the three string columns
-// into one allocation, because the message buffer is reused by the next receive.
-func (d *Decoder) fillEvent(ev *record.Event, cols *[numFields][]byte, present *[numFields]bool) {
+// checkBinary refuses a row with a value in binary format the decoder cannot
+// read: the session asked for binary values although a column's type changed to
+// one without a binary decoder (a new session, REPLICATION_BINARY auto, asks for
+// text then), or a jsonb in a format version it does not know.
+func checkBinary(rel *relation, cols *[numFields]column) error {
+	for f := range cols {
+		c := cols[f]
+		if c.kind != 'b' {
+			continue
+		}
+		if !binaryDecodable(f, rel.typ[f]) {
+			return fmt.Errorf("%w: column %q (type oid %d) arrived in binary format", ErrBinaryType, fieldNames[f], rel.typ[f])
+		}
+		if rel.typ[f] == oidJSONB && (len(c.val) == 0 || c.val[0] != jsonbVersion) {
+			return fmt.Errorf("%w: column %q: jsonb in a binary format other than version %d", ErrBinaryType, fieldNames[f], jsonbVersion)
+		}
+	}
+	return nil
+}
+
+// column is one value of a row: its kind ('t' text, 'b' binary, 'n' NULL, 'u'
+// unchanged TOAST; 0 when the relation has no such column) and its bytes, which
+// point into the message.
+type column struct {
+	kind byte
+	val  []byte
+}
+
+// present reports a value that is neither NULL nor missing.
+func (c column) present() bool { return c.kind == 't' || c.kind == 'b' }
+
+// readTuple reads the n columns of a row and keeps the outbox fields' values. It
+// is the per-column loop of every row, so it reads the buffer directly, with the
+// same bound checks as reader's methods.
+func readTuple(r *reader, rel *relation, cols *[numFields]column) {
+	n := int(r.u16())
+	if r.err != nil {
+		return
+	}
+	buf := r.buf
+	for i := 0; i < n; i++ {
+		if len(buf) == 0 {
+			r.fail(fmt.Errorf("insert: row ends before column %d of %d", i, n))
+			return
+		}
+		kind := buf[0]
+		buf = buf[1:]
+		var val []byte
+		switch kind {
+		case 'n', 'u':
+		case 't', 'b':
+			if len(buf) < 4 {
+				r.fail(fmt.Errorf("insert: column %d: need 4 bytes, have %d", i, len(buf)))
+				return
+			}
+			l := binary.BigEndian.Uint32(buf)
+			buf = buf[4:]
+			if uint64(l) > uint64(len(buf)) {
+				r.fail(fmt.Errorf("insert: column %d: need %d bytes, have %d", i, l, len(buf)))
+				return
+			}
+			val, buf = buf[:l:l], buf[l:]
+		default:
+			r.fail(fmt.Errorf("insert: column %d has unknown kind %q", i, kind))
+			return
+		}
+		if i >= len(rel.field) || rel.field[i] < 0 {
+			continue
+		}
+		cols[rel.field[i]] = column{kind: kind, val: val}
+	}
+	r.buf = buf
+}
+
+// fillEvent converts the columns of one row, text or binary.
+func (d *Decoder) fillEvent(ev *record.Event, rel *relation, cols *[numFields]column) {
 	if !d.inStream {
 		ev.CommitLSN = d.txnCommitLSN
 		ev.CommitTime = d.txnCommitTime
 		ev.Xid = d.txnXid
 	}
-	id, ok := parseInt(cols[fID])
+	id, ok := intValue(cols[fID], rel.typ[fID])
 	if !ok {
-		ev.Problem = fmt.Sprintf("id %q is not an integer", cols[fID])
+		ev.Problem = fmt.Sprintf("id %s is not an integer", describe(cols[fID]))
 	}
 	ev.ID = id
-
-	total := len(cols[fType]) + len(cols[fEnvironment]) + len(cols[fContext])
-	if total > 0 {
-		buf := make([]byte, 0, total)
-		buf = append(buf, cols[fType]...)
-		buf = append(buf, cols[fEnvironment]...)
-		buf = append(buf, cols[fContext]...)
-		s := unsafe.String(&buf[0], len(buf)) // buf is never written again
-		a, b := len(cols[fType]), len(cols[fType])+len(cols[fEnvironment])
-		ev.Type, ev.Environment, ev.Context = s[:a], s[a:b], s[b:]
-	}
+	d.fillStrings(ev, rel, cols)
 
 	problem := func(p string) {
 		if ev.Problem == "" {
 			ev.Problem = p
 		}
 	}
-	if !present[fType] || len(cols[fType]) == 0 {
+	if !cols[fType].present() || len(ev.Type) == 0 {
 		problem("event_type is NULL or empty")
 	}
-	if !present[fContext] {
+	if !cols[fContext].present() {
 		ev.Context = "{}" // a NULL context carries no data; keep the row deliverable
 	}
-	if present[fMetadataVersion] {
-		v, ok := parseInt(cols[fMetadataVersion])
+	if c := cols[fMetadataVersion]; c.present() {
+		v, ok := intValue(c, rel.typ[fMetadataVersion])
 		if !ok {
-			problem(fmt.Sprintf("metadata_version %q is not an integer", cols[fMetadataVersion]))
+			problem(fmt.Sprintf("metadata_version %s is not an integer", describe(c)))
 		}
 		ev.MetadataVersion = v
 	}
-	if !present[fTime] {
+	if c := cols[fTime]; !c.present() {
 		problem("event_date_time is NULL")
-	} else if t, err := parseTimestamp(cols[fTime], d.loc); err != nil {
+	} else if t, err := d.timeValue(c, rel.typ[fTime]); err != nil {
 		problem(fmt.Sprintf("event_date_time: %v", err))
 	} else {
 		ev.Time = t
 	}
-	if present[fCreatedAt] {
-		if t, err := parseTimestamp(cols[fCreatedAt], d.loc); err != nil {
+	if c := cols[fCreatedAt]; c.present() {
+		if t, err := d.timeValue(c, rel.typ[fCreatedAt]); err != nil {
 			problem(fmt.Sprintf("created_at: %v", err))
 		} else {
 			ev.CreatedAt = t
@@ -385,6 +452,58 @@ func (d *Decoder) fillEvent(ev *record.Event, cols *[numFields][]byte, present *
 	} else {
 		ev.CreatedAt = ev.CommitTime
 	}
+}
+
+// describe quotes a value for a problem message: text as it is, binary in hex.
+func describe(c column) string {
+	if c.kind == 'b' {
+		return fmt.Sprintf("(binary %x)", c.val)
+	}
+	return fmt.Sprintf("%q", c.val)
+}
+
+// fillStrings copies the row's three string columns out of the message, whose
+// buffer the next receive reuses, into the decoder's current string block.
+func (d *Decoder) fillStrings(ev *record.Event, rel *relation, cols *[numFields]column) {
+	typ := textValue(cols[fType], rel.typ[fType])
+	env := textValue(cols[fEnvironment], rel.typ[fEnvironment])
+	ctx := textValue(cols[fContext], rel.typ[fContext])
+	total := len(typ) + len(env) + len(ctx)
+	if total == 0 {
+		return
+	}
+	buf := d.strings.alloc(total)
+	copy(buf, typ)
+	copy(buf[len(typ):], env)
+	copy(buf[len(typ)+len(env):], ctx)
+	s := unsafe.String(&buf[0], len(buf)) // buf is never written again
+	a, b := len(typ), len(typ)+len(env)
+	ev.Type, ev.Environment, ev.Context = s[:a], s[a:b], s[b:]
+}
+
+// stringBlock hands out the bytes of decoded strings from shared blocks: one
+// allocation per block of rows instead of one per row. Bytes handed out are
+// never written again, so strings may point into them; a block is freed once no
+// event refers to it. Events of one block are decoded together and delivered
+// together, so a block rarely outlives its rows by much.
+type stringBlock struct {
+	buf []byte
+}
+
+// stringBlockSize is small enough that an event kept long after its neighbours
+// pins little memory, and large enough to hold many typical rows.
+const stringBlockSize = 16 << 10
+
+func (s *stringBlock) alloc(n int) []byte {
+	if n > stringBlockSize/8 {
+		return make([]byte, n) // a large value gets its own allocation
+	}
+	if cap(s.buf)-len(s.buf) < n {
+		s.buf = make([]byte, 0, stringBlockSize)
+	}
+	start := len(s.buf)
+	s.buf = s.buf[:start+n]
+	return s.buf[start : start+n : start+n]
 }
 
 func pgTime(micros int64) time.Time {

@@ -3,6 +3,7 @@ package replication
 import (
 	"encoding/binary"
 	"errors"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -220,7 +221,7 @@ func TestParseInt(t *testing.T) {
 }
 
 // FuzzDecode feeds arbitrary bytes to the decoder after a real relation message: it
-// must never panic, whatever arrives. The corpus is seeded with messages captured from
+// must never panic, whatever arrives, in text or binary format. The corpus is seeded with messages captured from
 // a real server (testdata/pgoutput/*.bin, see TestCaptureGolden) and hand-built ones.
 func FuzzDecode(f *testing.F) {
 	rel := relationMsg(1, "public", "event_outbox", outboxCols...)
@@ -250,6 +251,22 @@ func FuzzDecode(f *testing.F) {
 			raw = raw[4+n:]
 		}
 	}
+	// The binary captures (every message: they are few), and their Relation
+	// messages, which carry the real column types, to decode inserts after.
+	typedRels := [][]byte{relationTyped(1, outboxTyped...)}
+	for _, path := range []string{goldenText, goldenBinary} {
+		raw, err := os.ReadFile(path)
+		for err == nil && len(raw) >= 4 {
+			n := int(binary.BigEndian.Uint32(raw))
+			msg := raw[4 : 4+n]
+			f.Add(msg)
+			if msg[0] == 'R' && path == goldenBinary {
+				typedRels = append(typedRels, msg)
+			}
+			raw = raw[4+n:]
+		}
+	}
+	f.Add(insertVals(1, bin(i8(1)), bin([]byte("t")), bin(i8(0)), bin(nil), bin(jsonb("{}")), bin(i8(1)), bin([]byte("pending")), null(), null(), bin(i4(0)), null(), null()))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		// Outside a stream and inside one: both paths must never panic.
 		for _, inStream := range []bool{false, true} {
@@ -262,6 +279,16 @@ func FuzzDecode(f *testing.F) {
 			}
 			_ = d.Decode(data, &m)
 		}
+		// After Relation messages with binary-readable types (a captured one
+		// has the real relation id of the captured inserts).
+		for _, schema := range []string{"public", "alt"} {
+			d := NewDecoder(schema, "event_outbox", nil)
+			var m Message
+			for _, r := range typedRels {
+				_ = d.Decode(r, &m)
+			}
+			_ = d.Decode(data, &m)
+		}
 	})
 }
 
@@ -269,5 +296,36 @@ func mustDecode(t *testing.T, d *Decoder, data []byte, m *Message) {
 	t.Helper()
 	if err := d.Decode(data, m); err != nil {
 		t.Fatalf("Decode: %v", err)
+	}
+}
+
+// TestParseCommonTimestamp checks the positional parser against the general one
+// on values of every year and fraction length, in UTC and in a zone with
+// daylight saving time, and that it leaves other forms to the general parser.
+func TestParseCommonTimestamp(t *testing.T) {
+	ny, err := time.LoadLocation("America/New_York")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	layouts := []string{"2006-01-02 15:04:05", "2006-01-02 15:04:05.9", "2006-01-02 15:04:05.999", "2006-01-02 15:04:05.999999"}
+	for i := 0; i < 100000; i++ {
+		sec := rng.Int64N(time.Date(9999, 12, 31, 23, 59, 59, 0, time.UTC).Unix()-time.Date(1, 1, 1, 0, 0, 0, 0, time.UTC).Unix()) +
+			time.Date(1, 1, 1, 0, 0, 0, 0, time.UTC).Unix()
+		in := []byte(time.Unix(sec, rng.Int64N(1e9)/1000*1000).UTC().Format(layouts[i%len(layouts)]))
+		for _, loc := range []*time.Location{time.UTC, ny} {
+			fast, ok := parseCommonTimestamp(in, loc)
+			want, err := parseAnyTimestamp(in, loc)
+			if !ok || err != nil || fast != want {
+				t.Fatalf("%s in %s: common %v (%v), general %v (%v)", in, loc, fast, ok, want, err)
+			}
+		}
+	}
+	for _, in := range []string{"2026-11-23 18:49:29+00", "12026-07-01 12:00:00", "infinity", "2026-02-29 00:00:00",
+		"2024-02-30 00:00:00", "0000-01-01 00:00:00", "2026-11-23 18:49:29.", "2026-11-23 18:49:29.1234567", "2026-11-23 18:49:60",
+		"2026-11-23T18:49:29", "2026-11-2a 18:49:29", "0044-03-15 12:00:00 BC"} {
+		if got, ok := parseCommonTimestamp([]byte(in), time.UTC); ok {
+			t.Errorf("parseCommonTimestamp(%q) = %v, want it left to the general parser", in, got)
+		}
 	}
 }

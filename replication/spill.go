@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"time"
+	"unsafe"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
 )
@@ -136,10 +137,11 @@ func (s *spill) Replay(xid uint32, fn func(ev *record.Event) error) error {
 	r := bufio.NewReaderSize(t.f, 64<<10)
 	var ev record.Event
 	var buf []byte
+	var strs stringBlock
 	for i := 0; i < t.rows; i++ {
 		var err error
 		var sub uint32
-		if buf, sub, err = decodeSpilled(r, buf, &ev); err != nil {
+		if buf, sub, err = decodeSpilled(r, buf, &ev, &strs); err != nil {
 			return fmt.Errorf("read spilled transaction %d, row %d: %w", xid, i, err)
 		}
 		if t.aborted[sub] {
@@ -200,14 +202,17 @@ func encodeSpilled(b []byte, sub uint32, ev *record.Event) []byte {
 	return b
 }
 
-// decodeSpilled reads one row written by encodeSpilled into ev (strings are
-// fresh allocations; buf is a reusable read buffer).
-func decodeSpilled(r *bufio.Reader, buf []byte, ev *record.Event) ([]byte, uint32, error) {
-	var head [4]byte
-	if _, err := io.ReadFull(r, head[:]); err != nil {
+// decodeSpilled reads one row written by encodeSpilled into ev (its strings
+// come from strs; buf is a reusable read buffer).
+func decodeSpilled(r *bufio.Reader, buf []byte, ev *record.Event, strs *stringBlock) ([]byte, uint32, error) {
+	if cap(buf) < 4 {
+		buf = make([]byte, 4, 256)
+	}
+	// The length is read into buf: a local array would escape through io.ReadFull.
+	if _, err := io.ReadFull(r, buf[:4]); err != nil {
 		return buf, 0, err
 	}
-	n := int(binary.BigEndian.Uint32(head[:]))
+	n := int(binary.BigEndian.Uint32(buf[:4]))
 	if cap(buf) < n {
 		buf = make([]byte, n)
 	}
@@ -229,11 +234,13 @@ func decodeSpilled(r *bufio.Reader, buf []byte, ev *record.Event) ([]byte, uint3
 		}
 	}
 	rest := buf[fixed:]
-	// One allocation for the four strings, as the decoder does for its three.
-	all := string(rest)
-	strs := [4]*string{&ev.Type, &ev.Environment, &ev.Context, &ev.Problem}
+	// The four strings share bytes from strs, as the decoder's three do.
+	copied := strs.alloc(len(rest))
+	copy(copied, rest)
+	all := unsafe.String(unsafe.SliceData(copied), len(copied)) // never written again
+	fields := [4]*string{&ev.Type, &ev.Environment, &ev.Context, &ev.Problem}
 	pos := 0
-	for _, p := range strs {
+	for _, p := range fields {
 		if pos+4 > len(rest) {
 			return buf, 0, fmt.Errorf("%w: spilled row cut short", ErrMalformed)
 		}

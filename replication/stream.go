@@ -46,6 +46,8 @@ type Stream struct {
 	// (protocol 2); spill holds them until they commit.
 	streaming bool
 	spill     *spill
+	// binary is whether this session asks for values in binary format.
+	binary bool
 }
 
 // Open checks the preconditions, creates the slot when it does not exist, and opens
@@ -63,6 +65,10 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 	}
 	defer plain.Close(context.Background())
 	slot, err := CheckPreconditions(ctx, plain, cfg)
+	if err != nil {
+		return nil, err
+	}
+	binary, err := chooseBinary(ctx, plain, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -92,7 +98,7 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open replication connection: %w", err)
 	}
-	s := &Stream{cfg: cfg, log: log, conn: conn, dec: NewDecoder(cfg.Schema, cfg.Table, cfg.TimeZone)}
+	s := &Stream{cfg: cfg, log: log, conn: conn, dec: NewDecoder(cfg.Schema, cfg.Table, cfg.TimeZone), binary: binary}
 
 	if !slot.Exists {
 		res, err := pglogrepl.CreateReplicationSlot(ctx, conn, cfg.Slot, "pgoutput",
@@ -130,6 +136,64 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 // Streaming reports whether the session streams in-progress transactions
 // (pgoutput protocol 2).
 func (s *Stream) Streaming() bool { return s.streaming }
+
+// Binary reports whether the session asks for values in binary format.
+func (s *Stream) Binary() bool { return s.binary }
+
+// chooseBinary decides REPLICATION_BINARY for this session: binary format
+// needs PostgreSQL 14 and a binary reader for the type of every outbox column
+// the decoder reads. The types are read on every start, so a column whose type
+// changed to one without a reader gets text from the next session on.
+func chooseBinary(ctx context.Context, conn *pgx.Conn, cfg Config) (bool, error) {
+	if cfg.Binary == BinaryOff {
+		return false, nil
+	}
+	version := conn.PgConn().ParameterStatus("server_version")
+	if serverMajor(version) < 14 {
+		if cfg.Binary == BinaryOn {
+			return false, &PreconditionError{Problem: fmt.Sprintf("REPLICATION_BINARY is on, but PostgreSQL %s cannot send values in binary format", version),
+				Hint: "use PostgreSQL 14 or newer, or set REPLICATION_BINARY=auto (text on older servers)"}
+		}
+		return false, nil
+	}
+	col, typ, err := undecodableColumn(ctx, conn, cfg)
+	switch {
+	case err != nil:
+		return false, err
+	case col == "":
+		return true, nil
+	case cfg.Binary == BinaryOn:
+		return false, &PreconditionError{Problem: fmt.Sprintf("REPLICATION_BINARY is on, but column %s of %s.%s is of type %s, which the decoder cannot read in binary format", col, cfg.Schema, cfg.Table, typ),
+			Hint: "set REPLICATION_BINARY=auto (text for this table) or off"}
+	}
+	return false, nil
+}
+
+// undecodableColumn returns the first outbox column the decoder reads whose
+// type it cannot read in binary format, with the type's name; "" when none.
+func undecodableColumn(ctx context.Context, conn *pgx.Conn, cfg Config) (col, typ string, err error) {
+	rows, err := conn.Query(ctx, `SELECT attname, atttypid::int8, format_type(atttypid, atttypmod)
+		FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum`,
+		pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize())
+	if err != nil {
+		return "", "", fmt.Errorf("read the column types of %s.%s: %w", cfg.Schema, cfg.Table, err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var name, typName string
+		var oid int64
+		if err := rows.Scan(&name, &oid, &typName); err != nil {
+			return "", "", fmt.Errorf("read the column types of %s.%s: %w", cfg.Schema, cfg.Table, err)
+		}
+		if col == "" && !BinaryDecodable(name, uint32(oid)) {
+			col, typ = name, typName
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return "", "", fmt.Errorf("read the column types of %s.%s: %w", cfg.Schema, cfg.Table, err)
+	}
+	return col, typ, nil
+}
 
 // serverMajor reads the major version from server_version ("15.18 (Debian
 // 15.18-0+deb12u1)", "9.6.24"); 0 when it does not parse.
@@ -249,6 +313,9 @@ func (s *Stream) startReplication(ctx context.Context) error {
 		s.spill = sp
 		args = []string{"proto_version '2'", "streaming 'on'", "publication_names " + pgsql.Literal(pub)}
 	}
+	if s.binary {
+		args = append(args, "binary 'true'")
+	}
 	if err := pglogrepl.StartReplication(ctx, s.conn, s.cfg.Slot, pglogrepl.LSN(s.startLSN),
 		pglogrepl.StartReplicationOptions{Mode: pglogrepl.LogicalReplication, PluginArgs: args}); err != nil {
 		if fault.IsPostgres(err, pgerrcode.ObjectInUse) {
@@ -257,7 +324,7 @@ func (s *Stream) startReplication(ctx context.Context) error {
 		return fmt.Errorf("start replication on slot %q: %w", s.cfg.Slot, err)
 	}
 	s.log.Info("streaming", zap.String("from_lsn", pglogrepl.LSN(s.startLSN).String()),
-		zap.String("publication", s.cfg.Publication), zap.Bool("in_progress_transactions", s.streaming))
+		zap.String("publication", s.cfg.Publication), zap.Bool("in_progress_transactions", s.streaming), zap.Bool("binary", s.binary))
 	s.lastStatus = time.Now()
 	return nil
 }
@@ -404,7 +471,7 @@ func (r *receiver) handleCopyData(ctx context.Context, data []byte) error {
 				}
 				return r.stageRow(ctx, &r.msg)
 			}
-			return r.add(ctx, r.msg.Event)
+			return r.add(ctx, &r.msg.Event)
 		case KindCommit:
 			s.tracker.Commit(r.msg.EndLSN)
 		case KindStreamStop:
@@ -420,9 +487,15 @@ func (r *receiver) handleCopyData(ctx context.Context, data []byte) error {
 
 // add gives a row its sequence number and puts it into the open batch,
 // handing the batch over when it is full.
-func (r *receiver) add(ctx context.Context, ev record.Event) error {
+func (r *receiver) add(ctx context.Context, ev *record.Event) error {
 	seq := r.s.tracker.NextSeq()
-	if r.builder.Add(seq, ev, time.Now()) {
+	// The clock matters only to the row that opens a batch (its time bound
+	// starts there): the other rows skip reading it.
+	var now time.Time
+	if r.builder.Pending() == 0 {
+		now = time.Now()
+	}
+	if r.builder.Add(seq, *ev, now) {
 		return r.emit(ctx, r.builder.Take())
 	}
 	return nil
@@ -519,7 +592,7 @@ func (r *receiver) replay(ctx context.Context, m *Message) error {
 		if ev.CreatedAt.IsZero() { // no created_at column: as protocol 1 does
 			ev.CreatedAt = commitTime
 		}
-		return r.add(ctx, *ev)
+		return r.add(ctx, ev)
 	})
 	if err != nil {
 		return err

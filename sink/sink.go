@@ -55,7 +55,17 @@ type Config struct {
 	// name) whose Distributed table Table is, over LocalTable on every node;
 	// empty: a single server. See cluster.go.
 	Cluster string
+	// Compression is how inserts travel over the native protocol
+	// (CLICKHOUSE_COMPRESSION): "lz4" (the default) or "none". HTTP sends
+	// them uncompressed either way.
+	Compression string
 }
+
+// Compression methods.
+const (
+	CompressionLZ4  = "lz4"
+	CompressionNone = "none"
+)
 
 // Validate checks the configuration and fills defaults.
 func (c *Config) Validate() error {
@@ -83,6 +93,13 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxContextBytes <= 0 {
 		c.MaxContextBytes = 1 << 20
+	}
+	switch c.Compression {
+	case "":
+		c.Compression = CompressionLZ4
+	case CompressionLZ4, CompressionNone:
+	default:
+		return fmt.Errorf("CLICKHOUSE_COMPRESSION %q: want lz4 or none", c.Compression)
 	}
 	return nil
 }
@@ -220,6 +237,15 @@ func (w *Writer) version() (detected, legacy bool, minT, maxT time.Time) {
 
 // Connect opens a clickhouse-go connection from cfg (without checking it).
 func Connect(cfg Config) (driver.Conn, error) {
+	conn, err := clickhouse.Open(connectOptions(cfg))
+	if err != nil {
+		return nil, fmt.Errorf("open clickhouse connection to %s: %w", cfg.Addr, err)
+	}
+	return conn, nil
+}
+
+// connectOptions are clickhouse-go's options for cfg.
+func connectOptions(cfg Config) *clickhouse.Options {
 	proto := clickhouse.Native
 	if cfg.Protocol == "http" || cfg.Protocol == "https" {
 		proto = clickhouse.HTTP
@@ -236,14 +262,10 @@ func Connect(cfg Config) (driver.Conn, error) {
 		MaxOpenConns: 4,
 		MaxIdleConns: 2,
 	}
-	if proto == clickhouse.HTTP {
+	if proto == clickhouse.HTTP || cfg.Compression == CompressionNone {
 		opts.Compression = nil
 	}
-	conn, err := clickhouse.Open(opts)
-	if err != nil {
-		return nil, fmt.Errorf("open clickhouse connection to %s: %w", cfg.Addr, err)
-	}
-	return conn, nil
+	return opts
 }
 
 // DetectVersion reports whether the server needs the legacy schema (older than 22.x:

@@ -45,7 +45,9 @@ type Config struct {
 	Slot string
 	// Streaming, SpillDir, SpillMaxBytes: REPLICATION_STREAMING,
 	// STREAM_SPILL_DIR, STREAM_SPILL_MAX_BYTES (see replication.Config).
-	Streaming     string
+	Streaming string
+	// Binary is REPLICATION_BINARY (see replication.Config.Binary).
+	Binary        string
 	SpillDir      string
 	SpillMaxBytes int64
 	spillMaxBytes int
@@ -129,6 +131,7 @@ func Bind(src *Source, c *Config) {
 	src.Duration(&c.ClickHouse.DialTimeout, "CLICKHOUSE_CONNECT_TIMEOUT", "clickhouse-connect-timeout", 30*time.Second, "ClickHouse connect timeout")
 	src.Duration(&c.ClickHouse.ReadTimeout, "CLICKHOUSE_SEND_RECEIVE_TIMEOUT", "clickhouse-timeout", 10*time.Second, "ClickHouse send/receive timeout per request")
 	src.String(&c.ContextType, "CLICKHOUSE_CONTEXT_TYPE", "clickhouse-context-type", "String", "type of event_context when `migrate up` creates the event table: String, or JSON (ClickHouse 25.3+: queries read event_context.field as a subcolumn); an existing table keeps its type")
+	src.String(&c.ClickHouse.Compression, "CLICKHOUSE_COMPRESSION", "clickhouse-compression", "lz4", "how inserts travel over the native protocol: lz4, or none (less CPU in the streamer, more bytes on the link; for a ClickHouse on the same host or a fast network)")
 	src.Int(&c.ClickHouse.MaxContextBytes, "EVENT_MAX_CONTEXT_BYTES", "max-context-bytes", 1<<20, 1, "largest event_context delivered; larger events are failed")
 
 	src.Group("Replication")
@@ -137,6 +140,7 @@ func Bind(src *Source, c *Config) {
 	src.Duration(&c.SlotBusyTimeout, "SLOT_BUSY_TIMEOUT", "slot-busy-timeout", 30*time.Second, "on start, how long to wait for a slot held by another connection (a previous leader's walsender) before giving up")
 	src.Duration(&c.StatusInterval, "STATUS_INTERVAL", "status-interval", time.Second, "how often the acknowledged LSN is reported to PostgreSQL")
 	src.String(&c.Streaming, "REPLICATION_STREAMING", "streaming", "auto", "stream in-progress transactions (pgoutput protocol 2): auto (PostgreSQL 14+), on, or off (protocol 1: the server holds a transaction until its commit and spills it to its own disk)")
+	src.String(&c.Binary, "REPLICATION_BINARY", "binary", "auto", "values in pgoutput's binary format (binary 'true'): auto (PostgreSQL 14+, when every outbox column's type has a binary decoder), on (refuses otherwise), or off (text)")
 	src.String(&c.SpillDir, "STREAM_SPILL_DIR", "spill-dir", "", "where in-progress streamed transactions wait for their commit (emptied when streaming starts; default: a directory per slot under the temporary directory)")
 	src.Int(&c.spillMaxBytes, "STREAM_SPILL_MAX_BYTES", "spill-max-bytes", 4<<30, 0, "bound of STREAM_SPILL_DIR; past it the streamer goes on with protocol 1 until it restarts (0: no bound)")
 	src.Bool(&c.StreamStaging, "STREAM_STAGING", "stream-staging", true, "write streamed transactions to ClickHouse's <table>_staging while they run and copy them into the event table with one INSERT ... SELECT at their commit (one server, after migration 2); false: they are inserted from the local spill after their commit")
@@ -222,6 +226,15 @@ func (c *Config) finish(src *Source) error {
 	default:
 		return fmt.Errorf("invalid REPLICATION_STREAMING (--streaming) %q: want auto, on or off", c.Streaming)
 	}
+	switch c.Binary = strings.ToLower(strings.TrimSpace(c.Binary)); c.Binary {
+	case "auto", "on", "off":
+	case "true", "1", "yes":
+		c.Binary = "on"
+	case "false", "0", "no":
+		c.Binary = "off"
+	default:
+		return fmt.Errorf("invalid REPLICATION_BINARY (--binary) %q: want auto, on or off", c.Binary)
+	}
 	if c.SentryEnv == "" {
 		c.SentryEnv = c.Environment
 	}
@@ -240,6 +253,11 @@ func (c *Config) finish(src *Source) error {
 		if err := c.applyClickHouseURI(src); err != nil {
 			return err
 		}
+	}
+	switch c.ClickHouse.Compression = strings.ToLower(strings.TrimSpace(c.ClickHouse.Compression)); c.ClickHouse.Compression {
+	case "lz4", "none":
+	default:
+		return fmt.Errorf("invalid CLICKHOUSE_COMPRESSION (--clickhouse-compression) %q: want lz4 or none", c.ClickHouse.Compression)
 	}
 	c.ClickHouse.Protocol = strings.ToLower(c.ClickHouse.Protocol)
 	switch c.ClickHouse.Protocol {

@@ -52,6 +52,8 @@ func TestBadValuesNameTheSetting(t *testing.T) {
 		{map[string]string{"CLICKHOUSE_PROTOCOL": "grpc"}, "invalid CLICKHOUSE_PROTOCOL"},
 		{map[string]string{"EVENT_TIME_ZONE": "Mars/Olympus"}, "invalid EVENT_TIME_ZONE"},
 		{map[string]string{"CLICKHOUSE_URI": "::nonsense"}, "invalid CLICKHOUSE_URI"},
+		{map[string]string{"REPLICATION_BINARY": "sometimes"}, "invalid REPLICATION_BINARY (--binary)"},
+		{map[string]string{"CLICKHOUSE_COMPRESSION": "zstd"}, "invalid CLICKHOUSE_COMPRESSION (--clickhouse-compression)"},
 	}
 	for _, c := range cases {
 		_, err := load(t, c.env)
@@ -324,5 +326,41 @@ func TestClickHouseCluster(t *testing.T) {
 	cfg, err = load(t, map[string]string{"CLICKHOUSE_CLUSTER": "from_env"}, "--clickhouse-cluster", "from flag")
 	if err != nil || cfg.ClickHouse.Cluster != "from flag" {
 		t.Fatalf("--clickhouse-cluster: cluster = %q, %v", cfg.ClickHouse.Cluster, err)
+	}
+}
+
+func TestReplicationBinary(t *testing.T) {
+	for _, c := range []struct {
+		env  map[string]string
+		args []string
+		want string
+	}{
+		{nil, nil, "auto"},
+		{map[string]string{"REPLICATION_BINARY": "ON"}, nil, "on"},
+		{map[string]string{"REPLICATION_BINARY": "false"}, nil, "off"},
+		{map[string]string{"REPLICATION_BINARY": "on"}, []string{"--binary", "off"}, "off"},
+	} {
+		cfg, err := load(t, c.env, c.args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.Binary != c.want {
+			t.Errorf("%v %v: Binary = %q, want %q", c.env, c.args, cfg.Binary, c.want)
+		}
+	}
+}
+
+func TestClickHouseCompression(t *testing.T) {
+	for env, want := range map[string]string{"": "lz4", "LZ4": "lz4", "none": "none"} {
+		cfg, err := load(t, map[string]string{"CLICKHOUSE_COMPRESSION": env})
+		if env == "" {
+			cfg, err = load(t, nil)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.ClickHouse.Compression != want {
+			t.Errorf("CLICKHOUSE_COMPRESSION=%q: %q, want %q", env, cfg.ClickHouse.Compression, want)
+		}
 	}
 }

@@ -26,6 +26,7 @@ func PipelineConfig(cfg *config.Config) pipeline.Config {
 			StatusInterval: cfg.StatusInterval,
 			TimeZone:       cfg.TimeZone,
 			Streaming:      cfg.Streaming,
+			Binary:         cfg.Binary,
 			SpillDir:       cfg.SpillDir,
 			SpillMaxBytes:  cfg.SpillMaxBytes,
 		},
