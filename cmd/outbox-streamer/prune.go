@@ -8,7 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/duration"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 )
 
@@ -25,7 +25,7 @@ func cmdPrune(args []string, stdout, stderr io.Writer) error {
 	}
 	age := cfg.Retention
 	if olderThan != "" {
-		if age, err = config.ParseDuration(olderThan); err != nil || age <= 0 {
+		if age, err = duration.Parse(olderThan); err != nil || age <= 0 {
 			return fmt.Errorf("--older-than %q: want a positive duration such as 7d, 36h or 90 (seconds)", olderThan)
 		}
 	}
