@@ -68,7 +68,7 @@ func (s *ReadStats) Add(o ReadStats) {
 // VerifySums returns the checksum of each bucket of r that holds rows, in
 // bucket order: one GROUP BY over the range.
 func (w *Writer) VerifySums(ctx context.Context, r VerifyRange) ([]BucketSum, ReadStats, error) {
-	q, err := w.VerifySumsSQL(ctx, r)
+	q, err := w.verifySumsSQL(ctx, r)
 	if err != nil {
 		return nil, ReadStats{}, err
 	}
@@ -93,9 +93,8 @@ func (w *Writer) VerifySums(ctx context.Context, r VerifyRange) ([]BucketSum, Re
 	return out, stats(), nil
 }
 
-// VerifySumsSQL is the statement VerifySums runs (for docs/verify.md and
-// auditors who run it by hand).
-func (w *Writer) VerifySumsSQL(ctx context.Context, r VerifyRange) (string, error) {
+// verifySumsSQL is the statement VerifySums runs.
+func (w *Writer) verifySumsSQL(ctx context.Context, r VerifyRange) (string, error) {
 	if err := w.Ready(ctx); err != nil {
 		return "", err
 	}
