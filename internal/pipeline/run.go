@@ -257,7 +257,8 @@ func (r *run) startBackfill(ctx context.Context, snapshot string) error {
 			r.log.Warn("backfill stopped; the rows it did not deliver stay pending and the sweep's rescue delivers them", zap.Error(err))
 			return
 		}
-		r.log.Info(BackfillLogMsg, zap.Int64("backfilled_rows", res.Backfilled))
+		cfg.Metrics.ObserveBackfill(res.Backfilled)
+		r.log.Info("new replication slot: pending rows committed before it were backfilled", zap.Int64("backfilled_rows", res.Backfilled))
 	})
 	return nil
 }
@@ -291,11 +292,6 @@ func (r *run) startVerifies(ctx context.Context) {
 		r.tasks.Go(func() { runVerifies(ctx, r.cfg, r.pool, r.ch, r.log) })
 	}
 }
-
-// BackfillLogMsg is what the pipeline logs when a new slot's backfill has
-// taken every row of the slot's snapshot (with their count as
-// backfilled_rows); the benchmark waits for it.
-const BackfillLogMsg = "new replication slot: pending rows committed before it were backfilled"
 
 // runSweeps sweeps at once and then every interval until ctx ends, and prunes
 // after each sweep (so at least as often). A sweep that finds ClickHouse
