@@ -339,6 +339,25 @@ func (w *Writer) Insert(ctx context.Context, events []record.Event) error {
 		return fmt.Errorf("prepare insert into %s: %w", w.table, err)
 	}
 	n := len(events)
+	lsns := make([]uint64, n)
+	for i := range events {
+		lsns[i] = events[i].CommitLSN
+	}
+	if err := appendColumns(b, append(eventColumnValues(events), lsns), w.table); err != nil {
+		return err
+	}
+	if err := b.Send(); err != nil {
+		w.noteFailure(err)
+		return fmt.Errorf("insert %d rows into %s: %w", n, w.table, err)
+	}
+	return nil
+}
+
+// eventColumnValues are the columns of events that the event table and its
+// staging table share, in insert order: event_id, event_type,
+// event_date_time, environment, event_context, metadata_version, created_at.
+func eventColumnValues(events []record.Event) []any {
+	n := len(events)
 	ids := make([]uint64, n)
 	types := make([]string, n)
 	times := make([]time.Time, n)
@@ -346,28 +365,21 @@ func (w *Writer) Insert(ctx context.Context, events []record.Event) error {
 	ctxs := make([]string, n)
 	versions := make([]int64, n)
 	created := make([]time.Time, n)
-	lsns := make([]uint64, n)
 	for i := range events {
 		ev := &events[i]
-		ids[i] = uint64(ev.ID)
-		types[i] = ev.Type
-		times[i] = ev.Time
-		envs[i] = ev.Environment
-		ctxs[i] = ev.Context
-		versions[i] = ev.MetadataVersion
-		created[i] = ev.CreatedAt
-		lsns[i] = ev.CommitLSN
+		ids[i], types[i], times[i], envs[i] = uint64(ev.ID), ev.Type, ev.Time, ev.Environment
+		ctxs[i], versions[i], created[i] = ev.Context, ev.MetadataVersion, ev.CreatedAt
 	}
-	cols := []any{ids, types, times, envs, ctxs, versions, created, lsns}
+	return []any{ids, types, times, envs, ctxs, versions, created}
+}
+
+// appendColumns fills b's columns in order, and aborts b when one fails.
+func appendColumns(b driver.Batch, cols []any, table string) error {
 	for i, c := range cols {
 		if err := b.Column(i).Append(c); err != nil {
 			_ = b.Abort()
-			return fmt.Errorf("build column %d of insert into %s: %w", i, w.table, err)
+			return fmt.Errorf("build column %d of insert into %s: %w", i, table, err)
 		}
-	}
-	if err := b.Send(); err != nil {
-		w.noteFailure(err)
-		return fmt.Errorf("insert %d rows into %s: %w", n, w.table, err)
 	}
 	return nil
 }

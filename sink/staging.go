@@ -71,24 +71,11 @@ func (w *Writer) Stage(ctx context.Context, s Staged, subxids []uint32, events [
 	n := len(events)
 	slots := make([]string, n)
 	xids := make([]uint32, n)
-	ids := make([]uint64, n)
-	types := make([]string, n)
-	times := make([]time.Time, n)
-	envs := make([]string, n)
-	ctxs := make([]string, n)
-	versions := make([]int64, n)
-	created := make([]time.Time, n)
 	for i := range events {
-		ev := &events[i]
 		slots[i], xids[i] = s.Slot, s.Xid
-		ids[i], types[i], times[i], envs[i] = uint64(ev.ID), ev.Type, ev.Time, ev.Environment
-		ctxs[i], versions[i], created[i] = ev.Context, ev.MetadataVersion, ev.CreatedAt
 	}
-	for i, c := range []any{slots, xids, subxids, ids, types, times, envs, ctxs, versions, created} {
-		if err := b.Column(i).Append(c); err != nil {
-			_ = b.Abort()
-			return fmt.Errorf("build column %d of insert into %s: %w", i, w.stagingTable(), err)
-		}
+	if err := appendColumns(b, append([]any{slots, xids, subxids}, eventColumnValues(events)...), w.stagingTable()); err != nil {
+		return err
 	}
 	if err := b.Send(); err != nil {
 		w.noteFailure(err)
