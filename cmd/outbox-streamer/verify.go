@@ -11,8 +11,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
-
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
 	"github.com/outbox-streamer/outbox-streamer/internal/duration"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
@@ -80,15 +78,11 @@ func cmdVerify(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 
-	log := newLogger(cfg, forPerson)
-	defer log.Sync() //nolint:errcheck // nothing useful to do on a failed flush of stderr
-	ctx, _, stop := signalContext(log)
-	defer stop()
-	pool, err := pgxpool.New(ctx, cfg.PostgresDSN)
+	ctx, log, pool, done, err := openCommand(cfg)
 	if err != nil {
-		return fmt.Errorf("DATABASE_URL: %w", err)
+		return err
 	}
-	defer pool.Close()
+	defer done()
 	ch, err := sink.Open(ctx, cfg.ClickHouse, log)
 	if err != nil {
 		return err
