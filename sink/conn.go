@@ -17,22 +17,22 @@ import (
 
 // Open connects to ClickHouse and detects the server version; an unreachable
 // server is an error.
-func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Writer, error) {
-	w, err := OpenLazy(cfg, log)
+func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Client, error) {
+	c, err := OpenLazy(cfg, log)
 	if err != nil {
 		return nil, err
 	}
-	if err := w.Ready(ctx); err != nil {
-		w.Close()
+	if err := c.Ready(ctx); err != nil {
+		c.Close()
 		return nil, err
 	}
-	return w, nil
+	return c, nil
 }
 
-// OpenLazy returns a writer without talking to the server: the streamer
+// OpenLazy returns a client without talking to the server: the streamer
 // starts, and reads its slot, while ClickHouse is down (the outbox is the
 // buffer). Call Ready before Validate; Insert calls it itself.
-func OpenLazy(cfg Config, log *zap.Logger) (*Writer, error) {
+func OpenLazy(cfg Config, log *zap.Logger) (*Client, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -40,43 +40,43 @@ func OpenLazy(cfg Config, log *zap.Logger) (*Writer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Writer{conn: conn, cfg: cfg, table: QuoteIdent(cfg.Database) + "." + QuoteIdent(cfg.Table), log: log.Named("sink")}, nil
+	return &Client{conn: conn, cfg: cfg, table: QuoteIdent(cfg.Database) + "." + QuoteIdent(cfg.Table), log: log.Named("sink")}, nil
 }
 
 // Ready detects the server's version unless known already. Its error says
 // which server could not be reached; fault.Retryable tells whether waiting
 // may help.
-func (w *Writer) Ready(ctx context.Context) error {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.detected {
+func (c *Client) Ready(ctx context.Context) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.detected {
 		return nil
 	}
-	legacy, ver, err := DetectVersion(ctx, w.conn)
+	legacy, ver, err := DetectVersion(ctx, c.conn)
 	if err != nil {
 		if fault.AuthFailed(err) {
-			return &AuthError{Addr: w.cfg.Addr, User: w.cfg.User, Code: fault.ClickHouseCode(err), err: err}
+			return &AuthError{Addr: c.cfg.Addr, User: c.cfg.User, Code: fault.ClickHouseCode(err), err: err}
 		}
 		if fault.Retryable(err) {
-			w.lastFailure = time.Now()
+			c.lastFailure = time.Now()
 		}
-		return fmt.Errorf("clickhouse at %s is unreachable (check CLICKHOUSE_HOST/CLICKHOUSE_PORT/CLICKHOUSE_PROTOCOL and credentials): %w", w.cfg.Addr, err)
+		return fmt.Errorf("clickhouse at %s is unreachable (check CLICKHOUSE_HOST/CLICKHOUSE_PORT/CLICKHOUSE_PROTOCOL and credentials): %w", c.cfg.Addr, err)
 	}
-	if w.cfg.Cluster != "" {
-		ci, err := loadCluster(ctx, w.conn, w.cfg, ver)
+	if c.cfg.Cluster != "" {
+		ci, err := loadCluster(ctx, c.conn, c.cfg, ver)
 		if err != nil {
 			if fault.Retryable(err) {
-				w.lastFailure = time.Now()
+				c.lastFailure = time.Now()
 			}
 			return err
 		}
-		w.cluster = ci
-		w.log.Info("clickhouse cluster", zap.String("cluster", w.cfg.Cluster), zap.Int("shards", ci.shards),
+		c.cluster = ci
+		c.log.Info("clickhouse cluster", zap.String("cluster", c.cfg.Cluster), zap.Int("shards", ci.shards),
 			zap.Int("replicas_per_shard", ci.replicas), zap.Strings("nodes", ci.addrs()), zap.Int("insert_quorum", ci.quorum()))
 	}
-	w.legacy, w.detected = legacy, true
-	w.minT, w.maxT = TimeRange(legacy)
-	w.log.Info("connected to clickhouse", zap.String("addr", w.cfg.Addr), zap.String("version", ver), zap.Bool("legacy_schema", legacy))
+	c.legacy, c.detected = legacy, true
+	c.minT, c.maxT = TimeRange(legacy)
+	c.log.Info("connected to clickhouse", zap.String("addr", c.cfg.Addr), zap.String("version", ver), zap.Bool("legacy_schema", legacy))
 	return nil
 }
 
@@ -98,10 +98,10 @@ func (e *AuthError) Error() string {
 func (e *AuthError) Unwrap() error { return e.err }
 
 // version returns what Ready learnt.
-func (w *Writer) version() (detected, legacy bool, minT, maxT time.Time) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.detected, w.legacy, w.minT, w.maxT
+func (c *Client) version() (detected, legacy bool, minT, maxT time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.detected, c.legacy, c.minT, c.maxT
 }
 
 // Connect opens a clickhouse-go connection from cfg (without checking it).
@@ -156,12 +156,12 @@ func TimeRange(legacy bool) (min, max time.Time) {
 }
 
 // Close closes the connection (and those to the cluster's nodes).
-func (w *Writer) Close() error {
-	w.mu.Lock()
-	ci := w.cluster
-	w.mu.Unlock()
+func (c *Client) Close() error {
+	c.mu.Lock()
+	ci := c.cluster
+	c.mu.Unlock()
 	if ci != nil {
 		ci.close()
 	}
-	return w.conn.Close()
+	return c.conn.Close()
 }

@@ -22,8 +22,8 @@ var ErrNotConnected = errors.New("clickhouse version not known yet (not connecte
 
 // Validate reports why ev cannot be stored faithfully, or nil. ClickHouse would
 // silently wrap an out-of-range DateTime, so ranges are checked here.
-func (w *Writer) Validate(ev *record.Event) error {
-	detected, _, minT, maxT := w.version()
+func (c *Client) Validate(ev *record.Event) error {
+	detected, _, minT, maxT := c.version()
 	if !detected {
 		return ErrNotConnected
 	}
@@ -39,8 +39,8 @@ func (w *Writer) Validate(ev *record.Event) error {
 	if err := checkTime("created_at", ev.CreatedAt, minT, maxT); err != nil {
 		return err
 	}
-	if len(ev.Context) > w.cfg.MaxContextBytes {
-		return fmt.Errorf("event_context is %d bytes, over the %d-byte limit", len(ev.Context), w.cfg.MaxContextBytes)
+	if len(ev.Context) > c.cfg.MaxContextBytes {
+		return fmt.Errorf("event_context is %d bytes, over the %d-byte limit", len(ev.Context), c.cfg.MaxContextBytes)
 	}
 	return nil
 }
@@ -53,45 +53,45 @@ func checkTime(col string, t, minT, maxT time.Time) error {
 	return nil
 }
 
-// Columns inserted by the writer, in order.
+// Columns of an insert into the event table, in order.
 const insertColumns = "event_id, event_type, event_date_time, environment, event_context, metadata_version, created_at, commit_lsn"
 
 // Insert writes events in one INSERT. The caller validated them.
-func (w *Writer) Insert(ctx context.Context, events []record.Event) error {
+func (c *Client) Insert(ctx context.Context, events []record.Event) error {
 	if len(events) == 0 {
 		return nil
 	}
-	if err := w.Ready(ctx); err != nil {
+	if err := c.Ready(ctx); err != nil {
 		return err
 	}
-	_, legacy, _, _ := w.version()
+	_, legacy, _, _ := c.version()
 	settings := clickhouse.Settings{}
 	if !legacy {
 		// A re-sent copy of this insert (after an answer that was lost) is
 		// then dropped by the server, whatever of it had been committed.
 		settings["insert_deduplication_token"] = DedupToken(events) + "-" + attemptOf(ctx)
 	}
-	if ci := w.clusterInfo(); ci != nil {
-		ci.insertSettings(settings, w.cfg.ReadTimeout)
+	if ci := c.clusterInfo(); ci != nil {
+		ci.insertSettings(settings, c.cfg.ReadTimeout)
 	}
 	if len(settings) > 0 {
 		ctx = clickhouse.Context(ctx, clickhouse.WithSettings(settings))
 	}
-	b, err := w.conn.PrepareBatch(ctx, "INSERT INTO "+w.table+" ("+insertColumns+")")
+	b, err := c.conn.PrepareBatch(ctx, "INSERT INTO "+c.table+" ("+insertColumns+")")
 	if err != nil {
-		return fmt.Errorf("prepare insert into %s: %w", w.table, err)
+		return fmt.Errorf("prepare insert into %s: %w", c.table, err)
 	}
 	n := len(events)
 	lsns := make([]uint64, n)
 	for i := range events {
 		lsns[i] = events[i].CommitLSN
 	}
-	if err := appendColumns(b, append(eventColumnValues(events), lsns), w.table); err != nil {
+	if err := appendColumns(b, append(eventColumnValues(events), lsns), c.table); err != nil {
 		return err
 	}
 	if err := b.Send(); err != nil {
-		w.noteFailure(err)
-		return fmt.Errorf("insert %d rows into %s: %w", n, w.table, err)
+		c.noteFailure(err)
+		return fmt.Errorf("insert %d rows into %s: %w", n, c.table, err)
 	}
 	return nil
 }

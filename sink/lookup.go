@@ -16,35 +16,35 @@ import (
 
 // ExistingIDs returns which of the events' ids the table already holds. The time
 // bounds let ClickHouse prune partitions.
-func (w *Writer) ExistingIDs(ctx context.Context, events []record.Event) (map[int64]struct{}, error) {
+func (c *Client) ExistingIDs(ctx context.Context, events []record.Event) (map[int64]struct{}, error) {
 	found := make(map[int64]struct{})
 	if len(events) == 0 {
 		return found, nil
 	}
-	if err := w.Ready(ctx); err != nil {
+	if err := c.Ready(ctx); err != nil {
 		return nil, err
 	}
-	if ci := w.clusterInfo(); ci != nil {
-		return w.clusterExistingIDs(ctx, ci, events)
+	if ci := c.clusterInfo(); ci != nil {
+		return c.clusterExistingIDs(ctx, ci, events)
 	}
-	w.awaitInsertsDone(ctx)
-	q := w.lookupQuery(events, w.table)
-	rows, err := w.conn.Query(ctx, q)
+	c.awaitInsertsDone(ctx)
+	q := c.lookupQuery(events, c.table)
+	rows, err := c.conn.Query(ctx, q)
 	if err != nil {
-		w.noteFailure(err)
-		return nil, fmt.Errorf("look up %d event ids in %s: %w", len(events), w.table, err)
+		c.noteFailure(err)
+		return nil, fmt.Errorf("look up %d event ids in %s: %w", len(events), c.table, err)
 	}
 	defer rows.Close()
 	if err := scanIDs(rows, found); err != nil {
-		return nil, fmt.Errorf("look up event ids in %s: %w", w.table, err)
+		return nil, fmt.Errorf("look up event ids in %s: %w", c.table, err)
 	}
 	return found, nil
 }
 
 // lookupQuery selects which of the events' ids table holds; the time bounds
 // let ClickHouse prune partitions.
-func (w *Writer) lookupQuery(events []record.Event, table string) string {
-	_, legacy, _, maxValid := w.version()
+func (c *Client) lookupQuery(events []record.Event, table string) string {
+	_, legacy, _, maxValid := c.version()
 	var sb strings.Builder
 	minT, maxT := events[0].Time, events[0].Time
 	sb.WriteString("SELECT event_id FROM ")
@@ -92,11 +92,11 @@ func scanIDs(rows driver.Rows, found map[int64]struct{}) error {
 const settleQuiet = time.Second
 
 // noteFailure records a transient failure of the server.
-func (w *Writer) noteFailure(err error) {
+func (c *Client) noteFailure(err error) {
 	if err != nil && fault.Retryable(err) {
-		w.mu.Lock()
-		w.lastFailure = time.Now()
-		w.mu.Unlock()
+		c.mu.Lock()
+		c.lastFailure = time.Now()
+		c.mu.Unlock()
 	}
 }
 
@@ -112,25 +112,25 @@ func (w *Writer) noteFailure(err error) {
 // it resumes; then the server must show no insert for settleQuiet in a row,
 // once per recovery, before the lookup is trusted. The wait is bounded (three
 // ReadTimeouts), after which the lookup goes ahead with a warning.
-func (w *Writer) awaitInsertsDone(ctx context.Context) {
-	q := "SELECT count() FROM system.processes WHERE position(query, " + quoteString("INSERT INTO "+w.table) + ") = 1"
+func (c *Client) awaitInsertsDone(ctx context.Context) {
+	q := "SELECT count() FROM system.processes WHERE position(query, " + quoteString("INSERT INTO "+c.table) + ") = 1"
 	running := func(ctx context.Context) (uint64, error) {
 		var n uint64
-		err := w.conn.QueryRow(ctx, q).Scan(&n)
+		err := c.conn.QueryRow(ctx, q).Scan(&n)
 		return n, err
 	}
-	if ci := w.clusterInfo(); ci != nil {
+	if ci := c.clusterInfo(); ci != nil {
 		running = ci.runningInserts
 	}
-	w.mu.Lock()
-	needQuiet := w.lastFailure.After(w.settledAt)
-	w.mu.Unlock()
-	deadline := time.Now().Add(3 * w.cfg.ReadTimeout)
+	c.mu.Lock()
+	needQuiet := c.lastFailure.After(c.settledAt)
+	c.mu.Unlock()
+	deadline := time.Now().Add(3 * c.cfg.ReadTimeout)
 	var quietSince time.Time
 	for {
 		n, err := running(ctx)
 		if err != nil {
-			w.noteFailure(err)
+			c.noteFailure(err)
 			return // the error shows again in the lookup itself
 		}
 		if n == 0 {
@@ -140,16 +140,16 @@ func (w *Writer) awaitInsertsDone(ctx context.Context) {
 			if quietSince.IsZero() {
 				quietSince = time.Now()
 			} else if time.Since(quietSince) >= settleQuiet {
-				w.mu.Lock()
-				w.settledAt = time.Now()
-				w.mu.Unlock()
+				c.mu.Lock()
+				c.settledAt = time.Now()
+				c.mu.Unlock()
 				return
 			}
 		} else {
 			quietSince = time.Time{}
 		}
 		if time.Now().After(deadline) {
-			w.log.Warn("inserts into the event table still running; looking up ids anyway", zap.Uint64("running", n))
+			c.log.Warn("inserts into the event table still running; looking up ids anyway", zap.Uint64("running", n))
 			return
 		}
 		select {
@@ -162,11 +162,11 @@ func (w *Writer) awaitInsertsDone(ctx context.Context) {
 
 // Count returns the number of rows in the event table (for the demo's
 // progress; not for checks of delivery, which need the ids).
-func (w *Writer) Count(ctx context.Context) (uint64, error) {
+func (c *Client) Count(ctx context.Context) (uint64, error) {
 	var n uint64
-	if err := w.conn.QueryRow(ctx, "SELECT count() FROM "+w.table).Scan(&n); err != nil {
-		w.noteFailure(err)
-		return 0, fmt.Errorf("count rows in %s: %w", w.table, err)
+	if err := c.conn.QueryRow(ctx, "SELECT count() FROM "+c.table).Scan(&n); err != nil {
+		c.noteFailure(err)
+		return 0, fmt.Errorf("count rows in %s: %w", c.table, err)
 	}
 	return n, nil
 }
@@ -175,12 +175,12 @@ func (w *Writer) Count(ctx context.Context) (uint64, error) {
 // into the event table within the last window (0 when there are none): what
 // ClickHouse holds, whatever record of it PostgreSQL kept. inserted_at has a
 // skipping index on modern servers (migration 3).
-func (w *Writer) DeliveredCeiling(ctx context.Context, window time.Duration) (uint64, error) {
+func (c *Client) DeliveredCeiling(ctx context.Context, window time.Duration) (uint64, error) {
 	var lsn uint64
-	q := fmt.Sprintf("SELECT max(commit_lsn) FROM %s WHERE inserted_at >= now() - INTERVAL %d SECOND", w.table, int64(window/time.Second))
-	if err := w.conn.QueryRow(ctx, q).Scan(&lsn); err != nil {
-		w.noteFailure(err)
-		return 0, fmt.Errorf("read the highest commit LSN in %s: %w", w.table, err)
+	q := fmt.Sprintf("SELECT max(commit_lsn) FROM %s WHERE inserted_at >= now() - INTERVAL %d SECOND", c.table, int64(window/time.Second))
+	if err := c.conn.QueryRow(ctx, q).Scan(&lsn); err != nil {
+		c.noteFailure(err)
+		return 0, fmt.Errorf("read the highest commit LSN in %s: %w", c.table, err)
 	}
 	return lsn, nil
 }

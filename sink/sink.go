@@ -75,8 +75,10 @@ func (c *Config) Validate() error {
 	return nil
 }
 
-// Writer inserts batches into the event table.
-type Writer struct {
+// Client is the streamer's connection to ClickHouse's event table: it validates
+// and inserts events, stages streamed transactions, looks up and counts what
+// the table holds, and reads it for verify.
+type Client struct {
 	conn  driver.Conn
 	cfg   Config
 	table string // quoted db.table
@@ -98,4 +100,4 @@ type Writer struct {
 }
 
 // Table is the event table's quoted name (database.table).
-func (w *Writer) Table() string { return w.table }
+func (c *Client) Table() string { return c.table }

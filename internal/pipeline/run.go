@@ -56,7 +56,7 @@ const eventTableCheckWait = 3 * time.Second
 // event_log): nothing is inserted into it. It asks ClickHouse only once
 // PostgreSQL answered, and an unreachable ClickHouse is no reason not to
 // start (the outbox buffers until it is back): that is only logged.
-func checkEventTable(ctx context.Context, ch *sink.Writer, pool *pgxpool.Pool, log *zap.Logger) error {
+func checkEventTable(ctx context.Context, ch *sink.Client, pool *pgxpool.Pool, log *zap.Logger) error {
 	if err := pool.Ping(ctx); err != nil {
 		return fmt.Errorf("connect to postgres: %w", err)
 	}
@@ -116,7 +116,7 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 type run struct {
 	cfg    Config
 	log    *zap.Logger
-	ch     *sink.Writer
+	ch     *sink.Client
 	pool   *pgxpool.Pool
 	stream *replication.Stream
 	store  *outboxstore.Store

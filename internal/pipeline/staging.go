@@ -13,7 +13,7 @@ import (
 )
 
 // Stager keeps the rows of streamed transactions in ClickHouse until they
-// commit (implemented by *sink.Writer; see sink.StagingTable).
+// commit (implemented by *sink.Client; see sink.StagingTable).
 type Stager interface {
 	StagingAvailable(ctx context.Context) (bool, error)
 	ClearStaging(ctx context.Context, slot string) error

@@ -18,7 +18,7 @@ import (
 // comparison) and records the result in metrics, where an alert watches it.
 // It never repairs: a difference is for an operator to look at
 // (`outbox-streamer verify --repair`).
-func runVerifies(ctx context.Context, cfg Config, pool *pgxpool.Pool, ch *sink.Writer, log *zap.Logger) {
+func runVerifies(ctx context.Context, cfg Config, pool *pgxpool.Pool, ch *sink.Client, log *zap.Logger) {
 	cfg.Metrics.SetVerifyInterval(cfg.VerifyInterval)
 	t := time.NewTicker(cfg.VerifyInterval)
 	defer t.Stop()

@@ -26,7 +26,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/telemetry"
 )
 
-// Sink is where events go (implemented by *sink.Writer).
+// Sink is where events go (implemented by *sink.Client).
 type Sink = delivery.Sink
 
 // Outbox updates the status of outbox rows (implemented by *outboxstore.Store).
