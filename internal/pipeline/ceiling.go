@@ -8,6 +8,15 @@ import (
 	"go.uber.org/zap"
 )
 
+// recordCoversReplay reports whether the in-flight record inflight may cover
+// rows a session resuming at start replays. At or past start: the slot
+// confirms commit end positions and the record holds commit start positions,
+// and the next transaction's commit can start exactly where the last
+// confirmed one ended; PostgreSQL sends that transaction again.
+func recordCoversReplay(inflight, start uint64) bool {
+	return inflight != 0 && inflight >= start
+}
+
 // Ceiling tells the highest commit LSN the event table received lately
 // (implemented by *sink.Client).
 type Ceiling interface {

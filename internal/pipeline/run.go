@@ -161,11 +161,7 @@ func open(ctx context.Context, cfg Config, log *zap.Logger) (_ *run, err error) 
 		return nil, err
 	}
 	wcfg := cfg.Writer
-	// At or past: the stream confirms commit end positions and the record
-	// holds commit start positions, and the next transaction's commit can
-	// start exactly where the last confirmed one ended; PostgreSQL sends
-	// that transaction again.
-	if inflight != 0 && inflight >= r.stream.StartLSN() {
+	if recordCoversReplay(inflight, r.stream.StartLSN()) {
 		wcfg.InDoubtUntil = inflight
 		log.Info("rows up to the recorded in-flight LSN will be checked against ClickHouse before insert",
 			zap.String("acknowledged_lsn", pglogrepl.LSN(r.stream.StartLSN()).String()),
