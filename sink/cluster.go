@@ -18,7 +18,7 @@ import (
 
 // On a cluster (Config.Cluster, CLICKHOUSE_CLUSTER) the event table is a
 // Distributed table over LocalTable(Table) on every node (see the
-// migrations' cluster flavours), and the writer keeps exactly-once delivery
+// migrations' cluster flavours), and the client keeps exactly-once delivery
 // as follows (docs/clickhouse-cluster.md has the argument and the
 // measurements):
 //
@@ -26,7 +26,7 @@ import (
 //     (insert_distributed_sync / distributed_foreground_insert = 1): an
 //     acknowledged insert is on every shard. The server routes rows by the
 //     sharding key, so an event always lands on the same shard and the
-//     writer needs no topology for inserting.
+//     client needs no topology for inserting.
 //   - On replicated shards, with insert_quorum = the replicas per shard: an
 //     acknowledged insert is on every replica. insert_quorum_timeout is below
 //     the request timeout, so a quorum that cannot be reached ends as the
@@ -53,14 +53,14 @@ import (
 //     progress and no node still holds a part of a failed quorum
 //     (awaitQuorumsSettled): then every part it reads stays.
 //
-// The writer learns the nodes from system.clusters of the server it is
+// The client learns the nodes from system.clusters of the server it is
 // connected to and connects to each by the host and port named there.
 
 // LocalTable is the name of the event table's local table on every node of
 // a cluster: table + "_local".
 func LocalTable(table string) string { return table + "_local" }
 
-// clusterInfo is what the writer knows of its cluster.
+// clusterInfo is what the client knows of its cluster.
 type clusterInfo struct {
 	name             string
 	shards, replicas int // replicas: the fewest of any shard
@@ -274,10 +274,10 @@ func (ci *clusterInfo) zkPathOf(ctx context.Context, n *clusterNode) (string, er
 }
 
 // clusterExistingIDs is ExistingIDs on a cluster: see the comment at the top.
-func (w *Writer) clusterExistingIDs(ctx context.Context, ci *clusterInfo, events []record.Event) (map[int64]struct{}, error) {
-	w.awaitInsertsDone(ctx)
-	if err := ci.awaitQuorumsSettled(ctx, 3*w.cfg.ReadTimeout); err != nil {
-		w.noteFailure(err)
+func (c *Client) clusterExistingIDs(ctx context.Context, ci *clusterInfo, events []record.Event) (map[int64]struct{}, error) {
+	c.awaitInsertsDone(ctx)
+	if err := ci.awaitQuorumsSettled(ctx, 3*c.cfg.ReadTimeout); err != nil {
+		c.noteFailure(err)
 		return nil, err
 	}
 	// No SYSTEM SYNC REPLICA first: it waits for the replica's whole queue,
@@ -287,11 +287,11 @@ func (w *Writer) clusterExistingIDs(ctx context.Context, ci *clusterInfo, events
 	// where a plain read sees it (quorum reached or not), until every
 	// replica has it; reading every node covers every part.
 	found := make(map[int64]struct{})
-	q := w.lookupQuery(events, ci.local)
+	q := c.lookupQuery(events, ci.local)
 	for _, n := range ci.nodes {
 		rows, err := n.conn.Query(ctx, q)
 		if err != nil {
-			w.noteFailure(err)
+			c.noteFailure(err)
 			return nil, fmt.Errorf("look up %d event ids in %s on %s: %w", len(events), ci.local, n.addr, err)
 		}
 		err = scanIDs(rows, found)
@@ -304,10 +304,10 @@ func (w *Writer) clusterExistingIDs(ctx context.Context, ci *clusterInfo, events
 }
 
 // clusterInfo returns the cluster Ready learnt, or nil on a single server.
-func (w *Writer) clusterInfo() *clusterInfo {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.cluster
+func (c *Client) clusterInfo() *clusterInfo {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cluster
 }
 
 // QuoteString quotes s as a ClickHouse string literal.

@@ -18,7 +18,7 @@ import (
 func TestMain(m *testing.M) { testenv.Main(m) }
 
 // clusterWriter migrates a fresh database on c and opens a writer on it.
-func clusterWriter(t *testing.T, c *testenv.CHCluster, readTimeout time.Duration) (*sink.Writer, string) {
+func clusterWriter(t *testing.T, c *testenv.CHCluster, readTimeout time.Duration) (*sink.Client, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()

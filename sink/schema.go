@@ -119,9 +119,9 @@ func contains(list []string, s string) bool {
 	return false
 }
 
-// CheckTable is CheckEventTable on the writer's event table (on a cluster,
+// CheckTable is CheckEventTable on the client's event table (on a cluster,
 // the Distributed table Insert writes to).
-func (w *Writer) CheckTable(ctx context.Context) error {
-	_, err := CheckEventTable(ctx, w.conn, w.cfg.Database, w.cfg.Table)
+func (c *Client) CheckTable(ctx context.Context) error {
+	_, err := CheckEventTable(ctx, c.conn, c.cfg.Database, c.cfg.Table)
 	return err
 }

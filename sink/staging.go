@@ -33,66 +33,53 @@ type Staged struct {
 	Aborted []uint32
 }
 
-func (w *Writer) stagingTable() string {
-	return QuoteIdent(w.cfg.Database) + "." + QuoteIdent(StagingTable(w.cfg.Table))
+func (c *Client) stagingTable() string {
+	return QuoteIdent(c.cfg.Database) + "." + QuoteIdent(StagingTable(c.cfg.Table))
 }
 
 // StagingAvailable reports whether streamed transactions can be staged: the
 // staging table exists (migration 2 ran) and the events go to one server (a
 // cluster's nodes would each need one; not supported yet).
-func (w *Writer) StagingAvailable(ctx context.Context) (bool, error) {
-	if err := w.Ready(ctx); err != nil {
+func (c *Client) StagingAvailable(ctx context.Context) (bool, error) {
+	if err := c.Ready(ctx); err != nil {
 		return false, err
 	}
-	if w.cfg.Cluster != "" {
+	if c.cfg.Cluster != "" {
 		return false, nil
 	}
 	var n uint8
-	if err := w.conn.QueryRow(ctx, "EXISTS TABLE "+w.stagingTable()).Scan(&n); err != nil {
-		w.noteFailure(err)
-		return false, fmt.Errorf("look for the staging table %s: %w", w.stagingTable(), err)
+	if err := c.conn.QueryRow(ctx, "EXISTS TABLE "+c.stagingTable()).Scan(&n); err != nil {
+		c.noteFailure(err)
+		return false, fmt.Errorf("look for the staging table %s: %w", c.stagingTable(), err)
 	}
 	return n == 1, nil
 }
 
 // Stage writes rows of the in-progress transaction s.Xid, each of the
 // subtransaction subxids[i], in one insert. The caller validated them.
-func (w *Writer) Stage(ctx context.Context, s Staged, subxids []uint32, events []record.Event) error {
+func (c *Client) Stage(ctx context.Context, s Staged, subxids []uint32, events []record.Event) error {
 	if len(events) == 0 {
 		return nil
 	}
 	if len(subxids) != len(events) {
 		return fmt.Errorf("stage %d rows with %d subtransaction ids", len(events), len(subxids))
 	}
-	b, err := w.conn.PrepareBatch(ctx, "INSERT INTO "+w.stagingTable()+" ("+stagingColumns+")")
+	b, err := c.conn.PrepareBatch(ctx, "INSERT INTO "+c.stagingTable()+" ("+stagingColumns+")")
 	if err != nil {
-		return fmt.Errorf("prepare insert into %s: %w", w.stagingTable(), err)
+		return fmt.Errorf("prepare insert into %s: %w", c.stagingTable(), err)
 	}
 	n := len(events)
 	slots := make([]string, n)
 	xids := make([]uint32, n)
-	ids := make([]uint64, n)
-	types := make([]string, n)
-	times := make([]time.Time, n)
-	envs := make([]string, n)
-	ctxs := make([]string, n)
-	versions := make([]int64, n)
-	created := make([]time.Time, n)
 	for i := range events {
-		ev := &events[i]
 		slots[i], xids[i] = s.Slot, s.Xid
-		ids[i], types[i], times[i], envs[i] = uint64(ev.ID), ev.Type, ev.Time, ev.Environment
-		ctxs[i], versions[i], created[i] = ev.Context, ev.MetadataVersion, ev.CreatedAt
 	}
-	for i, c := range []any{slots, xids, subxids, ids, types, times, envs, ctxs, versions, created} {
-		if err := b.Column(i).Append(c); err != nil {
-			_ = b.Abort()
-			return fmt.Errorf("build column %d of insert into %s: %w", i, w.stagingTable(), err)
-		}
+	if err := appendColumns(b, append([]any{slots, xids, subxids}, eventColumnValues(events)...), c.stagingTable()); err != nil {
+		return err
 	}
 	if err := b.Send(); err != nil {
-		w.noteFailure(err)
-		return fmt.Errorf("stage %d rows of transaction %d into %s: %w", n, s.Xid, w.stagingTable(), err)
+		c.noteFailure(err)
+		return fmt.Errorf("stage %d rows of transaction %d into %s: %w", n, s.Xid, c.stagingTable(), err)
 	}
 	return nil
 }
@@ -118,10 +105,10 @@ func stagedWhere(s Staged) string {
 }
 
 // StagedRows counts the committed rows staged for s.
-func (w *Writer) StagedRows(ctx context.Context, s Staged) (uint64, error) {
+func (c *Client) StagedRows(ctx context.Context, s Staged) (uint64, error) {
 	var n uint64
-	if err := w.conn.QueryRow(ctx, "SELECT count() FROM "+w.stagingTable()+stagedWhere(s)).Scan(&n); err != nil {
-		w.noteFailure(err)
+	if err := c.conn.QueryRow(ctx, "SELECT count() FROM "+c.stagingTable()+stagedWhere(s)).Scan(&n); err != nil {
+		c.noteFailure(err)
 		return 0, fmt.Errorf("count the staged rows of transaction %d: %w", s.Xid, err)
 	}
 	return n, nil
@@ -131,17 +118,17 @@ func (w *Writer) StagedRows(ctx context.Context, s Staged) (uint64, error) {
 // table in one INSERT ... SELECT, with the transaction's commit LSN. Its text
 // starts like every insert into the event table, so that a lookup after an
 // uncertain outcome waits for it (awaitInsertsDone).
-func (w *Writer) Promote(ctx context.Context, s Staged, commitLSN uint64, rows int) error {
+func (c *Client) Promote(ctx context.Context, s Staged, commitLSN uint64, rows int) error {
 	// The driver bounds a whole statement by one read timeout unless the
 	// context has a deadline; a copy of many millions of rows may need more.
-	ctx, cancel := context.WithTimeout(ctx, w.cfg.ReadTimeout+time.Duration(rows)*promotePerRow)
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.ReadTimeout+time.Duration(rows)*promotePerRow)
 	defer cancel()
-	q := "INSERT INTO " + w.table + " (" + insertColumns + ") SELECT " +
+	q := "INSERT INTO " + c.table + " (" + insertColumns + ") SELECT " +
 		"event_id, event_type, event_date_time, environment, event_context, metadata_version, created_at, toUInt64(" +
-		strconv.FormatUint(commitLSN, 10) + ") FROM " + w.stagingTable() + stagedWhere(s)
-	if err := w.conn.Exec(ctx, q); err != nil {
-		w.noteFailure(err)
-		return fmt.Errorf("copy the staged rows of transaction %d into %s: %w", s.Xid, w.table, err)
+		strconv.FormatUint(commitLSN, 10) + ") FROM " + c.stagingTable() + stagedWhere(s)
+	if err := c.conn.Exec(ctx, q); err != nil {
+		c.noteFailure(err)
+		return fmt.Errorf("copy the staged rows of transaction %d into %s: %w", s.Xid, c.table, err)
 	}
 	return nil
 }
@@ -151,10 +138,10 @@ func (w *Writer) Promote(ctx context.Context, s Staged, commitLSN uint64, rows i
 const promotePerRow = 5 * time.Microsecond
 
 // DropStaged drops what slot staged for transaction xid.
-func (w *Writer) DropStaged(ctx context.Context, slot string, xid uint32) error {
-	q := "ALTER TABLE " + w.stagingTable() + " DROP PARTITION (" + quoteString(slot) + ", " + strconv.FormatUint(uint64(xid), 10) + ")"
-	if err := w.conn.Exec(ctx, q); err != nil {
-		w.noteFailure(err)
+func (c *Client) DropStaged(ctx context.Context, slot string, xid uint32) error {
+	q := "ALTER TABLE " + c.stagingTable() + " DROP PARTITION (" + quoteString(slot) + ", " + strconv.FormatUint(uint64(xid), 10) + ")"
+	if err := c.conn.Exec(ctx, q); err != nil {
+		c.noteFailure(err)
 		return fmt.Errorf("drop the staged rows of transaction %d: %w", xid, err)
 	}
 	return nil
@@ -163,10 +150,10 @@ func (w *Writer) DropStaged(ctx context.Context, slot string, xid uint32) error 
 // ClearStaging drops everything slot staged: at the start of a replication
 // session, when the server sends unfinished transactions again from their
 // start. Only slot's leader writes its partitions.
-func (w *Writer) ClearStaging(ctx context.Context, slot string) error {
-	rows, err := w.conn.Query(ctx, "SELECT DISTINCT xid FROM "+w.stagingTable()+" WHERE slot = "+quoteString(slot))
+func (c *Client) ClearStaging(ctx context.Context, slot string) error {
+	rows, err := c.conn.Query(ctx, "SELECT DISTINCT xid FROM "+c.stagingTable()+" WHERE slot = "+quoteString(slot))
 	if err != nil {
-		w.noteFailure(err)
+		c.noteFailure(err)
 		return fmt.Errorf("list the staged transactions of slot %q: %w", slot, err)
 	}
 	var xids []uint32
@@ -183,7 +170,7 @@ func (w *Writer) ClearStaging(ctx context.Context, slot string) error {
 		return fmt.Errorf("list the staged transactions of slot %q: %w", slot, err)
 	}
 	for _, x := range xids {
-		if err := w.DropStaged(ctx, slot, x); err != nil {
+		if err := c.DropStaged(ctx, slot, x); err != nil {
 			return err
 		}
 	}

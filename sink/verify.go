@@ -67,39 +67,38 @@ func (s *ReadStats) Add(o ReadStats) {
 
 // VerifySums returns the checksum of each bucket of r that holds rows, in
 // bucket order: one GROUP BY over the range.
-func (w *Writer) VerifySums(ctx context.Context, r VerifyRange) ([]BucketSum, ReadStats, error) {
-	q, err := w.VerifySumsSQL(ctx, r)
+func (c *Client) VerifySums(ctx context.Context, r VerifyRange) ([]BucketSum, ReadStats, error) {
+	q, err := c.verifySumsSQL(ctx, r)
 	if err != nil {
 		return nil, ReadStats{}, err
 	}
 	ctx, stats := withReadStats(ctx)
-	rows, err := w.conn.Query(ctx, q)
+	rows, err := c.conn.Query(ctx, q)
 	if err != nil {
-		w.noteFailure(err)
-		return nil, stats(), fmt.Errorf("verify: sum buckets of %s: %w", w.table, err)
+		c.noteFailure(err)
+		return nil, stats(), fmt.Errorf("verify: sum buckets of %s: %w", c.table, err)
 	}
 	defer rows.Close()
 	var out []BucketSum
 	for rows.Next() {
 		var b BucketSum
 		if err := rows.Scan(&b.Bucket, &b.Count, &b.Sum, &b.Mix); err != nil {
-			return nil, stats(), fmt.Errorf("verify: read bucket sums of %s: %w", w.table, err)
+			return nil, stats(), fmt.Errorf("verify: read bucket sums of %s: %w", c.table, err)
 		}
 		out = append(out, b)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, stats(), fmt.Errorf("verify: read bucket sums of %s: %w", w.table, err)
+		return nil, stats(), fmt.Errorf("verify: read bucket sums of %s: %w", c.table, err)
 	}
 	return out, stats(), nil
 }
 
-// VerifySumsSQL is the statement VerifySums runs (for docs/verify.md and
-// auditors who run it by hand).
-func (w *Writer) VerifySumsSQL(ctx context.Context, r VerifyRange) (string, error) {
-	if err := w.Ready(ctx); err != nil {
+// verifySumsSQL is the statement VerifySums runs.
+func (c *Client) verifySumsSQL(ctx context.Context, r VerifyRange) (string, error) {
+	if err := c.Ready(ctx); err != nil {
 		return "", err
 	}
-	_, legacy, _, _ := w.version()
+	_, legacy, _, _ := c.version()
 	if r.Width < time.Second || r.Width%time.Second != 0 || r.From.IsZero() {
 		return "", fmt.Errorf("verify: buckets need a start and a width of whole seconds (got %s)", r.Width)
 	}
@@ -111,41 +110,41 @@ func (w *Writer) VerifySumsSQL(ctx context.Context, r VerifyRange) (string, erro
 		bucket = fmt.Sprintf("intDiv(toUnixTimestamp64Micro(created_at) - toInt64(%d), toInt64(%d))", r.From.UnixMicro(), r.Width.Microseconds())
 	}
 	return "SELECT " + bucket + " AS bucket, count(), sum(event_id), sum(" + VerifyMixSQL + ")" +
-		" FROM " + w.table + " WHERE " + w.verifyWhere(legacy, r) +
+		" FROM " + c.table + " WHERE " + c.verifyWhere(legacy, r) +
 		" GROUP BY bucket ORDER BY bucket", nil
 }
 
 // VerifyIDs calls fn for each event id in r, in id order, with its number of
 // rows: the ids behind one bucket. The server sorts; the client holds one row
 // at a time.
-func (w *Writer) VerifyIDs(ctx context.Context, r VerifyRange, fn func(Held) error) (ReadStats, error) {
-	if err := w.Ready(ctx); err != nil {
+func (c *Client) VerifyIDs(ctx context.Context, r VerifyRange, fn func(Held) error) (ReadStats, error) {
+	if err := c.Ready(ctx); err != nil {
 		return ReadStats{}, err
 	}
-	_, legacy, _, _ := w.version()
-	q := "SELECT event_id, count(), min(created_at) FROM " + w.table + " WHERE " + w.verifyWhere(legacy, r) +
+	_, legacy, _, _ := c.version()
+	q := "SELECT event_id, count(), min(created_at) FROM " + c.table + " WHERE " + c.verifyWhere(legacy, r) +
 		" GROUP BY event_id ORDER BY event_id"
-	return w.scanHeld(ctx, q, fn)
+	return c.scanHeld(ctx, q, fn)
 }
 
 // VerifyLookup returns which of ids the table holds within r (r's time bounds
 // may be zero), with their number of rows, in id order; 10,000 ids per query.
-func (w *Writer) VerifyLookup(ctx context.Context, ids []int64, r VerifyRange) ([]Held, ReadStats, error) {
+func (c *Client) VerifyLookup(ctx context.Context, ids []int64, r VerifyRange) ([]Held, ReadStats, error) {
 	var out []Held
 	var total ReadStats
 	if len(ids) == 0 {
 		return nil, total, nil
 	}
-	if err := w.Ready(ctx); err != nil {
+	if err := c.Ready(ctx); err != nil {
 		return nil, total, err
 	}
-	_, legacy, _, _ := w.version()
+	_, legacy, _, _ := c.version()
 	const chunk = 10000
 	for start := 0; start < len(ids); start += chunk {
 		part := ids[start:min(start+chunk, len(ids))]
 		var sb strings.Builder
 		sb.WriteString("SELECT event_id, count(), min(created_at) FROM ")
-		sb.WriteString(w.table)
+		sb.WriteString(c.table)
 		sb.WriteString(" WHERE event_id IN (")
 		for i, id := range part {
 			if i > 0 {
@@ -154,9 +153,9 @@ func (w *Writer) VerifyLookup(ctx context.Context, ids []int64, r VerifyRange) (
 			sb.WriteString(strconv.FormatInt(id, 10))
 		}
 		sb.WriteString(") AND ")
-		sb.WriteString(w.verifyWhere(legacy, r))
+		sb.WriteString(c.verifyWhere(legacy, r))
 		sb.WriteString(" GROUP BY event_id ORDER BY event_id")
-		st, err := w.scanHeld(ctx, sb.String(), func(h Held) error { out = append(out, h); return nil })
+		st, err := c.scanHeld(ctx, sb.String(), func(h Held) error { out = append(out, h); return nil })
 		total.Add(st)
 		if err != nil {
 			return nil, total, err
@@ -165,33 +164,33 @@ func (w *Writer) VerifyLookup(ctx context.Context, ids []int64, r VerifyRange) (
 	return out, total, nil
 }
 
-func (w *Writer) scanHeld(ctx context.Context, q string, fn func(Held) error) (ReadStats, error) {
+func (c *Client) scanHeld(ctx context.Context, q string, fn func(Held) error) (ReadStats, error) {
 	ctx, stats := withReadStats(ctx)
-	rows, err := w.conn.Query(ctx, q)
+	rows, err := c.conn.Query(ctx, q)
 	if err != nil {
-		w.noteFailure(err)
-		return stats(), fmt.Errorf("verify: read event ids of %s: %w", w.table, err)
+		c.noteFailure(err)
+		return stats(), fmt.Errorf("verify: read event ids of %s: %w", c.table, err)
 	}
 	defer rows.Close()
 	for rows.Next() {
 		var id, n uint64
 		var at time.Time
 		if err := rows.Scan(&id, &n, &at); err != nil {
-			return stats(), fmt.Errorf("verify: read event ids of %s: %w", w.table, err)
+			return stats(), fmt.Errorf("verify: read event ids of %s: %w", c.table, err)
 		}
 		if err := fn(Held{ID: int64(id), Copies: n, CreatedAt: at.UTC()}); err != nil {
 			return stats(), err
 		}
 	}
 	if err := rows.Err(); err != nil {
-		return stats(), fmt.Errorf("verify: read event ids of %s: %w", w.table, err)
+		return stats(), fmt.Errorf("verify: read event ids of %s: %w", c.table, err)
 	}
 	return stats(), nil
 }
 
 // verifyWhere is r's condition, with the time bounds clamped to what the
 // schema holds (a legacy literal past 2106 would wrap to 1970).
-func (w *Writer) verifyWhere(legacy bool, r VerifyRange) string {
+func (c *Client) verifyWhere(legacy bool, r VerifyRange) string {
 	minT, maxT := TimeRange(legacy)
 	clamp := func(t time.Time) time.Time {
 		if t.Before(minT) {
@@ -241,10 +240,10 @@ func withReadStats(ctx context.Context) (context.Context, func() ReadStats) {
 }
 
 // ServerVersion returns the server's version string.
-func (w *Writer) ServerVersion(ctx context.Context) (string, error) {
-	_, v, err := DetectVersion(ctx, w.conn)
+func (c *Client) ServerVersion(ctx context.Context) (string, error) {
+	_, v, err := DetectVersion(ctx, c.conn)
 	if err != nil {
-		w.noteFailure(err)
+		c.noteFailure(err)
 		return "", fmt.Errorf("read the clickhouse version: %w", err)
 	}
 	return v, nil

@@ -27,7 +27,7 @@ const pollUpdateSQL = `UPDATE event_outbox SET status = 'processed' WHERE id = A
 // pollOnce is one round of the polling design: BEGIN; SELECT ... FOR UPDATE SKIP
 // LOCKED; one ClickHouse insert (clickhouse-go PrepareBatch, through the same sink
 // the streamer uses); UPDATE ... processed; COMMIT. It returns the rows delivered.
-func pollOnce(ctx context.Context, conn *pgx.Conn, ch *sink.Writer, limit int) (int, error) {
+func pollOnce(ctx context.Context, conn *pgx.Conn, ch *sink.Client, limit int) (int, error) {
 	tx, err := conn.Begin(ctx)
 	if err != nil {
 		return 0, err

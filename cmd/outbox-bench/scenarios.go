@@ -8,8 +8,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
-
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/loadgen"
@@ -110,6 +108,26 @@ func runDrainWith(ctx context.Context, b *bench, key string, backfill bool, extr
 		return nil, err
 	}
 	_, hwm, _ := s.memStatus()
+	var backfilled float64
+	var backfillDone time.Time
+	if backfill {
+		// The rows must have gone the backfill's way: the binary's own count of
+		// the rows it backfilled (the stream never carried them), in its
+		// metrics a moment after its last page commits; read before the
+		// binary stops.
+		var ok bool
+		backfilled, backfillDone, ok = s.backfilled()
+		for wait := time.Now().Add(10 * time.Second); !ok && time.Now().Before(wait); {
+			time.Sleep(50 * time.Millisecond)
+			backfilled, backfillDone, ok = s.backfilled()
+		}
+		if !ok {
+			return nil, fmt.Errorf("the streamer's metrics at %s show no finished backfill; log %s", s.metricsAddr, s.logPath)
+		}
+		if int(backfilled) != b.cfg.Rows {
+			return nil, fmt.Errorf("the streamer backfilled %.0f rows, want %d; log %s", backfilled, b.cfg.Rows, s.logPath)
+		}
+	}
 	verr, err := e.stopAndVerify(ctx, s, int64(b.cfg.Rows))
 	if err != nil {
 		return nil, err
@@ -137,23 +155,8 @@ func runDrainWith(ctx context.Context, b *bench, key string, backfill bool, extr
 		}
 	}
 	if backfill {
-		// The rows must have gone the backfill's way: the binary's own count of
-		// the rows it backfilled (the stream never carried them), logged a
-		// moment after its last page commits.
-		rec, at, ok := s.logRecord(pipeline.BackfillLogMsg)
-		for wait := time.Now().Add(10 * time.Second); !ok && time.Now().Before(wait); {
-			time.Sleep(50 * time.Millisecond)
-			rec, at, ok = s.logRecord(pipeline.BackfillLogMsg)
-		}
-		if !ok {
-			return nil, fmt.Errorf("the streamer did not log %q; log %s", pipeline.BackfillLogMsg, s.logPath)
-		}
-		n, _ := rec["backfilled_rows"].(float64)
-		if int(n) != b.cfg.Rows {
-			return nil, fmt.Errorf("the streamer backfilled %.0f rows, want %d; log %s", n, b.cfg.Rows, s.logPath)
-		}
-		m["backfilled_rows"] = n
-		m["backfill_done_s"] = at.Sub(s.Started).Seconds()
+		m["backfilled_rows"] = backfilled
+		m["backfill_done_s"] = backfillDone.Sub(s.Started).Seconds()
 	}
 	return m, verr
 }

@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,15 +17,18 @@ import (
 	"time"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
+	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 )
 
 // streamer is the real binary, `outbox-streamer run`, as a child process.
 type streamer struct {
 	cmd     *exec.Cmd
 	logPath string
-	Started time.Time
-	done    chan struct{}
-	waitErr error
+	// metricsAddr is where the binary serves its metrics (METRICS_ADDR).
+	metricsAddr string
+	Started     time.Time
+	done        chan struct{}
+	waitErr     error
 }
 
 // streamerEnv is the complete environment of the binary: only the settings that
@@ -39,9 +44,10 @@ func (e *dbEnv) streamerEnv(extra ...string) []string {
 		"CLICKHOUSE_SCHEMA=" + e.Sink.Database,
 		"REPLICATION_SLOT_NAME=" + e.Slot,
 		"PUBLICATION_NAME=" + publication,
-		// The metrics endpoint stays on, as by default, but on a free port: a
-		// fixed one may be taken by another process on the machine.
-		"METRICS_ADDR=127.0.0.1:0",
+		// The metrics endpoint stays on, as by default, but on a port free
+		// now (a fixed one may be taken by another process on the machine):
+		// the bench reads the backfill's figures from it.
+		"METRICS_ADDR=" + freeLoopbackAddr(),
 	}
 	return append(env, extra...)
 }
@@ -59,6 +65,11 @@ func startStreamer(bin string, env []string, logPath string) (*streamer, error) 
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	s := &streamer{cmd: cmd, logPath: logPath, done: make(chan struct{})}
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "METRICS_ADDR="); ok {
+			s.metricsAddr = v
+		}
+	}
 	s.Started = time.Now()
 	if err := localsvc.StartChild(cmd); err != nil {
 		return nil, fmt.Errorf("start %s: %w", bin, err)
@@ -162,36 +173,48 @@ func (s *streamer) streamingAt() (time.Time, bool) {
 	return at, !at.IsZero()
 }
 
-// logRecord returns the fields and time of the last JSON log line of the current
-// run whose message is msg.
-func (s *streamer) logRecord(msg string) (map[string]any, time.Time, bool) {
-	f, err := os.Open(s.logPath)
+// backfilled reads from the binary's metrics what the backfill of its new
+// slot delivered (metrics.ObserveBackfill): the rows and when it finished;
+// ok is false until it has.
+func (s *streamer) backfilled() (rows float64, at time.Time, ok bool) {
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + s.metricsAddr + "/metrics")
 	if err != nil {
-		return nil, time.Time{}, false
+		return 0, time.Time{}, false
 	}
-	defer f.Close()
-	var (
-		rec map[string]any
-		at  time.Time
-	)
-	needle, _ := json.Marshal(msg)
-	sc := bufio.NewScanner(f)
+	defer resp.Body.Close()
+	var done float64
+	var haveRows bool
+	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
-		line := sc.Bytes()
-		if !bytes.Contains(line, append([]byte(`"msg":`), needle...)) {
+		name, value, _ := strings.Cut(sc.Text(), " ")
+		v, err := strconv.ParseFloat(value, 64)
+		if err != nil {
 			continue
 		}
-		var r map[string]any
-		if json.Unmarshal(line, &r) != nil {
-			continue
-		}
-		ts, _ := r["ts"].(string)
-		if t, err := time.Parse("2006-01-02T15:04:05.000Z0700", ts); err == nil && !t.Before(s.Started.Add(-time.Second)) {
-			rec, at = r, t
+		switch name {
+		case metrics.Namespace + "_backfill_rows":
+			rows, haveRows = v, true
+		case metrics.Namespace + "_backfill_completed_timestamp_seconds":
+			done = v
 		}
 	}
-	return rec, at, rec != nil
+	if !haveRows || done == 0 {
+		return 0, time.Time{}, false
+	}
+	return rows, time.Unix(0, int64(done*1e9)), true
+}
+
+// freeLoopbackAddr is a loopback address whose port is free now, or one
+// that lets the kernel choose ("127.0.0.1:0") when none can be found.
+func freeLoopbackAddr() string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "127.0.0.1:0"
+	}
+	defer l.Close()
+	return l.Addr().String()
 }
 
 // tailFile returns the last n lines of a file.

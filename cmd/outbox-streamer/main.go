@@ -20,6 +20,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"go.uber.org/zap"
 
@@ -201,6 +202,24 @@ func connectPostgres(cfg *config.Config, timeout time.Duration) (*pgx.Conn, cont
 		return nil, nil, nil, fmt.Errorf("connect to postgres: %w", err)
 	}
 	return conn, ctx, func() { conn.Close(context.Background()); cancel() }, nil
+}
+
+// openCommand opens what a one-shot command on the outbox needs first: a
+// logger for a person, a context that the first SIGINT or SIGTERM ends, and
+// a PostgreSQL pool. done releases them.
+func openCommand(cfg *config.Config) (ctx context.Context, log *zap.Logger, pool *pgxpool.Pool, done func(), err error) {
+	log = newLogger(cfg, forPerson)
+	ctx, _, stop := signalContext(log)
+	if pool, err = pgxpool.New(ctx, cfg.PostgresDSN); err != nil {
+		stop()
+		_ = log.Sync()
+		return nil, nil, nil, nil, fmt.Errorf("DATABASE_URL: %w", err)
+	}
+	return ctx, log, pool, func() {
+		pool.Close()
+		stop()
+		_ = log.Sync() // nothing useful to do on a failed flush of stderr
+	}, nil
 }
 
 // signalContext returns the two shutdown contexts: drain ends at the first

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/duration"
 	"github.com/outbox-streamer/outbox-streamer/migrations"
 )
 
@@ -180,7 +180,7 @@ func printRetention(ctx context.Context, mcfg migrations.Config, retention time.
 		return err
 	}
 	if pv.Rows == 0 {
-		fmt.Fprintf(stdout, "retention (OUTBOX_RETENTION=%s): nothing to remove yet\n", config.FormatDuration(retention))
+		fmt.Fprintf(stdout, "retention (OUTBOX_RETENTION=%s): nothing to remove yet\n", duration.Format(retention))
 		return nil
 	}
 	oldest := ""
@@ -188,6 +188,6 @@ func printRetention(ctx context.Context, mcfg migrations.Config, retention time.
 		oldest = ", the oldest created at " + pv.Oldest.Format("2006-01-02 15:04:05")
 	}
 	fmt.Fprintf(stdout, "retention (OUTBOX_RETENTION=%s): the first pass of run will delete %d processed rows created before %s%s (set OUTBOX_RETENTION=0 to keep them)\n",
-		config.FormatDuration(retention), pv.Rows, pv.Cutoff.Format("2006-01-02 15:04:05"), oldest)
+		duration.Format(retention), pv.Rows, pv.Cutoff.Format("2006-01-02 15:04:05"), oldest)
 	return nil
 }

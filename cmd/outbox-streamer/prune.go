@@ -6,9 +6,7 @@ import (
 	"io"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
-
-	"github.com/outbox-streamer/outbox-streamer/internal/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/duration"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 )
 
@@ -25,7 +23,7 @@ func cmdPrune(args []string, stdout, stderr io.Writer) error {
 	}
 	age := cfg.Retention
 	if olderThan != "" {
-		if age, err = config.ParseDuration(olderThan); err != nil || age <= 0 {
+		if age, err = duration.Parse(olderThan); err != nil || age <= 0 {
 			return fmt.Errorf("--older-than %q: want a positive duration such as 7d, 36h or 90 (seconds)", olderThan)
 		}
 	}
@@ -33,15 +31,11 @@ func cmdPrune(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(stdout, "prune: OUTBOX_RETENTION is 0 (keep everything) and no --older-than given: nothing to do")
 		return nil
 	}
-	log := newLogger(cfg, forPerson)
-	defer log.Sync() //nolint:errcheck // nothing useful to do on a failed flush of stderr
-	ctx, _, stop := signalContext(log)
-	defer stop()
-	pool, err := pgxpool.New(ctx, cfg.PostgresDSN)
+	ctx, log, pool, done, err := openCommand(cfg)
 	if err != nil {
-		return fmt.Errorf("DATABASE_URL: %w", err)
+		return err
 	}
-	defer pool.Close()
+	defer done()
 	p := outboxstore.NewPruner(outboxstore.PruneConfig{Table: cfg.Outbox, Retention: age, TimeZone: cfg.TimeZone, PartitionInterval: cfg.PartitionInterval}, pool, log)
 	res, err := p.Prune(ctx, age, dry)
 	verb := "removed"

@@ -12,7 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/outbox-streamer/outbox-streamer/checkpoint"
-	"github.com/outbox-streamer/outbox-streamer/internal/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/duration"
 	"github.com/outbox-streamer/outbox-streamer/internal/leader"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
@@ -71,7 +71,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 		fs.BoolVar(&asJSON, "json", false, "print JSON")
 		fs.Int64Var(&maxLag, "max-lag", 0, "exit 3 when the slot lags by more than this many bytes (0: no check)")
 		fs.Func("max-age", "exit 3 when the oldest undelivered row is older than this: seconds or a duration such as 5m (0: no check)", func(v string) error {
-			d, err := config.ParseDuration(v)
+			d, err := duration.Parse(v)
 			if err != nil || d < 0 {
 				return fmt.Errorf(`want a duration such as "300", "5m" or "1h"`)
 			}
@@ -228,7 +228,7 @@ func printStatus(w io.Writer, st slotStatus) {
 	}
 	retain := "keep everything (OUTBOX_RETENTION=0)"
 	if st.RetentionSeconds > 0 {
-		retain = "processed rows removed after " + config.FormatDuration(time.Duration(st.RetentionSeconds*float64(time.Second)))
+		retain = "processed rows removed after " + duration.Format(time.Duration(st.RetentionSeconds*float64(time.Second)))
 	}
 	fmt.Fprintf(w, "retention: %s", retain)
 	if st.OldestProcessed != nil {

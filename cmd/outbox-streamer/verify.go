@@ -11,9 +11,8 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
-
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/duration"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/verify"
 	"github.com/outbox-streamer/outbox-streamer/sink"
@@ -43,7 +42,7 @@ func cmdVerify(args []string, stdout, stderr io.Writer) error {
 	}
 	now := time.Now()
 	vc := verify.Config{Table: cfg.Outbox, TimeZone: cfg.TimeZone, Retention: cfg.Retention, MaxIDs: maxIDs, Now: func() time.Time { return now }}
-	if vc.Bucket, err = config.ParseDuration(bucket); err != nil || vc.Bucket < time.Second || vc.Bucket%time.Second != 0 {
+	if vc.Bucket, err = duration.Parse(bucket); err != nil || vc.Bucket < time.Second || vc.Bucket%time.Second != 0 {
 		return usage("--bucket %q: want whole seconds, at least 1s, such as 1h, 15m or 1d", bucket)
 	}
 	if maxIDs < 1 {
@@ -53,7 +52,7 @@ func cmdVerify(args []string, stdout, stderr io.Writer) error {
 		return usage("--since and --from exclude each other")
 	}
 	if since != "" {
-		d, err := config.ParseDuration(since)
+		d, err := duration.Parse(since)
 		if err != nil || d <= 0 {
 			return usage("--since %q: want a positive duration such as 24h or 7d", since)
 		}
@@ -79,15 +78,11 @@ func cmdVerify(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 
-	log := newLogger(cfg, forPerson)
-	defer log.Sync() //nolint:errcheck // nothing useful to do on a failed flush of stderr
-	ctx, _, stop := signalContext(log)
-	defer stop()
-	pool, err := pgxpool.New(ctx, cfg.PostgresDSN)
+	ctx, log, pool, done, err := openCommand(cfg)
 	if err != nil {
-		return fmt.Errorf("DATABASE_URL: %w", err)
+		return err
 	}
-	defer pool.Close()
+	defer done()
 	ch, err := sink.Open(ctx, cfg.ClickHouse, log)
 	if err != nil {
 		return err
@@ -156,7 +151,7 @@ func parseTime(s string) (time.Time, error) {
 func printVerify(w io.Writer, rep *verify.Report) {
 	const ts = "2006-01-02T15:04:05Z"
 	fmt.Fprintf(w, "verify: created_at %s to %s in %s buckets (EVENT_TIME_ZONE %s), %s vs ClickHouse %s\n",
-		rep.From.Format(ts), rep.Until.Format(ts), config.FormatDuration(time.Duration(rep.BucketSeconds)*time.Second), rep.TimeZone, rep.OutboxTable, rep.Table)
+		rep.From.Format(ts), rep.Until.Format(ts), duration.Format(time.Duration(rep.BucketSeconds)*time.Second), rep.TimeZone, rep.OutboxTable, rep.Table)
 	if len(rep.Buckets) > 0 {
 		tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', tabwriter.AlignRight)
 		// The status follows the last cell: left-aligned, the numbers right.

@@ -114,22 +114,6 @@ func TestPostgresPartsAndRedaction(t *testing.T) {
 	}
 }
 
-func TestParseDurationDays(t *testing.T) {
-	for in, want := range map[string]time.Duration{
-		"7d": 7 * 24 * time.Hour, "1d12h": 36 * time.Hour, "0.5d": 12 * time.Hour, "90": 90 * time.Second, "0": 0, "250ms": 250 * time.Millisecond,
-	} {
-		got, err := ParseDuration(in)
-		if err != nil || got != want {
-			t.Errorf("ParseDuration(%q) = %v, %v; want %v", in, got, err, want)
-		}
-	}
-	for _, bad := range []string{"d", "7x", "1d2", "seven days"} {
-		if _, err := ParseDuration(bad); err == nil {
-			t.Errorf("ParseDuration(%q) accepted", bad)
-		}
-	}
-}
-
 func TestRetentionSetting(t *testing.T) {
 	for env, want := range map[string]time.Duration{"": 7 * 24 * time.Hour, "0": 0, "10s": 10 * time.Second, "30d": 30 * 24 * time.Hour} {
 		cfg, _, err := Load(flag.NewFlagSet("t", flag.ContinueOnError), nil, mapEnv(map[string]string{"OUTBOX_RETENTION": env}))
@@ -254,18 +238,6 @@ func TestEmptyMetricsAddrDisables(t *testing.T) {
 		}
 		if cfg.MetricsAddr != tc.want {
 			t.Errorf("env %v args %v: METRICS_ADDR %q, want %q", tc.env, tc.args, cfg.MetricsAddr, tc.want)
-		}
-	}
-}
-
-func TestFormatDuration(t *testing.T) {
-	for d, want := range map[time.Duration]string{0: "0", time.Minute: "1m", time.Hour: "1h", 90 * time.Minute: "1h30m",
-		30 * time.Second: "30s", 100 * time.Millisecond: "100ms", 7 * 24 * time.Hour: "7d", 61 * time.Second: "1m1s"} {
-		if got := FormatDuration(d); got != want {
-			t.Errorf("FormatDuration(%v) = %q, want %q", d, got, want)
-		}
-		if back, err := ParseDuration(want); err != nil || back != d {
-			t.Errorf("ParseDuration(%q) = %v, %v; want %v", want, back, err, d)
 		}
 	}
 }

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/duration"
 )
 
 // flagError is a command line the flag set rejected (an unknown flag, a
@@ -139,8 +141,8 @@ func (s *Source) Bool(p *bool, env, flagName string, def bool, usage string) {
 // Duration binds a duration setting. A bare number is seconds, as in the earlier
 // service ("30"); Go durations ("250ms", "1m") work too.
 func (s *Source) Duration(p *time.Duration, env, flagName string, def time.Duration, usage string) {
-	s.add(&setting{env: env, flag: flagName, def: FormatDuration(def), usage: usage, apply: func(v string) error {
-		d, err := ParseDuration(v)
+	s.add(&setting{env: env, flag: flagName, def: duration.Format(def), usage: usage, apply: func(v string) error {
+		d, err := duration.Parse(v)
 		if err != nil || d <= 0 {
 			return fmt.Errorf(`want a positive duration such as "30", "30s" or "250ms"`)
 		}
@@ -151,58 +153,14 @@ func (s *Source) Duration(p *time.Duration, env, flagName string, def time.Durat
 
 // DurationOrZero is Duration where 0 is allowed and means "off".
 func (s *Source) DurationOrZero(p *time.Duration, env, flagName string, def time.Duration, usage string) {
-	s.add(&setting{env: env, flag: flagName, def: FormatDuration(def), usage: usage, apply: func(v string) error {
-		d, err := ParseDuration(v)
+	s.add(&setting{env: env, flag: flagName, def: duration.Format(def), usage: usage, apply: func(v string) error {
+		d, err := duration.Parse(v)
 		if err != nil || d < 0 {
 			return fmt.Errorf(`want a duration such as "7d", "36h" or "90s" (0 turns it off)`)
 		}
 		*p = d
 		return nil
 	}})
-}
-
-// FormatDuration writes a duration the way a user would: whole days as "7d",
-// "1m" and "1h" rather than "1m0s" and "1h0m0s", zero as "0".
-func FormatDuration(d time.Duration) string {
-	switch {
-	case d == 0:
-		return "0"
-	case d%(24*time.Hour) == 0:
-		return strconv.FormatInt(int64(d/(24*time.Hour)), 10) + "d"
-	}
-	str := d.String()
-	if d%time.Minute == 0 {
-		str = strings.TrimSuffix(str, "0s")
-	}
-	if d%time.Hour == 0 {
-		str = strings.TrimSuffix(str, "0m")
-	}
-	return str
-}
-
-// ParseDuration accepts seconds as a bare number, a Go duration, or days as
-// "7d" (optionally followed by a Go duration: "1d12h").
-func ParseDuration(v string) (time.Duration, error) {
-	v = strings.TrimSpace(v)
-	if f, err := strconv.ParseFloat(v, 64); err == nil {
-		return time.Duration(f * float64(time.Second)), nil
-	}
-	if i := strings.IndexByte(v, 'd'); i > 0 {
-		days, err := strconv.ParseFloat(v[:i], 64)
-		if err != nil {
-			return 0, fmt.Errorf("invalid duration %q", v)
-		}
-		d := time.Duration(days * float64(24*time.Hour))
-		if rest := v[i+1:]; rest != "" {
-			r, err := time.ParseDuration(rest)
-			if err != nil {
-				return 0, fmt.Errorf("invalid duration %q", v)
-			}
-			d += r
-		}
-		return d, nil
-	}
-	return time.ParseDuration(v)
 }
 
 // Parse parses args and then applies, for every setting, the flag if given, else the

@@ -25,7 +25,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
-// Sink is where events go (implemented by *sink.Writer).
+// Sink is where events go (implemented by *sink.Client).
 type Sink interface {
 	// Ready connects (learns the server's version) unless done already;
 	// Validate needs it.

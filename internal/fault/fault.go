@@ -204,13 +204,6 @@ func Retryable(err error) bool {
 	return k == Transient || k == TooBig
 }
 
-// Splittable reports whether ClickHouse refused an insert for its content or
-// size, so that inserting its rows in smaller groups isolates the cause.
-func Splittable(err error) bool {
-	k := Of(err)
-	return k == Rejected || k == TooBig
-}
-
 // ClickHouseCode returns the exception code in err, or 0.
 func ClickHouseCode(err error) int32 {
 	var ex *clickhouse.Exception

@@ -51,11 +51,11 @@ func TestOf(t *testing.T) {
 			t.Errorf("%s: Of = %v, want %v", c.name, got, c.want)
 		}
 	}
-	if !Retryable(&clickhouse.Exception{Code: chTooManyParts}) || !Splittable(&clickhouse.Exception{Code: chTooManyParts}) {
-		t.Error("TOO_MANY_PARTS must be both retryable and splittable")
+	if !Retryable(&clickhouse.Exception{Code: chTooManyParts}) {
+		t.Error("TOO_MANY_PARTS must be retryable")
 	}
-	if Retryable(&clickhouse.Exception{Code: chTypeMismatch}) || !Splittable(&clickhouse.Exception{Code: chTypeMismatch}) {
-		t.Error("TYPE_MISMATCH must be splittable and not retryable")
+	if Retryable(&clickhouse.Exception{Code: chTypeMismatch}) {
+		t.Error("TYPE_MISMATCH must not be retryable")
 	}
 	if ClickHouseCode(ch(chTooManyParts)) != chTooManyParts || ClickHouseCode(errors.New("x")) != 0 {
 		t.Error("ClickHouseCode")

@@ -106,6 +106,10 @@ type Metrics struct {
 	verifyLastRun  *prometheus.GaugeVec
 	verifyInterval prometheus.Gauge
 
+	// The backfill of a new slot; absent until one finished.
+	backfillRows *prometheus.GaugeVec
+	backfillDone *prometheus.GaugeVec
+
 	stages map[string]prometheus.Counter
 
 	// seen holds the values Snapshot reports, as the setters last set them:
@@ -168,6 +172,10 @@ func New() *Metrics {
 	m.verifyLastRun = f.gaugeVec("verify_last_run_timestamp_seconds",
 		"When the last periodic verification finished (Unix time), by result (match or differ).", "result")
 	m.verifyInterval = f.gauge("verify_interval_seconds", "VERIFY_INTERVAL (0: periodic verification is off).")
+	m.backfillRows = f.gaugeVec("backfill_rows",
+		"Rows the backfill of a new replication slot delivered (those committed before the slot); absent until a backfill finished.")
+	m.backfillDone = f.gaugeVec("backfill_completed_timestamp_seconds",
+		"When the backfill of a new replication slot delivered its last row (Unix time); absent until one finished.")
 	m.oldestRowAge = f.gauge("oldest_row_age_seconds",
 		"Age (by created_at) of the oldest row the outbox still holds, whatever its status, as of the last retention pass (0 when empty).")
 	m.ackedLSN = f.gauge("acknowledged_lsn",
@@ -321,6 +329,16 @@ func (m *Metrics) SetVerifyInterval(d time.Duration) {
 		return
 	}
 	m.verifyInterval.Set(d.Seconds())
+}
+
+// ObserveBackfill records that a new slot's backfill delivered every row of
+// the slot's snapshot, rows of them (what the benchmark reads).
+func (m *Metrics) ObserveBackfill(rows int64) {
+	if m == nil {
+		return
+	}
+	m.backfillRows.WithLabelValues().Set(float64(rows))
+	m.backfillDone.WithLabelValues().SetToCurrentTime()
 }
 
 // ObserveVerify records a periodic verification; err is one that could not

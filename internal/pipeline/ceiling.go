@@ -18,7 +18,7 @@ func recordCoversReplay(inflight, start uint64) bool {
 }
 
 // Ceiling tells the highest commit LSN the event table received lately
-// (implemented by *sink.Writer).
+// (implemented by *sink.Client).
 type Ceiling interface {
 	DeliveredCeiling(ctx context.Context, window time.Duration) (uint64, error)
 }

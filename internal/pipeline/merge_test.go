@@ -38,3 +38,57 @@ func TestMergeStopsAtInsertBytes(t *testing.T) {
 		t.Fatalf("a lone batch over the cap: %d rows, next %v", got.Len(), w.next)
 	}
 }
+
+// TestMergeKeepsTransactionsApart: one merge loop serves every kind of
+// batch; staging batches merge only with the same transaction's (their
+// subtransactions with them), a committed streamed transaction's only with
+// its own, and an abort with nothing.
+func TestMergeKeepsTransactionsApart(t *testing.T) {
+	stage := func(xid uint32, rows int) *batch.Batch {
+		b := &batch.Batch{Streamed: &batch.Streamed{Op: batch.OpStage, Xid: xid}}
+		for i := 0; i < rows; i++ {
+			b.Events = append(b.Events, record.Event{ID: int64(i)})
+			b.Streamed.SubXids = append(b.Streamed.SubXids, xid+uint32(i))
+		}
+		return b
+	}
+	commit := &batch.Streamed{Op: batch.OpCommit, Xid: 7, Rows: 4}
+	tagged := func(s *batch.Streamed, lsn uint64) *batch.Batch {
+		return &batch.Batch{Streamed: s, MaxCommitLSN: lsn, Events: []record.Event{{ID: 1}, {ID: 2}}}
+	}
+	for _, tc := range []struct {
+		name      string
+		first     *batch.Batch
+		queued    []*batch.Batch
+		rows      int
+		subxids   int
+		commitLSN uint64
+	}{
+		{"staging, same transaction", stage(7, 2), []*batch.Batch{stage(7, 3), stage(8, 1)}, 5, 5, 0},
+		{"staging, then a commit", stage(7, 2), []*batch.Batch{tagged(commit, 90)}, 2, 2, 0},
+		{"a commit's batches", tagged(commit, 90), []*batch.Batch{tagged(commit, 95), tagged(nil, 99)}, 4, 0, 95},
+		{"ordinary, then a commit", tagged(nil, 50), []*batch.Batch{tagged(nil, 60), tagged(commit, 90)}, 4, 0, 60},
+		{"an abort", &batch.Batch{Streamed: &batch.Streamed{Op: batch.OpDrop, Xid: 7}}, []*batch.Batch{stage(7, 1)}, 0, 0, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := make(chan *batch.Batch, len(tc.queued))
+			for _, b := range tc.queued {
+				in <- b
+			}
+			close(in)
+			w := &Writer{cfg: WriterConfig{MaxInsertRows: 100}}
+			got := w.merge(tc.first, in)
+			var subxids int
+			if got.Streamed != nil {
+				subxids = len(got.Streamed.SubXids)
+			}
+			if got.Len() != tc.rows || subxids != tc.subxids || got.MaxCommitLSN != tc.commitLSN {
+				t.Fatalf("merged %d rows, %d subtransactions, commit LSN %d; want %d, %d, %d",
+					got.Len(), subxids, got.MaxCommitLSN, tc.rows, tc.subxids, tc.commitLSN)
+			}
+			if w.next == nil {
+				t.Fatal("the batch that does not belong was not kept for the next insert")
+			}
+		})
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -55,7 +56,7 @@ const eventTableCheckWait = 3 * time.Second
 // event_log): nothing is inserted into it. It asks ClickHouse only once
 // PostgreSQL answered, and an unreachable ClickHouse is no reason not to
 // start (the outbox buffers until it is back): that is only logged.
-func checkEventTable(ctx context.Context, ch *sink.Writer, pool *pgxpool.Pool, log *zap.Logger) error {
+func checkEventTable(ctx context.Context, ch *sink.Client, pool *pgxpool.Pool, log *zap.Logger) error {
 	if err := pool.Ping(ctx); err != nil {
 		return fmt.Errorf("connect to postgres: %w", err)
 	}
@@ -79,145 +80,214 @@ func (c Config) Outbox() outboxstore.Name {
 	return outboxstore.Name{Schema: c.Replication.Schema, Table: c.Replication.Table}
 }
 
+// normalize settles the configuration once, before anything starts: the
+// metrics reach every stage, a merged insert holds at least one batch, a
+// periodic verification has a window, and a cluster stages nothing (the
+// staging table serves one server only).
+func (c Config) normalize() Config {
+	c.Writer.Metrics = c.Metrics
+	if c.Metrics != nil {
+		c.Run.Observer = c.Metrics
+	}
+	c.Writer.MaxInsertRows = max(c.Writer.MaxInsertRows, c.Run.BatchSize)
+	if c.VerifyWindow <= 0 {
+		c.VerifyWindow = 24 * time.Hour
+	}
+	c.Run.Stage = c.Run.Stage && c.Sink.Cluster == ""
+	return c
+}
+
 // Stream runs the streaming pipeline until ctx, the drain context, ends (then it
 // stops reading, flushes the open batch, lets the writer finish and returns nil) or
 // an error stops it. When abandon ends it stops without draining: the writer gives
 // up, and what it had not acknowledged is replayed on the next start.
 func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
+	r, err := open(ctx, cfg.normalize(), log)
+	if err != nil {
+		return err
+	}
+	defer r.close()
+	return r.run(ctx, abandon)
+}
+
+// run is one session of the pipeline: the replication stream read on the
+// caller's goroutine, and beside it the writer, the backfill of a new slot,
+// the sweeps and the periodic verification, each started by its own method.
+type run struct {
+	cfg    Config
+	log    *zap.Logger
+	ch     *sink.Client
+	pool   *pgxpool.Pool
+	stream *replication.Stream
+	store  *outboxstore.Store
+	writer *Writer
+	// batches carries the stream's batches to the writer.
+	batches chan *batch.Batch
+
+	// tasks are the goroutines beside the stream. None returns an error to
+	// the others: the backfill, sweeps and verification log theirs and are
+	// retried by the next sweep; the writer's is read once it is done.
+	tasks      sync.WaitGroup
+	writerDone chan struct{}
+	writerErr  error
+}
+
+// open connects to ClickHouse and PostgreSQL, opens the replication slot and
+// sets up the writer.
+func open(ctx context.Context, cfg Config, log *zap.Logger) (_ *run, err error) {
+	r := &run{cfg: cfg, log: log, writerDone: make(chan struct{})}
+	defer func() {
+		if err != nil {
+			r.close()
+		}
+	}()
 	// Lazily: ClickHouse may be down at start; the writer's outage bound and
 	// the sweep deal with that, while the slot is read (the outbox buffers).
-	ch, err := sink.OpenLazy(cfg.Sink, log)
-	if err != nil {
-		return err
+	if r.ch, err = sink.OpenLazy(cfg.Sink, log); err != nil {
+		return nil, err
 	}
-	defer ch.Close()
-
-	pool, err := pgxpool.New(ctx, cfg.Replication.DSN)
-	if err != nil {
-		return fmt.Errorf("DATABASE_URL: %w", err)
+	if r.pool, err = pgxpool.New(ctx, cfg.Replication.DSN); err != nil {
+		return nil, fmt.Errorf("DATABASE_URL: %w", err)
 	}
-	defer pool.Close()
-
-	if err := checkEventTable(ctx, ch, pool, log); err != nil {
-		return err
+	if err := checkEventTable(ctx, r.ch, r.pool, log); err != nil {
+		return nil, err
 	}
-	stream, err := replication.Open(ctx, cfg.Replication, log)
-	if err != nil {
-		return err
+	if r.stream, err = replication.Open(ctx, cfg.Replication, log); err != nil {
+		return nil, err
 	}
-	defer stream.Close()
-
-	ck := checkpoint.NewStore(pool, cfg.Replication.Slot)
+	ck := checkpoint.NewStore(r.pool, cfg.Replication.Slot)
 	inflight, err := ck.Inflight(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	wcfg := cfg.Writer
-	wcfg.Metrics = cfg.Metrics
-	if cfg.Metrics != nil {
-		cfg.Run.Observer = cfg.Metrics
-	}
-	if recordCoversReplay(inflight, stream.StartLSN()) {
+	if recordCoversReplay(inflight, r.stream.StartLSN()) {
 		wcfg.InDoubtUntil = inflight
 		log.Info("rows up to the recorded in-flight LSN will be checked against ClickHouse before insert",
-			zap.String("acknowledged_lsn", pglogrepl.LSN(stream.StartLSN()).String()),
+			zap.String("acknowledged_lsn", pglogrepl.LSN(r.stream.StartLSN()).String()),
 			zap.String("inflight_lsn", pglogrepl.LSN(inflight).String()))
 	}
-	if wcfg.MaxInsertRows < cfg.Run.BatchSize {
-		wcfg.MaxInsertRows = cfg.Run.BatchSize
-	}
-	store := outboxstore.NewFor(pool, cfg.Retry, cfg.Outbox()).InZone(cfg.Replication.TimeZone)
-	if created, snapshot := stream.SlotCreated(); created {
-		// The snapshot is imported now, before the stream's first command ends
-		// its export; the backlog is delivered beside the stream, whose rows
-		// are all newer. What it leaves undelivered (stopped, or failed) stays
-		// pending and the sweep's rescue of stranded rows takes it.
-		backfill, err := sweep.New(sweep.Config{BatchSize: wcfg.MaxInsertRows, TimeZone: cfg.Replication.TimeZone}, pool, ch, store, log).
-			StartBackfill(ctx, snapshot)
-		if err != nil {
-			return err
-		}
-		backfillDone := make(chan struct{})
-		go func() {
-			defer close(backfillDone)
-			res, err := backfill(ctx)
-			ObserveSweep(cfg.Metrics, res, err)
-			if err != nil && ctx.Err() == nil {
-				log.Warn("backfill stopped; the rows it did not deliver stay pending and the sweep's rescue delivers them", zap.Error(err))
-				return
-			}
-			log.Info(BackfillLogMsg, zap.Int64("backfilled_rows", res.Backfilled))
-		}()
-		defer func() { <-backfillDone }()
-	}
-	var target Sink = ch
+	r.store = outboxstore.NewFor(r.pool, cfg.Retry, cfg.Outbox()).InZone(cfg.Replication.TimeZone)
+	var target Sink = r.ch
 	if cfg.WrapSink != nil {
 		target = cfg.WrapSink(target)
 	}
-	writer := NewWriter(wcfg, target, store, ck, stream.Tracker(), log)
-	writer.EnableCeiling(ch)
-	// Streamed transactions are staged in ClickHouse while they run (one
-	// server only); the writer checks the staging table at the first one.
-	cfg.Run.Stage = cfg.Run.Stage && stream.Streaming() && cfg.Sink.Cluster == ""
-	if cfg.Run.Stage {
-		writer.EnableStaging(ch, cfg.Replication.Slot)
+	r.writer = NewWriter(wcfg, target, r.store, ck, r.stream.Tracker(), log)
+	r.writer.EnableCeiling(r.ch)
+	// Streamed transactions are staged in ClickHouse while they run, when the
+	// server streams them; the writer checks the staging table at start.
+	r.cfg.Run.Stage = cfg.Run.Stage && r.stream.Streaming()
+	if r.cfg.Run.Stage {
+		r.writer.EnableStaging(r.ch, cfg.Replication.Slot)
 	}
-
 	// Room for as many batches as one merged insert holds, so a writer that fell
 	// behind finds them queued and merges them (CLICKHOUSE_BATCH_SIZE); memory stays
 	// bounded by that many rows.
-	batches := make(chan *batch.Batch, max(1, wcfg.MaxInsertRows/max(1, cfg.Run.BatchSize)))
-	writerDone := make(chan struct{})
+	r.batches = make(chan *batch.Batch, max(1, wcfg.MaxInsertRows/max(1, cfg.Run.BatchSize)))
+	return r, nil
+}
+
+// close releases what open took, in reverse.
+func (r *run) close() {
+	if r.stream != nil {
+		r.stream.Close()
+	}
+	if r.pool != nil {
+		r.pool.Close()
+	}
+	if r.ch != nil {
+		r.ch.Close()
+	}
+}
+
+// run reads the stream until ctx ends or something fails, and returns once
+// every goroutine it started is done.
+func (r *run) run(ctx, abandon context.Context) error {
+	defer r.tasks.Wait()
+	if created, snapshot := r.stream.SlotCreated(); created {
+		if err := r.startBackfill(ctx, snapshot); err != nil {
+			return err
+		}
+	}
 	// The writer drains past ctx's end; only abandon (or a failed stream) stops it.
 	writerCtx, cancelWriter := context.WithCancel(abandon)
 	defer cancelWriter()
-	var writerErr error
-	go func() {
-		defer close(writerDone)
-		writerErr = writer.Run(writerCtx, batches)
-	}()
+	r.startWriter(writerCtx)
+	sideCtx, cancelSide := context.WithCancel(ctx)
+	defer cancelSide()
+	r.startSweeps(sideCtx)
+	r.startVerifies(sideCtx)
 
-	sweepCtx, cancelSweep := context.WithCancel(ctx)
-	sweepDone := make(chan struct{})
-	go func() {
-		defer close(sweepDone)
-		if cfg.SweepInterval > 0 {
-			sweeper := sweep.New(sweep.Config{BatchSize: wcfg.MaxInsertRows, TimeZone: cfg.Replication.TimeZone, Slot: cfg.Replication.Slot}, pool, ch, store, log)
-			pruner := outboxstore.NewPruner(outboxstore.PruneConfig{Table: cfg.Outbox(), Retention: cfg.Retention, TimeZone: cfg.Replication.TimeZone,
-				PartitionInterval: cfg.PartitionInterval}, pool, log)
-			runSweeps(sweepCtx, sweeper, pruner, cfg.SweepInterval, cfg.Metrics, log)
-		}
-	}()
-	defer func() { cancelSweep(); <-sweepDone }()
-	if cfg.VerifyInterval > 0 {
-		if cfg.VerifyWindow <= 0 {
-			cfg.VerifyWindow = 24 * time.Hour
-		}
-		verifyDone := make(chan struct{})
-		go func() { defer close(verifyDone); runVerifies(sweepCtx, cfg, pool, ch, log) }()
-		defer func() { cancelSweep(); <-verifyDone }()
-	}
-
-	streamErr := stream.Run(ctx, cfg.Run, batches, writerDone)
+	streamErr := r.stream.Run(ctx, r.cfg.Run, r.batches, r.writerDone)
 	if streamErr != nil {
 		// The stream failed: the writer must not keep retrying a batch nobody will
 		// acknowledge. Unacknowledged rows are replayed on the next start.
 		cancelWriter()
 	}
-	<-writerDone
-	if writerErr != nil && !errors.Is(writerErr, context.Canceled) {
-		return fmt.Errorf("writer: %w", writerErr)
+	<-r.writerDone
+	if r.writerErr != nil && !errors.Is(r.writerErr, context.Canceled) {
+		return fmt.Errorf("writer: %w", r.writerErr)
 	}
 	if streamErr != nil && !errors.Is(streamErr, replication.ErrWriterStopped) {
 		return streamErr
 	}
-	return writerErr
+	return r.writerErr
 }
 
-// BackfillLogMsg is what the pipeline logs when a new slot's backfill has
-// taken every row of the slot's snapshot (with their count as
-// backfilled_rows); the benchmark waits for it.
-const BackfillLogMsg = "new replication slot: pending rows committed before it were backfilled"
+// startBackfill delivers, beside the stream, the rows a new slot's snapshot
+// holds. The snapshot is imported now, before the stream's first command ends
+// its export; the stream's rows are all newer. What the backfill leaves
+// undelivered (stopped, or failed) stays pending and the sweep's rescue of
+// stranded rows takes it.
+func (r *run) startBackfill(ctx context.Context, snapshot string) error {
+	cfg := r.cfg
+	backfill, err := sweep.New(sweep.Config{BatchSize: cfg.Writer.MaxInsertRows, TimeZone: cfg.Replication.TimeZone}, r.pool, r.ch, r.store, r.log).
+		StartBackfill(ctx, snapshot)
+	if err != nil {
+		return err
+	}
+	r.tasks.Go(func() {
+		res, err := backfill(ctx)
+		ObserveSweep(cfg.Metrics, res, err)
+		if err != nil && ctx.Err() == nil {
+			r.log.Warn("backfill stopped; the rows it did not deliver stay pending and the sweep's rescue delivers them", zap.Error(err))
+			return
+		}
+		cfg.Metrics.ObserveBackfill(res.Backfilled)
+		r.log.Info("new replication slot: pending rows committed before it were backfilled", zap.Int64("backfilled_rows", res.Backfilled))
+	})
+	return nil
+}
+
+// startWriter runs the writer on the stream's batches until they end or ctx
+// does; writerDone closes when it returns.
+func (r *run) startWriter(ctx context.Context) {
+	r.tasks.Go(func() {
+		defer close(r.writerDone)
+		r.writerErr = r.writer.Run(ctx, r.batches)
+	})
+}
+
+// startSweeps runs the fallback sweep and the outbox's maintenance every
+// SweepInterval until ctx ends (not at all when it is zero).
+func (r *run) startSweeps(ctx context.Context) {
+	cfg := r.cfg
+	if cfg.SweepInterval <= 0 {
+		return
+	}
+	sweeper := sweep.New(sweep.Config{BatchSize: cfg.Writer.MaxInsertRows, TimeZone: cfg.Replication.TimeZone, Slot: cfg.Replication.Slot}, r.pool, r.ch, r.store, r.log)
+	pruner := outboxstore.NewPruner(outboxstore.PruneConfig{Table: cfg.Outbox(), Retention: cfg.Retention, TimeZone: cfg.Replication.TimeZone,
+		PartitionInterval: cfg.PartitionInterval}, r.pool, r.log)
+	r.tasks.Go(func() { runSweeps(ctx, sweeper, pruner, cfg.SweepInterval, cfg.Metrics, r.log) })
+}
+
+// startVerifies runs the periodic verification until ctx ends, when
+// VerifyInterval asks for it.
+func (r *run) startVerifies(ctx context.Context) {
+	if r.cfg.VerifyInterval > 0 {
+		r.tasks.Go(func() { runVerifies(ctx, r.cfg, r.pool, r.ch, r.log) })
+	}
+}
 
 // runSweeps sweeps at once and then every interval until ctx ends, and prunes
 // after each sweep (so at least as often). A sweep that finds ClickHouse

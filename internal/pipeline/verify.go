@@ -7,7 +7,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/duration"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/verify"
 	"github.com/outbox-streamer/outbox-streamer/sink"
@@ -18,7 +18,7 @@ import (
 // comparison) and records the result in metrics, where an alert watches it.
 // It never repairs: a difference is for an operator to look at
 // (`outbox-streamer verify --repair`).
-func runVerifies(ctx context.Context, cfg Config, pool *pgxpool.Pool, ch *sink.Writer, log *zap.Logger) {
+func runVerifies(ctx context.Context, cfg Config, pool *pgxpool.Pool, ch *sink.Client, log *zap.Logger) {
 	cfg.Metrics.SetVerifyInterval(cfg.VerifyInterval)
 	t := time.NewTicker(cfg.VerifyInterval)
 	defer t.Stop()
@@ -40,7 +40,7 @@ func runVerifies(ctx context.Context, cfg Config, pool *pgxpool.Pool, ch *sink.W
 		}
 		tot := rep.Totals
 		cfg.Metrics.ObserveVerify(metrics.VerifyResult{Match: rep.Match, Missing: tot.Missing, Duplicates: tot.Duplicates,
-			NotInOutbox: tot.NotInOutbox, Window: config.FormatDuration(cfg.VerifyWindow)}, nil)
+			NotInOutbox: tot.NotInOutbox, Window: duration.Format(cfg.VerifyWindow)}, nil)
 		fields := []zap.Field{zap.Duration("window", cfg.VerifyWindow), zap.Int("buckets", tot.Buckets), zap.Uint64("outbox_processed", tot.Outbox),
 			zap.Uint64("clickhouse_rows", tot.ClickHouse), zap.Float64("took_s", rep.Cost.Seconds)}
 		if rep.Match {

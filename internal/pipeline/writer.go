@@ -26,7 +26,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/telemetry"
 )
 
-// Sink is where events go (implemented by *sink.Writer).
+// Sink is where events go (implemented by *sink.Client).
 type Sink = delivery.Sink
 
 // Outbox updates the status of outbox rows (implemented by *outboxstore.Store).
@@ -81,7 +81,7 @@ type Writer struct {
 	log      *zap.Logger
 	recorded uint64
 	next     *batch.Batch // taken from the queue by merge, for the next insert
-	staging  *staging     // nil: streamed transactions are not staged
+	stager   *stager      // nil: streamed transactions are not staged
 	ceiling  *ceiling     // nil: the in-flight record alone bounds the replay
 }
 
@@ -109,9 +109,7 @@ func NewWriter(cfg WriterConfig, s Sink, o Outbox, inflight InflightRecorder, re
 // insert, so a crash between the stages is reconciled like any other.
 func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
 	w.raiseInDoubt(ctx)
-	if w.staging != nil {
-		w.staging.clearAtStart(ctx, w.log)
-	}
+	w.stager.clearAtStart(ctx)
 	outcomes := make(chan *outcome, 1)
 	var settled sync.WaitGroup
 	var settleMu sync.Mutex
@@ -150,11 +148,11 @@ func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
 		if settleFailed.Load() {
 			break // unacknowledged: replayed on the next start
 		}
+		b = w.merge(b, in)
 		if !b.Tracked() {
-			w.streamed(ctx, w.mergeStaged(b, in))
+			w.stager.handle(ctx, b)
 			continue
 		}
-		b = w.merge(b, in)
 		var o *outcome
 		if o, err = w.deliver(ctx, b); err != nil {
 			break
@@ -175,57 +173,12 @@ const settleWorkers = 2
 // errSettleStopped ends the spans of outcomes left after a failed status update.
 var errSettleStopped = errors.New("not settled: an earlier status update failed")
 
-// streamed handles a batch of an in-progress or aborted streamed transaction.
-func (w *Writer) streamed(ctx context.Context, b *batch.Batch) {
-	if w.staging == nil {
-		return
-	}
-	switch b.Streamed.Op {
-	case batch.OpStage:
-		w.stage(ctx, b)
-	case batch.OpDrop:
-		w.dropStaged(ctx, b.Streamed.Xid)
-	}
-}
-
-// mergeStaged appends the staging batches of b's transaction queued behind
-// it, up to MaxInsertRows, as merge does for ordinary batches: the stream
-// cuts them at EVENT_BATCH_SIZE to bound what waits in the queue.
-func (w *Writer) mergeStaged(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
-	if b.Streamed.Op != batch.OpStage {
-		return b
-	}
-	for b.Len() < w.cfg.MaxInsertRows {
-		select {
-		case next, ok := <-in:
-			if !ok {
-				return b
-			}
-			if next.Streamed == nil || next.Streamed.Op != batch.OpStage || next.Streamed.Xid != b.Streamed.Xid ||
-				(w.cfg.MaxInsertBytes > 0 && b.Bytes+next.Bytes > w.cfg.MaxInsertBytes) {
-				w.next = next
-				return b
-			}
-			if need := len(b.Streamed.SubXids) + len(next.Streamed.SubXids); need > cap(b.Streamed.SubXids) {
-				grown := make([]uint32, len(b.Streamed.SubXids), max(need, w.cfg.MaxInsertRows))
-				copy(grown, b.Streamed.SubXids)
-				b.Streamed.SubXids = grown
-			}
-			b.Streamed.SubXids = append(b.Streamed.SubXids, next.Streamed.SubXids...)
-			w.appendEvents(b, next, len(in))
-		default:
-			return b
-		}
-	}
-	return b
-}
-
 // merge appends batches already queued behind b, up to MaxInsertRows, so a writer that
 // fell behind catches up with fewer, larger inserts. Queued batches are contiguous.
 //
 // A queued batch that would take the insert past MaxInsertBytes, or that
-// belongs to another staged transaction than b (batch.Streamed), stays queued
-// for the next insert: it is peeked at through w.next, never dropped.
+// does not belong in b's insert (sameInsert), stays queued for the next
+// insert: it is peeked at through w.next, never dropped.
 func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
 	for b.Len() < w.cfg.MaxInsertRows {
 		select {
@@ -233,19 +186,43 @@ func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
 			if !ok {
 				return b
 			}
-			if next.Streamed != b.Streamed || (w.cfg.MaxInsertBytes > 0 && b.Bytes+next.Bytes > w.cfg.MaxInsertBytes) {
+			if !sameInsert(b, next) || (w.cfg.MaxInsertBytes > 0 && b.Bytes+next.Bytes > w.cfg.MaxInsertBytes) {
 				w.next = next
 				return b
 			}
-			w.appendEvents(b, next, len(in))
-			if next.MaxCommitLSN > b.MaxCommitLSN {
-				b.MaxCommitLSN = next.MaxCommitLSN
-			}
+			w.appendBatch(b, next, len(in))
 		default:
 			return b
 		}
 	}
 	return b
+}
+
+// sameInsert reports whether next may join b's insert: both ordinary
+// batches, both batches of one committed streamed transaction (they share
+// its batch.Streamed), or both staging batches of one transaction (the
+// stream cuts them at EVENT_BATCH_SIZE to bound what waits in the queue). An
+// abort (OpDrop) joins nothing.
+func sameInsert(b, next *batch.Batch) bool {
+	if b.Streamed == nil || b.Streamed.Op != batch.OpStage {
+		return b.Streamed == next.Streamed && (b.Streamed == nil || b.Streamed.Op == batch.OpCommit)
+	}
+	return next.Streamed != nil && next.Streamed.Op == batch.OpStage && next.Streamed.Xid == b.Streamed.Xid
+}
+
+// appendBatch appends next's rows to b, with their subtransactions for a
+// staging batch.
+func (w *Writer) appendBatch(b, next *batch.Batch, queued int) {
+	if b.Streamed != nil && b.Streamed.Op == batch.OpStage {
+		if need := len(b.Streamed.SubXids) + len(next.Streamed.SubXids); need > cap(b.Streamed.SubXids) {
+			grown := make([]uint32, len(b.Streamed.SubXids), max(need, w.cfg.MaxInsertRows))
+			copy(grown, b.Streamed.SubXids)
+			b.Streamed.SubXids = grown
+		}
+		b.Streamed.SubXids = append(b.Streamed.SubXids, next.Streamed.SubXids...)
+	}
+	w.appendEvents(b, next, queued)
+	b.MaxCommitLSN = max(b.MaxCommitLSN, next.MaxCommitLSN)
 }
 
 // appendEvents appends next's rows to b. It grows b once for everything
@@ -280,6 +257,15 @@ type outcome struct {
 	outageErr        error
 	inserted         int
 	present          int
+}
+
+// promoted records that events are in ClickHouse, copied from staging.
+func (o *outcome) promoted(events []record.Event) {
+	o.processed = make([]outboxstore.Ref, len(events))
+	for i := range events {
+		o.processed[i] = outboxstore.Ref{ID: events[i].ID, Xid: events[i].Xid}
+	}
+	o.inserted = len(events)
 }
 
 func (o *outcome) end(err error) {
@@ -319,16 +305,12 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 		}
 		w.recorded = b.MaxCommitLSN
 	}
-	if b.Streamed != nil && w.staging != nil {
-		if t := w.staging.txns[b.Streamed.Xid]; t != nil {
-			if !t.decided {
-				t.promoted = w.promote(ctx, b, t)
-			}
-			defer w.settledStaged(b)
-			if t.promoted {
-				w.stagedOutcome(o, b)
-				return o, nil
-			}
+	if b.Streamed != nil {
+		defer w.stager.settled(b)
+		if w.stager.promoted(ctx, b, w.cfg.InDoubtUntil) {
+			o.promoted(b.Events)
+			m.ObserveDelivered(time.Now(), b.Events)
+			return o, nil
 		}
 	}
 	events, err := w.dropOwned(ctx, b.Events)
@@ -355,7 +337,7 @@ func (w *Writer) inDoubt(ev *record.Event) bool {
 	if w.ceiling != nil && !w.ceiling.known {
 		return true // what ClickHouse holds is not known yet
 	}
-	return ev.CommitLSN != 0 && ev.CommitLSN <= w.cfg.InDoubtUntil || w.uncertainStaged(ev.Xid)
+	return ev.CommitLSN != 0 && ev.CommitLSN <= w.cfg.InDoubtUntil || w.stager.uncertain(ev.Xid)
 }
 
 // dropOwned drops the in-doubt rows that are no longer pending: after a crash

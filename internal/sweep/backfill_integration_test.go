@@ -169,7 +169,7 @@ func openSlot(t *testing.T, e *e2e.Env) (*replication.Stream, string) {
 	return stream, snapshot
 }
 
-func openSink(t *testing.T, e *e2e.Env) *sink.Writer {
+func openSink(t *testing.T, e *e2e.Env) *sink.Client {
 	t.Helper()
 	w, err := sink.Open(context.Background(), e.Sink, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
 	if err != nil {

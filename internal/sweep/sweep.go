@@ -25,7 +25,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
 )
 
-// Sink is where the sweep delivers (implemented by *sink.Writer).
+// Sink is where the sweep delivers (implemented by *sink.Client).
 type Sink = delivery.Sink
 
 // Config tunes a sweep.

@@ -91,19 +91,28 @@ type Bucket struct {
 	OutsideWindow int64 `json:"outside_id_window,omitempty"`
 }
 
-// IDList is a capped list of ids.
-type IDList struct {
-	Count     int64   `json:"count"`
-	IDs       []int64 `json:"ids"`
-	Truncated bool    `json:"truncated,omitempty"`
+// CappedList counts every item added and keeps the first ones, up to a cap.
+type CappedList[T any] struct {
+	Count     int64 `json:"count"`
+	IDs       []T   `json:"ids"`
+	Truncated bool  `json:"truncated,omitempty"`
 }
 
-// DuplicateList is a capped list of duplicates.
-type DuplicateList struct {
-	Count     int64       `json:"count"`
-	IDs       []Duplicate `json:"ids"`
-	Truncated bool        `json:"truncated,omitempty"`
+// add counts v and keeps it while the list holds fewer than max.
+func (l *CappedList[T]) add(v T, max int) {
+	l.Count++
+	if len(l.IDs) < max {
+		l.IDs = append(l.IDs, v)
+	} else {
+		l.Truncated = true
+	}
 }
+
+// IDList is a capped list of ids.
+type IDList = CappedList[int64]
+
+// DuplicateList is a capped list of duplicates.
+type DuplicateList = CappedList[Duplicate]
 
 // Moved is a row whose created_at differs between the databases.
 type Moved struct {
@@ -113,11 +122,7 @@ type Moved struct {
 }
 
 // MovedList is a capped list of moved rows.
-type MovedList struct {
-	Count     int64   `json:"count"`
-	IDs       []Moved `json:"ids"`
-	Truncated bool    `json:"truncated,omitempty"`
-}
+type MovedList = CappedList[Moved]
 
 // Totals add up the buckets.
 type Totals struct {
@@ -157,31 +162,4 @@ type RepairResult struct {
 	Skipped IDList `json:"skipped"`
 	// DuplicatesLeft counts the duplicates reported and not touched.
 	DuplicatesLeft int64 `json:"duplicates_left_alone"`
-}
-
-func (l *IDList) add(id int64, max int) {
-	l.Count++
-	if len(l.IDs) < max {
-		l.IDs = append(l.IDs, id)
-	} else {
-		l.Truncated = true
-	}
-}
-
-func (l *DuplicateList) add(d Duplicate, max int) {
-	l.Count++
-	if len(l.IDs) < max {
-		l.IDs = append(l.IDs, d)
-	} else {
-		l.Truncated = true
-	}
-}
-
-func (l *MovedList) add(m Moved, max int) {
-	l.Count++
-	if len(l.IDs) < max {
-		l.IDs = append(l.IDs, m)
-	} else {
-		l.Truncated = true
-	}
 }

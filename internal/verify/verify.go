@@ -38,7 +38,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
-// ClickHouse is the event table's side (implemented by *sink.Writer).
+// ClickHouse is the event table's side (implemented by *sink.Client).
 type ClickHouse interface {
 	VerifySums(ctx context.Context, r sink.VerifyRange) ([]sink.BucketSum, sink.ReadStats, error)
 	VerifyIDs(ctx context.Context, r sink.VerifyRange, fn func(sink.Held) error) (sink.ReadStats, error)

@@ -31,7 +31,7 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 // outbox's time zone.
 type fixture struct {
 	e   *e2e.Env
-	w   *sink.Writer
+	w   *sink.Client
 	loc *time.Location
 }
 
