@@ -93,6 +93,16 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 		return nil, fmt.Errorf("open replication connection: %w", err)
 	}
 	s := &Stream{cfg: cfg, log: log, conn: conn, dec: NewDecoder(cfg.Schema, cfg.Table, cfg.TimeZone)}
+	// Refuse before creating the slot: a slot left behind would retain WAL.
+	major := serverMajor(conn.ParameterStatus("server_version"))
+	switch {
+	case cfg.Streaming == StreamingOn && major < 14:
+		conn.Close(context.Background())
+		return nil, &PreconditionError{Problem: fmt.Sprintf("REPLICATION_STREAMING is on, but PostgreSQL %s cannot stream in-progress transactions", conn.ParameterStatus("server_version")),
+			Hint: "use PostgreSQL 14 or newer, or set REPLICATION_STREAMING=auto (protocol 1 on older servers)"}
+	case cfg.Streaming != StreamingOff && major >= 14:
+		s.streaming = true
+	}
 
 	if !slot.Exists {
 		res, err := pglogrepl.CreateReplicationSlot(ctx, conn, cfg.Slot, "pgoutput",
@@ -115,15 +125,6 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 		s.startLSN = slot.ConfirmedFlush
 	}
 	s.tracker = checkpoint.NewTracker(s.startLSN)
-	major := serverMajor(conn.ParameterStatus("server_version"))
-	switch {
-	case cfg.Streaming == StreamingOn && major < 14:
-		conn.Close(context.Background())
-		return nil, &PreconditionError{Problem: fmt.Sprintf("REPLICATION_STREAMING is on, but PostgreSQL %s cannot stream in-progress transactions", conn.ParameterStatus("server_version")),
-			Hint: "use PostgreSQL 14 or newer, or set REPLICATION_STREAMING=auto (protocol 1 on older servers)"}
-	case cfg.Streaming != StreamingOff && major >= 14:
-		s.streaming = true
-	}
 	return s, nil
 }
 
