@@ -231,3 +231,27 @@ func pgMajorFromEnv() (int, error) {
 	}
 	return m, nil
 }
+
+// PostgresMajor returns the major version of the binaries StartPostgres
+// would use with opts, from `postgres --version`, without starting a server.
+func PostgresMajor(ctx context.Context, opts PostgresOptions) (int, error) {
+	binDir, err := findPGBinDir(ctx, opts.BinDir, opts.Major)
+	if err != nil {
+		return 0, err
+	}
+	out, err := exec.CommandContext(ctx, filepath.Join(binDir, "postgres"), "--version").Output()
+	if err != nil {
+		return 0, fmt.Errorf("postgres --version in %s: %w", binDir, err)
+	}
+	// "postgres (PostgreSQL) 17.10"
+	f := strings.Fields(string(out))
+	if len(f) == 0 {
+		return 0, fmt.Errorf("postgres --version in %s: empty output", binDir)
+	}
+	major, _, _ := strings.Cut(f[len(f)-1], ".")
+	m, err := strconv.Atoi(major)
+	if err != nil {
+		return 0, fmt.Errorf("postgres --version in %s: %q", binDir, out)
+	}
+	return m, nil
+}

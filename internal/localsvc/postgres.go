@@ -92,6 +92,23 @@ type Postgres struct {
 // (wal_level=logical) and starts a server on 127.0.0.1. It returns once the
 // server accepts connections. Call Stop when done.
 func StartPostgres(ctx context.Context, opts PostgresOptions) (*Postgres, error) {
+	p, err := newPostgres(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.initdb(ctx); err != nil {
+		p.removeDir()
+		return nil, err
+	}
+	if err := p.startPickingPort(ctx); err != nil {
+		p.removeDir()
+		return nil, err
+	}
+	return p, nil
+}
+
+// newPostgres resolves the binaries and prepares the service directory.
+func newPostgres(ctx context.Context, opts PostgresOptions) (*Postgres, error) {
 	binDir, err := findPGBinDir(ctx, opts.BinDir, opts.Major)
 	if err != nil {
 		return nil, err
@@ -122,27 +139,27 @@ func StartPostgres(ctx context.Context, opts PostgresOptions) (*Postgres, error)
 		p.removeDir()
 		return nil, err
 	}
-	if err := p.initdb(ctx); err != nil {
-		p.removeDir()
-		return nil, err
-	}
-	// Pick ports ourselves only when the caller did not choose one; a port
-	// taken between picking and binding is then retried with another.
+	return p, nil
+}
+
+// startPickingPort starts the server. Ports are picked here only when the
+// caller did not choose one; a port taken between picking and binding is
+// then retried with another.
+func (p *Postgres) startPickingPort(ctx context.Context) error {
 	pickPort := p.Port == 0
 	for attempt := 1; ; attempt++ {
 		if pickPort {
+			var err error
 			if p.Port, err = freePort(); err != nil {
-				p.removeDir()
-				return nil, err
+				return err
 			}
 		}
-		err = p.Start(ctx)
+		err := p.Start(ctx)
 		if err == nil {
-			return p, nil
+			return nil
 		}
 		if !pickPort || attempt >= portAttempts || !errors.Is(err, errPortInUse) {
-			p.removeDir()
-			return nil, err
+			return err
 		}
 	}
 }
