@@ -4,12 +4,16 @@
 package replication
 
 import (
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Config describes the slot and publication to stream from.
@@ -37,8 +41,9 @@ type Config struct {
 	// and spills it to its own disk past logical_decoding_work_mem.
 	Streaming string
 	// SpillDir is where in-progress streamed transactions are kept until
-	// they commit (STREAM_SPILL_DIR; default a directory per slot under the
-	// system's temporary directory). It is emptied when streaming starts.
+	// they commit (STREAM_SPILL_DIR; default a directory per slot, server and
+	// database under the system's temporary directory, see
+	// DefaultSpillDir). It is emptied when streaming starts.
 	SpillDir string
 	// SpillMaxBytes bounds SpillDir (STREAM_SPILL_MAX_BYTES; 0: no bound).
 	// Past it the stream ends with ErrSpillFull and the supervisor goes on
@@ -89,9 +94,30 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("REPLICATION_STREAMING %q: want auto, on or off", c.Streaming)
 	}
 	if c.SpillDir == "" {
-		c.SpillDir = filepath.Join(os.TempDir(), "outbox-streamer-spill-"+c.Slot)
+		c.SpillDir = DefaultSpillDir(c.DSN, c.Slot)
 	}
 	return nil
+}
+
+// DefaultSpillDir is outbox-streamer-spill-<slot>-<hash> under the system's
+// temporary directory, the hash taken over the servers (hosts and ports) and
+// the database of dsn. Slot names are unique only per server, and the
+// spill is emptied when streaming starts: two streamers with one slot name
+// on different servers must not share a directory. The password is not
+// part of it, so rotating it keeps the directory.
+func DefaultSpillDir(dsn, slot string) string {
+	key := dsn
+	if cfg, err := pgconn.ParseConfig(dsn); err == nil {
+		var b strings.Builder
+		fmt.Fprintf(&b, "%s:%d", cfg.Host, cfg.Port)
+		for _, fb := range cfg.Fallbacks {
+			fmt.Fprintf(&b, ",%s:%d", fb.Host, fb.Port)
+		}
+		fmt.Fprintf(&b, "/%s", cfg.Database)
+		key = b.String()
+	}
+	sum := sha256.Sum256([]byte(key))
+	return filepath.Join(os.TempDir(), fmt.Sprintf("outbox-streamer-spill-%s-%x", slot, sum[:6]))
 }
 
 // PreconditionError is a server setup problem the operator must fix; Hint says how.
