@@ -49,6 +49,16 @@ type Config struct {
 	// Past it the stream ends with ErrSpillFull and the supervisor goes on
 	// with protocol 1.
 	SpillMaxBytes int64
+	// SlotFailover is REPLICATION_SLOT_FAILOVER: whether the slot is a
+	// failover slot, which PostgreSQL 17+ synchronises to physical standbys
+	// running with sync_replication_slots, so that a promoted standby has
+	// it at the position the streamer confirmed. "auto" (the default) makes
+	// it one on 17+ when the primary's synchronized_standby_slots names a
+	// standby (only then does the primary hold logical decoding back until
+	// that standby has the WAL, which a synced slot needs to be usable after
+	// a failover); "on" requires 17+ and turns an existing slot into one;
+	// "off" creates ordinary slots and leaves existing ones alone.
+	SlotFailover string
 }
 
 // Streaming modes.
@@ -56,6 +66,13 @@ const (
 	StreamingAuto = "auto"
 	StreamingOn   = "on"
 	StreamingOff  = "off"
+)
+
+// Failover modes of REPLICATION_SLOT_FAILOVER.
+const (
+	FailoverAuto = "auto"
+	FailoverOn   = "on"
+	FailoverOff  = "off"
 )
 
 var slotName = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
@@ -92,6 +109,13 @@ func (c *Config) Validate() error {
 	case StreamingAuto, StreamingOn, StreamingOff:
 	default:
 		return fmt.Errorf("REPLICATION_STREAMING %q: want auto, on or off", c.Streaming)
+	}
+	switch c.SlotFailover {
+	case "":
+		c.SlotFailover = FailoverAuto
+	case FailoverAuto, FailoverOn, FailoverOff:
+	default:
+		return fmt.Errorf("REPLICATION_SLOT_FAILOVER %q: want auto, on or off", c.SlotFailover)
 	}
 	if c.SpillDir == "" {
 		c.SpillDir = DefaultSpillDir(c.DSN, c.Slot)

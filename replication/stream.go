@@ -66,6 +66,11 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 	if err != nil {
 		return nil, err
 	}
+	failover, err := planFailover(ctx, plain, cfg)
+	if err != nil {
+		return nil, err
+	}
+	failover.warn(log)
 	if slot.Exists && slot.WALStatus == "lost" {
 		// The server removed WAL the slot still needed (max_slot_wal_keep_size): it can
 		// never stream again. A new slot plus a backfill of what is still pending
@@ -105,8 +110,13 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 	}
 
 	if !slot.Exists {
-		res, err := pglogrepl.CreateReplicationSlot(ctx, conn, cfg.Slot, "pgoutput",
-			pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
+		var res pglogrepl.CreateReplicationSlotResult
+		if failover.want {
+			res, err = createFailoverSlot(ctx, conn, cfg.Slot)
+		} else {
+			res, err = pglogrepl.CreateReplicationSlot(ctx, conn, cfg.Slot, "pgoutput",
+				pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
+		}
 		if err != nil {
 			conn.Close(context.Background())
 			if fault.IsPostgres(err, pgerrcode.DuplicateObject) {
@@ -120,9 +130,17 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 			return nil, fmt.Errorf("parse consistent point of new slot %q: %w", cfg.Slot, err)
 		}
 		s.startLSN, s.slotCreated, s.snapshot = uint64(lsn), true, res.SnapshotName
-		log.Info("created replication slot", zap.String("consistent_point", res.ConsistentPoint))
+		log.Info("created replication slot", zap.String("consistent_point", res.ConsistentPoint), zap.Bool("failover", failover.want))
 	} else {
 		s.startLSN = slot.ConfirmedFlush
+		if failover.want && slot.Failover != nil && !*slot.Failover {
+			// The preconditions found the slot inactive, which ALTER needs.
+			if err := makeFailoverSlot(ctx, conn, cfg.Slot); err != nil {
+				conn.Close(context.Background())
+				return nil, err
+			}
+			log.Info("made the replication slot a failover slot")
+		}
 	}
 	s.tracker = checkpoint.NewTracker(s.startLSN)
 	return s, nil

@@ -28,6 +28,7 @@ func PipelineConfig(cfg *config.Config) pipeline.Config {
 			Streaming:      cfg.Streaming,
 			SpillDir:       cfg.SpillDir,
 			SpillMaxBytes:  cfg.SpillMaxBytes,
+			SlotFailover:   cfg.SlotFailover,
 		},
 		Run: replication.RunConfig{
 			BatchSize:       cfg.BatchSize,
