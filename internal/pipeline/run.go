@@ -128,10 +128,14 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	}
 	writer := NewWriter(wcfg, target, store, ck, stream.Tracker(), log)
 	// Streamed transactions are staged in ClickHouse while they run (one
-	// server only); the writer checks the staging table at the first one.
+	// server only); the writer clears what earlier sessions staged when it
+	// starts, staging or not.
 	cfg.Run.Stage = cfg.Run.Stage && stream.Streaming() && cfg.Sink.Cluster == ""
-	if cfg.Run.Stage {
+	switch {
+	case cfg.Run.Stage:
 		writer.EnableStaging(ch, cfg.Replication.Slot)
+	case cfg.Sink.Cluster == "":
+		writer.ClearStagedAtStart(ch, cfg.Replication.Slot)
 	}
 
 	// Room for as many batches as one merged insert holds, so a writer that fell

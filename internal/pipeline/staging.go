@@ -62,6 +62,47 @@ func (w *Writer) EnableStaging(to Stager, slot string) {
 	w.staging = &staging{to: to, slot: slot, txns: make(map[uint32]*stagedTxn)}
 }
 
+// ClearStagedAtStart makes a writer that does not stage this session
+// (protocol 1, or staging off) still drop at its start what earlier sessions
+// of slot staged in to.
+func (w *Writer) ClearStagedAtStart(to Stager, slot string) {
+	w.stale = &staging{to: to, slot: slot}
+}
+
+// clearStagedAtStart drops what earlier sessions of the slot staged, before
+// the first batch. Waiting for this session's first staged batch is not
+// enough: a transaction staged before a crash or a failover may never come
+// again (aborted meanwhile, PostgreSQL 18 skips decoding it; a promoted
+// standby never had it), and its rows would stay in the staging table. A
+// failure here leaves a staging session to try again at its first staged
+// batch (ready).
+func (w *Writer) clearStagedAtStart(ctx context.Context) {
+	st, stages := w.staging, true
+	if st == nil {
+		st, stages = w.stale, false
+	}
+	if st == nil {
+		return
+	}
+	// Bounded: with ClickHouse away the first batches must still reach the
+	// engine, whose outage handling hands them to the sweep.
+	ctx, cancel := context.WithTimeout(ctx, clearAtStartTimeout)
+	defer cancel()
+	ok, err := st.to.StagingAvailable(ctx)
+	if err == nil && ok {
+		err = st.to.ClearStaging(ctx, st.slot)
+	}
+	switch {
+	case err != nil && !stages:
+		w.log.Warn("cannot clear what an earlier session staged; the next session tries again", zap.Error(err))
+	case err == nil && ok && stages:
+		st.state = stagingOn
+	}
+}
+
+// clearAtStartTimeout bounds clearStagedAtStart.
+const clearAtStartTimeout = 10 * time.Second
+
 // ready checks, once per session, that the staging table exists and holds
 // nothing of this slot: the server sends unfinished transactions again from
 // their start, under the same ids.

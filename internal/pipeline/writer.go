@@ -82,6 +82,9 @@ type Writer struct {
 	recorded uint64
 	next     *batch.Batch // taken from the queue by merge, for the next insert
 	staging  *staging     // nil: streamed transactions are not staged
+	// stale, when this session does not stage, is where earlier sessions
+	// staged: cleared at the start all the same (see clearStagedAtStart).
+	stale *staging
 }
 
 // ErrTableRejectsRows means ClickHouse refused every row of a batch with the
@@ -107,6 +110,7 @@ func NewWriter(cfg WriterConfig, s Sink, o Outbox, inflight InflightRecorder, re
 // they are resolved in, and each batch's in-flight record is written before its
 // insert, so a crash between the stages is reconciled like any other.
 func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
+	w.clearStagedAtStart(ctx)
 	outcomes := make(chan *outcome, 1)
 	var settled sync.WaitGroup
 	var settleMu sync.Mutex
