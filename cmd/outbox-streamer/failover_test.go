@@ -23,10 +23,12 @@ import (
 // physical standby (sync_replication_slots on, named in the primary's
 // synchronized_standby_slots) while producers commit; the streamer, given
 // both servers in one DSN with target_session_attrs=read-write, creates a
-// failover slot (REPLICATION_SLOT_FAILOVER=auto). The primary is SIGKILLed,
-// the standby promoted, and the same streamer process continues on it: every
-// row the new primary holds reaches ClickHouse exactly once (without FINAL),
-// every one is processed, and ClickHouse holds nothing the new primary lacks.
+// failover slot (REPLICATION_SLOT_FAILOVER=auto). The primary is SIGKILLed
+// while a large transaction is being streamed and staged, the standby
+// promoted, and the same streamer process continues on it: every row the new
+// primary holds reaches ClickHouse exactly once (without FINAL), every one
+// is processed, ClickHouse holds nothing the new primary lacks, and nothing
+// of the lost transaction stays in the staging table.
 func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
@@ -46,7 +48,15 @@ func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 		}
 	}
 	both := multiHostDSN(t, e.DSN, pg.Port, standby.Port)
-	cmd, out := startStreamer(t, envFor(e, "DATABASE_URL="+both))
+	// The least logical_decoding_work_mem: the walsender streams the large
+	// transaction before its commit, and the streamer stages it.
+	streamer := both + "&options=-c%20logical_decoding_work_mem%3D64kB"
+	cmd, out := startStreamer(t, envFor(e, "DATABASE_URL="+streamer))
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("streamer output:\n%s", out)
+		}
+	})
 
 	stopProducers := produce(ctx, t, both)
 	defer stopProducers()
@@ -57,6 +67,24 @@ func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 		return failoverSlotSynced(ctx, t, standby.DSN(), e.Slot)
 	})
 	e2e.WaitFor(t, time.Minute, "rows delivered before the failover", func() bool { _, p := e.Committed(t); return p > 500 })
+	big, err := e.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer big.Rollback(context.Background()) //nolint:errcheck
+	if _, err := big.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, environment, event_context, metadata_version)
+		SELECT 'failover.lost', now() AT TIME ZONE 'UTC', 'test', jsonb_build_object('pad', repeat('x', 200)), 1
+		FROM generate_series(1, 3000)`); err != nil {
+		t.Fatal(err)
+	}
+	staged := func() uint64 {
+		var n uint64
+		if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+e.Sink.Database+".event_log_staging WHERE slot = ?", e.Slot).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	e2e.WaitFor(t, time.Minute, "the open transaction staged in ClickHouse", func() bool { return staged() > 0 })
 
 	if err := pg.Kill(); err != nil {
 		t.Fatal(err)
@@ -79,6 +107,16 @@ func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 	}
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	_ = cmd.Wait()
+	// The new primary has the lost transaction's changes but no abort record
+	// (it never finished). 18 does not decode it, so the staging cleared at
+	// the new session's start stays empty. 17 streams it again and the new
+	// session stages it once more; the abort that would drop it did not come
+	// within a minute here, even with running-transactions records logged
+	// (an open question, see CHANGELOG): until then those rows sit in
+	// staging, never in the event table (checked above).
+	if pg.Major >= 18 {
+		e2e.WaitFor(t, time.Minute, "the lost transaction's staged rows cleared", func() bool { return staged() == 0 })
+	}
 	// The synced slot carried on: no second slot, no backfill.
 	if n := strings.Count(out.String(), "created replication slot"); n != 1 {
 		t.Fatalf("the streamer created %d slots, want 1 (the failover slot should have carried over):\n%s", n, out)
