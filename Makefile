@@ -8,7 +8,7 @@ DEVENV  := $(BIN)/outbox-devenv
 STREAMER := $(BIN)/outbox-streamer
 TEST_TIMEOUT ?= 30m
 
-.PHONY: all build deps install run test test-pg-compat test-unit fuzz lint migrate reset-test-db bench clean help
+.PHONY: all build deps deps-run install run test test-pg-compat test-unit fuzz lint migrate reset-test-db bench clean help
 
 all: build
 
@@ -21,15 +21,24 @@ build: ## build bin/outbox-streamer (and the local-services launcher bin/outbox-
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o $(STREAMER) ./cmd/outbox-streamer
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(DEVENV) ./cmd/outbox-devenv
 
-deps: ## install PostgreSQL, ClickHouse 18.16, the ClickHouse 26.7 library and promtool if missing
+deps: ## install what make test needs if missing: PostgreSQL, ClickHouse 18.16, the ClickHouse 26.7 library, promtool, ZooKeeper, helm
 	./scripts/install-deps.sh
+
+deps-run: ## install only what make run needs if missing: PostgreSQL and the ClickHouse 26.7 library
+	./scripts/install-deps.sh run
 
 install: deps build ## deps + build
 
-run: deps build ## local PostgreSQL + ClickHouse 26.7, migrate, stream, and a demo producer with progress
+run: deps-run build ## local PostgreSQL + ClickHouse 26.7, migrate, stream, and a demo producer with progress
 	$(DEVENV) -- ./scripts/demo.sh
 
-test: deps build ## the whole suite (unit, integration, end to end) on ClickHouse 26.7 and 18.16, then test-pg-compat
+# The suite's PostgreSQL looks like an old production database: xid epoch 1,
+# and the 32-bit xid counter wraps early in the run (OUTBOX_PG_XID_EPOCH=0
+# OUTBOX_PG_NEXT_XID=0 for a fresh cluster).
+test: export OUTBOX_PG_XID_EPOCH ?= 1
+test: export OUTBOX_PG_NEXT_XID ?= 4294947296
+
+test: deps build ## the whole suite (unit, integration, end to end) on ClickHouse 26.7 and 18.16, PostgreSQL an old cluster, then test-pg-compat
 	cd outbox && $(GO) test -count=1 $(TESTFLAGS) ./...
 	OUTBOX_TEST_REQUIRE_LEGACY=1 $(DEVENV) --legacy -- $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(TESTFLAGS) ./...
 	$(MAKE) --no-print-directory test-pg-compat
@@ -37,8 +46,9 @@ test: deps build ## the whole suite (unit, integration, end to end) on ClickHous
 # The PostgreSQL majors besides the default one (Debian's 15) that test-pg-compat
 # runs on, and what it runs: exactly-once end to end, protocol 2 with and without
 # staging (skipped on 13, which has no protocol 2), backfill, the partitioned
-# outbox, verify, a crash and restart of the binary, a lost slot, and the physical
-# standby. The golden pgoutput sessions of every major are checked in the main run
+# outbox, verify, a crash and restart of the binary, a lost slot, the physical
+# standby, failover slots and a primary failover (17+). Fresh clusters: the
+# packaged majors have no pg_resetwal to age them. The golden pgoutput sessions of every major are checked in the main run
 # (replication/testdata/pgoutput/pg<major>).
 PG_COMPAT_MAJORS ?= 13 14 16 17 18
 PG_COMPAT_PKGS := ./replication ./internal/pipeline ./internal/sweep ./internal/verify ./internal/localsvc ./cmd/outbox-streamer
@@ -47,7 +57,7 @@ PG_COMPAT_RUN := ^(TestStreamDeliversExactlyTheCommittedEvents|TestRestartMidTra
 test-pg-compat: deps build ## the compatibility subset on PostgreSQL 13, 14, 16, 17 and 18 (PG_COMPAT_MAJORS)
 	@set -e; for m in $(PG_COMPAT_MAJORS); do \
 		echo "test-pg-compat: PostgreSQL $$m"; \
-		$(DEVENV) --pg-version $$m -- $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(TESTFLAGS) -run '$(PG_COMPAT_RUN)' $(PG_COMPAT_PKGS); \
+		OUTBOX_PG_XID_EPOCH=0 OUTBOX_PG_NEXT_XID=0 $(DEVENV) --pg-version $$m -- $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(TESTFLAGS) -run '$(PG_COMPAT_RUN)' $(PG_COMPAT_PKGS); \
 	done
 
 test-unit: ## unit tests only (no servers)

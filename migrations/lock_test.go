@@ -97,8 +97,10 @@ func TestMigrationLockHoldsAcrossProcesses(t *testing.T) {
 	}
 }
 
-// TestForceClearsDirtyState: the dirty-state message tells operators to force
-// the version; Force does it for one database and leaves the other alone.
+// TestForceClearsDirtyState: a dirty PostgreSQL version (its migration is
+// one transaction, rolled back) is run again by migrate up; a dirty
+// ClickHouse version needs the schema repaired and the version forced, and
+// Force does it for one database and leaves the other alone.
 func TestForceClearsDirtyState(t *testing.T) {
 	cfg := freshConfig(t)
 	ctx := context.Background()
@@ -117,16 +119,36 @@ func TestForceClearsDirtyState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st[0].State != "dirty" || !strings.Contains(st[0].String(), "migrate force VERSION --database postgres") {
-		t.Fatalf("status after a half-done migration: %v", st[0])
+	if st[0].State != "dirty" || !strings.Contains(st[0].String(), "run: outbox-streamer migrate up") {
+		t.Fatalf("status after a half-done postgres migration: %v", st[0])
+	}
+	if err := migrations.Up(ctx, cfg); err != nil {
+		t.Fatalf("migrate up on a dirty postgres version: %v", err)
+	}
+
+	ch, err := sink.Connect(cfg.ClickHouse)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	vt := sink.QuoteIdent(cfg.ClickHouse.Database) + "." + sink.QuoteIdent(migrations.MigrationsTable)
+	if err := ch.Exec(ctx, "INSERT INTO "+vt+" (version, dirty, sequence) SELECT max(version), 1, max(sequence) + 1 FROM "+vt); err != nil {
+		t.Fatal(err)
+	}
+	st, err = migrations.Statuses(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st[1].State != "dirty" || !strings.Contains(st[1].String(), "migrate force VERSION --database clickhouse") {
+		t.Fatalf("status after a half-done clickhouse migration: %v", st[1])
 	}
 	if err := migrations.Up(ctx, cfg); err == nil {
-		t.Fatal("migrate up on a dirty database succeeded")
+		t.Fatal("migrate up on a dirty clickhouse version succeeded")
 	}
-	if err := migrations.Force(ctx, cfg, migrations.Postgres, 99); err == nil || !strings.Contains(err.Error(), "does not exist") {
+	if err := migrations.Force(ctx, cfg, migrations.ClickHouse, 99); err == nil || !strings.Contains(err.Error(), "does not exist") {
 		t.Errorf("force to a version that does not exist: %v", err)
 	}
-	if err := migrations.Force(ctx, cfg, migrations.Postgres, int(st[0].Latest)); err != nil {
+	if err := migrations.Force(ctx, cfg, migrations.ClickHouse, int(st[1].Latest)); err != nil {
 		t.Fatal(err)
 	}
 	st, err = migrations.Statuses(ctx, cfg)

@@ -118,6 +118,9 @@ type Status struct {
 	Latest   uint   `json:"latest"`
 	// State is "up to date", "pending" or "dirty".
 	State string `json:"state"`
+	// Adopt is true when PostgreSQL's outbox table exists but no migration
+	// completed: migrate up adopts it (see adopt.go).
+	Adopt bool `json:"adopt,omitempty"`
 }
 
 func (s Status) String() string {
@@ -126,11 +129,18 @@ func (s Status) String() string {
 		name += " (" + s.Flavour + ")"
 	}
 	state := fmt.Sprintf("version %d of %d", s.Version, s.Latest)
-	switch s.State {
-	case "dirty":
+	switch {
+	case s.State == "dirty":
+		if s.Database == Postgres {
+			// recoverDirty: a PostgreSQL migration is one transaction.
+			state += ", DIRTY: a migration did not complete and was rolled back; run: outbox-streamer migrate up (it runs it again)"
+			break
+		}
 		state += fmt.Sprintf(", DIRTY: a migration failed half-way; repair the schema by hand, then run: outbox-streamer migrate force VERSION --database %s (the version whose changes are now complete)", s.Database)
-	case "up to date":
+	case s.State == "up to date":
 		state += ", up to date"
+	case s.Adopt:
+		state += ", pending: the outbox table exists without the streamer's migrations; outbox-streamer migrate up adopts it (see migrate up --dry-run)"
 	default:
 		state += ", pending migrations (run: outbox-streamer migrate up)"
 	}
@@ -150,12 +160,86 @@ func (s *Status) setState() {
 
 // Up applies every pending migration to both databases.
 func Up(ctx context.Context, cfg Config) error {
-	return each(ctx, cfg, "", func(m *migrate.Migrate, _ string) error {
-		if err := m.Up(); err != nil && !errors.Is(err, migrate.ErrNoChange) {
+	_, err := UpReport(ctx, cfg)
+	return err
+}
+
+// UpReport is Up, returning what it did to PostgreSQL when it adopted an
+// existing outbox table (see adopt.go). Before anything changes it checks
+// an existing ClickHouse event table's columns (CheckEventTable) and an
+// existing outbox's shape, and refuses with what to do.
+func UpReport(ctx context.Context, cfg Config) (PostgresPlan, error) {
+	var plan PostgresPlan
+	err := withLock(ctx, cfg, func() error {
+		if err := CheckEventTable(ctx, cfg); err != nil {
 			return err
 		}
-		return nil
+		var err error
+		if plan, err = adopt(ctx, cfg); err != nil {
+			return err
+		}
+		return eachLocked(ctx, cfg, "", func(m *migrate.Migrate, db string) error {
+			if db == Postgres {
+				if err := recoverDirty(m, cfg); err != nil {
+					return err
+				}
+			}
+			err := m.Up()
+			if err == nil || errors.Is(err, migrate.ErrNoChange) {
+				return nil
+			}
+			err = shortError(err)
+			if db == Postgres {
+				if rerr := recoverDirty(m, cfg); rerr != nil {
+					return fmt.Errorf("%w; and then: %v", err, rerr)
+				}
+				return fmt.Errorf("%w (rolled back: the migration runs in one transaction; fix the cause and run outbox-streamer migrate up again)", err)
+			}
+			return err
+		})
 	})
+	return plan, err
+}
+
+// shortError drops the migration's whole SQL text that golang-migrate puts
+// in its error, keeping the server's error and the failing migration's name.
+func shortError(err error) error {
+	var dbErr database.Error
+	if errors.As(err, &dbErr) && dbErr.OrigErr != nil {
+		return fmt.Errorf("%s: %w", dbErr.Err, dbErr.OrigErr)
+	}
+	var dbErrPtr *database.Error
+	if errors.As(err, &dbErrPtr) && dbErrPtr.OrigErr != nil {
+		return fmt.Errorf("%s: %w", dbErrPtr.Err, dbErrPtr.OrigErr)
+	}
+	return err
+}
+
+// recoverDirty clears a dirty PostgreSQL version: golang-migrate marks a
+// migration dirty before running it and clean after, so a migration that
+// failed or whose process was killed leaves the flag set. Every PostgreSQL
+// migration is one statement string run as one implicit transaction (the
+// pgx driver without MultiStatementEnabled), and each is idempotent: a
+// dirty version N means N's changes were rolled back, or committed by a
+// process killed before it cleared the flag, and running N again is right
+// either way. So the version goes back to N-1 and N runs again.
+func recoverDirty(m *migrate.Migrate, cfg Config) error {
+	v, dirty, err := m.Version()
+	if err != nil || !dirty {
+		if errors.Is(err, migrate.ErrNilVersion) {
+			return nil
+		}
+		return err
+	}
+	prev := int(v) - 1
+	if prev == 0 {
+		prev = database.NilVersion
+	}
+	cfg.notify("postgres migration %d did not complete (dirty); it runs in one transaction, so it is run again", v)
+	if err := m.Force(prev); err != nil {
+		return fmt.Errorf("clear the dirty flag of migration %d: %w", v, err)
+	}
+	return nil
 }
 
 // Down rolls back the last steps migrations of both databases.
@@ -191,26 +275,6 @@ func Force(ctx context.Context, cfg Config, db string, version int) error {
 	})
 }
 
-// Statuses reports both databases' migration state.
-func Statuses(ctx context.Context, cfg Config) ([]Status, error) {
-	var out []Status
-	err := each(ctx, cfg, "", func(m *migrate.Migrate, db string) error {
-		v, dirty, err := m.Version()
-		if err != nil && !errors.Is(err, migrate.ErrNilVersion) {
-			return err
-		}
-		s := Status{Database: db, Version: v, Dirty: dirty}
-		if i := strings.IndexByte(db, '/'); i > 0 {
-			s.Database, s.Flavour = db[:i], db[i+1:]
-		}
-		s.Latest = latest(s.Flavour)
-		s.setState()
-		out = append(out, s)
-		return nil
-	})
-	return out, err
-}
-
 func latest(flavour string) uint {
 	dir := "postgres"
 	if flavour != "" {
@@ -230,6 +294,11 @@ func latest(flavour string) uint {
 // each runs fn against the PostgreSQL migrator, then the ClickHouse one (only
 // the one named by only, when set), holding the migration lock throughout.
 func each(ctx context.Context, cfg Config, only string, fn func(*migrate.Migrate, string) error) error {
+	return withLock(ctx, cfg, func() error { return eachLocked(ctx, cfg, only, fn) })
+}
+
+// withLock validates cfg and runs fn holding the migration lock.
+func withLock(ctx context.Context, cfg Config, fn func() error) error {
 	if err := cfg.ClickHouse.Validate(); err != nil {
 		return err
 	}
@@ -241,6 +310,11 @@ func each(ctx context.Context, cfg Config, only string, fn func(*migrate.Migrate
 		return err
 	}
 	defer unlock()
+	return fn()
+}
+
+// eachLocked is each under a lock its caller holds.
+func eachLocked(ctx context.Context, cfg Config, only string, fn func(*migrate.Migrate, string) error) error {
 	if only == "" || only == Postgres {
 		pg, err := postgresMigrator(ctx, cfg)
 		if err != nil {

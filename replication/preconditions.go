@@ -114,6 +114,10 @@ func CheckPreconditions(ctx context.Context, conn *pgx.Conn, cfg Config) (SlotIn
 		}
 	}
 
+	if err := checkObjects(ctx, conn, cfg); err != nil {
+		return SlotInfo{}, err
+	}
+
 	slot, err := ReadSlot(ctx, conn, cfg.Slot)
 	if err != nil {
 		return SlotInfo{}, err
@@ -134,6 +138,40 @@ func CheckPreconditions(ctx context.Context, conn *pgx.Conn, cfg Config) (SlotIn
 		return slot, SlotInUseError(cfg.Slot, slot.ActivePID)
 	}
 	return slot, nil
+}
+
+// neededColumns are the outbox columns the sweep, the status updates and the
+// retries use beyond those the stream decodes.
+var neededColumns = []string{"status", "attempts", "last_error", "next_attempt_at", "created_at"}
+
+// checkObjects verifies that the migrations' objects the streamer writes
+// exist: outbox_checkpoint and the retry columns. Checked before the slot is
+// created — a slot retains WAL from its creation, and one left behind by a
+// streamer that then failed on a missing table fills the disk.
+func checkObjects(ctx context.Context, conn *pgx.Conn, cfg Config) error {
+	var checkpoint bool
+	var missing []string
+	err := conn.QueryRow(ctx, `SELECT to_regclass('outbox_checkpoint') IS NOT NULL,
+		ARRAY(SELECT c FROM unnest($2::text[]) AS c WHERE NOT EXISTS (
+			SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = c AND attnum > 0 AND NOT attisdropped))`,
+		pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize(), neededColumns).Scan(&checkpoint, &missing)
+	if err != nil {
+		return fmt.Errorf("look up outbox_checkpoint and the columns of %s.%s: %w", cfg.Schema, cfg.Table, err)
+	}
+	var what []string
+	if !checkpoint {
+		what = append(what, "table outbox_checkpoint")
+	}
+	if len(missing) > 0 {
+		what = append(what, fmt.Sprintf("columns %s of %s.%s", strings.Join(missing, ", "), cfg.Schema, cfg.Table))
+	}
+	if len(what) > 0 {
+		return &PreconditionError{
+			Problem: fmt.Sprintf("the migrations have not run on this database (missing %s); no replication slot was created", strings.Join(what, " and ")),
+			Hint:    "run: outbox-streamer migrate up (it adopts an existing outbox table; see docs/migrating-from-celery.md)",
+		}
+	}
+	return nil
 }
 
 // SlotInUseError says another process streams from the slot.

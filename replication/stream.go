@@ -544,10 +544,16 @@ func (r *receiver) replay(ctx context.Context, m *Message) error {
 		return err
 	}
 	s.tracker.Commit(endLSN)
-	if tag != nil {
+	switch {
+	case tag == nil:
+		return nil
+	case tag.Rows == 0:
+		// Every staged row was rolled back with its subtransaction: no batch
+		// of this commit reaches the writer to copy nothing and drop the rest.
+		return r.emit(ctx, &batch.Batch{Streamed: &batch.Streamed{Op: batch.OpDrop, Xid: xid}})
+	default:
 		return r.flushOpen(ctx)
 	}
-	return nil
 }
 
 // flushOpen hands over the open batch, if any.

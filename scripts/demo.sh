@@ -8,6 +8,10 @@ export CLICKHOUSE_SCHEMA="${CLICKHOUSE_SCHEMA:-outbox}"
 # Another program may hold the default metrics port: take a free one (the streamer
 # logs which) unless one was chosen.
 export METRICS_ADDR="${METRICS_ADDR:-127.0.0.1:0}"
+# The log goes to a file a person reads (tail -f): readable lines, and the
+# leader's progress line more often than in production.
+export LOG_FORMAT="${LOG_FORMAT:-console}"
+export PROGRESS_INTERVAL="${PROGRESS_INTERVAL:-5s}"
 bin=bin/outbox-streamer
 log="${TMPDIR:-/tmp}/outbox-streamer-demo.log"
 

@@ -3,6 +3,11 @@
 # ClickHouse as local processes (no Docker), on Debian 12. Idempotent: it
 # only installs what is missing, so CI can run it on every build.
 #
+#   install-deps.sh        everything `make test` needs (the list below)
+#   install-deps.sh run    only what `make run`'s demo needs: PostgreSQL and
+#                          the chDB library (with npm to fetch it); a fresh
+#                          machine is then a minute or two from its first event
+#
 #   - PostgreSQL server binaries (/usr/lib/postgresql/*/bin)
 #   - Debian's ClickHouse 18.16 (the legacy compatibility target)
 #   - promtool (Debian's prometheus package), to check the alert rules
@@ -19,6 +24,9 @@
 #     tests, into /var/cache/outbox-streamer/postgres as root (the postgres user
 #     cannot enter /root), else ~/.cache/outbox-streamer/postgres;
 #     OUTBOX_PG_MAJORS="" skips them
+#   - Django 3.2 and psycopg2 for /usr/bin/python3 (python3-django,
+#     python3-psycopg2), for the test that adopts an outbox made by a real
+#     Django model and migration (migrations/django_test.go)
 #   - helm, to lint and render the chart in deploy/helm: Debian has no package,
 #     so it is built from its Go module into ~/.cache/outbox-streamer/helm
 #
@@ -27,6 +35,17 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
+
+scope="${1:-all}"
+case "$scope" in
+all | run) ;;
+*)
+	echo "usage: $0 [run]   (run: only what make run needs)" >&2
+	exit 2
+	;;
+esac
+# only_all is true when the tools only the tests need are wanted too.
+only_all() { [ "$scope" = all ]; }
 
 step() { printf 'install-deps: %s\n' "$*"; }
 
@@ -38,6 +57,7 @@ have_ch() { [ -x /usr/bin/clickhouse-server ] || [ -x /usr/sbin/clickhouse-serve
 have_chdb() { [ -s "$chdb_lib" ]; }
 # PostgreSQL majors besides the distribution's, for `make test`'s compatibility runs.
 pg_majors="${OUTBOX_PG_MAJORS-13 14 16 17 18}"
+only_all || pg_majors=""
 if [ -n "${OUTBOX_PG_CACHE:-}" ]; then pg_cache="$OUTBOX_PG_CACHE"
 elif [ "$(id -u)" -eq 0 ]; then pg_cache=/var/cache/outbox-streamer/postgres
 else pg_cache="${XDG_CACHE_HOME:-$HOME/.cache}/outbox-streamer/postgres"; fi
@@ -61,9 +81,20 @@ have_helm() { command -v helm >/dev/null 2>&1 || [ -x "$helm_bin" ] || [ -n "${O
 # Each entry is one apt-get install command line (its arguments).
 installs=()
 have_pg || installs+=("postgresql")
-have_ch || installs+=("clickhouse-server clickhouse-client")
-have_promtool || installs+=("--no-install-recommends prometheus")
-have_zookeeper || installs+=("--no-install-recommends zookeeper")
+if only_all; then
+	have_ch || installs+=("clickhouse-server clickhouse-client")
+	have_promtool || installs+=("--no-install-recommends prometheus")
+	have_zookeeper || installs+=("--no-install-recommends zookeeper")
+	have_django() { /usr/bin/python3 -c 'import django, psycopg2' >/dev/null 2>&1; }
+	# Optional (its one test skips without it): installed as root, only noted otherwise.
+	if ! have_django; then
+		if [ "$(id -u)" -eq 0 ]; then
+			installs+=("--no-install-recommends python3-django python3-psycopg2")
+		else
+			step "optional: apt-get install -y python3-django python3-psycopg2 (the Django adoption test skips without them)"
+		fi
+	fi
+fi
 # npm drags in nodejs and many node-* packages: only when we need to download.
 if { ! have_chdb || [ "${#missing_pg[@]}" -gt 0 ]; } && ! have_npm; then
 	installs+=("--no-install-recommends npm")
@@ -78,14 +109,17 @@ if [ "${#installs[@]}" -gt 0 ]; then
 		exit 1
 	fi
 	step "apt-get update"
-	apt-get update -qq
+	apt-get update -q
 	for i in "${installs[@]}"; do
 		step "apt-get install -y $i"
+		# apt's "Get:N ... [size]" lines are the download's progress.
 		# shellcheck disable=SC2086 # $i holds several words on purpose
-		apt-get install -y -qq $i >/dev/null
+		apt-get install -y -q $i | { grep --line-buffered -E '^(Get:|Fetched|Setting up)' || true; }
 	done
+elif only_all; then
+	step "system packages present (postgresql, clickhouse-server, prometheus, zookeeper, chDB or npm)"
 else
-	step "system packages present (postgresql, clickhouse-server, chDB or npm)"
+	step "system packages present (postgresql, chDB or npm)"
 fi
 
 if have_chdb; then
@@ -97,6 +131,11 @@ else
 	fi
 	step "fetching the chDB library (ClickHouse 26.7, 178 MB download) into $(dirname "$chdb_lib")"
 	go run ./cmd/outbox-devenv --fetch-only
+fi
+
+if ! only_all; then
+	step "done (for make run; make test installs the rest: ClickHouse 18.16, promtool, ZooKeeper, helm)"
+	exit 0
 fi
 
 if [ "${#missing_pg[@]}" -eq 0 ]; then

@@ -168,6 +168,9 @@ func (w *Writer) Ready(ctx context.Context) error {
 	}
 	legacy, ver, err := DetectVersion(ctx, w.conn)
 	if err != nil {
+		if fault.AuthFailed(err) {
+			return &AuthError{Addr: w.cfg.Addr, User: w.cfg.User, Code: fault.ClickHouseCode(err), err: err}
+		}
 		if fault.Retryable(err) {
 			w.lastFailure = time.Now()
 		}
@@ -190,6 +193,23 @@ func (w *Writer) Ready(ctx context.Context) error {
 	w.log.Info("connected to clickhouse", zap.String("addr", w.cfg.Addr), zap.String("version", ver), zap.Bool("legacy_schema", legacy))
 	return nil
 }
+
+// AuthError is ClickHouse refusing the configured user or password. Its
+// text is one line: the server's own message adds advice for the server's
+// administrator (how to reset a password) over several lines, and the
+// connection was not "unreachable".
+type AuthError struct {
+	Addr, User string
+	Code       int32
+	err        error
+}
+
+func (e *AuthError) Error() string {
+	return fmt.Sprintf("clickhouse at %s rejected user %q: authentication failed (%d); check CLICKHOUSE_USER and CLICKHOUSE_PASSWORD", e.Addr, e.User, e.Code)
+}
+
+// Unwrap returns the server's exception, for fault's classification.
+func (e *AuthError) Unwrap() error { return e.err }
 
 // version returns what Ready learnt.
 func (w *Writer) version() (detected, legacy bool, minT, maxT time.Time) {
@@ -557,4 +577,18 @@ func (w *Writer) Count(ctx context.Context) (uint64, error) {
 		return 0, fmt.Errorf("count rows in %s: %w", w.table, err)
 	}
 	return n, nil
+}
+
+// DeliveredCeiling returns the highest commit LSN among the rows inserted
+// into the event table within the last window (0 when there are none): what
+// ClickHouse holds, whatever record of it PostgreSQL kept. inserted_at has a
+// skipping index on modern servers (migration 3).
+func (w *Writer) DeliveredCeiling(ctx context.Context, window time.Duration) (uint64, error) {
+	var lsn uint64
+	q := fmt.Sprintf("SELECT max(commit_lsn) FROM %s WHERE inserted_at >= now() - INTERVAL %d SECOND", w.table, int64(window/time.Second))
+	if err := w.conn.QueryRow(ctx, q).Scan(&lsn); err != nil {
+		w.noteFailure(err)
+		return 0, fmt.Errorf("read the highest commit LSN in %s: %w", w.table, err)
+	}
+	return lsn, nil
 }

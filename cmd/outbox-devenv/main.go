@@ -45,6 +45,8 @@ const (
 func main() {
 	// First: this binary doubles as the modern ClickHouse's launcher.
 	localsvc.RunCHDBLauncherIfRequested()
+	// A first run downloads 178 MB: show that it moves.
+	localsvc.CHDBProgress = os.Stderr
 	os.Exit(run())
 }
 
@@ -255,13 +257,17 @@ func startServices(ctx context.Context, legacy bool, baseDir string, onCrash fun
 	} else {
 		began := time.Now()
 		// The major comes from OUTBOX_PG_VERSION (set by --pg-version).
-		pg, err := localsvc.StartPostgres(ctx, localsvc.PostgresOptions{BaseDir: baseDir, OnCrash: onCrash})
+		opts := localsvc.PostgresOptions{BaseDir: baseDir, OnCrash: onCrash}
+		if err := opts.AgeFromEnv(); err != nil {
+			return nil, stop, err
+		}
+		pg, err := localsvc.StartPostgres(ctx, opts)
 		if err != nil {
 			return nil, stop, fmt.Errorf("start postgres: %w", err)
 		}
 		stops = append(stops, pg.Stop)
-		logf("postgres %s at 127.0.0.1:%d (%s), data %s, started in %v",
-			pg.Version, pg.Port, pg.DSN(), pg.Dir, time.Since(began).Round(time.Millisecond))
+		logf("postgres %s at 127.0.0.1:%d (%s), data %s, xid epoch %d, next xid %d, started in %v",
+			pg.Version, pg.Port, pg.DSN(), pg.Dir, opts.XIDEpoch, opts.NextXID, time.Since(began).Round(time.Millisecond))
 		set("DATABASE_URL", pg.DSN())
 		set("POSTGRES_HOST", "127.0.0.1")
 		set("POSTGRES_PORT", strconv.Itoa(pg.Port))

@@ -39,6 +39,14 @@ func TestUsageErrors(t *testing.T) {
 	if code != 2 || len(lines) != 1 || !strings.Contains(lines[0], "-bogus") || !strings.Contains(lines[0], "status --help") {
 		t.Errorf("status --bogus: exit %d, stderr:\n%s", code, errOut.String())
 	}
+	// Every command's usage error is exit 2, version's too (it was 1).
+	for _, args := range [][]string{{"version", "--bogus"}, {"verify", "--bogus"}, {"prune", "--bogus"}} {
+		out.Reset()
+		errOut.Reset()
+		if code := run(args, &out, &errOut); code != 2 || !strings.Contains(errOut.String(), "--help") {
+			t.Errorf("%v: exit %d, stderr %q", args, code, errOut.String())
+		}
+	}
 	out.Reset()
 	errOut.Reset()
 	if code := run([]string{"status", "--help"}, &out, &errOut); code != 0 || !strings.Contains(out.String(), "--max-lag") || errOut.Len() != 0 {
@@ -79,7 +87,9 @@ func TestCommandHelpListsOnlyItsSettings(t *testing.T) {
 		want, unwanted []string
 	}{
 		{[]string{"healthcheck", "--help"}, []string{"Usage: outbox-streamer healthcheck", "METRICS_ADDR"}, []string{"DATABASE_URL", "EVENT_BATCH_SIZE"}},
-		{[]string{"status", "--help"}, []string{"Usage: outbox-streamer status", "--max-lag", "DATABASE_URL", "REPLICATION_SLOT_NAME"}, []string{"CLICKHOUSE_HOST", "EVENT_BATCH_SIZE"}},
+		{[]string{"status", "--help"}, []string{"Usage: outbox-streamer status", "--max-lag", "DATABASE_URL", "REPLICATION_SLOT_NAME", "--outbox-table", "LOG_LEVEL"}, []string{"CLICKHOUSE_HOST", "EVENT_BATCH_SIZE"}},
+		{[]string{"dead-letters", "--help"}, []string{"dead-letters requeue", "DATABASE_URL", "--outbox-table"}, []string{"CLICKHOUSE_HOST", "EVENT_BATCH_SIZE"}},
+		{[]string{"version", "--help"}, []string{"version [--json]"}, nil},
 		{[]string{"migrate", "force", "--help"}, []string{"migrate force VERSION --database", "CLICKHOUSE_HOST", "PUBLICATION_NAME", "--database"}, []string{"EVENT_BATCH_SIZE", "METRICS_ADDR"}},
 		{[]string{"prune", "--help"}, []string{"--older-than", "OUTBOX_RETENTION"}, []string{"CLICKHOUSE_HOST"}},
 		{[]string{"run", "--help"}, []string{"--sweep", "EVENT_BATCH_SIZE", "CLICKHOUSE_HOST", "METRICS_ADDR", "DATABASE_URL"}, []string{"accepted and ignored"}},

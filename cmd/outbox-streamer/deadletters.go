@@ -16,9 +16,8 @@ import (
 
 func cmdDeadLetters(args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
-		h := helpFor("dead-letters")
-		fmt.Fprintf(stdout, "Usage: %s\n\n%s\n", h.synopsis, h.about)
-		return nil
+		_, _, err := loadConfig("dead-letters", []string{"--help"}, stdout, nil)
+		return err
 	}
 	if len(args) == 0 || (args[0] != "list" && args[0] != "requeue") {
 		return usageError{command: "dead-letters", err: errors.New("want list or requeue")}
@@ -84,10 +83,37 @@ func cmdDeadLetters(args []string, stdout, stderr io.Writer) error {
 		return nil
 	}
 
-	n, err := outboxstore.Requeue(ctx, conn, cfg.Outbox, idList, typ)
+	requeued, err := outboxstore.Requeue(ctx, conn, cfg.Outbox, cfg.TimeZone, idList, typ)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "requeued %d dead letter(s); the next sweep delivers them\n", n)
+	fmt.Fprintf(stdout, "requeued %d dead letter(s); the next sweep delivers them\n", len(requeued))
+	if missed := notRequeued(idList, requeued); len(missed) > 0 {
+		return fmt.Errorf("%s: no dead letter with id %s in %s (see outbox-streamer failures)", "dead-letters requeue", joinIDs(missed), cfg.Outbox)
+	}
 	return nil
+}
+
+// notRequeued is the ids asked for that were not requeued: absent, not dead,
+// or of another --type. Requeuing them silently would pass a typo.
+func notRequeued(asked, done []int64) []int64 {
+	got := make(map[int64]bool, len(done))
+	for _, id := range done {
+		got[id] = true
+	}
+	var missed []int64
+	for _, id := range asked {
+		if !got[id] {
+			missed = append(missed, id)
+		}
+	}
+	return missed
+}
+
+func joinIDs(ids []int64) string {
+	s := make([]string, len(ids))
+	for i, id := range ids {
+		s[i] = strconv.FormatInt(id, 10)
+	}
+	return strings.Join(s, ", ")
 }

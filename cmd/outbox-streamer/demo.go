@@ -35,7 +35,7 @@ func cmdDemo(args []string, stdout, stderr io.Writer) error {
 	if rate < 1 || txSize < 1 {
 		return fmt.Errorf("--rate and --tx-size must be at least 1")
 	}
-	log := newLogger(cfg)
+	log := newLogger(cfg, forPerson)
 	ctx, _, stop := signalContext(log)
 	defer stop()
 	if duration > 0 {

@@ -32,8 +32,10 @@ var commands = map[string]commandHelp{
 		settings: append(general[:len(general):len(general)], "ClickHouse", "PUBLICATION_NAME", "OUTBOX_PARTITION_INTERVAL", "EVENT_TIME_ZONE"),
 	},
 	"migrate up": {
-		synopsis: "outbox-streamer migrate up [--wait DUR] [settings]",
-		about:    "Applies every pending migration to PostgreSQL, then ClickHouse, and prints both versions.",
+		synopsis: "outbox-streamer migrate up [--dry-run] [--wait DUR] [settings]",
+		about: "Applies every pending migration to PostgreSQL, then ClickHouse, and prints both versions.\n" +
+			"An existing outbox table (the earlier service's) is adopted in one transaction: see\n" +
+			"docs/migrating-from-celery.md. --dry-run prints the statements it would run and changes nothing.",
 	},
 	"migrate down": {
 		synopsis: "outbox-streamer migrate down --yes [--steps N] [--wait DUR] [settings]",
@@ -41,7 +43,7 @@ var commands = map[string]commandHelp{
 	},
 	"migrate status": {
 		synopsis: "outbox-streamer migrate status [--json] [--wait DUR] [settings]",
-		about:    "Prints each database's migration version, and whether it is up to date, pending or dirty.",
+		about:    "Prints each database's migration version, and whether it is up to date, pending or dirty; it only reads, creating nothing.",
 	},
 	"migrate force": {
 		synopsis: "outbox-streamer migrate force VERSION --database postgres|clickhouse [settings]",
@@ -51,15 +53,22 @@ var commands = map[string]commandHelp{
 	"status": {
 		synopsis: "outbox-streamer status [--json] [--max-lag BYTES] [--max-age DUR] [settings]",
 		about:    "Shows the slot (lag, retained WAL, state), the leader and the outbox's rows by status. Exit 3 when a --max-* check fails.",
-		settings: append(general[:len(general):len(general)], "REPLICATION_SLOT_NAME", "OUTBOX_RETENTION", "EVENT_TIME_ZONE"),
+		settings: append(general[:len(general):len(general)], "REPLICATION_SLOT_NAME", "OUTBOX_TABLE", "OUTBOX_RETENTION", "EVENT_TIME_ZONE"),
 	},
 	"dead-letters": {
 		synopsis: "outbox-streamer dead-letters list [--limit N] [--type T] [--json]\n" +
 			"       outbox-streamer dead-letters requeue (--id N[,N...] | --all) [--type T]",
 		about: "Lists the rows that exhausted EVENT_MAX_ATTEMPTS, or makes them due again: requeued rows\n" +
 			"become failed with a fresh attempt count and the next sweep (EVENT_PROCESSING_INTERVAL, or\n" +
-			"\"outbox-streamer run --sweep\") delivers them.",
-		settings: general,
+			"\"outbox-streamer run --sweep\") delivers them. A requeue of an --id that is not a dead letter exits 1.",
+		settings: append(general[:len(general):len(general)], "OUTBOX_TABLE"),
+	},
+	"failures": {
+		synopsis: "outbox-streamer failures [--json] [--limit N] [--type T] [settings]",
+		about: "Why rows failed: the failed and dead rows grouped by reason (reasons that differ only in numbers are one),\n" +
+			"with counts and the oldest and newest created_at of each, then the most recently failed rows with their\n" +
+			"attempts, next attempt and reason. It only reads.",
+		settings: append(general[:len(general):len(general)], "OUTBOX_TABLE"),
 	},
 	"prune": {
 		synopsis: "outbox-streamer prune [--older-than DUR] [--dry-run] [settings]",

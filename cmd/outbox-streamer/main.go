@@ -9,14 +9,17 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"go.uber.org/zap"
 
@@ -36,6 +39,9 @@ Usage:
                                            force the migrations of both databases
   outbox-streamer status [flags]           show the slot and the outbox's state
   outbox-streamer dead-letters list|requeue  inspect and re-drive rows that exhausted attempts
+  outbox-streamer failures [--json] [--limit N] [--type T]
+                                           why rows failed: failed and dead rows grouped by
+                                           reason, then the rows with attempts and next attempt
   outbox-streamer prune [--older-than DUR] [--dry-run]
                                            remove processed rows older than OUTBOX_RETENTION once
   outbox-streamer verify [--since DUR|--from TIME] [--until TIME] [--bucket DUR] [--json] [--repair]
@@ -78,6 +84,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdDemo(args[1:], stdout, stderr)
 	case "dead-letters":
 		err = cmdDeadLetters(args[1:], stdout, stderr)
+	case "failures":
+		err = cmdFailures(args[1:], stdout, stderr)
 	case "prune":
 		err = cmdPrune(args[1:], stdout, stderr)
 	case "verify":
@@ -87,7 +95,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "version", "--version", "-version":
 		err = cmdVersion(args[1:], stdout)
 	default:
-		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters, prune, verify, demo, healthcheck or version; see --help)\n", args[0])
+		fmt.Fprintf(stderr, "outbox-streamer: unknown command %q (want run, migrate, status, dead-letters, failures, prune, verify, demo, healthcheck or version; see --help)\n", args[0])
 		return 2
 	}
 	var exit exitCode
@@ -108,18 +116,40 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "outbox-streamer: %s\n  fix: %s\n", pre.Problem, pre.Hint)
 		return 1
 	}
-	fmt.Fprintf(stderr, "outbox-streamer: %v\n", err)
+	fmt.Fprintf(stderr, "outbox-streamer: %s\n", describe(err))
 	return 1
+}
+
+// describe is err as the one line a command ends with. A login PostgreSQL
+// refused names the user and server (pgx lists every address it tried, TLS
+// first, on lines of their own); other multi-line errors are joined.
+func describe(err error) string {
+	var ce *pgconn.ConnectError
+	var pgErr *pgconn.PgError
+	if errors.As(err, &ce) && errors.As(err, &pgErr) && strings.HasPrefix(pgErr.Code, "28") && ce.Config != nil {
+		addr := net.JoinHostPort(ce.Config.Host, strconv.Itoa(int(ce.Config.Port)))
+		return fmt.Sprintf("postgres at %s rejected user %q for database %q: %s (%s); check DATABASE_URL or POSTGRES_*",
+			addr, ce.Config.User, ce.Config.Database, pgErr.Message, pgErr.Code)
+	}
+	lines := strings.Split(strings.TrimSpace(err.Error()), "\n")
+	for i := range lines {
+		lines[i] = strings.TrimSpace(lines[i])
+	}
+	return strings.Join(lines, " ")
 }
 
 // cmdVersion prints the version, or with --json the version and the Go
 // release it was built with.
 func cmdVersion(args []string, stdout io.Writer) error {
+	if len(args) == 1 && (args[0] == "-h" || args[0] == "--help") {
+		fmt.Fprintln(stdout, "Usage: outbox-streamer version [--json]")
+		return nil
+	}
 	if len(args) == 1 && (args[0] == "--json" || args[0] == "-json") {
 		return json.NewEncoder(stdout).Encode(map[string]string{"version": version, "go": runtime.Version()})
 	}
 	if len(args) > 0 {
-		return fmt.Errorf("version takes no arguments but --json (got %q)", strings.Join(args, " "))
+		return usageError{command: "version", err: fmt.Errorf("takes no arguments but --json (got %q)", strings.Join(args, " "))}
 	}
 	fmt.Fprintln(stdout, "outbox-streamer", version)
 	return nil

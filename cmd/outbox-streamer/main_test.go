@@ -112,6 +112,10 @@ func startStreamerArgs(t *testing.T, env []string, args ...string) (*exec.Cmd, *
 			_ = cmd.Process.Kill()
 			_ = cmd.Wait()
 		}
+		if t.Failed() {
+			lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+			t.Logf("the last lines of `outbox-streamer %s`:\n%s", strings.Join(args, " "), strings.Join(lines[max(0, len(lines)-40):], "\n"))
+		}
 	})
 	return cmd, &out
 }

@@ -113,7 +113,6 @@ func setupObservability(ctx context.Context, cfg *config.Config, log *zap.Logger
 		done := make(chan struct{})
 		go func() { defer close(done); _ = srv.Serve(sctx) }()
 		o.stop = append(o.stop, func() { cancel(); <-done })
-		log.Info("serving /metrics, /healthz and /readyz", zap.String("addr", srv.Addr().String()))
 	} else {
 		log.Info("no /metrics, /healthz or /readyz: METRICS_ADDR is empty")
 	}
@@ -127,16 +126,19 @@ func setupObservability(ctx context.Context, cfg *config.Config, log *zap.Logger
 	if err != nil {
 		return log, o, fmt.Errorf("DATABASE_URL: %w", err)
 	}
-	poller, err := metrics.NewSlotPoller(metrics.PollerConfig{Slot: cfg.Slot, Schema: cfg.Outbox.Schema, Table: cfg.Outbox.Table}, pool, o.metrics, log)
+	poller, err := metrics.NewSlotPoller(metrics.PollerConfig{Slot: cfg.Slot, Schema: cfg.Outbox.Schema, Table: cfg.Outbox.Table, TimeZone: cfg.TimeZone}, pool, o.metrics, log)
 	if err != nil {
 		pool.Close()
 		return log, o, err
 	}
 	o.poller = poller
+	progress := metrics.NewProgress(metrics.ProgressConfig{Interval: cfg.ProgressInterval, BehindRows: float64(cfg.ClickHouseBatchSize)},
+		o.metrics, log, func() bool { return state(o.state.Load()) == stateStreaming }, poller.Poll)
 	pctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = poller.Run(pctx) }()
-	o.stop = append(o.stop, func() { cancel(); <-done; pool.Close() })
+	done := make(chan struct{}, 2)
+	go func() { defer func() { done <- struct{}{} }(); _ = poller.Run(pctx) }()
+	go func() { defer func() { done <- struct{}{} }(); progress.Run(pctx) }()
+	o.stop = append(o.stop, func() { cancel(); <-done; <-done; pool.Close() })
 	return log, o, nil
 }
 

@@ -33,7 +33,7 @@ func cmdPrune(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(stdout, "prune: OUTBOX_RETENTION is 0 (keep everything) and no --older-than given: nothing to do")
 		return nil
 	}
-	log := newLogger(cfg)
+	log := newLogger(cfg, forPerson)
 	defer log.Sync() //nolint:errcheck // nothing useful to do on a failed flush of stderr
 	ctx, _, stop := signalContext(log)
 	defer stop()

@@ -25,7 +25,11 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log := newLogger(cfg)
+	who := forService
+	if once {
+		who = forPerson
+	}
+	log := newLogger(cfg, who)
 	defer log.Sync() //nolint:errcheck // nothing useful to do on a failed flush of stderr
 	drain, abandon, stop := signalContext(log)
 	defer stop()
@@ -58,7 +62,7 @@ func runSweepOnce(ctx context.Context, cfg *config.Config, log *zap.Logger, stdo
 		return fmt.Errorf("DATABASE_URL: %w", err)
 	}
 	defer pool.Close()
-	store := outboxstore.NewFor(pool, service.RetryConfig(cfg), cfg.Outbox)
+	store := outboxstore.NewFor(pool, service.RetryConfig(cfg), cfg.Outbox).InZone(cfg.TimeZone)
 	s := sweep.New(sweep.Config{BatchSize: cfg.ClickHouseBatchSize, TimeZone: cfg.TimeZone, Slot: cfg.Slot}, pool, ch, store, log)
 	res, err := s.Run(ctx)
 	// Stranded pending rows are rescued once the slot has passed the mark this
@@ -80,5 +84,8 @@ func runSweepOnce(ctx context.Context, cfg *config.Config, log *zap.Logger, stdo
 	}
 	fmt.Fprintf(stdout, "sweep: %d delivered, %d already in ClickHouse, %d failed again, %d became dead letters, %d stranded pending rows rescued in %s; now %d failed, %d dead\n",
 		res.Delivered, res.AlreadyPresent, res.Failed, res.Dead, res.Rescued, res.Took.Round(time.Millisecond), left.failed, left.dead)
+	if res.Failed+res.Dead > 0 {
+		fmt.Fprintln(stdout, "why: outbox-streamer failures")
+	}
 	return err
 }

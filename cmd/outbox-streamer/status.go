@@ -44,7 +44,25 @@ type slotStatus struct {
 	RetentionSeconds float64 `json:"retention_seconds"`
 	// OldestProcessed is the age of the oldest processed row still held.
 	OldestProcessed *float64 `json:"oldest_processed_age_seconds,omitempty"`
+	// TopReasons are the most common reasons of failed and dead rows
+	// (`failures` lists them all).
+	TopReasons []outboxstore.FailureReason `json:"top_failure_reasons,omitempty"`
+	// CreatedAhead is how far the newest row's created_at lies in the future
+	// read in EVENT_TIME_ZONE (see outboxstore.ZoneSkew); 0 when it does not.
+	CreatedAheadSeconds float64 `json:"newest_created_at_ahead_seconds,omitempty"`
+	TimeZone            string  `json:"time_zone"`
+	// TimeType is the type of the outbox's times, and TimesRead how the
+	// streamer reads them (an adopted outbox may have either type).
+	TimeType  string `json:"time_type"`
+	TimesRead string `json:"times_read"`
 }
+
+// zoneSkewShown is how far ahead created_at may be before status warns:
+// clocks of application hosts differ by seconds, time zones by hours.
+const zoneSkewShown = 5 * time.Minute
+
+// topReasons is how many reasons `status` shows.
+const topReasons = 3
 
 func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	var asJSON bool
@@ -101,10 +119,27 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	if st.Counts, err = outboxstore.CountByStatus(ctx, conn, cfg.Outbox); err != nil {
 		return err
 	}
-	if st.OldestUndelivered, err = outboxstore.OldestUndelivered(ctx, conn, cfg.Outbox); err != nil {
+	if st.OldestUndelivered, err = outboxstore.OldestUndelivered(ctx, conn, cfg.Outbox, cfg.TimeZone); err != nil {
 		return err
 	}
+	if st.Counts[outboxstore.StatusFailed]+st.Counts[outboxstore.StatusDead] > 0 {
+		if st.TopReasons, err = outboxstore.FailureReasons(ctx, conn, cfg.Outbox, topReasons); err != nil {
+			return err
+		}
+	}
+	if st.TimeType, err = outboxstore.TimeType(ctx, conn, cfg.Outbox); err != nil {
+		return err
+	}
+	st.TimesRead = timesRead(st.TimeType, cfg.TimeZone)
 	st.RetentionSeconds = cfg.Retention.Seconds()
+	st.TimeZone = cfg.TimeZone.String()
+	skew, err := outboxstore.ZoneSkew(ctx, conn, cfg.Outbox, cfg.TimeZone)
+	if err != nil {
+		return err
+	}
+	if skew > zoneSkewShown {
+		st.CreatedAheadSeconds = skew.Seconds()
+	}
 	ages, err := outboxstore.ReadAges(ctx, conn, cfg.Outbox, cfg.TimeZone)
 	if err != nil {
 		return err
@@ -124,7 +159,12 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 		printStatus(stdout, st)
 	}
 	over := false
-	if maxLag > 0 && st.LagBytes > maxLag {
+	// A slot that is missing (a typo in --slot, or not created yet) has no
+	// lag to compare: a probe that passed on it would pass forever.
+	if maxLag > 0 && !st.SlotExists {
+		fmt.Fprintf(stderr, "outbox-streamer: slot %q does not exist in this database, so --max-lag cannot pass\n", cfg.Slot)
+		over = true
+	} else if maxLag > 0 && st.LagBytes > maxLag {
 		fmt.Fprintf(stderr, "outbox-streamer: slot %q lags by %d bytes, over --max-lag %d\n", cfg.Slot, st.LagBytes, maxLag)
 		over = true
 	}
@@ -185,6 +225,19 @@ func printStatus(w io.Writer, st slotStatus) {
 		st.Counts["pending"], st.Counts["processed"], st.Counts["failed"], st.Counts["dead"])
 	if st.OldestUndelivered != nil {
 		fmt.Fprintf(w, "  oldest undelivered row: %s old\n", time.Duration(*st.OldestUndelivered*float64(time.Second)).Round(time.Second))
+	}
+	for _, r := range st.TopReasons {
+		fmt.Fprintf(w, "  %d× %s\n", r.Rows(), clip(r.Reason, reasonWidth))
+	}
+	if len(st.TopReasons) > 0 {
+		fmt.Fprintln(w, "  (outbox-streamer failures: every reason and row)")
+	}
+	if st.CreatedAheadSeconds > 0 {
+		fmt.Fprintf(w, "warning: the newest row's created_at is %s in the future read in EVENT_TIME_ZONE %s: set EVENT_TIME_ZONE to the zone the application writes created_at in (ages, retention and verify ranges are off by the difference)\n",
+			time.Duration(st.CreatedAheadSeconds*float64(time.Second)).Round(time.Minute), st.TimeZone)
+	}
+	if st.TimesRead != "" {
+		fmt.Fprintf(w, "  %s\n", st.TimesRead)
 	}
 	retain := "keep everything (OUTBOX_RETENTION=0)"
 	if st.RetentionSeconds > 0 {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -13,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
+	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/verify"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
@@ -77,7 +79,7 @@ func cmdVerify(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 
-	log := newLogger(cfg)
+	log := newLogger(cfg, forPerson)
 	defer log.Sync() //nolint:errcheck // nothing useful to do on a failed flush of stderr
 	ctx, _, stop := signalContext(log)
 	defer stop()
@@ -96,6 +98,9 @@ func cmdVerify(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if err := warnZoneSkew(ctx, pool, cfg, stderr); err != nil {
+		return err
+	}
 	if repair {
 		if err := verify.Repair(ctx, pool, vc.Table, rep, maxIDs); err != nil {
 			return err
@@ -109,10 +114,27 @@ func cmdVerify(args []string, stdout, stderr io.Writer) error {
 		}
 	} else {
 		printVerify(stdout, rep)
+		if typ, err := outboxstore.TimeType(ctx, pool, vc.Table); err == nil {
+			fmt.Fprintf(stdout, "outbox %s\n", timesRead(typ, cfg.TimeZone))
+		}
 	}
 	if !rep.Match {
 		return exitCode(1)
 	}
+	return nil
+}
+
+// warnZoneSkew warns when the newest row's created_at lies in the future
+// read in EVENT_TIME_ZONE: the application writes another zone, and a range
+// up to now misses the rows written since (a "match" over no rows).
+func warnZoneSkew(ctx context.Context, db outboxstore.Reader, cfg *config.Config, stderr io.Writer) error {
+	skew, err := outboxstore.ZoneSkew(ctx, db, cfg.Outbox, cfg.TimeZone)
+	if err != nil || skew <= zoneSkewShown {
+		return err
+	}
+	fmt.Fprintf(stderr, "outbox-streamer: warning: the newest row's created_at is %s in the future read in EVENT_TIME_ZONE %s: "+
+		"set EVENT_TIME_ZONE to the zone the application writes created_at in; this range misses the rows created since\n",
+		skew.Round(time.Minute), cfg.TimeZone)
 	return nil
 }
 

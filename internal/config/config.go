@@ -19,6 +19,14 @@ import (
 type Config struct {
 	Environment string
 	Debug       bool
+	// LogFormat is LOG_FORMAT: auto, console or json (auto: console when
+	// stderr is a terminal).
+	LogFormat string
+	// LogLevel is LOG_LEVEL: debug, info, warn or error; DEBUG forces debug.
+	LogLevel string
+	// LogLevelExplicit reports whether LOG_LEVEL or DEBUG was given: commands
+	// that print for a person log only warnings unless asked for more.
+	LogLevelExplicit bool
 
 	// PostgresDSN is DATABASE_URL, or built from the POSTGRES_* parts.
 	PostgresDSN string
@@ -76,10 +84,12 @@ type Config struct {
 	// bound. It is at least BatchMaxBytes when both bound.
 	ClickHouseBatchMaxBytes int
 
-	MetricsAddr  string
-	SentryDSN    string
-	SentryEnv    string
-	OTLPEndpoint string
+	MetricsAddr string
+	// ProgressInterval is PROGRESS_INTERVAL: the leader's progress line (0: off).
+	ProgressInterval time.Duration
+	SentryDSN        string
+	SentryEnv        string
+	OTLPEndpoint     string
 
 	// VerifyInterval and VerifyWindow are VERIFY_INTERVAL (0: off) and
 	// VERIFY_WINDOW: the leader's periodic verification.
@@ -95,7 +105,9 @@ type Config struct {
 func Bind(src *Source, c *Config) {
 	src.Group("General")
 	src.String(&c.Environment, "ENVIRONMENT", "environment", "dev", "environment name (dev, prod, ...), in logs")
-	src.Bool(&c.Debug, "DEBUG", "debug", false, "debug logging (console format on a terminal)")
+	src.Bool(&c.Debug, "DEBUG", "debug", false, "debug logging: the same as LOG_LEVEL=debug")
+	src.String(&c.LogFormat, "LOG_FORMAT", "log-format", "auto", "log format: console (one readable line per entry), json (one JSON object per line), or auto: console when stderr is a terminal, json otherwise")
+	src.String(&c.LogLevel, "LOG_LEVEL", "log-level", "info", "least severe log entries written: debug, info, warn or error")
 
 	src.Group("PostgreSQL")
 	src.Secret(&c.PostgresDSN, "DATABASE_URL", "database-url", "PostgreSQL connection string; when empty it is built from POSTGRES_*")
@@ -156,6 +168,7 @@ func Bind(src *Source, c *Config) {
 
 	src.Group("Observability")
 	src.Disableable(&c.MetricsAddr, "METRICS_ADDR", "metrics-addr", "127.0.0.1:8187", "address of /metrics, /healthz and /readyz (loopback by default; METRICS_ADDR= or --metrics-addr= disables)")
+	src.DurationOrZero(&c.ProgressInterval, "PROGRESS_INTERVAL", "progress-interval", 30*time.Second, "how often the leader logs its progress: rows/s, confirmed LSN, slot lag, pending and failed rows, the oldest undelivered row; \"catching up: N left, ETA\" while more than CLICKHOUSE_BATCH_SIZE rows are pending, then \"caught up\" once; 0 turns it off")
 	src.Secret(&c.SentryDSN, "SENTRY_CONFIG_DSN", "sentry-dsn", "send errors to Sentry when set")
 	src.String(&c.SentryEnv, "SENTRY_CONFIG_ENVIRONMENT", "sentry-environment", "", "Sentry environment (default: ENVIRONMENT)")
 	src.String(&c.OTLPEndpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp-endpoint", "", "OTLP/HTTP endpoint (e.g. http://otel-collector:4318) for traces and metrics; empty disables")
@@ -188,6 +201,9 @@ func (c *Config) finish(src *Source) error {
 		return fmt.Errorf("invalid EVENT_TIME_ZONE (--time-zone) %q: not a known time zone", c.timeZone)
 	}
 	c.TimeZone = loc
+	if err := c.finishLogging(src); err != nil {
+		return err
+	}
 	switch strings.ToLower(strings.TrimSpace(c.ContextType)) {
 	case "string":
 		c.ContextType = "String"
@@ -271,6 +287,28 @@ func (c *Config) finish(src *Source) error {
 	return c.ClickHouse.Validate()
 }
 
+// finishLogging normalises LOG_FORMAT and LOG_LEVEL; DEBUG wins over
+// LOG_LEVEL because it has always meant debug lines.
+func (c *Config) finishLogging(src *Source) error {
+	switch c.LogFormat = strings.ToLower(strings.TrimSpace(c.LogFormat)); c.LogFormat {
+	case "auto", "console", "json":
+	default:
+		return fmt.Errorf("invalid LOG_FORMAT (--log-format) %q: want auto, console or json", c.LogFormat)
+	}
+	switch c.LogLevel = strings.ToLower(strings.TrimSpace(c.LogLevel)); c.LogLevel {
+	case "debug", "info", "error":
+	case "warn", "warning":
+		c.LogLevel = "warn"
+	default:
+		return fmt.Errorf("invalid LOG_LEVEL (--log-level) %q: want debug, info, warn or error", c.LogLevel)
+	}
+	if c.Debug {
+		c.LogLevel = "debug"
+	}
+	c.LogLevelExplicit = c.Debug || src.Explicit("LOG_LEVEL")
+	return nil
+}
+
 // applyClickHouseURI fills the ClickHouse settings the user did not give one by one.
 func (c *Config) applyClickHouseURI(src *Source) error {
 	u, err := url.Parse(c.ch.uri)
@@ -296,21 +334,76 @@ func (c *Config) applyClickHouseURI(src *Source) error {
 }
 
 // RedactDSN returns a PostgreSQL connection string fit for logs: host, port, database
-// and user, never the password or other parameters.
+// and user, never the password or other parameters. Both forms are read: a URL and
+// keyword/value pairs ("host=db port=5433 user=app dbname=shop password=...").
 func RedactDSN(dsn string) string {
 	u, err := url.Parse(dsn)
 	if err != nil || u.Host == "" {
-		// Key/value form: show only the host.
-		for _, kv := range strings.Fields(dsn) {
-			if strings.HasPrefix(kv, "host=") {
-				return "postgres://" + strings.TrimPrefix(kv, "host=")
-			}
+		kv, ok := keywordDSN(dsn)
+		if !ok || kv["host"] == "" {
+			return "postgres://(unparsed)"
 		}
-		return "postgres://(unparsed)"
+		host := kv["host"]
+		if kv["port"] != "" {
+			host = net.JoinHostPort(host, kv["port"])
+		}
+		u = &url.URL{Scheme: "postgres", Host: host}
+		if kv["user"] != "" {
+			u.User = url.User(kv["user"])
+		}
+		if kv["dbname"] != "" {
+			u.Path = "/" + kv["dbname"]
+		}
 	}
 	user := ""
 	if u.User != nil {
 		user = u.User.Username() + "@"
 	}
 	return u.Scheme + "://" + user + u.Host + u.Path
+}
+
+// keywordDSN parses libpq's keyword/value form: key=value pairs separated by
+// spaces, a value in single quotes when it holds spaces, with \' and \\
+// escapes. ok is false when the text is not of that form.
+func keywordDSN(dsn string) (map[string]string, bool) {
+	kv := map[string]string{}
+	s := strings.TrimSpace(dsn)
+	for s != "" {
+		eq := strings.IndexByte(s, '=')
+		if eq <= 0 {
+			return nil, false
+		}
+		key := strings.TrimSpace(s[:eq])
+		s = strings.TrimLeft(s[eq+1:], " ")
+		var val strings.Builder
+		if strings.HasPrefix(s, "'") {
+			i, closed := 1, false
+			for ; i < len(s); i++ {
+				if s[i] == '\\' && i+1 < len(s) {
+					i++
+					val.WriteByte(s[i])
+					continue
+				}
+				if s[i] == '\'' {
+					closed = true
+					break
+				}
+				val.WriteByte(s[i])
+			}
+			if !closed {
+				return nil, false
+			}
+			s = s[i+1:]
+		} else {
+			end := strings.IndexAny(s, " \t\n")
+			if end < 0 {
+				end = len(s)
+			}
+			val.WriteString(s[:end])
+			s = s[end:]
+		}
+		kv[key] = val.String()
+		s = strings.TrimLeft(s, " \t\n")
+	}
+	return kv, true
 }

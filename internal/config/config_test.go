@@ -93,8 +93,22 @@ func TestPostgresPartsAndRedaction(t *testing.T) {
 	if got := RedactDSN(cfg.PostgresDSN); got != "postgres://app@db:5432/shop" {
 		t.Fatalf("RedactDSN = %q", got)
 	}
-	if got := RedactDSN("host=db user=app password=secret"); strings.Contains(got, "secret") {
-		t.Fatalf("RedactDSN(key/value) = %q", got)
+	// The keyword form keeps host, port, user and database (it used to show
+	// the host alone) and never the password, quoted or not.
+	for dsn, want := range map[string]string{
+		"host=127.0.0.1 port=5433 user=u dbname=d password=secret":                   "postgres://u@127.0.0.1:5433/d",
+		"password='se cret\\' x' host=db  user = app dbname='my db' sslmode=require": "postgres://app@db/my%20db",
+		"host=db user=app password=secret":                                           "postgres://app@db",
+		"dbname=d password=secret":                                                   "postgres://(unparsed)",
+		"password='unterminated host=db":                                             "postgres://(unparsed)",
+	} {
+		got := RedactDSN(dsn)
+		if strings.Contains(got, "secret") || strings.Contains(got, "cret") {
+			t.Errorf("RedactDSN(%q) = %q: the password shows", dsn, got)
+		}
+		if got != want && !(strings.Contains(want, "%20") && got == "postgres://app@db/my db") {
+			t.Errorf("RedactDSN(%q) = %q, want %q", dsn, got, want)
+		}
 	}
 }
 

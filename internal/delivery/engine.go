@@ -109,6 +109,17 @@ func (o *Outcome) DeferredRefs() []outboxstore.Ref {
 // RefOf names ev's outbox row.
 func RefOf(ev *record.Event) outboxstore.Ref { return outboxstore.Ref{ID: ev.ID, Xid: ev.Xid} }
 
+// invalid is the failure of a row the sink's own validation refused. The
+// validation reads only the row and the table's column types (known once
+// connected), so another attempt meets the same refusal: the row is final,
+// dead at once, rather than retried EVENT_MAX_ATTEMPTS times over hours.
+// A refusal by ClickHouse itself is not final: the server may have refused
+// for a reason of its own (a setting, a bug, a version) that changes.
+func invalid(ev *record.Event, err error) outboxstore.Failure {
+	return outboxstore.Failure{ID: ev.ID, Xid: ev.Xid, Reason: "invalid event: " + err.Error(),
+		Final: !errors.Is(err, sink.ErrNotConnected)}
+}
+
 // ErrTableRejectsRows means ClickHouse refused every row of a delivery with
 // the same error: the table, not the events, is wrong. No row is marked.
 var ErrTableRejectsRows = errors.New("clickhouse rejects every row")
@@ -144,7 +155,7 @@ func (e *Engine) Deliver(ctx context.Context, events []record.Event, mayExist fu
 			if len(o.Failed) == 0 { // the first: from here on valid is a copy
 				valid = append(make([]record.Event, 0, len(events)-1), events[:i]...)
 			}
-			o.Failed = append(o.Failed, outboxstore.Failure{ID: ev.ID, Xid: ev.Xid, Reason: "invalid event: " + err.Error()})
+			o.Failed = append(o.Failed, invalid(ev, err))
 			continue
 		}
 		if len(o.Failed) > 0 {

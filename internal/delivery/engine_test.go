@@ -95,6 +95,13 @@ func TestBadRowIsIsolatedByBisection(t *testing.T) {
 	if f.inserts > 2*8+1 {
 		t.Errorf("%d inserts to isolate one row of 99: not a bisection", f.inserts)
 	}
+	// The row the streamer's own validation refused can never pass: final
+	// (dead at once). ClickHouse's refusal is retried as usual.
+	for _, fl := range o.Failed {
+		if want := fl.ID == 11; fl.Final != want {
+			t.Errorf("row %d (%s): final %v, want %v", fl.ID, fl.Reason, fl.Final, want)
+		}
+	}
 }
 
 func TestTooBigIsSplitAndItsHalvesLookedUp(t *testing.T) {

@@ -84,7 +84,25 @@ const (
 	chSystemError                 = 425
 	chCannotScheduleTask          = 439
 	chUnknownException            = 1002
+
+	// Authentication: the server refused the user or its password. 18.16
+	// names the cause, newer servers answer 516 for all of them.
+	chUnknownUser          = 192
+	chWrongPassword        = 193
+	chRequiredPassword     = 194
+	chAuthenticationFailed = 516
 )
+
+// AuthFailed reports whether ClickHouse refused err's connection for its
+// credentials (CLICKHOUSE_USER, CLICKHOUSE_PASSWORD). Waiting does not help:
+// it is Permanent.
+func AuthFailed(err error) bool {
+	switch ClickHouseCode(err) {
+	case chUnknownUser, chWrongPassword, chRequiredPassword, chAuthenticationFailed:
+		return true
+	}
+	return false
+}
 
 var clickhouseKinds = map[int32]Kind{
 	chUnexpectedEndOfFile:        Transient,

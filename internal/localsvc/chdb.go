@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -206,7 +207,9 @@ func downloadCHDB(ctx context.Context, target string) error {
 	// A private npm cache avoids keeping a second 178 MB copy in ~/.npm.
 	cmd := exec.CommandContext(ctx, npm, "pack", "--silent", "--cache", filepath.Join(work, "npm-cache"), spec)
 	cmd.Dir = work
+	stop := reportDownload(work, spec)
 	out, err := cmd.CombinedOutput()
+	stop()
 	if err != nil {
 		return fmt.Errorf("npm pack %s: %w\n%s", spec, err, out)
 	}
@@ -222,6 +225,67 @@ func downloadCHDB(ctx context.Context, target string) error {
 		return fmt.Errorf("install %s: %w", target, err)
 	}
 	return nil
+}
+
+// CHDBProgress, when not nil, receives a line every few seconds while the
+// chDB library downloads (178 MB: minutes on a slow link, and `npm pack`
+// itself prints nothing until it is done). outbox-devenv sets it to stderr;
+// tests leave it nil.
+var CHDBProgress io.Writer
+
+// chdbTarballBytes is the size of the pinned package's tarball, for "N of
+// about M MB".
+const chdbTarballBytes = 178 << 20
+
+// downloadProgressEvery is the time between progress lines.
+const downloadProgressEvery = 5 * time.Second
+
+// reportDownload writes to CHDBProgress, until stop is called, how many
+// bytes npm has written under dir (its cache and the tarball). It returns
+// at once when CHDBProgress is nil.
+func reportDownload(dir, spec string) (stop func()) {
+	w := CHDBProgress
+	if w == nil {
+		return func() {}
+	}
+	start := time.Now()
+	fmt.Fprintf(w, "outbox-devenv: downloading %s (about %d MB) with npm pack\n", spec, chdbTarballBytes>>20)
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(downloadProgressEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				n := min(dirBytes(dir), chdbTarballBytes)
+				fmt.Fprintf(w, "outbox-devenv: downloading chDB: %d of about %d MB (%s)\n", n>>20, chdbTarballBytes>>20, time.Since(start).Round(time.Second))
+			}
+		}
+	}()
+	return func() {
+		close(done)
+		<-finished
+		fmt.Fprintf(w, "outbox-devenv: downloaded chDB in %s; unpacking libchdb.so\n", time.Since(start).Round(time.Second))
+	}
+}
+
+// dirBytes sums the sizes of the files under dir (errors count as nothing:
+// npm renames its temporary files while the walk runs).
+func dirBytes(dir string) int64 {
+	var n int64
+	_ = filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			if info, err := d.Info(); err == nil {
+				n += info.Size()
+			}
+		}
+		return nil
+	})
+	return n
 }
 
 // extractFromTarGz copies the member name of the gzipped tar archive to dst.

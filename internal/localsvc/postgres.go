@@ -61,6 +61,11 @@ type PostgresOptions struct {
 	// OnCrash, when set, is called (from another goroutine) as soon as the
 	// postmaster ends without Halt, Kill, Restart or Stop having asked it to.
 	OnCrash func(*Crash)
+	// XIDEpoch and NextXID, when not zero, make a new cluster look old:
+	// txid_current() is then at least XIDEpoch<<32, and the 32-bit xid
+	// counter starts at NextXID (e.g. 4294960000 wraps after about 7,000
+	// transactions). Zero keeps initdb's values. Needs pg_resetwal.
+	XIDEpoch, NextXID uint32
 }
 
 // Postgres is a PostgreSQL server started by StartPostgres.
@@ -96,13 +101,20 @@ func StartPostgres(ctx context.Context, opts PostgresOptions) (*Postgres, error)
 	if err != nil {
 		return nil, err
 	}
-	if err := p.initdb(ctx); err != nil {
+	fresh, err := p.initdb(ctx)
+	if err != nil {
 		p.removeDir()
 		return nil, err
 	}
 	if err := p.startPickingPort(ctx); err != nil {
 		p.removeDir()
 		return nil, err
+	}
+	if fresh {
+		if err := p.ageCluster(ctx); err != nil {
+			_ = p.Stop()
+			return nil, err
+		}
 	}
 	return p, nil
 }
@@ -388,13 +400,14 @@ func (p *Postgres) mkdirOwned(dir string) error {
 	return nil
 }
 
-// initdb creates the cluster unless DataDir already holds one.
-func (p *Postgres) initdb(ctx context.Context) error {
+// initdb creates the cluster unless DataDir already holds one, and reports
+// whether it did.
+func (p *Postgres) initdb(ctx context.Context) (bool, error) {
 	if _, err := os.Stat(filepath.Join(p.DataDir, "PG_VERSION")); err == nil {
-		return nil
+		return false, nil
 	}
 	if err := p.mkdirOwned(p.DataDir); err != nil {
-		return err
+		return false, err
 	}
 	// --no-sync: a test cluster need not survive a power cut, and syncing
 	// is most of initdb's time on slow disks.
@@ -409,9 +422,9 @@ func (p *Postgres) initdb(ctx context.Context) error {
 		err = cmd.Wait()
 	}
 	if err != nil {
-		return fmt.Errorf("postgres: initdb %s: %w\n%s", p.DataDir, err, lastLines(out.String(), logTailLines))
+		return false, fmt.Errorf("postgres: initdb %s: %w\n%s", p.DataDir, err, lastLines(out.String(), logTailLines))
 	}
-	return nil
+	return true, nil
 }
 
 // lastLines returns the last n lines of s.

@@ -15,10 +15,12 @@ import (
 	"maps"
 	"runtime"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
 )
@@ -107,6 +109,12 @@ type Metrics struct {
 	verifyInterval prometheus.Gauge
 
 	stages map[string]prometheus.Counter
+
+	// seen holds the values Snapshot reports, as the setters last set them:
+	// read back from the gauges, a series that was removed (an unknown lag)
+	// would be created again at zero.
+	seenMu sync.Mutex
+	seen   Snapshot
 }
 
 // New returns the metrics registered on a new registry together with the Go runtime
@@ -410,6 +418,9 @@ func (m *Metrics) SetAckedLSN(lsn uint64) {
 		return
 	}
 	m.ackedLSN.Set(float64(lsn))
+	m.seenMu.Lock()
+	m.seen.AckedLSN = lsn
+	m.seenMu.Unlock()
 }
 
 // SetLeader records whether this process holds the leader lock.
@@ -467,6 +478,13 @@ func (m *Metrics) SetSlot(s SlotStats) {
 		}
 	}
 	set(m.slotLag, s.LagBytes)
+	m.seenMu.Lock()
+	m.seen.LagBytes = nil
+	if s.Exists && s.LagBytes != nil {
+		lag := *s.LagBytes
+		m.seen.LagBytes = &lag
+	}
+	m.seenMu.Unlock()
 	set(m.slotRetained, s.RetainedBytes)
 	set(m.slotSafeWAL, s.SafeWALSize)
 	set(m.slotFailover, s.Failover)
@@ -528,6 +546,44 @@ func (m *Metrics) SetOutbox(s OutboxStats) {
 		}
 	}
 	m.oldestUndelivered.Set(s.OldestUndeliveredAge.Seconds())
+	m.seenMu.Lock()
+	m.seen.Pending, m.seen.Failed, m.seen.Dead = s.Rows["pending"], s.Rows["failed"], s.Rows["dead"]
+	m.seen.OldestUndelivered, m.seen.OutboxRead = s.OldestUndeliveredAge, true
+	m.seenMu.Unlock()
+}
+
+// Snapshot is the state the progress line reports: what this process
+// delivered and acknowledged, and the slot's and the outbox's state as the
+// SlotPoller last read them.
+type Snapshot struct {
+	// Delivered counts the rows this process inserted into ClickHouse
+	// (stream and sweep).
+	Delivered float64
+	// AckedLSN is the LSN last confirmed to PostgreSQL (0: none yet).
+	AckedLSN uint64
+	// LagBytes is the slot's lag; nil when unknown.
+	LagBytes *float64
+	// Pending, Failed and Dead count the outbox's undelivered rows.
+	Pending, Failed, Dead float64
+	// OldestUndelivered is the age of the oldest pending or failed row.
+	OldestUndelivered time.Duration
+	// OutboxRead is false until the poller read the outbox once.
+	OutboxRead bool
+}
+
+// Snapshot returns the current state (zero for a nil *Metrics).
+func (m *Metrics) Snapshot() Snapshot {
+	if m == nil {
+		return Snapshot{}
+	}
+	m.seenMu.Lock()
+	s := m.seen
+	m.seenMu.Unlock()
+	var d dto.Metric
+	if err := m.rowsDelivered.Write(&d); err == nil {
+		s.Delivered = d.GetCounter().GetValue()
+	}
+	return s
 }
 
 func boolFloat(b bool) float64 {

@@ -25,6 +25,9 @@ type PollerConfig struct {
 	Slot string
 	// Schema and Table name the outbox table (default public.event_outbox).
 	Schema, Table string
+	// TimeZone is the zone of the outbox's TIMESTAMP values (EVENT_TIME_ZONE;
+	// nil: UTC), for the oldest undelivered row's age.
+	TimeZone *time.Location
 	// Interval is the time between polls (default 10 s).
 	Interval time.Duration
 	// Timeout bounds one poll's queries (default 5 s), so a stuck server cannot pile
@@ -201,7 +204,7 @@ func asFloat(n *int64) *float64 {
 }
 
 func (p *SlotPoller) readOutbox(ctx context.Context) (OutboxStats, error) {
-	b, err := outboxstore.ReadBacklog(ctx, p.db, p.cfg.Schema, p.cfg.Table)
+	b, err := outboxstore.ReadBacklog(ctx, p.db, p.cfg.Schema, p.cfg.Table, p.cfg.TimeZone)
 	if err != nil {
 		return OutboxStats{}, err
 	}

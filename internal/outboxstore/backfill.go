@@ -72,7 +72,7 @@ func (b *SlotBacklog) Close() {
 // delivered. It matches only rows still pending: one the rescue or a sweeper
 // has made failed (or anything else) is theirs.
 const takePendingSQL = `UPDATE {outbox}
-	SET status = 'processed', updated_at = now() AT TIME ZONE 'UTC', last_error = NULL, next_attempt_at = NULL
+	SET status = 'processed', updated_at = {now}, last_error = NULL, next_attempt_at = NULL
 	WHERE id = ANY($1) AND status = 'pending'
 	RETURNING ` + claimColumns
 
@@ -117,12 +117,12 @@ func (s *Store) FailTaken(ctx context.Context, failures []Failure) error {
 		return nil
 	}
 	ids := make([]int64, len(failures))
-	reasons := make([]string, len(failures))
 	for i, f := range failures {
-		ids[i], reasons[i] = f.ID, cleanReason(f.Reason, maxReasonBytes)
+		ids[i] = f.ID
 	}
+	reasons, finals := failureArgs(failures)
 	if _, err := s.db.Exec(ctx, s.sql(markFailedSQL), ids, reasons,
-		s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds()); err != nil {
+		s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds(), finals); err != nil {
 		return fmt.Errorf("mark %d backfilled rows failed: %w", len(failures), err)
 	}
 	return nil
@@ -138,7 +138,7 @@ func (s *Store) MarkForSweep(ctx context.Context, ids []int64, reason string) (i
 		return 0, nil
 	}
 	tag, err := s.db.Exec(ctx, s.sql(`UPDATE {outbox}
-		SET status = 'failed', next_attempt_at = now(), last_error = $2, updated_at = now() AT TIME ZONE 'UTC'
+		SET status = 'failed', next_attempt_at = now(), last_error = $2, updated_at = {now}
 		WHERE id = ANY($1) AND status = 'pending'`), ids, cleanReason(reason, maxReasonBytes))
 	if err != nil {
 		return 0, fmt.Errorf("mark %d pending rows for the sweep: %w", len(ids), err)

@@ -136,19 +136,37 @@ func inZone(t time.Time, loc *time.Location) time.Time {
 	return time.Date(t.Year(), t.Month(), t.Day(), t.Hour(), t.Minute(), t.Second(), t.Nanosecond(), loc).UTC()
 }
 
-// Mark is a point the stream must pass before stranded rows can be rescued: a
-// snapshot and the WAL insert position read just after it. Every transaction
-// visible in the snapshot has its commit record below WAL.
+// Mark is a point the stream must pass before stranded rows can be rescued:
+// the pending rows committed by then, and a WAL position at or past the end
+// of each of their commit records.
 type Mark struct {
-	Snapshot string // txid_snapshot as text
-	WAL      uint64
+	// Pending are ids of rows that were pending and committed when the mark
+	// was taken (at most MarkLimit of them, lowest first in the index).
+	Pending []int64
+	// WAL is the WAL insert position read after the rows.
+	WAL uint64
 }
+
+// MarkLimit bounds the ids one mark holds (8 bytes each). Rows past it wait
+// for a later mark; in steady streaming the pending rows are only those in
+// flight, far fewer.
+const MarkLimit = 100000
+
+// takeMark reads the pending rows and then the WAL insert position in one
+// statement: its snapshot is taken before the function runs, so every row it
+// returns committed below that position. The insert position, not the write
+// position pg_current_wal_lsn() gives: with synchronous_commit = off a
+// commit is visible before its record is written out.
+const takeMark = `SELECT ARRAY(SELECT id FROM {outbox}
+		WHERE status = 'pending'
+		ORDER BY status, next_attempt_at, id
+		LIMIT $1), pg_current_wal_insert_lsn()::text`
 
 // TakeMark reads a Mark now.
 func (s *Store) TakeMark(ctx context.Context) (Mark, error) {
 	var m Mark
 	var wal string
-	if err := s.db.QueryRow(ctx, "SELECT txid_current_snapshot()::text, pg_current_wal_lsn()::text").Scan(&m.Snapshot, &wal); err != nil {
+	if err := s.db.QueryRow(ctx, s.sql(takeMark), MarkLimit).Scan(&m.Pending, &wal); err != nil {
 		return m, fmt.Errorf("take stream mark: %w", err)
 	}
 	lsn, err := pgsql.ParseLSN(wal)
@@ -162,40 +180,39 @@ func (s *Store) TakeMark(ctx context.Context) (Mark, error) {
 // rescueChunk bounds the rows one rescue statement locks and marks.
 const rescueChunk = 10000
 
-// MarkStranded marks failed and due the pending rows whose inserting
-// transaction is visible in snapshot, in chunks, skipping rows someone holds.
-// The caller must know the stream has passed the mark's WAL position (see
-// sweep's rescueStranded for why that makes them stranded).
-func (s *Store) MarkStranded(ctx context.Context, snapshot string) (int64, error) {
+// MarkStranded marks failed and due those of ids that are still pending, in
+// chunks, skipping rows someone holds. The caller must know the ids are a
+// Mark's and the stream has passed its WAL position (see sweep's
+// rescueStranded for why that makes them stranded).
+func (s *Store) MarkStranded(ctx context.Context, ids []int64) (int64, error) {
 	var total int64
-	for {
-		tag, err := s.db.Exec(ctx, s.sql(`WITH snap AS (SELECT $1::txid_snapshot AS s),
-			stranded AS (
-				SELECT o.id FROM {outbox} o, snap
-				WHERE o.status = 'pending'
-				  AND txid_visible_in_snapshot(`+widenXmin("o.xmin::text::bigint", "snap.s")+`, snap.s)
-				ORDER BY o.id
-				LIMIT $2
+	for len(ids) > 0 {
+		chunk := ids[:min(len(ids), rescueChunk)]
+		ids = ids[len(chunk):]
+		tag, err := s.db.Exec(ctx, s.sql(`WITH stranded AS (
+				SELECT o.id FROM {outbox} o
+				WHERE o.id = ANY($1) AND o.status = 'pending'
 				FOR UPDATE OF o SKIP LOCKED)
 			UPDATE {outbox} o
 			SET status = 'failed', next_attempt_at = now(),
 			    last_error = 'stranded: still pending after the stream passed its commit (committed before the slot, outside the publication, or reset by hand); delivered by the sweep',
-			    updated_at = now() AT TIME ZONE 'UTC'
-			FROM stranded WHERE o.id = stranded.id`), snapshot, rescueChunk)
+			    updated_at = {now}
+			FROM stranded WHERE o.id = stranded.id`), chunk)
 		if err != nil {
 			return total, fmt.Errorf("mark stranded pending rows: %w", err)
 		}
 		total += tag.RowsAffected()
-		if tag.RowsAffected() < rescueChunk {
-			return total, nil
-		}
 	}
+	return total, nil
 }
 
-// widenXmin is the SQL that widens a 32-bit transaction id (xid) to the
-// 64-bit form txid_visible_in_snapshot wants: it is in the snapshot's epoch,
-// or in the one before when it is above the low half of the snapshot's xmax.
-func widenXmin(xid, snap string) string {
-	return `((((txid_snapshot_xmax(` + snap + `) >> 32)
-		- CASE WHEN ` + xid + ` > (txid_snapshot_xmax(` + snap + `) & 4294967295) THEN 1 ELSE 0 END) << 32) | ` + xid + `)`
+// widenCommitted is the SQL that widens a 32-bit transaction id (xid) to the
+// 64-bit form txid_visible_in_snapshot wants, relative to the snapshot's
+// xmax: the xid within 2^31 of it, before or after. Every xid of a running or
+// recently committed transaction is, so an xid past xmax (a transaction
+// still in progress) stays past it and is not visible. Not for the xmin of
+// arbitrary rows: frozen rows keep xids older than that.
+func widenCommitted(xid, snap string) string {
+	xmax := `txid_snapshot_xmax(` + snap + `)`
+	return `(` + xmax + ` - (((` + xmax + ` & 4294967295) - ` + xid + ` + 6442450944) % 4294967296 - 2147483648))`
 }

@@ -74,6 +74,8 @@ type Pruner struct {
 	pool     *pgxpool.Pool
 	log      *zap.Logger
 	lastKept string // the kept partitions last logged
+	// announced is set once the first pass said what it would remove.
+	announced bool
 }
 
 // NewPruner returns a pruner.
@@ -197,6 +199,10 @@ func (p *Pruner) Maintain(ctx context.Context) (PruneResult, error) {
 	if !p.Enabled() {
 		return PruneResult{}, nil
 	}
+	if !p.announced {
+		p.announced = true
+		p.announce(ctx)
+	}
 	return p.prune(ctx, 0, false, partitioned)
 }
 
@@ -229,14 +235,54 @@ func ReadAges(ctx context.Context, db interface {
 		return a, fmt.Errorf("read the oldest outbox rows: %w", err)
 	}
 	now := time.Now()
-	age := func(t *time.Time) *time.Duration {
-		if t == nil {
-			return nil
-		}
-		wall := time.Date(t.Year(), t.Month(), t.Day(), t.Hour(), t.Minute(), t.Second(), t.Nanosecond(), loc)
-		d := max(now.Sub(wall), 0)
-		return &d
-	}
-	a.OldestRow, a.OldestProcessed = age(oldest), age(processed)
+	a.OldestRow, a.OldestProcessed = WallAge(oldest, loc, now), WallAge(processed, loc, now)
 	return a, nil
+}
+
+// announce logs what the first pass of this process will remove, before it
+// does: after `migrate up` adopted another service's outbox, that can be
+// most of the table. A failure to count only loses the message.
+func (p *Pruner) announce(ctx context.Context) {
+	pv, err := p.Preview(ctx)
+	if err != nil {
+		p.log.Warn("could not count the rows retention will remove", zap.Error(err))
+		return
+	}
+	if pv.Rows == 0 {
+		return
+	}
+	fields := []zap.Field{zap.Int64("rows", pv.Rows), zap.Duration("retention", p.cfg.Retention),
+		zap.Time("cutoff", pv.Cutoff), zap.Stringer("outbox_table", p.cfg.Table)}
+	if pv.Oldest != nil {
+		fields = append(fields, zap.Time("oldest_created_at", *pv.Oldest))
+	}
+	p.log.Info("retention is about to remove processed rows older than OUTBOX_RETENTION (set OUTBOX_RETENTION=0 to keep them)", fields...)
+}
+
+// RetentionPreview is what the next prune would remove.
+type RetentionPreview struct {
+	Rows   int64     // processed rows created before Cutoff
+	Cutoff time.Time // wall clock in the outbox's zone
+	// Oldest is created_at of the oldest processed row (by id), nil when
+	// there is none.
+	Oldest *time.Time
+}
+
+// Preview counts what a prune with the configured retention would remove
+// now, removing nothing (an outbox adopted from another service may hold
+// months of processed rows that the first pass deletes).
+func (p *Pruner) Preview(ctx context.Context) (RetentionPreview, error) {
+	var pv RetentionPreview
+	if !p.Enabled() {
+		return pv, nil
+	}
+	res, err := p.Prune(ctx, 0, true)
+	if err != nil {
+		return pv, err
+	}
+	pv.Rows, pv.Cutoff = res.Removed, res.Cutoff
+	if err := p.pool.QueryRow(ctx, p.cfg.Table.sql(`SELECT created_at FROM {outbox} WHERE status = 'processed' ORDER BY id LIMIT 1`)).Scan(&pv.Oldest); err != nil && err != pgx.ErrNoRows {
+		return pv, fmt.Errorf("read the oldest processed row: %w", err)
+	}
+	return pv, nil
 }

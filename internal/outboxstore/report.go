@@ -2,10 +2,14 @@ package outboxstore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/pgsql"
 )
@@ -16,13 +20,23 @@ type Reader interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
+// schemaHint is the advice for a failed statement on the outbox: `migrate
+// up` when the table or a column is missing, nothing otherwise (migrating
+// does not cure a refused password or a server that is down).
+func schemaHint(err error) string {
+	if fault.IsPostgres(err, pgerrcode.UndefinedTable) || fault.IsPostgres(err, pgerrcode.UndefinedColumn) {
+		return " (has `outbox-streamer migrate up` run?)"
+	}
+	return ""
+}
+
 // CountByStatus counts the rows of table by status exactly (a scan of the
 // whole table: for `status`, not for a poll). Every status is in the map.
 func CountByStatus(ctx context.Context, db Reader, table Name) (map[string]int64, error) {
 	counts := map[string]int64{StatusPending: 0, StatusProcessed: 0, StatusFailed: 0, StatusDead: 0}
 	rows, err := db.Query(ctx, table.sql(`SELECT status, count(*) FROM {outbox} GROUP BY status`))
 	if err != nil {
-		return nil, fmt.Errorf("count outbox rows (has `outbox-streamer migrate up` run?): %w", err)
+		return nil, fmt.Errorf("count outbox rows%s: %w", schemaHint(err), err)
 	}
 	defer rows.Close()
 	for rows.Next() {
@@ -53,42 +67,44 @@ type Backlog struct {
 // failed one. Its WHERE clause is the predicate of the partial index
 // event_outbox_undelivered_idx (TABLE_undelivered_idx), so the planner reads only undelivered rows however
 // many millions of processed rows the table holds: the cost follows the backlog, not
-// the table. created_at holds UTC (see the migration), hence the conversion of now().
+// the table. created_at is a wall clock in EVENT_TIME_ZONE: ReadBacklog turns it
+// into an age in Go, as ReadAges does.
 const backlogQuery = `SELECT status, count(*)::float8,
-	EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - min(created_at) FILTER (WHERE status IN ('pending', 'failed')))::float8
+	min(created_at) FILTER (WHERE status IN ('pending', 'failed'))
 FROM %s WHERE status <> 'processed' GROUP BY status`
 
 // BacklogQuery is the statement ReadBacklog runs on table (for EXPLAIN).
 func BacklogQuery(table string) string { return fmt.Sprintf(backlogQuery, table) }
 
 // ReadBacklog reads the backlog of the outbox table schema.table (the
-// metrics poller's; normally public.event_outbox).
-func ReadBacklog(ctx context.Context, db Reader, schema, table string) (Backlog, error) {
+// metrics poller's; normally public.event_outbox) whose TIMESTAMP values are
+// wall clocks in loc (EVENT_TIME_ZONE; nil is UTC).
+func ReadBacklog(ctx context.Context, db Reader, schema, table string, loc *time.Location) (Backlog, error) {
 	ident := pgsql.Ident(schema, table)
 	rows, err := db.Query(ctx, BacklogQuery(ident))
 	if err != nil {
 		return Backlog{}, fmt.Errorf("count undelivered rows of %s: %w", ident, err)
 	}
 	b := Backlog{Rows: map[string]float64{}}
-	var undelivered, oldest float64
+	var undelivered float64
+	now := time.Now()
 	for rows.Next() {
 		var status string
 		var n float64
-		var age *float64
-		if err := rows.Scan(&status, &n, &age); err != nil {
+		var created *time.Time
+		if err := rows.Scan(&status, &n, &created); err != nil {
 			rows.Close()
 			return Backlog{}, fmt.Errorf("count undelivered rows of %s: %w", ident, err)
 		}
 		b.Rows[status] = n
 		undelivered += n
-		if age != nil && *age > oldest {
-			oldest = *age
+		if age := WallAge(created, loc, now); age != nil && *age > b.OldestUndelivered {
+			b.OldestUndelivered = *age
 		}
 	}
 	if err := rows.Err(); err != nil {
 		return Backlog{}, fmt.Errorf("count undelivered rows of %s: %w", ident, err)
 	}
-	b.OldestUndelivered = time.Duration(oldest * float64(time.Second))
 
 	// An exact count of processed rows would scan the whole table on every poll;
 	// the estimate minus the exact undelivered count is free and good enough for a
@@ -131,20 +147,26 @@ func DeadLetters(ctx context.Context, db Reader, table Name, eventType string, l
 
 // Requeue makes dead letters of table failed and due now with their attempts
 // reset, for the sweep to re-drive: those of ids (all when ids is empty), of
-// eventType when not empty. It returns how many it requeued.
-func Requeue(ctx context.Context, db DB, table Name, ids []int64, eventType string) (int64, error) {
+// eventType when not empty. updated_at is written in loc (EVENT_TIME_ZONE).
+// It returns the ids it requeued.
+func Requeue(ctx context.Context, db Reader, table Name, loc *time.Location, ids []int64, eventType string) ([]int64, error) {
 	var idArg any
 	if len(ids) > 0 {
 		idArg = ids
 	}
-	tag, err := db.Exec(ctx, table.sql(`UPDATE {outbox}
-		SET status = 'failed', attempts = 0, next_attempt_at = now(), updated_at = now() AT TIME ZONE 'UTC',
+	rows, err := db.Query(ctx, table.sql(`UPDATE {outbox}
+		SET status = 'failed', attempts = 0, next_attempt_at = now(), updated_at = `+NowIn(zoneName(loc))+`,
 		    last_error = 'requeued by operator; before: ' || COALESCE(last_error, '')
-		WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1)) AND ($2 = '' OR event_type = $2)`), idArg, eventType)
+		WHERE status = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1)) AND ($2 = '' OR event_type = $2)
+		RETURNING id`), idArg, eventType)
 	if err != nil {
-		return 0, fmt.Errorf("requeue dead letters: %w", err)
+		return nil, fmt.Errorf("requeue dead letters: %w", err)
 	}
-	return tag.RowsAffected(), nil
+	done, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return nil, fmt.Errorf("requeue dead letters: %w", err)
+	}
+	return done, nil
 }
 
 // Undelivered counts the failed and dead rows of table (through the partial
@@ -159,12 +181,75 @@ func Undelivered(ctx context.Context, db Reader, table Name) (failed, dead int64
 }
 
 // OldestUndelivered is the age in seconds of table's oldest pending or
-// failed row, nil when there is none.
-func OldestUndelivered(ctx context.Context, db Reader, table Name) (*float64, error) {
-	var age *float64
-	if err := db.QueryRow(ctx, table.sql(`SELECT EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - min(created_at))::float8
-		FROM {outbox} WHERE status IN ('pending', 'failed')`)).Scan(&age); err != nil {
+// failed row, nil when there is none; created_at is a wall clock in loc.
+func OldestUndelivered(ctx context.Context, db Reader, table Name, loc *time.Location) (*float64, error) {
+	var created *time.Time
+	if err := db.QueryRow(ctx, table.sql(`SELECT min(created_at)
+		FROM {outbox} WHERE status IN ('pending', 'failed')`)).Scan(&created); err != nil {
 		return nil, fmt.Errorf("read oldest undelivered row: %w", err)
 	}
-	return age, nil
+	age := WallAge(created, loc, time.Now())
+	if age == nil {
+		return nil, nil
+	}
+	sec := age.Seconds()
+	return &sec, nil
+}
+
+// ZoneSkew is how far table's newest row (by id) was created ahead of now,
+// reading created_at as a wall clock in loc: more than a little means the
+// application writes created_at in another zone than EVENT_TIME_ZONE, and
+// ages, retention and verify's time ranges are off by the difference. Zero
+// when the newest row is not ahead, or there is none.
+func ZoneSkew(ctx context.Context, db Reader, table Name, loc *time.Location) (time.Duration, error) {
+	var created *time.Time
+	err := db.QueryRow(ctx, table.sql(`SELECT created_at FROM {outbox} ORDER BY id DESC LIMIT 1`)).Scan(&created)
+	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return 0, fmt.Errorf("read the newest outbox row: %w", err)
+	}
+	if created == nil {
+		return 0, nil
+	}
+	if loc == nil {
+		loc = time.UTC
+	}
+	wall := time.Date(created.Year(), created.Month(), created.Day(), created.Hour(), created.Minute(), created.Second(), created.Nanosecond(), loc)
+	return max(time.Until(wall), 0), nil
+}
+
+// WallAge is how long before now the wall clock t in loc (nil: UTC) was,
+// nil for nil, never negative. A TIMESTAMP scans as that wall clock in UTC.
+func WallAge(t *time.Time, loc *time.Location, now time.Time) *time.Duration {
+	if t == nil {
+		return nil
+	}
+	if loc == nil {
+		loc = time.UTC
+	}
+	wall := time.Date(t.Year(), t.Month(), t.Day(), t.Hour(), t.Minute(), t.Second(), t.Nanosecond(), loc)
+	d := max(now.Sub(wall), 0)
+	return &d
+}
+
+// zoneName is loc's name for NowIn ("" for nil: UTC).
+func zoneName(loc *time.Location) string {
+	if loc == nil {
+		return ""
+	}
+	return loc.String()
+}
+
+// TimeType is the type of table's created_at, "timestamp without time zone"
+// (wall clock in EVENT_TIME_ZONE) or "timestamp with time zone" (instants):
+// an adopted outbox may have either.
+func TimeType(ctx context.Context, db interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, table Name) (string, error) {
+	var typ string
+	err := db.QueryRow(ctx, `SELECT format_type(atttypid, NULL) FROM pg_attribute
+		WHERE attrelid = `+table.Literal()+`::regclass AND attname = 'created_at' AND NOT attisdropped`).Scan(&typ)
+	if err != nil {
+		return "", fmt.Errorf("read the type of %s.created_at: %w", table, err)
+	}
+	return typ, nil
 }

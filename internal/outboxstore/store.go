@@ -17,6 +17,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-streamer/outbox-streamer/internal/pgsql"
 )
 
 // Table is the default outbox table's name (OUTBOX_TABLE; see Name).
@@ -34,6 +36,10 @@ const (
 type Failure struct {
 	ID     int64
 	Reason string
+	// Final: no retry can deliver the row as it is (the streamer's own
+	// validation refused a value, such as a date the event table cannot
+	// hold), so it becomes dead at once instead of after MaxAttempts.
+	Final bool
 	// Xid is the inserting transaction's id for streamed rows (see Ref).
 	Xid uint32
 }
@@ -74,6 +80,7 @@ type Store struct {
 	pool  *pgxpool.Pool // for statements that need their own transaction
 	retry RetryConfig
 	table Name
+	zone  string // EVENT_TIME_ZONE's name ("" is UTC), of the updated_at it writes
 }
 
 // New returns a store of event_outbox over pool.
@@ -89,14 +96,36 @@ func NewFor(pool *pgxpool.Pool, retry RetryConfig, table Name) *Store {
 
 // WithTx returns a store whose statements run in tx.
 func (s *Store) WithTx(tx pgx.Tx) *Store {
-	return &Store{db: tx, pool: s.pool, retry: s.retry, table: s.table}
+	return &Store{db: tx, pool: s.pool, retry: s.retry, table: s.table, zone: s.zone}
+}
+
+// InZone returns the store writing updated_at as a wall clock in loc
+// (EVENT_TIME_ZONE), the zone the application writes created_at in: in UTC
+// the two columns of one row would be hours apart.
+func (s *Store) InZone(loc *time.Location) *Store {
+	c := *s
+	if loc != nil {
+		c.zone = loc.String()
+	}
+	return &c
+}
+
+// NowIn is SQL for the current time as a wall clock in the zone named zone
+// ("" is UTC): what the outbox's TIMESTAMP columns hold.
+func NowIn(zone string) string {
+	if zone == "" {
+		zone = "UTC"
+	}
+	return "(now() AT TIME ZONE " + pgsql.Literal(zone) + ")"
 }
 
 // Table returns the outbox table the store works on.
 func (s *Store) Table() Name { return s.table }
 
 // sql puts the quoted outbox table where a statement says {outbox}.
-func (s *Store) sql(q string) string { return s.table.sql(q) }
+func (s *Store) sql(q string) string {
+	return strings.ReplaceAll(s.table.sql(q), "{now}", NowIn(s.zone))
+}
 
 // Begin starts a transaction for WithTx.
 func (s *Store) Begin(ctx context.Context) (pgx.Tx, error) {
@@ -135,7 +164,7 @@ func (s *Store) MarkProcessed(ctx context.Context, refs []Ref) (vanished []int64
 	}
 	vanished, err = s.untilVisible(ctx, refs, "status = 'processed'", func(ctx context.Context, ids []int64) (pgx.Rows, error) {
 		return s.db.Query(ctx, s.sql(`UPDATE {outbox}
-			SET status = 'processed', updated_at = now() AT TIME ZONE 'UTC', last_error = NULL, next_attempt_at = NULL
+			SET status = 'processed', updated_at = {now}, last_error = NULL, next_attempt_at = NULL
 			WHERE id = ANY($1) AND status <> 'processed'
 			RETURNING id`), ids)
 	})
@@ -250,7 +279,7 @@ func (s *Store) visibleXids(ctx context.Context, refs []Ref) (map[uint32]bool, e
 	}
 	rows, err := s.db.Query(ctx, `WITH snap AS (SELECT txid_current_snapshot() AS s)
 		SELECT x FROM snap, unnest($1::bigint[]) AS x
-		WHERE txid_visible_in_snapshot(`+widenXmin("x", "snap.s")+`, snap.s)`, xids)
+		WHERE txid_visible_in_snapshot(`+widenCommitted("x", "snap.s")+`, snap.s)`, xids)
 	if err != nil {
 		return nil, fmt.Errorf("check which transactions are visible: %w", err)
 	}
@@ -295,19 +324,20 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) (vanished []
 	if len(failures) == 0 {
 		return nil, nil
 	}
-	reasonOf := make(map[int64]string, len(failures))
+	byID := make(map[int64]Failure, len(failures))
 	refs := make([]Ref, len(failures))
 	for i, f := range failures {
 		refs[i] = Ref{ID: f.ID, Xid: f.Xid}
-		reasonOf[f.ID] = cleanReason(f.Reason, maxReasonBytes)
+		byID[f.ID] = f
 	}
 	vanished, err = s.untilVisible(ctx, refs, "status = 'processed'", func(ctx context.Context, ids []int64) (pgx.Rows, error) {
-		reasons := make([]string, len(ids))
+		sub := make([]Failure, len(ids))
 		for i, id := range ids {
-			reasons[i] = reasonOf[id]
+			sub[i] = byID[id]
 		}
+		reasons, finals := failureArgs(sub)
 		return s.db.Query(ctx, s.sql(markFailedSQL+` AND o.status <> 'processed' RETURNING o.id`),
-			ids, reasons, s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds())
+			ids, reasons, s.retry.MaxAttempts, s.retry.BaseDelay.Seconds(), s.retry.MaxDelay.Seconds(), finals)
 	})
 	if err != nil {
 		return vanished, fmt.Errorf("mark %d outbox rows failed: %w", len(failures), err)
@@ -315,16 +345,25 @@ func (s *Store) MarkFailed(ctx context.Context, failures []Failure) (vanished []
 	return vanished, nil
 }
 
+// failureArgs are markFailedSQL's reasons ($2) and finals ($6) of failures.
+func failureArgs(failures []Failure) (reasons []string, finals []bool) {
+	reasons, finals = make([]string, len(failures)), make([]bool, len(failures))
+	for i, f := range failures {
+		reasons[i], finals[i] = cleanReason(f.Reason, maxReasonBytes), f.Final
+	}
+	return reasons, finals
+}
+
 // markFailedSQL records one failed delivery of each row of unnest($1 ids, $2
-// reasons): attempts+1, dead at $3 attempts, the next attempt after $4
-// seconds doubled per attempt, at most $5.
+// reasons, $6 finals): attempts+1, dead at $3 attempts or at once when final,
+// the next attempt after $4 seconds doubled per attempt, at most $5.
 const markFailedSQL = `UPDATE {outbox} o
 	SET attempts = o.attempts + 1,
-	    status = CASE WHEN o.attempts + 1 >= $3 THEN 'dead' ELSE 'failed' END,
+	    status = CASE WHEN f.final OR o.attempts + 1 >= $3 THEN 'dead' ELSE 'failed' END,
 	    last_error = f.reason,
 	    next_attempt_at = now() + least($5::float8, $4::float8 * power(2, o.attempts)) * interval '1 second',
-	    updated_at = now() AT TIME ZONE 'UTC'
-	FROM unnest($1::bigint[], $2::text[]) AS f(id, reason)
+	    updated_at = {now}
+	FROM unnest($1::bigint[], $2::text[], $6::bool[]) AS f(id, reason, final)
 	WHERE o.id = f.id`
 
 // MarkDeferred marks rows failed without counting an attempt against them: the
@@ -338,7 +377,7 @@ func (s *Store) MarkDeferred(ctx context.Context, refs []Ref, reason string) (va
 	vanished, err = s.untilVisible(ctx, refs, "status NOT IN ('pending', 'failed')", func(ctx context.Context, ids []int64) (pgx.Rows, error) {
 		return s.db.Query(ctx, s.sql(`UPDATE {outbox}
 			SET status = 'failed', last_error = $2, next_attempt_at = now() + $3::float8 * interval '1 second',
-			    updated_at = now() AT TIME ZONE 'UTC'
+			    updated_at = {now}
 			WHERE id = ANY($1) AND status IN ('pending', 'failed')
 			RETURNING id`),
 			ids, cleanReason(reason, maxReasonBytes), s.retry.BaseDelay.Seconds())

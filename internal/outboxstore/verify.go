@@ -338,7 +338,7 @@ func ReadVerifyBounds(ctx context.Context, db Reader, table Name) (VerifyBounds,
 		(SELECT id FROM {outbox} ORDER BY id DESC LIMIT 1),
 		(SELECT created_at FROM {outbox} ORDER BY id LIMIT 1)`)).Scan(&lo, &hi, &at)
 	if err != nil {
-		return b, fmt.Errorf("verify: read the outbox's id range (has `outbox-streamer migrate up` run?): %w", err)
+		return b, fmt.Errorf("verify: read the outbox's id range%s: %w", schemaHint(err), err)
 	}
 	if lo == nil || hi == nil || at == nil {
 		b.Empty = true
@@ -480,7 +480,7 @@ const MissingReason = "verify: missing in ClickHouse"
 // change, all in one transaction; it returns the ids it changed.
 func RequeueMissing(ctx context.Context, db interface {
 	Begin(context.Context) (pgx.Tx, error)
-}, table Name, ids []int64) ([]int64, error) {
+}, table Name, zone string, ids []int64) ([]int64, error) {
 	if len(ids) == 0 {
 		return nil, nil
 	}
@@ -494,7 +494,7 @@ func RequeueMissing(ctx context.Context, db interface {
 		part := ids[start:min(start+lookupChunk, len(ids))]
 		rows, err := tx.Query(ctx, table.sql(`UPDATE {outbox}
 			SET status = 'failed', attempts = 0, next_attempt_at = now(), last_error = $2,
-			    updated_at = now() AT TIME ZONE 'UTC'
+			    updated_at = `+NowIn(zone)+`
 			WHERE id = ANY($1) AND status = 'processed'
 			RETURNING id`), part, MissingReason)
 		if err != nil {

@@ -135,8 +135,8 @@ func TestOutageMarksFailedThenSweepDelivers(t *testing.T) {
 	e.AssertExactlyDelivered(t, 2*time.Minute, after)
 }
 
-// TestBadRowIsolated: a row whose time ClickHouse cannot hold is marked failed with
-// a reason; the rest of its batch is delivered.
+// TestBadRowIsolated: a row whose time ClickHouse cannot hold is a dead letter at
+// once (no retry can deliver it) with a reason; the rest of its batch is delivered.
 func TestBadRowIsolated(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
 		t.Run(srv.Name, func(t *testing.T) {
@@ -154,12 +154,12 @@ func TestBadRowIsolated(t *testing.T) {
 				UNION ALL SELECT 'ok', now() AT TIME ZONE 'UTC' FROM generate_series(1, 50)`, bad); err != nil {
 				t.Fatal(err)
 			}
-			e2e.WaitFor(t, time.Minute, "good rows delivered and the bad one failed", func() bool {
-				var processed, failed int
+			e2e.WaitFor(t, time.Minute, "good rows delivered and the bad one dead", func() bool {
+				var processed, dead int
 				_ = e.Pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE status = 'processed'),
-					count(*) FILTER (WHERE status = 'failed' AND last_error LIKE '%outside what ClickHouse stores%')
-					FROM event_outbox`).Scan(&processed, &failed)
-				return processed == 100 && failed == 1
+					count(*) FILTER (WHERE status = 'dead' AND attempts = 1 AND last_error LIKE '%outside what ClickHouse stores%')
+					FROM event_outbox`).Scan(&processed, &dead)
+				return processed == 100 && dead == 1
 			})
 			if c, u := e.CHCounts(t); c != 100 || u != 100 {
 				t.Fatalf("ClickHouse holds count=%d uniq=%d, want 100 good rows", c, u)

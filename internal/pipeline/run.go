@@ -47,6 +47,31 @@ type Config struct {
 	VerifyInterval, VerifyWindow time.Duration
 }
 
+// eventTableCheckWait bounds the start's look at the event table's columns.
+const eventTableCheckWait = 3 * time.Second
+
+// checkEventTable refuses, before a replication slot is created, an event
+// table whose columns the streamer cannot write (an earlier service's
+// event_log): nothing is inserted into it. It asks ClickHouse only once
+// PostgreSQL answered, and an unreachable ClickHouse is no reason not to
+// start (the outbox buffers until it is back): that is only logged.
+func checkEventTable(ctx context.Context, ch *sink.Writer, pool *pgxpool.Pool, log *zap.Logger) error {
+	if err := pool.Ping(ctx); err != nil {
+		return fmt.Errorf("connect to postgres: %w", err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, eventTableCheckWait)
+	defer cancel()
+	err := ch.CheckTable(cctx)
+	var mismatch *sink.SchemaMismatch
+	if errors.As(err, &mismatch) {
+		return err
+	}
+	if err != nil && ctx.Err() == nil {
+		log.Warn("could not check the event table's columns at start; going on", zap.Error(err))
+	}
+	return nil
+}
+
 // Outbox is the outbox table the pipeline streams, as the store names it:
 // Replication's Schema and Table, unqualified when no schema is given (found
 // through the search_path, as always).
@@ -73,6 +98,9 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	}
 	defer pool.Close()
 
+	if err := checkEventTable(ctx, ch, pool, log); err != nil {
+		return err
+	}
 	stream, err := replication.Open(ctx, cfg.Replication, log)
 	if err != nil {
 		return err
@@ -89,7 +117,7 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	if cfg.Metrics != nil {
 		cfg.Run.Observer = cfg.Metrics
 	}
-	if inflight > stream.StartLSN() {
+	if recordCoversReplay(inflight, stream.StartLSN()) {
 		wcfg.InDoubtUntil = inflight
 		log.Info("rows up to the recorded in-flight LSN will be checked against ClickHouse before insert",
 			zap.String("acknowledged_lsn", pglogrepl.LSN(stream.StartLSN()).String()),
@@ -98,7 +126,7 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 	if wcfg.MaxInsertRows < cfg.Run.BatchSize {
 		wcfg.MaxInsertRows = cfg.Run.BatchSize
 	}
-	store := outboxstore.NewFor(pool, cfg.Retry, cfg.Outbox())
+	store := outboxstore.NewFor(pool, cfg.Retry, cfg.Outbox()).InZone(cfg.Replication.TimeZone)
 	if created, snapshot := stream.SlotCreated(); created {
 		// The snapshot is imported now, before the stream's first command ends
 		// its export; the backlog is delivered beside the stream, whose rows
@@ -127,6 +155,7 @@ func Stream(ctx, abandon context.Context, cfg Config, log *zap.Logger) error {
 		target = cfg.WrapSink(target)
 	}
 	writer := NewWriter(wcfg, target, store, ck, stream.Tracker(), log)
+	writer.EnableCeiling(ch)
 	// Streamed transactions are staged in ClickHouse while they run (one
 	// server only); the writer clears what earlier sessions staged when it
 	// starts, staging or not.

@@ -64,44 +64,24 @@ func (w *Writer) EnableStaging(to Stager, slot string) {
 
 // ClearStagedAtStart makes a writer that does not stage this session
 // (protocol 1, or staging off) still drop at its start what earlier sessions
-// of slot staged in to.
+// of slot staged in to: like clearAtStart, for rows nobody would drop.
 func (w *Writer) ClearStagedAtStart(to Stager, slot string) {
 	w.stale = &staging{to: to, slot: slot}
 }
 
-// clearStagedAtStart drops what earlier sessions of the slot staged, before
-// the first batch. Waiting for this session's first staged batch is not
-// enough: a transaction staged before a crash or a failover may never come
-// again (aborted meanwhile, PostgreSQL 18 skips decoding it; a promoted
-// standby never had it), and its rows would stay in the staging table. A
-// failure here leaves a staging session to try again at its first staged
-// batch (ready).
-func (w *Writer) clearStagedAtStart(ctx context.Context) {
-	st, stages := w.staging, true
-	if st == nil {
-		st, stages = w.stale, false
-	}
-	if st == nil {
-		return
-	}
-	// Bounded: with ClickHouse away the first batches must still reach the
-	// engine, whose outage handling hands them to the sweep.
-	ctx, cancel := context.WithTimeout(ctx, clearAtStartTimeout)
+// clearStale drops what earlier sessions staged, for a session that does
+// not stage; a failure leaves it to the next session.
+func (w *Writer) clearStale(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, stagingStartTimeout)
 	defer cancel()
-	ok, err := st.to.StagingAvailable(ctx)
+	ok, err := w.stale.to.StagingAvailable(ctx)
 	if err == nil && ok {
-		err = st.to.ClearStaging(ctx, st.slot)
+		err = w.stale.to.ClearStaging(ctx, w.stale.slot)
 	}
-	switch {
-	case err != nil && !stages:
+	if err != nil {
 		w.log.Warn("cannot clear what an earlier session staged; the next session tries again", zap.Error(err))
-	case err == nil && ok && stages:
-		st.state = stagingOn
 	}
 }
-
-// clearAtStartTimeout bounds clearStagedAtStart.
-const clearAtStartTimeout = 10 * time.Second
 
 // ready checks, once per session, that the staging table exists and holds
 // nothing of this slot: the server sends unfinished transactions again from
@@ -126,6 +106,34 @@ func (st *staging) ready(ctx context.Context, log *zap.Logger) bool {
 	}
 	return st.state == stagingOn
 }
+
+// clearAtStart drops, when the session starts, what earlier sessions staged
+// for this slot: after a failover the new primary resumes past transactions
+// the old one was streaming and never sends them again, so waiting for the
+// first streamed transaction would leave their rows behind. When ClickHouse
+// cannot be asked now, the first streamed transaction asks again.
+func (st *staging) clearAtStart(ctx context.Context, log *zap.Logger) {
+	ctx, cancel := context.WithTimeout(ctx, stagingStartTimeout)
+	defer cancel()
+	ok, err := st.to.StagingAvailable(ctx)
+	if err != nil {
+		log.Debug("staging table not checked at start; checked at the first streamed transaction", zap.Error(err))
+		return
+	}
+	if !ok {
+		st.state = stagingOff
+		log.Info("no staging table (run `outbox-streamer migrate up`; not used on a cluster): large streamed transactions go to ClickHouse after their commit")
+		return
+	}
+	if err := st.to.ClearStaging(ctx, st.slot); err != nil {
+		log.Debug("staging table not cleared at start; cleared at the first streamed transaction", zap.Error(err))
+		return
+	}
+	st.state = stagingOn
+}
+
+// stagingStartTimeout bounds clearAtStart, which delays the writer's start.
+const stagingStartTimeout = 10 * time.Second
 
 // stage writes a staging batch. Any failure only marks the transaction
 // broken: its rows go the ordinary way after the commit.

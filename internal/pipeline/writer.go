@@ -83,8 +83,9 @@ type Writer struct {
 	next     *batch.Batch // taken from the queue by merge, for the next insert
 	staging  *staging     // nil: streamed transactions are not staged
 	// stale, when this session does not stage, is where earlier sessions
-	// staged: cleared at the start all the same (see clearStagedAtStart).
-	stale *staging
+	// staged: cleared at the start all the same (see clearStale).
+	stale   *staging
+	ceiling *ceiling // nil: the in-flight record alone bounds the replay
 }
 
 // ErrTableRejectsRows means ClickHouse refused every row of a batch with the
@@ -110,7 +111,13 @@ func NewWriter(cfg WriterConfig, s Sink, o Outbox, inflight InflightRecorder, re
 // they are resolved in, and each batch's in-flight record is written before its
 // insert, so a crash between the stages is reconciled like any other.
 func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
-	w.clearStagedAtStart(ctx)
+	w.raiseInDoubt(ctx)
+	switch {
+	case w.staging != nil:
+		w.staging.clearAtStart(ctx, w.log)
+	case w.stale != nil:
+		w.clearStale(ctx)
+	}
 	outcomes := make(chan *outcome, 1)
 	var settled sync.WaitGroup
 	var settleMu sync.Mutex
@@ -303,6 +310,7 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 		}
 	}()
 
+	w.raiseInDoubt(ctx)
 	// Record the in-flight position before anything can reach ClickHouse, so that a
 	// crash after the insert leaves a trace that these rows must be checked.
 	if b.MaxCommitLSN > w.recorded {
@@ -350,6 +358,9 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 // last stop (its transaction committed at or below the recorded in-flight
 // LSN), or by a copy from staging whose outcome is unknown.
 func (w *Writer) inDoubt(ev *record.Event) bool {
+	if w.ceiling != nil && !w.ceiling.known {
+		return true // what ClickHouse holds is not known yet
+	}
 	return ev.CommitLSN != 0 && ev.CommitLSN <= w.cfg.InDoubtUntil || w.uncertainStaged(ev.Xid)
 }
 

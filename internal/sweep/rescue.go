@@ -20,14 +20,18 @@ import (
 // taken only if it is still pending although the slot has confirmed a WAL
 // position past its commit. The stream confirms a position only after every
 // row committed below it has its final status (the writer updates statuses
-// before it resolves a batch for acknowledgement), so such a row is one the
-// stream has passed and will not deliver. Commit positions of rows are not
-// stored, so the sweep uses marks: at each sweep it records a snapshot S and
-// then the WAL position W; at the next sweep, if the slot's
-// confirmed_flush_lsn is at or past W, every pending row whose inserting
-// transaction (xmin) is visible in S committed below W and is stranded. It
-// becomes failed and due now, and the sweep delivers it after checking that
-// ClickHouse does not hold it already.
+// before it resolves a batch for acknowledgement), and a new session resumes
+// after the confirmed position (PostgreSQL skips every transaction whose
+// commit record starts below it), so such a row is one the stream has passed
+// and will not deliver. Commit positions of rows are not stored, so the
+// sweep uses marks: at each sweep it reads, in one statement, the ids of the
+// pending rows its snapshot sees and then the WAL insert position W; every
+// one of those rows committed below W. At the next sweep, if the slot's
+// confirmed_flush_lsn is at or past W, those of the ids still pending are
+// stranded. No transaction id is compared: rows of transactions still open
+// at the mark (savepoints included) are simply not among its ids, whatever
+// the xid epoch. A stranded row becomes failed and due now, and the sweep
+// delivers it after checking that ClickHouse does not hold it already.
 func (s *Sweeper) rescueStranded(ctx context.Context, res *Result) error {
 	if s.cfg.Slot == "" {
 		return nil
@@ -38,7 +42,7 @@ func (s *Sweeper) rescueStranded(ctx context.Context, res *Result) error {
 			return err
 		}
 		if passed {
-			n, err := s.store.MarkStranded(ctx, prev.Snapshot)
+			n, err := s.store.MarkStranded(ctx, prev.Pending)
 			res.Rescued += n
 			if n > 0 {
 				s.log.Warn("pending rows the stream had passed handed to the sweep (committed before the slot, outside the publication, or reset by hand)",

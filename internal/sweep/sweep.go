@@ -237,7 +237,7 @@ func (s *Sweeper) count(res *Result, out *delivery.Outcome, attempts map[int64]i
 	res.AlreadyPresent += int64(len(out.Present))
 	max := s.store.Retry().MaxAttempts
 	for _, f := range out.Failed {
-		if attempts[f.ID]+1 >= max {
+		if f.Final || attempts[f.ID]+1 >= max {
 			res.Dead++
 		} else {
 			res.Failed++

@@ -224,7 +224,11 @@ func Postgres(t testing.TB) string {
 		return dsn
 	}
 	pg := startShared(t, &pgSvc, "PostgreSQL", func(ctx context.Context) (*localsvc.Postgres, error) {
-		return localsvc.StartPostgres(ctx, localsvc.PostgresOptions{OnCrash: recordCrash})
+		opts := localsvc.PostgresOptions{OnCrash: recordCrash}
+		if err := opts.AgeFromEnv(); err != nil {
+			return nil, err
+		}
+		return localsvc.StartPostgres(ctx, opts)
 	})
 	return pg.DSN()
 }
@@ -245,9 +249,21 @@ func PostgresHandle(t testing.TB) *localsvc.Postgres {
 // it when the test ends: for chaos tests that must not disturb other tests.
 func PrivatePostgres(t testing.TB) *localsvc.Postgres {
 	t.Helper()
+	opts := localsvc.PostgresOptions{}
+	if err := opts.AgeFromEnv(); err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	return PrivatePostgresWith(t, opts)
+}
+
+// PrivatePostgresWith is PrivatePostgres with options, e.g. an old cluster
+// (XIDEpoch, NextXID) whatever the environment asks for.
+func PrivatePostgresWith(t testing.TB, opts localsvc.PostgresOptions) *localsvc.Postgres {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
-	pg, err := localsvc.StartPostgres(ctx, localsvc.PostgresOptions{OnCrash: reportCrashesTo(t)})
+	opts.OnCrash = reportCrashesTo(t)
+	pg, err := localsvc.StartPostgres(ctx, opts)
 	if err != nil {
 		t.Fatalf("testenv: start private PostgreSQL: %v", err)
 	}

@@ -13,9 +13,10 @@
 // transaction's start), so a time range narrows to a range of the primary key
 // and the outbox side reads only the rows of the range, in short statements
 // (outboxstore). Retention and partitions go by created_at too, which makes
-// the rule for pruned rows exact. ClickHouse's side is bounded by
-// event_date_time as well (the span the outbox's rows of the range carry),
-// which its partitions and sort key serve.
+// the rule for pruned rows exact. ClickHouse's checksums are read by
+// created_at alone, so that no event the outbox lacks can hide; its ids,
+// where a bucket differs, first within the event_date_time span of the
+// outbox's rows (which its partitions and sort key serve), then without it.
 //
 // The outbox is read before ClickHouse, range by range: a row is processed
 // only after ClickHouse accepted it, so a row the outbox shows processed is
@@ -160,13 +161,13 @@ func (v *run) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if len(agg) == 0 {
-		v.note("the outbox holds no rows created in the range: nothing to compare (ClickHouse was not read; rows pruned from the outbox are out of scope)")
-		return nil
-	}
 	chSums, err := v.clickhouseSums(ctx)
 	if err != nil {
 		return err
+	}
+	if len(agg) == 0 && len(chSums) == 0 {
+		v.note("neither the outbox nor ClickHouse holds rows created in the range: nothing to compare")
+		return nil
 	}
 
 	var idx []int64
@@ -280,8 +281,12 @@ func (v *run) outboxSums(ctx context.Context) (map[int64]*OutboxBucket, error) {
 
 // chRange is ClickHouse's range for created_at in [from, until) and
 // event_date_time in the wall clock span [spanFrom, spanUntil] (as the
-// outbox holds it), turned into instants with the zone's offsets there.
+// outbox holds it), turned into instants with the zone's offsets there; a
+// zero span bounds created_at only.
 func (v *run) chRange(from, until, spanFrom, spanUntil time.Time) sink.VerifyRange {
+	if spanFrom.IsZero() {
+		return sink.VerifyRange{From: from, Until: until, Width: v.rng.Bucket}
+	}
 	lo, hi := offsetRange(v.cfg.TimeZone, spanFrom.Add(-2*day), spanUntil.Add(2*day))
 	return sink.VerifyRange{From: from, Until: until, Width: v.rng.Bucket, EventFrom: spanFrom.Add(-hi), EventUntil: spanUntil.Add(-lo)}
 }
@@ -292,9 +297,12 @@ func (v *run) addCH(st sink.ReadStats) {
 	v.rep.Cost.ClickHouseBytes += st.Bytes
 }
 
-// clickhouseSums reads ClickHouse's checksums by bucket.
+// clickhouseSums reads ClickHouse's checksums by bucket, by created_at alone:
+// an event the outbox never held (a phantom after a failover, a row written
+// by another writer) can carry any event_date_time, and bounding this read
+// by the outbox rows' span would hide it.
 func (v *run) clickhouseSums(ctx context.Context) (map[int64]sink.BucketSum, error) {
-	sums, st, err := v.ch.VerifySums(ctx, v.chRange(v.rng.From, v.rng.Until, v.spanFrom, v.spanUntil))
+	sums, st, err := v.ch.VerifySums(ctx, v.chRange(v.rng.From, v.rng.Until, time.Time{}, time.Time{}))
 	v.addCH(st)
 	if err != nil {
 		return nil, err
@@ -401,6 +409,12 @@ func (v *run) compareIDs(ctx context.Context, b *Bucket, ob *OutboxBucket) (*wor
 		// ClickHouse rows of the bucket outside its outbox rows' event time
 		// span: read the range's whole span.
 		if err := merge(v.spanFrom, v.spanUntil); err != nil {
+			return nil, err
+		}
+	}
+	if w.m.CHRows < b.ClickHouse && !spanFrom.IsZero() {
+		// Still fewer than counted: rows outside every outbox row's span.
+		if err := merge(time.Time{}, time.Time{}); err != nil {
 			return nil, err
 		}
 	}
@@ -583,7 +597,7 @@ func Repair(ctx context.Context, db interface {
 		maxIDs = 1000
 	}
 	res := &RepairResult{Requeued: IDList{IDs: []int64{}}, Skipped: IDList{IDs: []int64{}}, DuplicatesLeft: rep.Totals.Duplicates}
-	done, err := outboxstore.RequeueMissing(ctx, db, table, rep.missing)
+	done, err := outboxstore.RequeueMissing(ctx, db, table, rep.TimeZone, rep.missing)
 	if err != nil {
 		return err
 	}

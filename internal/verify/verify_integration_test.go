@@ -664,3 +664,42 @@ func TestPartitionedOutbox(t *testing.T) {
 		t.Fatalf("partitioned outbox after a delete: match %v, missing %v", rep.Match, missingIDs(rep))
 	}
 }
+
+// TestPhantomEventsReported: events ClickHouse holds and the outbox never did
+// (after a failover, the business transaction of a delivered event may not
+// exist on the new primary) are reported whatever their event_date_time —
+// far outside the outbox rows' span, inside a bucket with outbox rows and in
+// one without any — on both ClickHouse versions.
+func TestPhantomEventsReported(t *testing.T) {
+	for _, srv := range testenv.ClickHouseServers(t) {
+		t.Run(srv.Name, func(t *testing.T) {
+			f := newFixture(t, srv, nil)
+			start := wall(2026, 11, 5, 10, 0, 0, 0)
+			ids := f.put(t, series(start, time.Minute, 120))
+			far := wall(2019, 3, 1, 0, 0, 0, 0)
+			phantoms := []record.Event{
+				{ID: ids[119] + 1000, Type: "phantom", Time: far, CreatedAt: start.Add(30 * time.Minute), Context: "{}", MetadataVersion: 1},
+				{ID: ids[119] + 1001, Type: "phantom", Time: far, CreatedAt: start.Add(150 * time.Minute), Context: "{}", MetadataVersion: 1},
+			}
+			if err := f.w.Insert(context.Background(), phantoms); err != nil {
+				t.Fatal(err)
+			}
+			rep := f.verify(t, verify.Config{From: start, Until: start.Add(3 * time.Hour)})
+			var got []int64
+			for _, b := range rep.Buckets {
+				if b.NotInOutbox != nil {
+					got = append(got, b.NotInOutbox.IDs...)
+				}
+			}
+			want := []int64{phantoms[0].ID, phantoms[1].ID}
+			if rep.Match || !reflect.DeepEqual(got, want) {
+				t.Fatalf("verify with two phantom events: match %v, not in the outbox %v, want %v; buckets %+v", rep.Match, got, want, rep.Buckets)
+			}
+			// A range whose only rows are in ClickHouse differs too.
+			rep = f.verify(t, verify.Config{From: start.Add(2 * time.Hour), Until: start.Add(3 * time.Hour)})
+			if rep.Match {
+				t.Fatalf("verify of a range holding only a phantom event: match, notes %v", rep.Notes)
+			}
+		})
+	}
+}
