@@ -47,7 +47,7 @@ test: deps build ## the whole suite (unit, integration, end to end) on ClickHous
 # runs on, and what it runs: exactly-once end to end, protocol 2 with and without
 # staging (skipped on 13, which has no protocol 2), backfill, the partitioned
 # outbox, verify, a crash and restart of the binary, a lost slot, the physical
-# standby, failover slots and a primary failover (17+). Fresh clusters: the
+# standby, failover slots and a primary failover. Fresh clusters: the
 # packaged majors have no pg_resetwal to age them. The golden pgoutput sessions of every major are checked in the main run
 # (replication/testdata/pgoutput/pg<major>).
 PG_COMPAT_MAJORS ?= 13 14 16 17 18

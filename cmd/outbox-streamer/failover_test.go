@@ -19,32 +19,38 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 )
 
-// TestPrimaryFailoverExactlyOnce (PostgreSQL 17+): a primary with a
-// physical standby (sync_replication_slots on, named in the primary's
-// synchronized_standby_slots) while producers commit; the streamer, given
-// both servers in one DSN with target_session_attrs=read-write, creates a
-// failover slot (REPLICATION_SLOT_FAILOVER=auto). The primary is SIGKILLed
-// while a large transaction is being streamed and staged, the standby
-// promoted, and the same streamer process continues on it: every row the new
-// primary holds reaches ClickHouse exactly once (without FINAL), every one
-// is processed, ClickHouse holds nothing the new primary lacks, and nothing
-// of the lost transaction stays in the staging table.
+// TestPrimaryFailoverExactlyOnce: a primary with a physical standby while
+// producers commit; the streamer is given both servers in one DSN with
+// target_session_attrs=read-write. On 17+ the standby synchronises slots
+// and is named in the primary's synchronized_standby_slots, and the streamer
+// creates a failover slot (REPLICATION_SLOT_FAILOVER=auto); before 17 the
+// slot is lost with the primary. The primary is SIGKILLed while a large
+// transaction is being streamed and staged (14+), the standby promoted, and
+// the same streamer process continues on it, on the synced slot (17+) or a
+// new one and the backfill: every row the new primary holds reaches
+// ClickHouse exactly once (without FINAL), every one is processed,
+// ClickHouse holds nothing the new primary lacks, and nothing of the lost
+// transaction stays in the staging table.
 func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	pg := testenv.PrivatePostgres(t)
-	if pg.Major < 17 {
-		t.Skipf("PostgreSQL %d has no failover slots (17 and newer)", pg.Major)
-	}
+	failoverSlots, streams := pg.Major >= 17, pg.Major >= testenv.MinStreamingMajor
 	e := e2e.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
-	standby, err := pg.StartStandby(ctx, localsvc.StandbyOptions{Settings: map[string]string{"sync_replication_slots": "on"}})
+	var sbSettings map[string]string
+	if failoverSlots {
+		sbSettings = map[string]string{"sync_replication_slots": "on"}
+	}
+	standby, err := pg.StartStandby(ctx, localsvc.StandbyOptions{Settings: sbSettings})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = standby.Stop() })
-	for _, q := range []string{"ALTER SYSTEM SET synchronized_standby_slots = 'standby'", "SELECT pg_reload_conf()"} {
-		if _, err := e.Pool.Exec(ctx, q); err != nil {
-			t.Fatalf("%s: %v", q, err)
+	if failoverSlots {
+		for _, q := range []string{"ALTER SYSTEM SET synchronized_standby_slots = 'standby'", "SELECT pg_reload_conf()"} {
+			if _, err := e.Pool.Exec(ctx, q); err != nil {
+				t.Fatalf("%s: %v", q, err)
+			}
 		}
 	}
 	both := multiHostDSN(t, e.DSN, pg.Port, standby.Port)
@@ -60,12 +66,14 @@ func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 
 	stopProducers := produce(ctx, t, both)
 	defer stopProducers()
-	e2e.WaitFor(t, time.Minute, "the failover slot synced to the standby", func() bool {
-		// A running-transactions record lets the slot's catalog horizon
-		// move, which the standby waits for before it keeps a synced slot.
-		_, _ = e.Pool.Exec(ctx, "SELECT pg_log_standby_snapshot()")
-		return failoverSlotSynced(ctx, t, standby.DSN(), e.Slot)
-	})
+	if failoverSlots {
+		e2e.WaitFor(t, time.Minute, "the failover slot synced to the standby", func() bool {
+			// A running-transactions record lets the slot's catalog horizon
+			// move, which the standby waits for before it keeps a synced slot.
+			_, _ = e.Pool.Exec(ctx, "SELECT pg_log_standby_snapshot()")
+			return failoverSlotSynced(ctx, t, standby.DSN(), e.Slot)
+		})
+	}
 	e2e.WaitFor(t, time.Minute, "rows delivered before the failover", func() bool { _, p := e.Committed(t); return p > 500 })
 	big, err := e.Pool.Begin(ctx)
 	if err != nil {
@@ -84,7 +92,9 @@ func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 		}
 		return n
 	}
-	e2e.WaitFor(t, time.Minute, "the open transaction staged in ClickHouse", func() bool { return staged() > 0 })
+	if streams {
+		e2e.WaitFor(t, time.Minute, "the open transaction staged in ClickHouse", func() bool { return staged() > 0 })
+	}
 
 	if err := pg.Kill(); err != nil {
 		t.Fatal(err)
@@ -108,18 +118,23 @@ func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	_ = cmd.Wait()
 	// The new primary has the lost transaction's changes but no abort record
-	// (it never finished). 18 does not decode it, so the staging cleared at
-	// the new session's start stays empty. 17 streams it again and the new
-	// session stages it once more; the abort that would drop it did not come
-	// within a minute here, even with running-transactions records logged
-	// (an open question, see CHANGELOG): until then those rows sit in
-	// staging, never in the event table (checked above).
-	if pg.Major >= 18 {
+	// (it never finished). 18 does not decode it, and before 17 the new slot
+	// starts after it, so the staging cleared at the new session's start
+	// stays empty. 17 streams it again and the new session stages it once
+	// more; the abort that would drop it did not come within a minute here,
+	// even with running-transactions records logged (an open question, see
+	// CHANGELOG): until then those rows sit in staging, never in the event
+	// table (checked above).
+	if pg.Major != 17 {
 		e2e.WaitFor(t, time.Minute, "the lost transaction's staged rows cleared", func() bool { return staged() == 0 })
 	}
-	// The synced slot carried on: no second slot, no backfill.
-	if n := strings.Count(out.String(), "created replication slot"); n != 1 {
-		t.Fatalf("the streamer created %d slots, want 1 (the failover slot should have carried over):\n%s", n, out)
+	// 17+: the synced slot carried on, no second slot. Before: a new one.
+	want := 2
+	if failoverSlots {
+		want = 1
+	}
+	if n := strings.Count(out.String(), "created replication slot"); n != want {
+		t.Fatalf("the streamer created %d slots, want %d:\n%s", n, want, out)
 	}
 }
 
