@@ -47,9 +47,10 @@ test: deps build ## the whole suite (unit, integration, end to end) on ClickHous
 # runs on, and what it runs: exactly-once end to end, protocol 2 with and without
 # staging (skipped on 13, which has no protocol 2), backfill, the partitioned
 # outbox, verify, a crash and restart of the binary, a lost slot, the physical
-# standby, failover slots and a primary failover. Fresh clusters: the
-# packaged majors have no pg_resetwal to age them. The golden pgoutput sessions of every major are checked in the main run
-# (replication/testdata/pgoutput/pg<major>).
+# standby, failover slots and a primary failover. Fresh clusters: the packaged
+# majors have no pg_resetwal to age them. ClickHouse 26.7 only: the main run covers
+# 18.16, which does not depend on the PostgreSQL major. The golden pgoutput sessions
+# of every major are checked in the main run (replication/testdata/pgoutput/pg<major>).
 PG_COMPAT_MAJORS ?= 13 14 16 17 18
 PG_COMPAT_PKGS := ./replication ./internal/pipeline ./internal/sweep ./internal/verify ./internal/localsvc ./cmd/outbox-streamer
 PG_COMPAT_RUN := ^(TestStreamDeliversExactlyTheCommittedEvents|TestRestartMidTransactionIsExactlyOnce|TestStreamingInProgressTransactions|TestStagedStreamedTransactions|TestStagingOfAnAbortedTransactionIsClearedAtSessionStart|TestPartitionedOutbox|TestRowsOlderThanTheSlotAreBackfilled|TestBackfillUpdatesEachRowOnce|TestInterruptedBackfillIsRescuedOnce|TestCleanAfterStreaming|TestMissingRowReportedAndRepaired|TestSIGTERMMidStreamThenRestartLosesNothing|TestInvalidatedSlotIsRecreatedAndBackfilled|TestPhysicalStandby.*|TestFailoverSlot|TestPrimaryFailoverExactlyOnce)$$
@@ -57,7 +58,7 @@ PG_COMPAT_RUN := ^(TestStreamDeliversExactlyTheCommittedEvents|TestRestartMidTra
 test-pg-compat: deps build ## the compatibility subset on PostgreSQL 13, 14, 16, 17 and 18 (PG_COMPAT_MAJORS)
 	@set -e; for m in $(PG_COMPAT_MAJORS); do \
 		echo "test-pg-compat: PostgreSQL $$m"; \
-		OUTBOX_PG_XID_EPOCH=0 OUTBOX_PG_NEXT_XID=0 $(DEVENV) --pg-version $$m -- $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(TESTFLAGS) -run '$(PG_COMPAT_RUN)' $(PG_COMPAT_PKGS); \
+		OUTBOX_PG_XID_EPOCH=0 OUTBOX_PG_NEXT_XID=0 OUTBOX_TEST_CH_MODERN_ONLY=1 $(DEVENV) --pg-version $$m -- $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(TESTFLAGS) -run '$(PG_COMPAT_RUN)' $(PG_COMPAT_PKGS); \
 	done
 
 test-unit: ## unit tests only (no servers)
