@@ -2,9 +2,14 @@ package checkpoint
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"time"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -44,4 +49,47 @@ func (s *Store) RecordInflight(ctx context.Context, lsn uint64) error {
 		return fmt.Errorf("record in-flight LSN %s of slot %q: %w", pglogrepl.LSN(lsn), s.slot, err)
 	}
 	return nil
+}
+
+// PublishView writes the leader's own view of its work (JSON) into the slot's
+// row, for `status` (migration 2's columns).
+func (s *Store) PublishView(ctx context.Context, view []byte) error {
+	_, err := s.pool.Exec(ctx, `INSERT INTO outbox_checkpoint (slot_name, leader_view, leader_view_at)
+		VALUES ($1, $2, now())
+		ON CONFLICT (slot_name) DO UPDATE SET leader_view = EXCLUDED.leader_view, leader_view_at = EXCLUDED.leader_view_at`,
+		s.slot, string(view))
+	if err != nil {
+		return fmt.Errorf("publish the leader's view of slot %q: %w", s.slot, err)
+	}
+	return nil
+}
+
+// View is the leader's last published view and how old it is.
+type View struct {
+	JSON []byte
+	Age  time.Duration
+}
+
+// Querier runs one query (a pool or a connection).
+type Querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// ReadView returns slot's last published view; ok is false when there is
+// none (no leader yet, PROGRESS_INTERVAL=0, or migration 2 not applied).
+func ReadView(ctx context.Context, db Querier, slot string) (v View, ok bool, err error) {
+	var age float64
+	err = db.QueryRow(ctx, `SELECT leader_view::text, extract(epoch FROM now() - leader_view_at)::float8
+		FROM outbox_checkpoint WHERE slot_name = $1 AND leader_view IS NOT NULL`, slot).Scan(&v.JSON, &age)
+	var pgErr *pgconn.PgError
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return v, false, nil
+	case errors.As(err, &pgErr) && (pgErr.Code == pgerrcode.UndefinedColumn || pgErr.Code == pgerrcode.UndefinedTable):
+		return v, false, nil
+	case err != nil:
+		return v, false, fmt.Errorf("read the leader's view of slot %q: %w", slot, err)
+	}
+	v.Age = time.Duration(age * float64(time.Second))
+	return v, true, nil
 }

@@ -403,7 +403,7 @@ func TestAdoptAfterFailedMigration(t *testing.T) {
 	})
 }
 
-// assertClean checks version 1, clean, and the objects the streamer needs.
+// assertClean checks the latest version, clean, and the objects the streamer needs.
 func assertClean(t *testing.T, conn *pgx.Conn) {
 	t.Helper()
 	var v int64
@@ -412,8 +412,8 @@ func assertClean(t *testing.T, conn *pgx.Conn) {
 		to_regclass('outbox_checkpoint') IS NOT NULL AND EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'outbox_publication')
 		AND to_regclass('event_outbox_undelivered_idx') IS NOT NULL
 		FROM outbox_streamer_migrations`).Scan(&v, &dirty, &objects)
-	if err != nil || v != 1 || dirty || !objects {
-		t.Fatalf("version %d dirty %t objects %t, %v; want version 1, clean, with the checkpoint table, publication and index", v, dirty, objects, err)
+	if err != nil || v != int64(migrations.LatestPostgres()) || dirty || !objects {
+		t.Fatalf("version %d dirty %t objects %t, %v; want version %d, clean, with the checkpoint table, publication and index", v, dirty, objects, err, migrations.LatestPostgres())
 	}
 }
 
@@ -726,7 +726,7 @@ func TestAdoptOtherShapes(t *testing.T) {
 		var dirty, published bool
 		if err := conn.QueryRow(ctx, `SELECT version, dirty, EXISTS (SELECT 1 FROM pg_publication_tables
 			WHERE pubname = 'billing_publication' AND schemaname = 'billing' AND tablename = 'event_outbox')
-			FROM billing.outbox_streamer_migrations`).Scan(&v, &dirty, &published); err != nil || v != 1 || dirty || !published {
+			FROM billing.outbox_streamer_migrations`).Scan(&v, &dirty, &published); err != nil || v != int64(migrations.LatestPostgres()) || dirty || !published {
 			t.Fatalf("version %d dirty %t published %t, %v", v, dirty, published, err)
 		}
 	})

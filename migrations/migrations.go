@@ -275,6 +275,9 @@ func Force(ctx context.Context, cfg Config, db string, version int) error {
 	})
 }
 
+// LatestPostgres is the newest PostgreSQL migration's version.
+func LatestPostgres() uint { return latest("") }
+
 func latest(flavour string) uint {
 	dir := "postgres"
 	if flavour != "" {

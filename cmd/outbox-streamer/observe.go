@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
+	"github.com/outbox-streamer/outbox-streamer/checkpoint"
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/service"
@@ -132,7 +134,8 @@ func setupObservability(ctx context.Context, cfg *config.Config, log *zap.Logger
 		return log, o, err
 	}
 	o.poller = poller
-	progress := metrics.NewProgress(metrics.ProgressConfig{Interval: cfg.ProgressInterval, BehindRows: float64(cfg.ClickHouseBatchSize)},
+	progress := metrics.NewProgress(metrics.ProgressConfig{Interval: cfg.ProgressInterval, BehindRows: float64(cfg.ClickHouseBatchSize),
+		Publish: viewPublisher(checkpoint.NewStore(pool, cfg.Slot), log)},
 		o.metrics, log, func() bool { return state(o.state.Load()) == stateStreaming }, poller.Poll)
 	pctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{}, 2)
@@ -166,4 +169,26 @@ func cmdHealthcheck(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintln(stdout, "ok")
 	return nil
+}
+
+// viewPublisher writes each progress line's view where `status` reads it.
+// Its first failure is a warning (most likely `migrate up` was not run after
+// an upgrade); streaming goes on either way.
+func viewPublisher(ck *checkpoint.Store, log *zap.Logger) func(context.Context, metrics.View) {
+	warned := false
+	return func(ctx context.Context, v metrics.View) {
+		b, err := json.Marshal(v)
+		if err == nil {
+			err = ck.PublishView(ctx, b)
+		}
+		if err == nil || ctx.Err() != nil {
+			return
+		}
+		if !warned {
+			warned = true
+			log.Warn("cannot publish the leader's view for `status` (run `outbox-streamer migrate up`); streaming goes on", zap.Error(err))
+			return
+		}
+		log.Debug("cannot publish the leader's view", zap.Error(err))
+	}
 }

@@ -79,12 +79,28 @@ func TestRunLogsProgress(t *testing.T) {
 	e.WaitStreaming(t)
 	e.Insert(t, 500, false)
 	e2e.WaitFor(t, time.Minute, "a catching-up line", func() bool { return strings.Contains(out.String(), `"catching up: 500 left, ETA unknown"`) })
+	// status shows the leader's own view: catching up, 500 pending.
+	env := envFor(e, "CLICKHOUSE_HOST="+host, "CLICKHOUSE_PORT="+port)
+	e2e.WaitFor(t, time.Minute, "the leader's view in status", func() bool {
+		_, o := runCmd(t, env, "status", "--json")
+		var st struct {
+			LeaderView *struct {
+				State   string  `json:"state"`
+				Pending float64 `json:"pending"`
+			} `json:"leader_view"`
+		}
+		return json.Unmarshal([]byte(o), &st) == nil && st.LeaderView != nil && st.LeaderView.State == "catching up" && st.LeaderView.Pending == 500
+	})
 	g.open.Store(true)
 	e2e.WaitFor(t, time.Minute, "delivered", func() bool { _, p := e.Committed(t); return p == 500 })
 	e2e.WaitFor(t, time.Minute, "progress after caught up", func() bool {
 		s := out.String()
 		i := strings.Index(s, `"caught up: `)
 		return i >= 0 && strings.Contains(s[i:], `"msg":"progress: `)
+	})
+	e2e.WaitFor(t, time.Minute, "status showing the view after the catch-up", func() bool {
+		_, o := runCmd(t, env, "status")
+		return regexp.MustCompile(`its view \d+s ago: (caught up|streaming), [\d.]+ rows/s, confirmed [0-9A-F]+/[0-9A-F]+, 500 delivered by this process, last batch \d+s ago, \d+ errors`).MatchString(o)
 	})
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)

@@ -12,8 +12,10 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/outbox-streamer/outbox-streamer/checkpoint"
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
 	"github.com/outbox-streamer/outbox-streamer/internal/leader"
+	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
@@ -53,8 +55,12 @@ type slotStatus struct {
 	TimeZone            string  `json:"time_zone"`
 	// TimeType is the type of the outbox's times, and TimesRead how the
 	// streamer reads them (an adopted outbox may have either type).
-	TimeType  string `json:"time_type"`
-	TimesRead string `json:"times_read"`
+	// LeaderView is what the leader last published (metrics.View), and
+	// LeaderViewAge its age in seconds.
+	LeaderView    json.RawMessage `json:"leader_view,omitempty"`
+	LeaderViewAge float64         `json:"leader_view_age_seconds,omitempty"`
+	TimeType      string          `json:"time_type"`
+	TimesRead     string          `json:"times_read"`
 }
 
 // zoneSkewShown is how far ahead created_at may be before status warns:
@@ -115,6 +121,12 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	}
 	if err := conn.QueryRow(ctx, leader.HolderQuery, cfg.Slot).Scan(&st.Leader); err != nil && !errors.Is(err, pgx.ErrNoRows) {
 		return fmt.Errorf("read the leader lock: %w", err)
+	}
+	if v, ok, err := checkpoint.ReadView(ctx, conn, cfg.Slot); err != nil {
+		return err
+	} else if ok {
+		st.LeaderView = json.RawMessage(v.JSON)
+		st.LeaderViewAge = v.Age.Seconds()
 	}
 	if st.Counts, err = outboxstore.CountByStatus(ctx, conn, cfg.Outbox); err != nil {
 		return err
@@ -218,6 +230,9 @@ func printStatus(w io.Writer, st slotStatus) {
 	}
 	if st.Leader != "" {
 		fmt.Fprintf(w, "leader: %s\n", st.Leader)
+		if line := leaderViewLine(st.LeaderView, st.LeaderViewAge); line != "" {
+			fmt.Fprintf(w, "  %s\n", line)
+		}
 	} else {
 		fmt.Fprintln(w, "leader: none (no outbox-streamer holds the lock)")
 	}
@@ -260,4 +275,22 @@ func bytesText(n int64) string {
 		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
 	}
 	return fmt.Sprintf("%d B", n)
+}
+
+// leaderViewLine is the leader's own view in one line, or "" when there is
+// none to show.
+func leaderViewLine(raw json.RawMessage, ageSeconds float64) string {
+	var v metrics.View
+	if len(raw) == 0 || json.Unmarshal(raw, &v) != nil {
+		return ""
+	}
+	line := fmt.Sprintf("its view %s ago: %s, %.0f rows/s, confirmed %s, %.0f delivered by this process",
+		time.Duration(ageSeconds*float64(time.Second)).Round(time.Second), v.State, v.RowsPerSecond, v.ConfirmedLSN, v.Delivered)
+	if v.ETASeconds != nil {
+		line += fmt.Sprintf(", ETA %s", time.Duration(*v.ETASeconds*float64(time.Second)).Round(time.Second))
+	}
+	if !v.LastBatch.IsZero() {
+		line += fmt.Sprintf(", last batch %s ago", time.Since(v.LastBatch).Round(time.Second))
+	}
+	return line + fmt.Sprintf(", %.0f errors", v.Errors)
 }

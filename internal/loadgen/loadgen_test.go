@@ -116,15 +116,16 @@ func TestRunRateDurationAndProgress(t *testing.T) {
 	written := stats.Committed + stats.RolledBack
 	t.Logf("%+v, %d progress reports", stats, len(reports))
 	// At 400/s a transaction of 10 gets a 25 ms slot; the first starts at
-	// once, so at most 61 fit in 1.5 s.
-	if written > 610 || written < 300 {
-		t.Fatalf("wrote %d events in %s at 400/s, want about 600 and never more than 610", written, stats.Elapsed)
+	// once, so at most 61 fit in 1.5 s. Only the bounds a loaded machine
+	// cannot break are asserted: it can make the run slower, never faster.
+	if written > 610 || written == 0 {
+		t.Fatalf("wrote %d events in %s at 400/s, want some and never more than 610", written, stats.Elapsed)
 	}
-	if stats.Elapsed < 1500*time.Millisecond || stats.Elapsed > 5*time.Second {
-		t.Fatalf("run took %s, want about 1.5 s", stats.Elapsed)
+	if stats.Elapsed < 1500*time.Millisecond {
+		t.Fatalf("run took %s, want at least its 1.5 s", stats.Elapsed)
 	}
-	if len(reports) < 5 {
-		t.Fatalf("%d progress reports in 1.5 s at 200 ms, want at least 5", len(reports))
+	if len(reports) == 0 {
+		t.Fatal("no progress report in 1.5 s at 200 ms")
 	}
 	for i := 1; i < len(reports); i++ {
 		if reports[i].Committed < reports[i-1].Committed {

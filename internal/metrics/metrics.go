@@ -569,6 +569,10 @@ type Snapshot struct {
 	OldestUndelivered time.Duration
 	// OutboxRead is false until the poller read the outbox once.
 	OutboxRead bool
+	// LastBatch is when the last batch reached ClickHouse (zero: none yet).
+	LastBatch time.Time
+	// Errors counts the errors of every stage.
+	Errors float64
 }
 
 // Snapshot returns the current state (zero for a nil *Metrics).
@@ -582,6 +586,16 @@ func (m *Metrics) Snapshot() Snapshot {
 	var d dto.Metric
 	if err := m.rowsDelivered.Write(&d); err == nil {
 		s.Delivered = d.GetCounter().GetValue()
+	}
+	var last dto.Metric
+	if err := m.lastBatchTimestamp.Write(&last); err == nil && last.GetGauge().GetValue() > 0 {
+		s.LastBatch = time.Unix(0, int64(last.GetGauge().GetValue()*1e9))
+	}
+	for _, c := range m.stages {
+		var e dto.Metric
+		if err := c.Write(&e); err == nil {
+			s.Errors += e.GetCounter().GetValue()
+		}
 	}
 	return s
 }

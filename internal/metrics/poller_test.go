@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -100,8 +102,8 @@ func outboxDB(t *testing.T) *pgxpool.Pool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for name, sql := range sqls {
-		if strings.HasSuffix(name, ".up.sql") {
+	for _, name := range slices.Sorted(maps.Keys(sqls)) {
+		if sql := sqls[name]; strings.HasSuffix(name, ".up.sql") {
 			if _, err := pool.Exec(ctx, sql); err != nil {
 				t.Fatalf("apply %s: %v", name, err)
 			}

@@ -18,6 +18,26 @@ type ProgressConfig struct {
 	// (the line says how many are left and when it expects to be done).
 	// Pending rows within one insert are normal while events arrive.
 	BehindRows float64
+	// Publish, when set, receives each line's View, for `status` to read
+	// (the leader's own view); its errors are the publisher's to report.
+	Publish func(context.Context, View)
+}
+
+// View is what the leader's progress line says, for `status`.
+type View struct {
+	// State is "catching up", "caught up" or "streaming".
+	State             string    `json:"state"`
+	RowsPerSecond     float64   `json:"rows_per_second"`
+	Delivered         float64   `json:"delivered_total"`
+	ConfirmedLSN      string    `json:"confirmed_lsn"`
+	LagBytes          *float64  `json:"lag_bytes,omitempty"`
+	Pending           float64   `json:"pending"`
+	Failed            float64   `json:"failed"`
+	Dead              float64   `json:"dead"`
+	OldestUndelivered float64   `json:"oldest_undelivered_seconds"`
+	ETASeconds        *float64  `json:"eta_seconds,omitempty"`
+	LastBatch         time.Time `json:"last_batch,omitzero"`
+	Errors            float64   `json:"errors_total"`
 }
 
 // Progress logs, every Interval while this process leads, one line of what
@@ -70,12 +90,16 @@ func (p *Progress) Run(ctx context.Context) {
 		if p.poll != nil {
 			_ = p.poll(ctx) // the poller logs its own failures; the line shows what is known
 		}
-		p.Report(p.m.Snapshot(), time.Now())
+		v := p.Report(p.m.Snapshot(), time.Now())
+		if p.cfg.Publish != nil {
+			p.cfg.Publish(ctx, v)
+		}
 	}
 }
 
-// Report writes the line for s, taken at now, against the previous one.
-func (p *Progress) Report(s Snapshot, now time.Time) {
+// Report writes the line for s, taken at now, against the previous one, and
+// returns what it said.
+func (p *Progress) Report(s Snapshot, now time.Time) View {
 	rate := 0.0
 	if !p.lastAt.IsZero() && now.After(p.lastAt) {
 		rate = (s.Delivered - p.last.Delivered) / now.Sub(p.lastAt).Seconds()
@@ -94,22 +118,30 @@ func (p *Progress) Report(s Snapshot, now time.Time) {
 		fields = append(fields, zap.Int64("pending", int64(s.Pending)), zap.Int64("failed", int64(s.Failed)),
 			zap.Int64("dead", int64(s.Dead)), zap.Duration("oldest_undelivered", s.OldestUndelivered.Round(time.Second)))
 	}
+	v := View{State: "streaming", RowsPerSecond: math.Round(rate*10) / 10, Delivered: s.Delivered,
+		ConfirmedLSN: pglogrepl.LSN(s.AckedLSN).String(), LagBytes: s.LagBytes, Pending: s.Pending, Failed: s.Failed,
+		Dead: s.Dead, OldestUndelivered: s.OldestUndelivered.Seconds(), LastBatch: s.LastBatch, Errors: s.Errors}
 	behind := s.OutboxRead && s.Pending > p.cfg.BehindRows
 	switch {
 	case behind:
+		v.State = "catching up"
 		eta := "unknown" // nothing delivered in the last interval
 		if rate > 0 {
 			d := time.Duration(s.Pending / rate * float64(time.Second)).Round(time.Second)
 			eta = d.String()
 			fields = append(fields, zap.Duration("eta", d))
+			secs := d.Seconds()
+			v.ETASeconds = &secs
 		}
 		p.log.Info(fmt.Sprintf("catching up: %d left, ETA %s", int64(s.Pending), eta), fields...)
 	case p.behind:
+		v.State = "caught up"
 		p.log.Info(fmt.Sprintf("caught up: %d pending, lag %s", int64(s.Pending), lag), fields...)
 	default:
 		p.log.Info(fmt.Sprintf("progress: %.0f rows/s, lag %s", rate, lag), fields...)
 	}
 	p.behind = behind
+	return v
 }
 
 // Bytes writes a size the way a person reads it: 512 B, 1.5 KiB, 45.0 MiB.
