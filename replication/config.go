@@ -4,12 +4,16 @@
 package replication
 
 import (
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Config describes the slot and publication to stream from.
@@ -43,13 +47,24 @@ type Config struct {
 	// reads in binary, and for text otherwise; "on" requires it; "off" is text.
 	Binary string
 	// SpillDir is where in-progress streamed transactions are kept until
-	// they commit (STREAM_SPILL_DIR; default a directory per slot under the
-	// system's temporary directory). It is emptied when streaming starts.
+	// they commit (STREAM_SPILL_DIR; default a directory per slot, server and
+	// database under the system's temporary directory, see
+	// DefaultSpillDir). It is emptied when streaming starts.
 	SpillDir string
 	// SpillMaxBytes bounds SpillDir (STREAM_SPILL_MAX_BYTES; 0: no bound).
 	// Past it the stream ends with ErrSpillFull and the supervisor goes on
 	// with protocol 1.
 	SpillMaxBytes int64
+	// SlotFailover is REPLICATION_SLOT_FAILOVER: whether the slot is a
+	// failover slot, which PostgreSQL 17+ synchronises to physical standbys
+	// running with sync_replication_slots, so that a promoted standby has
+	// it at the position the streamer confirmed. "auto" (the default) makes
+	// it one on 17+ when the primary's synchronized_standby_slots names a
+	// standby (only then does the primary hold logical decoding back until
+	// that standby has the WAL, which a synced slot needs to be usable after
+	// a failover); "on" requires 17+ and turns an existing slot into one;
+	// "off" creates ordinary slots and leaves existing ones alone.
+	SlotFailover string
 }
 
 // Streaming modes.
@@ -64,6 +79,13 @@ const (
 	BinaryAuto = "auto"
 	BinaryOn   = "on"
 	BinaryOff  = "off"
+)
+
+// Failover modes of REPLICATION_SLOT_FAILOVER.
+const (
+	FailoverAuto = "auto"
+	FailoverOn   = "on"
+	FailoverOff  = "off"
 )
 
 var slotName = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
@@ -108,10 +130,38 @@ func (c *Config) Validate() error {
 	default:
 		return fmt.Errorf("REPLICATION_BINARY %q: want auto, on or off", c.Binary)
 	}
+	switch c.SlotFailover {
+	case "":
+		c.SlotFailover = FailoverAuto
+	case FailoverAuto, FailoverOn, FailoverOff:
+	default:
+		return fmt.Errorf("REPLICATION_SLOT_FAILOVER %q: want auto, on or off", c.SlotFailover)
+	}
 	if c.SpillDir == "" {
-		c.SpillDir = filepath.Join(os.TempDir(), "outbox-streamer-spill-"+c.Slot)
+		c.SpillDir = DefaultSpillDir(c.DSN, c.Slot)
 	}
 	return nil
+}
+
+// DefaultSpillDir is outbox-streamer-spill-<slot>-<hash> under the system's
+// temporary directory, the hash taken over the servers (hosts and ports) and
+// the database of dsn. Slot names are unique only per server, and the
+// spill is emptied when streaming starts: two streamers with one slot name
+// on different servers must not share a directory. The password is not
+// part of it, so rotating it keeps the directory.
+func DefaultSpillDir(dsn, slot string) string {
+	key := dsn
+	if cfg, err := pgconn.ParseConfig(dsn); err == nil {
+		var b strings.Builder
+		fmt.Fprintf(&b, "%s:%d", cfg.Host, cfg.Port)
+		for _, fb := range cfg.Fallbacks {
+			fmt.Fprintf(&b, ",%s:%d", fb.Host, fb.Port)
+		}
+		fmt.Fprintf(&b, "/%s", cfg.Database)
+		key = b.String()
+	}
+	sum := sha256.Sum256([]byte(key))
+	return filepath.Join(os.TempDir(), fmt.Sprintf("outbox-streamer-spill-%s-%x", slot, sum[:6]))
 }
 
 // PreconditionError is a server setup problem the operator must fix; Hint says how.

@@ -221,8 +221,10 @@ func TestParseInt(t *testing.T) {
 }
 
 // FuzzDecode feeds arbitrary bytes to the decoder after a real relation message: it
-// must never panic, whatever arrives, in text or binary format. The corpus is seeded with messages captured from
-// a real server (testdata/pgoutput/*.bin, see TestCaptureGolden) and hand-built ones.
+// must never panic, whatever arrives, in text or binary format. The corpus is seeded with
+// messages captured from a real server (testdata/pgoutput/pg*/, one directory per major,
+// see TestCaptureGolden; testdata/pgoutput/binary, see TestCaptureGoldenBinary) and
+// hand-built ones.
 func FuzzDecode(f *testing.F) {
 	rel := relationMsg(1, "public", "event_outbox", outboxCols...)
 	f.Add(rel)
@@ -232,15 +234,20 @@ func FuzzDecode(f *testing.F) {
 	f.Add(streamStart(7))
 	f.Add(streamAbort(7, 8))
 	f.Add(streamed(rel, 7))
-	golden, _ := filepath.Glob("testdata/pgoutput/*.bin")
+	golden, _ := filepath.Glob("testdata/pgoutput/pg*/0*.bin")
 	for _, g := range golden {
 		if data, err := os.ReadFile(g); err == nil {
 			f.Add(data)
 		}
 	}
-	// A few of the captured protocol 2 messages: stream start, commit,
-	// abort, a streamed relation and insert.
-	if raw, err := os.ReadFile(filepath.Join(goldenDir, "v2", "stream.bin")); err == nil {
+	// A few of each major's captured protocol 2 messages: stream start,
+	// commit, abort, a streamed relation and insert.
+	streams, _ := filepath.Glob(filepath.Join(goldenDir, "pg*", goldenStreamFile))
+	for _, path := range streams {
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			continue
+		}
 		seen := map[byte]bool{}
 		for len(raw) >= 4 {
 			n := int(binary.BigEndian.Uint32(raw))

@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
 	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/migrations"
 	"github.com/outbox-streamer/outbox-streamer/sink"
@@ -24,15 +25,43 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 
 var updateGolden = flag.Bool("update-golden", false, "capture testdata/pgoutput/*.bin from a real server")
 
+// goldenDir holds one directory of captures per PostgreSQL major, pg<major>:
+// the byte formats are the same by the documentation, and these files are
+// how we know the servers agree.
 const goldenDir = "testdata/pgoutput"
 
-// TestGoldenMessages decodes messages captured from a real PostgreSQL 15 server (an
-// insert of a known row, see TestCaptureGolden) and checks every field.
+// goldenMajorDir is where captures from PostgreSQL major are kept.
+func goldenMajorDir(major int) string { return filepath.Join(goldenDir, fmt.Sprintf("pg%d", major)) }
+
+// forEachGoldenMajor runs f in a subtest per supported major from minMajor
+// on, failing when a major has no capture.
+func forEachGoldenMajor(t *testing.T, minMajor int, f func(t *testing.T, dir string)) {
+	for _, major := range localsvc.PGMajors() {
+		if major < minMajor {
+			continue
+		}
+		t.Run(fmt.Sprintf("pg%d", major), func(t *testing.T) {
+			dir := goldenMajorDir(major)
+			if _, err := os.Stat(dir); err != nil {
+				t.Fatalf("no capture from PostgreSQL %d: %v (run: OUTBOX_PG_VERSION=%d bin/outbox-devenv -- go test ./replication -run 'TestCaptureGolden' -update-golden)", major, err, major)
+			}
+			f(t, dir)
+		})
+	}
+}
+
+// TestGoldenMessages decodes messages captured from a real server of every
+// supported major (an insert of a known row, see TestCaptureGolden) and
+// checks every field.
 func TestGoldenMessages(t *testing.T) {
-	files, _ := filepath.Glob(filepath.Join(goldenDir, "*.bin"))
+	forEachGoldenMajor(t, 0, checkGoldenMessages)
+}
+
+func checkGoldenMessages(t *testing.T, dir string) {
+	files, _ := filepath.Glob(filepath.Join(dir, "0*.bin"))
 	sort.Strings(files)
 	if len(files) == 0 {
-		t.Fatal("no golden messages; run: go test ./replication -run TestCaptureGolden -update-golden")
+		t.Fatalf("no golden messages in %s", dir)
 	}
 	d := NewDecoder("public", "event_outbox", nil)
 	var kinds []Kind
@@ -93,7 +122,8 @@ func goldenSession(ctx context.Context, t *testing.T, extra map[string]string) (
 }
 
 // TestCaptureGolden streams one known insert from a real server and writes each
-// pgoutput message to testdata. It runs only with -update-golden.
+// pgoutput message to testdata/pgoutput/pg<major>. It runs only with
+// -update-golden.
 func TestCaptureGolden(t *testing.T) {
 	if !*updateGolden {
 		t.Skip("run with -update-golden to capture messages from a real server")
@@ -117,7 +147,8 @@ func TestCaptureGolden(t *testing.T) {
 		PluginArgs: []string{"proto_version '1'", "publication_names 'outbox_publication'"}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.MkdirAll(goldenDir, 0o755); err != nil {
+	dir := goldenMajorDir(serverMajor(conn.ParameterStatus("server_version")))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	names := map[byte]string{'B': "begin", 'R': "relation", 'I': "insert", 'C': "commit"}
@@ -138,7 +169,7 @@ func TestCaptureGolden(t *testing.T) {
 		if name == "" {
 			continue
 		}
-		path := filepath.Join(goldenDir, fmt.Sprintf("%02d_%s.bin", n, name))
+		path := filepath.Join(dir, fmt.Sprintf("%02d_%s.bin", n, name))
 		if err := os.WriteFile(path, xld.WALData, 0o644); err != nil {
 			t.Fatal(err)
 		}

@@ -34,6 +34,14 @@ type SlotInfo struct {
 	Database string
 	// Foreign is true when Database is not the connection's database.
 	Foreign bool
+	// Failover and Synced (PostgreSQL 17+), Conflicting (16+): the columns
+	// of pg_replication_slots; nil on servers without them. Failover marks
+	// a slot synchronised to standbys; Synced, a slot on a standby that is
+	// such a copy; Conflicting, a slot invalidated by recovery conflicts.
+	Failover, Synced, Conflicting *bool
+	// InvalidationReason (17+) says why the slot can no longer stream, e.g.
+	// wal_removed; empty when it can.
+	InvalidationReason string
 }
 
 // CheckPreconditions verifies, over a normal connection, everything streaming needs,
@@ -186,7 +194,7 @@ func ReadSlot(ctx context.Context, conn interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }, slot string) (SlotInfo, error) {
 	var info SlotInfo
-	var confirmed, walStatus, database *string
+	var confirmed, walStatus, database, reason *string
 	var current string
 	var pid *int32
 	err := conn.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text, s.slot_name IS NOT NULL,
@@ -194,10 +202,13 @@ func ReadSlot(ctx context.Context, conn interface {
 			s.wal_status, s.database, COALESCE(s.database IS DISTINCT FROM current_database(), false),
 			pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint,
 			pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint,
-			s.safe_wal_size
+			s.safe_wal_size,
+			-- Columns that only newer servers have: NULL on the others.
+			(to_jsonb(s) ->> 'failover')::boolean, (to_jsonb(s) ->> 'synced')::boolean,
+			(to_jsonb(s) ->> 'conflicting')::boolean, to_jsonb(s) ->> 'invalidation_reason'
 		FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots s ON s.slot_name = $1`, slot).
 		Scan(&current, &info.Exists, &info.Plugin, &info.Active, &pid, &confirmed, &walStatus, &database, &info.Foreign,
-			&info.LagBytes, &info.RetainedBytes, &info.SafeWALSize)
+			&info.LagBytes, &info.RetainedBytes, &info.SafeWALSize, &info.Failover, &info.Synced, &info.Conflicting, &reason)
 	if err != nil {
 		return info, fmt.Errorf("read replication slot %q: %w", slot, err)
 	}
@@ -215,6 +226,9 @@ func ReadSlot(ctx context.Context, conn interface {
 	}
 	if walStatus != nil {
 		info.WALStatus = *walStatus
+	}
+	if reason != nil {
+		info.InvalidationReason = *reason
 	}
 	if confirmed != nil {
 		lsn, err := parseLSN(*confirmed)

@@ -72,6 +72,11 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 	if err != nil {
 		return nil, err
 	}
+	failover, err := planFailover(ctx, plain, cfg)
+	if err != nil {
+		return nil, err
+	}
+	failover.warn(log)
 	if slot.Exists && slot.WALStatus == "lost" {
 		// The server removed WAL the slot still needed (max_slot_wal_keep_size): it can
 		// never stream again. A new slot plus a backfill of what is still pending
@@ -99,10 +104,25 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 		return nil, fmt.Errorf("open replication connection: %w", err)
 	}
 	s := &Stream{cfg: cfg, log: log, conn: conn, dec: NewDecoder(cfg.Schema, cfg.Table, cfg.TimeZone), binary: binary}
+	// Refuse before creating the slot: a slot left behind would retain WAL.
+	major := serverMajor(conn.ParameterStatus("server_version"))
+	switch {
+	case cfg.Streaming == StreamingOn && major < 14:
+		conn.Close(context.Background())
+		return nil, &PreconditionError{Problem: fmt.Sprintf("REPLICATION_STREAMING is on, but PostgreSQL %s cannot stream in-progress transactions", conn.ParameterStatus("server_version")),
+			Hint: "use PostgreSQL 14 or newer, or set REPLICATION_STREAMING=auto (protocol 1 on older servers)"}
+	case cfg.Streaming != StreamingOff && major >= 14:
+		s.streaming = true
+	}
 
 	if !slot.Exists {
-		res, err := pglogrepl.CreateReplicationSlot(ctx, conn, cfg.Slot, "pgoutput",
-			pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
+		var res pglogrepl.CreateReplicationSlotResult
+		if failover.want {
+			res, err = createFailoverSlot(ctx, conn, cfg.Slot)
+		} else {
+			res, err = pglogrepl.CreateReplicationSlot(ctx, conn, cfg.Slot, "pgoutput",
+				pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
+		}
 		if err != nil {
 			conn.Close(context.Background())
 			if fault.IsPostgres(err, pgerrcode.DuplicateObject) {
@@ -116,20 +136,19 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 			return nil, fmt.Errorf("parse consistent point of new slot %q: %w", cfg.Slot, err)
 		}
 		s.startLSN, s.slotCreated, s.snapshot = uint64(lsn), true, res.SnapshotName
-		log.Info("created replication slot", zap.String("consistent_point", res.ConsistentPoint))
+		log.Info("created replication slot", zap.String("consistent_point", res.ConsistentPoint), zap.Bool("failover", failover.want))
 	} else {
 		s.startLSN = slot.ConfirmedFlush
+		if failover.want && slot.Failover != nil && !*slot.Failover {
+			// The preconditions found the slot inactive, which ALTER needs.
+			if err := makeFailoverSlot(ctx, conn, cfg.Slot); err != nil {
+				conn.Close(context.Background())
+				return nil, err
+			}
+			log.Info("made the replication slot a failover slot")
+		}
 	}
 	s.tracker = checkpoint.NewTracker(s.startLSN)
-	major := serverMajor(conn.ParameterStatus("server_version"))
-	switch {
-	case cfg.Streaming == StreamingOn && major < 14:
-		conn.Close(context.Background())
-		return nil, &PreconditionError{Problem: fmt.Sprintf("REPLICATION_STREAMING is on, but PostgreSQL %s cannot stream in-progress transactions", conn.ParameterStatus("server_version")),
-			Hint: "use PostgreSQL 14 or newer, or set REPLICATION_STREAMING=auto (protocol 1 on older servers)"}
-	case cfg.Streaming != StreamingOff && major >= 14:
-		s.streaming = true
-	}
 	return s, nil
 }
 

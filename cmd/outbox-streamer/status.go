@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -21,20 +22,26 @@ import (
 
 // slotStatus is what `status` reports.
 type slotStatus struct {
-	Slot              string           `json:"slot"`
-	SlotExists        bool             `json:"slot_exists"`
-	SlotOtherDatabase string           `json:"slot_other_database,omitempty"`
-	Active            bool             `json:"active"`
-	ActivePID         int32            `json:"active_pid,omitempty"`
-	WALStatus         string           `json:"wal_status,omitempty"`
-	ConfirmedFlush    string           `json:"confirmed_flush_lsn,omitempty"`
-	CurrentWAL        string           `json:"current_wal_lsn"`
-	LagBytes          int64            `json:"lag_bytes"`
-	RetainedWALBytes  int64            `json:"retained_wal_bytes"`
-	SafeWALSize       *int64           `json:"safe_wal_size,omitempty"`
-	Counts            map[string]int64 `json:"counts"`
-	OldestUndelivered *float64         `json:"oldest_undelivered_age_seconds,omitempty"`
-	Leader            string           `json:"leader,omitempty"`
+	Slot              string `json:"slot"`
+	SlotExists        bool   `json:"slot_exists"`
+	SlotOtherDatabase string `json:"slot_other_database,omitempty"`
+	Active            bool   `json:"active"`
+	ActivePID         int32  `json:"active_pid,omitempty"`
+	WALStatus         string `json:"wal_status,omitempty"`
+	ConfirmedFlush    string `json:"confirmed_flush_lsn,omitempty"`
+	CurrentWAL        string `json:"current_wal_lsn"`
+	LagBytes          int64  `json:"lag_bytes"`
+	RetainedWALBytes  int64  `json:"retained_wal_bytes"`
+	SafeWALSize       *int64 `json:"safe_wal_size,omitempty"`
+	// Failover, Synced (PostgreSQL 17+), Conflicting (16+) and
+	// InvalidationReason (17+) as pg_replication_slots shows them.
+	Failover           *bool            `json:"failover,omitempty"`
+	Synced             *bool            `json:"synced,omitempty"`
+	Conflicting        *bool            `json:"conflicting,omitempty"`
+	InvalidationReason string           `json:"invalidation_reason,omitempty"`
+	Counts             map[string]int64 `json:"counts"`
+	OldestUndelivered  *float64         `json:"oldest_undelivered_age_seconds,omitempty"`
+	Leader             string           `json:"leader,omitempty"`
 	// RetentionSeconds is OUTBOX_RETENTION (0: keep everything).
 	RetentionSeconds float64 `json:"retention_seconds"`
 	// OldestProcessed is the age of the oldest processed row still held.
@@ -110,6 +117,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 			st.RetainedWALBytes = *slot.RetainedBytes
 		}
 		st.SafeWALSize = slot.SafeWALSize
+		st.Failover, st.Synced, st.Conflicting, st.InvalidationReason = slot.Failover, slot.Synced, slot.Conflicting, slot.InvalidationReason
 	}
 	if err := conn.QueryRow(ctx, leader.HolderQuery, cfg.Slot).Scan(&st.Leader); err != nil && !errors.Is(err, pgx.ErrNoRows) {
 		return fmt.Errorf("read the leader lock: %w", err)
@@ -182,6 +190,25 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
+// printSlotHA prints the failover columns the server has, one line.
+func printSlotHA(w io.Writer, st slotStatus) {
+	var parts []string
+	for _, c := range []struct {
+		name string
+		v    *bool
+	}{{"failover", st.Failover}, {"synced", st.Synced}, {"conflicting", st.Conflicting}} {
+		if c.v != nil {
+			parts = append(parts, fmt.Sprintf("%s %t", c.name, *c.v))
+		}
+	}
+	if st.InvalidationReason != "" {
+		parts = append(parts, "invalidated: "+st.InvalidationReason)
+	}
+	if len(parts) > 0 {
+		fmt.Fprintf(w, "  %s\n", strings.Join(parts, ", "))
+	}
+}
+
 func printStatus(w io.Writer, st slotStatus) {
 	if st.SlotOtherDatabase != "" {
 		fmt.Fprintf(w, "slot %s: belongs to database %q, not this outbox's: set REPLICATION_SLOT_NAME to a name unique on the server\n", st.Slot, st.SlotOtherDatabase)
@@ -199,6 +226,7 @@ func printStatus(w io.Writer, st slotStatus) {
 			fmt.Fprintf(w, ", safe_wal_size %s", bytesText(*st.SafeWALSize))
 		}
 		fmt.Fprintln(w)
+		printSlotHA(w, st)
 	}
 	if st.Leader != "" {
 		fmt.Fprintf(w, "leader: %s\n", st.Leader)

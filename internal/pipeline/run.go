@@ -175,10 +175,14 @@ func open(ctx context.Context, cfg Config, log *zap.Logger) (_ *run, err error) 
 	r.writer = NewWriter(wcfg, target, r.store, ck, r.stream.Tracker(), log)
 	r.writer.EnableCeiling(r.ch)
 	// Streamed transactions are staged in ClickHouse while they run, when the
-	// server streams them; the writer checks the staging table at start.
+	// server streams them; the writer clears what earlier sessions staged
+	// when it starts, staging or not.
 	r.cfg.Run.Stage = cfg.Run.Stage && r.stream.Streaming()
-	if r.cfg.Run.Stage {
+	switch {
+	case r.cfg.Run.Stage:
 		r.writer.EnableStaging(r.ch, cfg.Replication.Slot)
+	case cfg.Sink.Cluster == "":
+		r.writer.ClearStagedAtStart(r.ch, cfg.Replication.Slot)
 	}
 	// Room for as many batches as one merged insert holds, so a writer that fell
 	// behind finds them queued and merges them (CLICKHOUSE_BATCH_SIZE); memory stays

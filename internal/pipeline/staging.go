@@ -67,6 +67,27 @@ func (w *Writer) EnableStaging(to Stager, slot string) {
 		txns: make(map[uint32]*stagedTxn)}
 }
 
+// ClearStagedAtStart makes a writer that does not stage this session
+// (protocol 1, or staging off) still drop at its start what earlier sessions
+// of slot staged in to: like clearAtStart, for rows nobody would drop.
+func (w *Writer) ClearStagedAtStart(to Stager, slot string) {
+	w.stale = &stager{to: to, slot: slot, log: w.log}
+}
+
+// clearStale drops what earlier sessions staged, for a session that does
+// not stage; a failure leaves it to the next session.
+func (w *Writer) clearStale(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, stagingStartTimeout)
+	defer cancel()
+	ok, err := w.stale.to.StagingAvailable(ctx)
+	if err == nil && ok {
+		err = w.stale.to.ClearStaging(ctx, w.stale.slot)
+	}
+	if err != nil {
+		w.log.Warn("cannot clear what an earlier session staged; the next session tries again", zap.Error(err))
+	}
+}
+
 // ready checks, once per session, that the staging table exists and holds
 // nothing of this slot: the server sends unfinished transactions again from
 // their start, under the same ids.

@@ -44,9 +44,12 @@ const bigRows = `INSERT INTO event_outbox (event_type, event_date_time, environm
 
 // startStreaming runs the pipeline on e with protocol 2, every transaction
 // past 64kB streamed, staging on or off, until the returned stop abandons it
-// (as a crash would; also at the test's end).
+// (as a crash would; also at the test's end). It skips the test on a server
+// that cannot stream, and fails with the pipeline's own error when it ends
+// before streaming (a precondition it refused, say).
 func startStreaming(t *testing.T, e *e2e.Env, spillDir string, stage bool) (stop func()) {
 	t.Helper()
+	testenv.RequireStreaming(t, e.DSN)
 	cfg := pipeline.Config{
 		Replication: replication.Config{DSN: smallWorkMem(e.DSN), Slot: e.Slot, Publication: e.Publication,
 			StatusInterval: 100 * time.Millisecond, Streaming: replication.StreamingOn, SpillDir: spillDir},
@@ -56,9 +59,11 @@ func startStreaming(t *testing.T, e *e2e.Env, spillDir string, stage bool) (stop
 	}
 	drain, stopDrain := context.WithCancel(context.Background())
 	abandon, stopAll := context.WithCancel(context.Background())
-	done := make(chan error, 1)
+	finished := make(chan struct{})
+	var runErr error
 	go func() {
-		done <- pipeline.Stream(drain, abandon, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+		defer close(finished)
+		runErr = pipeline.Stream(drain, abandon, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
 	}()
 	stopped := false
 	stop = func() {
@@ -69,13 +74,20 @@ func startStreaming(t *testing.T, e *e2e.Env, spillDir string, stage bool) (stop
 		stopAll()
 		stopDrain()
 		select {
-		case <-done:
+		case <-finished:
 		case <-time.After(time.Minute):
 			t.Error("pipeline did not stop within a minute")
 		}
 	}
 	t.Cleanup(stop)
-	e.WaitStreaming(t)
+	e2e.WaitFor(t, time.Minute, "slot streaming", func() bool {
+		select {
+		case <-finished:
+			t.Fatalf("the pipeline ended before it streamed: %v", runErr)
+		default:
+		}
+		return e.Streaming(t)
+	})
 	return stop
 }
 

@@ -82,7 +82,10 @@ type Writer struct {
 	recorded uint64
 	next     *batch.Batch // taken from the queue by merge, for the next insert
 	stager   *stager      // nil: streamed transactions are not staged
-	ceiling  *ceiling     // nil: the in-flight record alone bounds the replay
+	// stale, when this session does not stage, is where earlier sessions
+	// staged: cleared at the start all the same (see clearStale).
+	stale   *stager
+	ceiling *ceiling // nil: the in-flight record alone bounds the replay
 }
 
 // ErrTableRejectsRows means ClickHouse refused every row of a batch with the
@@ -109,7 +112,12 @@ func NewWriter(cfg WriterConfig, s Sink, o Outbox, inflight InflightRecorder, re
 // insert, so a crash between the stages is reconciled like any other.
 func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
 	w.raiseInDoubt(ctx)
-	w.stager.clearAtStart(ctx)
+	switch {
+	case w.stager != nil:
+		w.stager.clearAtStart(ctx)
+	case w.stale != nil:
+		w.clearStale(ctx)
+	}
 	outcomes := make(chan *outcome, 1)
 	var settled sync.WaitGroup
 	var settleMu sync.Mutex

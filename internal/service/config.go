@@ -29,6 +29,7 @@ func PipelineConfig(cfg *config.Config) pipeline.Config {
 			Binary:         cfg.Binary,
 			SpillDir:       cfg.SpillDir,
 			SpillMaxBytes:  cfg.SpillMaxBytes,
+			SlotFailover:   cfg.SlotFailover,
 		},
 		Run: replication.RunConfig{
 			BatchSize:       cfg.BatchSize,

@@ -48,6 +48,10 @@ const (
 	// EnvRequireLegacy, set to "1", makes a missing legacy ClickHouse a
 	// test failure instead of a skip.
 	EnvRequireLegacy = "OUTBOX_TEST_REQUIRE_LEGACY"
+	// EnvModernOnly, set to "1", makes ClickHouseServers return the modern
+	// server alone: for runs that vary something else (the PostgreSQL major
+	// of make test-pg-compat), where the legacy server only doubles the time.
+	EnvModernOnly = "OUTBOX_TEST_CH_MODERN_ONLY"
 	// EnvNoResetShield, set to "1", connects tests straight to the modern
 	// ClickHouse's native port, without the reset shield of localsvc: to
 	// reproduce the server's abort on mid-query resets.
@@ -436,6 +440,9 @@ func legacyClickHouse(t testing.TB) (CHServer, error) {
 func ClickHouseServers(t testing.TB) []CHServer {
 	t.Helper()
 	servers := []CHServer{ModernClickHouse(t)}
+	if os.Getenv(EnvModernOnly) == "1" {
+		return servers
+	}
 	legacy, err := legacyClickHouse(t)
 	switch {
 	case err == nil:
