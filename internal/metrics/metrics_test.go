@@ -303,8 +303,8 @@ func TestMetricNamesFollowConventions(t *testing.T) {
 			ours++
 		}
 	}
-	if ours != 38 {
-		t.Errorf("%d outbox_streamer_ metric families registered, want 38 (12 counters, 5 histograms, 21 gauges)", ours)
+	if ours != 40 {
+		t.Errorf("%d outbox_streamer_ metric families registered, want 40 (12 counters, 5 histograms, 23 gauges)", ours)
 	}
 	// The Go and process collectors are on the registry too.
 	if !hasFamily(fams, "go_goroutines") || !hasFamily(fams, "process_cpu_seconds_total") {
