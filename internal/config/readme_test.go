@@ -12,7 +12,7 @@ import (
 // row per setting, with the setting's flag and default (the flag column used
 // to be wrong for several settings).
 func TestREADMEConfigurationTable(t *testing.T) {
-	raw, err := os.ReadFile("../../README.md")
+	raw, err := os.ReadFile("../../docs/configuration.md")
 	if err != nil {
 		t.Fatal(err)
 	}
