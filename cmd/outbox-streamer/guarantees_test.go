@@ -191,6 +191,11 @@ func TestStartWithClickHouseUnreachable(t *testing.T) {
 	if !strings.Contains(out.String(), "clickhouse at 127.0.0.1:1 is unreachable") || !strings.Contains(out.String(), "CLICKHOUSE_HOST") {
 		t.Errorf("output does not say what is unreachable and what to check:\n%s", out)
 	}
+	// One line at start says what happens to the rows meanwhile.
+	if n := strings.Count(out.String(), "clickhouse is unreachable at start; streaming goes on"); n != 1 ||
+		!strings.Contains(out.String(), "each batch is retried for 1s (CLICKHOUSE_OUTAGE_FAIL_AFTER), then its rows are marked failed and acknowledged; the sweep delivers them once ClickHouse is back (every 1m0s, EVENT_PROCESSING_INTERVAL)") {
+		t.Errorf("%d start lines about the outage, or without the plan:\n%s", n, out)
+	}
 }
 
 // TestPruneSIGKILLLosesNothing (issue 12): `prune` killed in the middle of a

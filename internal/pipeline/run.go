@@ -13,6 +13,7 @@ import (
 
 	"github.com/outbox-streamer/outbox-streamer/checkpoint"
 	"github.com/outbox-streamer/outbox-streamer/internal/batch"
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
@@ -56,7 +57,7 @@ const eventTableCheckWait = 3 * time.Second
 // event_log): nothing is inserted into it. It asks ClickHouse only once
 // PostgreSQL answered, and an unreachable ClickHouse is no reason not to
 // start (the outbox buffers until it is back): that is only logged.
-func checkEventTable(ctx context.Context, ch *sink.Client, pool *pgxpool.Pool, log *zap.Logger) error {
+func checkEventTable(ctx context.Context, cfg Config, ch *sink.Client, pool *pgxpool.Pool, log *zap.Logger) error {
 	if err := pool.Ping(ctx); err != nil {
 		return fmt.Errorf("connect to postgres: %w", err)
 	}
@@ -67,10 +68,26 @@ func checkEventTable(ctx context.Context, ch *sink.Client, pool *pgxpool.Pool, l
 	if errors.As(err, &mismatch) {
 		return err
 	}
-	if err != nil && ctx.Err() == nil {
+	switch {
+	case err == nil || ctx.Err() != nil:
+	case fault.Retryable(err):
+		log.Warn("clickhouse is unreachable at start; streaming goes on (the outbox buffers): "+outagePlan(cfg), zap.Error(err))
+	default:
 		log.Warn("could not check the event table's columns at start; going on", zap.Error(err))
 	}
 	return nil
+}
+
+// outagePlan says what happens to rows while ClickHouse is away.
+func outagePlan(cfg Config) string {
+	if cfg.Writer.OutageFailAfter <= 0 {
+		return "each batch is retried until ClickHouse answers (CLICKHOUSE_OUTAGE_FAIL_AFTER=0), and the slot holds WAL meanwhile"
+	}
+	plan := fmt.Sprintf("each batch is retried for %s (CLICKHOUSE_OUTAGE_FAIL_AFTER), then its rows are marked failed and acknowledged", cfg.Writer.OutageFailAfter)
+	if cfg.SweepInterval > 0 {
+		return plan + fmt.Sprintf("; the sweep delivers them once ClickHouse is back (every %s, EVENT_PROCESSING_INTERVAL)", cfg.SweepInterval)
+	}
+	return plan + "; `outbox-streamer run --sweep` delivers them once ClickHouse is back (the periodic sweep is off)"
 }
 
 // Outbox is the outbox table the pipeline streams, as the store names it:
@@ -149,7 +166,7 @@ func open(ctx context.Context, cfg Config, log *zap.Logger) (_ *run, err error) 
 	if r.pool, err = pgxpool.New(ctx, cfg.Replication.DSN); err != nil {
 		return nil, fmt.Errorf("DATABASE_URL: %w", err)
 	}
-	if err := checkEventTable(ctx, r.ch, r.pool, log); err != nil {
+	if err := checkEventTable(ctx, cfg, r.ch, r.pool, log); err != nil {
 		return nil, err
 	}
 	if r.stream, err = replication.Open(ctx, cfg.Replication, log); err != nil {
