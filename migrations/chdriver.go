@@ -13,6 +13,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/golang-migrate/migrate/v4/database"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -73,14 +74,31 @@ func (d *chDriver) Run(r io.Reader) error {
 		return err
 	}
 	for _, stmt := range splitStatements(body) {
-		ctx, cancel := d.ctx()
-		err := d.conn.Exec(ctx, stmt)
-		cancel()
-		if err != nil {
+		if err := d.exec(stmt); err != nil {
 			return database.Error{OrigErr: err, Err: "migration failed", Query: []byte(stmt)}
 		}
 	}
 	return nil
+}
+
+// execAttempts bounds how often a statement is sent when the connection
+// fails under it: every statement of the migrations creates only what does
+// not exist, so sending it again after a lost answer is safe, and a network
+// blip should not leave the version dirty.
+const execAttempts = 3
+
+func (d *chDriver) exec(stmt string) error {
+	var err error
+	for attempt := 1; attempt <= execAttempts; attempt++ {
+		ctx, cancel := d.ctx()
+		err = d.conn.Exec(ctx, stmt)
+		cancel()
+		if err == nil || !fault.Retryable(err) || attempt == execAttempts {
+			return err
+		}
+		time.Sleep(time.Duration(attempt) * 500 * time.Millisecond)
+	}
+	return err
 }
 
 // splitStatements splits a migration into statements at semicolons outside
