@@ -116,26 +116,17 @@ func (c *Config) Validate() error {
 	if c.TimeZone == nil {
 		c.TimeZone = time.UTC
 	}
-	switch c.Streaming {
-	case "":
-		c.Streaming = StreamingAuto
-	case StreamingAuto, StreamingOn, StreamingOff:
-	default:
-		return fmt.Errorf("REPLICATION_STREAMING %q: want auto, on or off", c.Streaming)
-	}
-	switch c.Binary {
-	case "":
-		c.Binary = BinaryAuto
-	case BinaryAuto, BinaryOn, BinaryOff:
-	default:
-		return fmt.Errorf("REPLICATION_BINARY %q: want auto, on or off", c.Binary)
-	}
-	switch c.SlotFailover {
-	case "":
-		c.SlotFailover = FailoverAuto
-	case FailoverAuto, FailoverOn, FailoverOff:
-	default:
-		return fmt.Errorf("REPLICATION_SLOT_FAILOVER %q: want auto, on or off", c.SlotFailover)
+	for _, m := range []struct {
+		dst *string
+		env string
+	}{{&c.Streaming, "REPLICATION_STREAMING"}, {&c.Binary, "REPLICATION_BINARY"}, {&c.SlotFailover, "REPLICATION_SLOT_FAILOVER"}} {
+		switch *m.dst {
+		case "":
+			*m.dst = "auto"
+		case "auto", "on", "off":
+		default:
+			return fmt.Errorf("%s %q: want auto, on or off", m.env, *m.dst)
+		}
 	}
 	if c.SpillDir == "" {
 		c.SpillDir = DefaultSpillDir(c.DSN, c.Slot)

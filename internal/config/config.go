@@ -220,32 +220,17 @@ func (c *Config) finish(src *Source) error {
 	if c.Outbox, err = outboxstore.ParseName(c.outboxTable); err != nil {
 		return fmt.Errorf("invalid OUTBOX_TABLE (--outbox-table) %w", err)
 	}
-	switch c.Streaming = strings.ToLower(strings.TrimSpace(c.Streaming)); c.Streaming {
-	case "auto", "on", "off":
-	case "true", "1", "yes":
-		c.Streaming = "on"
-	case "false", "0", "no":
-		c.Streaming = "off"
-	default:
-		return fmt.Errorf("invalid REPLICATION_STREAMING (--streaming) %q: want auto, on or off", c.Streaming)
-	}
-	switch c.Binary = strings.ToLower(strings.TrimSpace(c.Binary)); c.Binary {
-	case "auto", "on", "off":
-	case "true", "1", "yes":
-		c.Binary = "on"
-	case "false", "0", "no":
-		c.Binary = "off"
-	default:
-		return fmt.Errorf("invalid REPLICATION_BINARY (--binary) %q: want auto, on or off", c.Binary)
-	}
-	switch c.SlotFailover = strings.ToLower(strings.TrimSpace(c.SlotFailover)); c.SlotFailover {
-	case "auto", "on", "off":
-	case "true", "1", "yes":
-		c.SlotFailover = "on"
-	case "false", "0", "no":
-		c.SlotFailover = "off"
-	default:
-		return fmt.Errorf("invalid REPLICATION_SLOT_FAILOVER (--slot-failover) %q: want auto, on or off", c.SlotFailover)
+	for _, m := range []struct {
+		dst       *string
+		env, flag string
+	}{
+		{&c.Streaming, "REPLICATION_STREAMING", "streaming"},
+		{&c.Binary, "REPLICATION_BINARY", "binary"},
+		{&c.SlotFailover, "REPLICATION_SLOT_FAILOVER", "slot-failover"},
+	} {
+		if *m.dst, err = autoOnOff(*m.dst); err != nil {
+			return fmt.Errorf("invalid %s (--%s) %w", m.env, m.flag, err)
+		}
 	}
 	if c.SentryEnv == "" {
 		c.SentryEnv = c.Environment
@@ -424,4 +409,18 @@ func keywordDSN(dsn string) (map[string]string, bool) {
 		s = strings.TrimLeft(s, " \t\n")
 	}
 	return kv, true
+}
+
+// autoOnOff reads a three-way switch: auto, on or off, with the usual
+// spellings of true and false for on and off.
+func autoOnOff(v string) (string, error) {
+	switch v = strings.ToLower(strings.TrimSpace(v)); v {
+	case "auto", "on", "off":
+		return v, nil
+	case "true", "1", "yes":
+		return "on", nil
+	case "false", "0", "no":
+		return "off", nil
+	}
+	return v, fmt.Errorf("%q: want auto, on or off", v)
 }
