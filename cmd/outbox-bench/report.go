@@ -4,9 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"os"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -273,11 +275,21 @@ func (b *bench) report(facts machine, args []string, took time.Duration) *report
 		r.Targets = append(r.Targets, t)
 	}
 	ratio("c / a", "c", "a", 0.8)
-	ratio("c / g (drain from the WAL, the peer)", "c", "g", 2)
+	ratio("c / g (drain from the WAL, the peer)", "c", "g", 1)
 	ratio("h / c (backfill / drain)", "h", "c", 0.7)
 	if c.has("d") {
 		v := b.ratios("d", "d", "delivery_rows_per_s", "producer_rows_per_s")
 		t := targetRow{Name: "d delivery / d producer", Value: median(v), Runs: v, Op: ">=", Limit: 0.95, Unit: "x", Valid: len(v) > 0,
+			Method: "median over repetitions of the ratio within each repetition"}
+		t.Pass = t.Valid && t.Value >= t.Limit
+		if !t.Valid {
+			t.Value = 0
+		}
+		r.Targets = append(r.Targets, t)
+	}
+	if c.has("d") && c.has("g") {
+		v := b.ratios("d", "g", "delivery_rows_per_s", "delivery_rows_per_s")
+		t := targetRow{Name: "d delivery / g live delivery (the peer)", Value: median(v), Runs: v, Op: ">=", Limit: 1, Unit: "x", Valid: len(v) > 0,
 			Method: "median over repetitions of the ratio within each repetition"}
 		t.Pass = t.Valid && t.Value >= t.Limit
 		if !t.Valid {
@@ -450,6 +462,12 @@ func (r *report) printTable(w io.Writer) {
 			fmt.Fprintf(w, "  %-4s %s\n", name, u.summary())
 		}
 	}
+	if perRow := r.cpuPerRow(); len(perRow) > 0 {
+		fmt.Fprintln(w, "\nCPU per delivered row, µs (cores kept busy ÷ rows per second; the figure that carries to another machine):")
+		for _, l := range perRow {
+			fmt.Fprintf(w, "  %s\n", l)
+		}
+	}
 	if extra := r.extras(); extra != "" {
 		fmt.Fprintln(w, "\nalso measured (medians):", extra)
 	}
@@ -567,4 +585,37 @@ func (r *report) writeJSON(path string) error {
 		return err
 	}
 	return os.WriteFile(path, append(data, '\n'), 0o644)
+}
+
+// cpuPerRow is, for the drains and the live runs, each process group's CPU
+// per delivered row in microseconds.
+func (r *report) cpuPerRow() []string {
+	var out []string
+	for _, k := range []struct{ key, metric, what string }{
+		{"a", "rows_per_s", "a (bare reader)"}, {"c", "rows_per_s", "c (our drain)"}, {"g", "rows_per_s", "g (peer drain)"},
+		{"d", "delivery_rows_per_s", "d (our live)"},
+	} {
+		cores, ok := r.CPU[k.key]
+		var rates []float64
+		for _, run := range r.Runs[k.key] {
+			if v, ok := run[k.metric]; ok && run != nil {
+				rates = append(rates, v)
+			}
+		}
+		rate := median(rates)
+		if !ok || !(rate > 0) {
+			continue
+		}
+		var parts []string
+		total := 0.0
+		for _, g := range slices.Sorted(maps.Keys(cores)) {
+			us := cores[g] / rate * 1e6
+			total += us
+			if us >= 0.05 {
+				parts = append(parts, fmt.Sprintf("%s %.1f", g, us))
+			}
+		}
+		out = append(out, fmt.Sprintf("%-16s total %.1f: %s", k.what, total, strings.Join(parts, ", ")))
+	}
+	return out
 }
