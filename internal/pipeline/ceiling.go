@@ -31,6 +31,7 @@ type Ceiling interface {
 // again without a look-up.
 type ceiling struct {
 	from    Ceiling
+	record  uint64 // the in-flight record read at start
 	known   bool
 	nextTry time.Time // while unknown: not asked again before, so that an unreachable ClickHouse does not slow every batch
 }
@@ -47,9 +48,10 @@ const (
 )
 
 // EnableCeiling makes the writer bound the replay by what from holds, not
-// only by the in-flight record. Until from answers, every row is looked up.
-func (w *Writer) EnableCeiling(from Ceiling) {
-	w.ceiling = &ceiling{from: from}
+// only by the in-flight record read at start (record). Until from answers,
+// every row is looked up.
+func (w *Writer) EnableCeiling(from Ceiling, record uint64) {
+	w.ceiling = &ceiling{from: from, record: record}
 }
 
 // raiseInDoubt asks ClickHouse, until it answers once, for the highest
@@ -68,10 +70,14 @@ func (w *Writer) raiseInDoubt(ctx context.Context) {
 		return
 	}
 	c.known = true
-	if lsn > w.cfg.InDoubtUntil {
+	if lsn > c.record {
+		// After a clean stop the record covers every insert: only a lost or
+		// stale record (a failover) leaves ClickHouse ahead of it.
 		w.log.Info("ClickHouse holds rows past the in-flight record (a failover, or a record that was lost): replayed rows up to it are looked up before they are inserted",
-			zap.String("inflight_lsn", pglogrepl.LSN(w.cfg.InDoubtUntil).String()),
+			zap.String("inflight_lsn", pglogrepl.LSN(c.record).String()),
 			zap.String("clickhouse_lsn", pglogrepl.LSN(lsn).String()))
-		w.cfg.InDoubtUntil = lsn
 	}
+	// Raising the window never costs a clean restart anything: a replay
+	// starts past every commit the last session delivered.
+	w.cfg.InDoubtUntil = max(w.cfg.InDoubtUntil, lsn)
 }

@@ -190,7 +190,7 @@ func open(ctx context.Context, cfg Config, log *zap.Logger) (_ *run, err error) 
 		target = cfg.WrapSink(target)
 	}
 	r.writer = NewWriter(wcfg, target, r.store, ck, r.stream.Tracker(), log)
-	r.writer.EnableCeiling(r.ch)
+	r.writer.EnableCeiling(r.ch, inflight)
 	// Streamed transactions are staged in ClickHouse while they run, when the
 	// server streams them; the writer clears what earlier sessions staged
 	// when it starts, staging or not.
