@@ -290,22 +290,7 @@ func startPipeline(t *testing.T, cfg migrations.Config) {
 		Run:         replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond},
 		Sink:        cfg.ClickHouse, SweepInterval: 200 * time.Millisecond,
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		done <- pipeline.Stream(ctx, context.Background(), pcfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
-	}()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("pipeline returned %v", err)
-			}
-		case <-time.After(time.Minute):
-			t.Error("pipeline did not stop within a minute")
-		}
-	})
+	e2e.RunPipeline(t, pcfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
 }
 
 // TestAdoptRefused: a table adoption cannot take is refused with one line

@@ -84,20 +84,7 @@ func streamWithBinary(t *testing.T, e *e2e.Env, mode string) *observer.ObservedL
 	if strings.Contains(e.DSN, "?") {
 		cfg.Replication.DSN = strings.Replace(cfg.Replication.DSN, "?options", "&options", 1)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- pipeline.Stream(ctx, context.Background(), cfg, zap.New(core)) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("pipeline returned %v", err)
-			}
-		case <-time.After(time.Minute):
-			t.Error("pipeline did not stop within a minute")
-		}
-	})
+	e2e.RunPipeline(t, cfg, zap.New(core))
 	e.WaitStreaming(t)
 	return logs
 }

@@ -440,9 +440,16 @@ func (e *Env) StartPipeline(t *testing.T) {
 		Run:  replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond},
 		Sink: e.Sink,
 	}
+	RunPipeline(t, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+	e.WaitStreaming(t)
+}
+
+// RunPipeline runs the streaming pipeline in-process with cfg until the test
+// ends: then it is stopped as SIGTERM would stop it and checked to return nil.
+func RunPipeline(t testing.TB, cfg pipeline.Config, log *zap.Logger) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
 	go func() { done <- pipeline.Stream(ctx, context.Background(), cfg, log) }()
 	t.Cleanup(func() {
 		cancel()
@@ -455,5 +462,4 @@ func (e *Env) StartPipeline(t *testing.T) {
 			t.Error("pipeline did not stop within a minute")
 		}
 	})
-	e.WaitStreaming(t)
 }

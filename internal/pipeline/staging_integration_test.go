@@ -29,7 +29,6 @@ func testStaged(t *testing.T, e *e2e.Env) {
 	ctx := context.Background()
 	spillDir := t.TempDir()
 	stop := startStreaming(t, e, spillDir, true)
-	staging := sinkStaging(e)
 	countType := func(typ string) uint64 {
 		var n uint64
 		if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+e.Table+" WHERE event_type = '"+typ+"'").Scan(&n); err != nil {
@@ -37,13 +36,7 @@ func testStaged(t *testing.T, e *e2e.Env) {
 		}
 		return n
 	}
-	stagedCount := func() uint64 {
-		var n uint64
-		if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+staging+" WHERE slot = '"+e.Slot+"'").Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
+	stagedCount := func() uint64 { return stagedRows(t, e) }
 	// Committed, with a savepoint rolled back.
 	tx, err := e.Pool.Begin(ctx)
 	if err != nil {
@@ -148,6 +141,16 @@ func testStaged(t *testing.T, e *e2e.Env) {
 	}
 }
 
+// stagedRows counts what e's slot has in the staging table.
+func stagedRows(t *testing.T, e *e2e.Env) uint64 {
+	t.Helper()
+	var n uint64
+	if err := e.CHConn.QueryRow(context.Background(), "SELECT count() FROM "+sinkStaging(e)+" WHERE slot = '"+e.Slot+"'").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 // sinkStaging is e's staging table, quoted.
 func sinkStaging(e *e2e.Env) string {
 	return sink.QuoteIdent(e.Sink.Database) + "." + sink.QuoteIdent(sink.StagingTable(e.Sink.Table))
@@ -161,16 +164,9 @@ func sinkStaging(e *e2e.Env) string {
 func TestStagingLeavesNothingBehind(t *testing.T) {
 	e := e2e.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
-	staging := sinkStaging(e)
-	stagedCount := func() uint64 {
-		var n uint64
-		if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+staging+" WHERE slot = '"+e.Slot+"'").Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
+	stagedCount := func() uint64 { return stagedRows(t, e) }
 	// Rows of a transaction no server will send again.
-	if err := e.CHConn.Exec(ctx, "INSERT INTO "+staging+` (slot, xid, subxid, event_id, event_type, event_date_time,
+	if err := e.CHConn.Exec(ctx, "INSERT INTO "+sinkStaging(e)+` (slot, xid, subxid, event_id, event_type, event_date_time,
 		environment, event_context, metadata_version, created_at)
 		SELECT '`+e.Slot+`', 4242, 4242, number + 1, 'orphan', now64(6), 'test', '{}', 1, now64(6) FROM numbers(500)`); err != nil {
 		t.Fatal(err)
@@ -213,14 +209,7 @@ func TestStagingOfAnAbortedTransactionIsClearedAtSessionStart(t *testing.T) {
 	ctx := context.Background()
 	spillDir := t.TempDir()
 	stop := startStreaming(t, e, spillDir, true)
-	staging := sinkStaging(e)
-	stagedCount := func() uint64 {
-		var n uint64
-		if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+staging+" WHERE slot = '"+e.Slot+"'").Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
+	stagedCount := func() uint64 { return stagedRows(t, e) }
 	tx, err := e.Pool.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
