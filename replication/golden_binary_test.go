@@ -132,33 +132,11 @@ func captureSession(ctx context.Context, t *testing.T, conn *pgconn.PgConn, slot
 	}
 	var out []byte
 	n := 0
-	for {
-		raw, err := conn.ReceiveMessage(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		cd, ok := raw.(*pgproto3.CopyData)
-		if !ok || len(cd.Data) == 0 {
-			continue
-		}
-		if cd.Data[0] == pglogrepl.PrimaryKeepaliveMessageByteID {
-			ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(cd.Data[1:])
-			if err != nil {
-				t.Fatal(err)
-			}
-			if uint64(ka.ServerWALEnd) >= end {
-				break
-			}
-			continue
-		}
-		xld, err := pglogrepl.ParseXLogData(cd.Data[1:])
-		if err != nil {
-			t.Fatal(err)
-		}
-		out = binary.BigEndian.AppendUint32(out, uint32(len(xld.WALData)))
-		out = append(out, xld.WALData...)
+	receiveUntil(ctx, t, conn, end, func(wal []byte) {
+		out = binary.BigEndian.AppendUint32(out, uint32(len(wal)))
+		out = append(out, wal...)
 		n++
-	}
+	})
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -358,5 +336,36 @@ func TestChooseBinary(t *testing.T) {
 	var pe *PreconditionError
 	if _, err := choose(BinaryOn); !errors.As(err, &pe) || !strings.Contains(pe.Problem, "metadata_version") || !strings.Contains(pe.Problem, "numeric") {
 		t.Errorf("on with a numeric metadata_version: %v, want a precondition error naming the column and type", err)
+	}
+}
+
+// receiveUntil hands fn the pgoutput message of every XLogData the slot
+// streams, until a keepalive reports the server's WAL at or past end.
+func receiveUntil(ctx context.Context, t testing.TB, conn *pgconn.PgConn, end uint64, fn func(wal []byte)) {
+	t.Helper()
+	for {
+		raw, err := conn.ReceiveMessage(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cd, ok := raw.(*pgproto3.CopyData)
+		if !ok || len(cd.Data) == 0 {
+			continue
+		}
+		if cd.Data[0] == pglogrepl.PrimaryKeepaliveMessageByteID {
+			ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(cd.Data[1:])
+			if err != nil {
+				t.Fatal(err)
+			}
+			if uint64(ka.ServerWALEnd) >= end {
+				return
+			}
+			continue
+		}
+		xld, err := pglogrepl.ParseXLogData(cd.Data[1:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		fn(xld.WALData)
 	}
 }

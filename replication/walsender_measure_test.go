@@ -14,7 +14,6 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/pgx/v5/pgproto3"
 )
 
 var measureWalsender = flag.Int("measure-walsender", 0, "drain this many outbox rows through text and binary slots and log the walsender's CPU per row (a measurement, not a test)")
@@ -102,29 +101,11 @@ func drainSlot(ctx context.Context, t *testing.T, conn *pgconn.PgConn, slot stri
 		t.Fatal(err)
 	}
 	inserts := 0
-	for {
-		raw, err := conn.ReceiveMessage(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		cd, ok := raw.(*pgproto3.CopyData)
-		if !ok || len(cd.Data) == 0 {
-			continue
-		}
-		if cd.Data[0] == pglogrepl.PrimaryKeepaliveMessageByteID {
-			ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(cd.Data[1:])
-			if err != nil {
-				t.Fatal(err)
-			}
-			if uint64(ka.ServerWALEnd) >= end {
-				break
-			}
-			continue
-		}
-		if len(cd.Data) > 25 && cd.Data[25] == 'I' {
+	receiveUntil(ctx, t, conn, end, func(wal []byte) {
+		if len(wal) > 0 && wal[0] == 'I' {
 			inserts++
 		}
-	}
+	})
 	return procCPU(t, pid) - before, inserts
 }
 
