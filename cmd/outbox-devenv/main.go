@@ -31,7 +31,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/localsvc"
 )
 
 // Variables a user sets to bring servers of their own.

@@ -21,7 +21,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/loadgen"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/loadgen"
 	"github.com/outbox-streamer/outbox-streamer/outbox"
 )
 

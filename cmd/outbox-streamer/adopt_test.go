@@ -10,9 +10,9 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -26,7 +26,7 @@ func TestSwitchFromCelery(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	srv := testenv.ModernClickHouse(t)
-	e := &e2e.Env{DSN: testenv.NewDatabase(t), Slot: "s_switch", Publication: "outbox_publication", CH: srv,
+	e := &fixture.Env{DSN: testenv.NewDatabase(t), Slot: "s_switch", Publication: "outbox_publication", CH: srv,
 		Sink: sink.Config{Addr: srv.Addr, User: "default", Database: testenv.NewCHDatabase(t, srv), Table: "event_log"}, Outbox: outboxstore.DefaultName}
 	pool, err := pgxpool.New(ctx, e.DSN)
 	if err != nil {
@@ -80,7 +80,7 @@ func TestSwitchFromCelery(t *testing.T) {
 		SELECT 'new', now() AT TIME ZONE 'UTC', 'prod', '{}', 1 FROM generate_series(1, 100)`); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, 2*time.Minute, "every row processed", func() bool {
+	fixture.WaitFor(t, 2*time.Minute, "every row processed", func() bool {
 		var left int
 		_ = pool.QueryRow(ctx, "SELECT count(*) FROM event_outbox WHERE status <> 'processed'").Scan(&left)
 		return left == 0

@@ -11,9 +11,9 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/loadgen"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/loadgen"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/verify"
 )
 
@@ -34,13 +34,13 @@ func TestChaos(t *testing.T) {
 
 	pg := testenv.PrivatePostgres(t)
 	ch := testenv.PrivateClickHouse(t, false)
-	e := e2e.NewOn(t, pg.DSN(), testenv.CHServerOf(ch))
+	e := fixture.NewOn(t, pg.DSN(), testenv.CHServerOf(ch))
 	env := envFor(e,
 		"CLICKHOUSE_OUTAGE_FAIL_AFTER=2s", "EVENT_PROCESSING_INTERVAL=1s", "RETRY_MAX_WAIT=1s",
 		"EVENT_RETRY_BASE_DELAY=0.5", "EVENT_RETRY_MAX_DELAY=2", "CLICKHOUSE_CONNECT_TIMEOUT=2", "CLICKHOUSE_SEND_RECEIVE_TIMEOUT=5")
 	sup := superviseStreamer(t, env)
 	sup.keepLogsOnFailure(fmt.Sprintf("chaos-%d.log", seed))
-	e2e.WaitFor(t, time.Minute, "streamer streaming", func() bool { return e.ConfirmedFlush(t) > 0 })
+	fixture.WaitFor(t, time.Minute, "streamer streaming", func() bool { return e.ConfirmedFlush(t) > 0 })
 
 	pcfg, err := pgxpool.ParseConfig(e.DSN)
 	if err != nil {
@@ -159,7 +159,7 @@ func TestChaos(t *testing.T) {
 		t.Fatalf("producer committed only %d events", st.Committed)
 	}
 	e.AssertExactlyDeliveredExcept(t, 5*time.Minute, e.CurrentWAL(t), deleted)
-	e2e.WaitFor(t, time.Minute, "slot lag near zero", func() bool {
+	fixture.WaitFor(t, time.Minute, "slot lag near zero", func() bool {
 		var lag int64
 		_ = e.Pool.QueryRow(context.Background(), `SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
 			FROM pg_replication_slots WHERE slot_name = $1`, e.Slot).Scan(&lag)

@@ -15,10 +15,10 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/loadgen"
-	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/loadgen"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/localsvc"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 )
 
 // TestClusterChaosSIGKILL drives the real binary (`outbox-streamer run`,
@@ -42,7 +42,7 @@ func TestClusterChaosSIGKILL(t *testing.T) {
 	}
 	c := testenv.PrivateCluster(t) // skips without the packages, unless required
 	seed, rng := chaosSeed(t)
-	e := e2e.NewCluster(t, testenv.Postgres(t), c, func(ctx context.Context, e *e2e.Env) error {
+	e := fixture.NewCluster(t, testenv.Postgres(t), c, func(ctx context.Context, e *fixture.Env) error {
 		return migrateWithBinary(t, clusterEnvFor(e))
 	})
 	sup := superviseStreamer(t, clusterEnvFor(e))
@@ -63,7 +63,7 @@ func TestClusterChaosSIGKILL(t *testing.T) {
 	t.Logf("producer: %d events committed, %d rolled back; chaos: %d streamer SIGKILLs, replicas SIGKILLed: %v, one frozen; %d streamer starts, exits %v",
 		st.Committed, st.RolledBack, ch.kills, ch.outages, sup.starts(), sup.exitStatuses())
 
-	e2e.WaitFor(t, 3*time.Minute, "every outbox row processed", func() bool {
+	fixture.WaitFor(t, 3*time.Minute, "every outbox row processed", func() bool {
 		_, processed := e.Committed(t)
 		return processed == st.Committed
 	})
@@ -96,7 +96,7 @@ func countServerLog(c *testenv.CHCluster, s string) int {
 // clusterEnvFor is the binary's environment for e on its cluster, with short
 // timeouts (a quorum insert that cannot complete ends within 3.75 s) and
 // quick retries, so that the faults play out within the test.
-func clusterEnvFor(e *e2e.Env) []string {
+func clusterEnvFor(e *fixture.Env) []string {
 	return envFor(e, "CLICKHOUSE_CLUSTER="+e.Sink.Cluster,
 		"CLICKHOUSE_OUTAGE_FAIL_AFTER=2s", "EVENT_PROCESSING_INTERVAL=1s", "RETRY_MAX_WAIT=1s",
 		"EVENT_RETRY_BASE_DELAY=0.5", "EVENT_RETRY_MAX_DELAY=2", "CLICKHOUSE_CONNECT_TIMEOUT=2", "CLICKHOUSE_SEND_RECEIVE_TIMEOUT=5")
@@ -119,7 +119,7 @@ func migrateWithBinary(t *testing.T, env []string) error {
 // startLoad commits events through the producer library until the returned
 // function is called; that function waits for the transactions in flight and
 // returns what was committed.
-func startLoad(t *testing.T, e *e2e.Env, seed int64) (stop func() loadgen.Stats) {
+func startLoad(t *testing.T, e *fixture.Env, seed int64) (stop func() loadgen.Stats) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan loadgen.Stats, 1)
@@ -145,7 +145,7 @@ type clusterChaos struct {
 	rng *rand.Rand
 	sup *supervisor
 	c   *testenv.CHCluster
-	e   *e2e.Env
+	e   *fixture.Env
 
 	kills   int
 	outages []string
@@ -225,7 +225,7 @@ func (ch *clusterChaos) killNode(n *localsvc.ClusterNode) time.Time {
 // ZooKeeper session has expired).
 func (ch *clusterChaos) awaitReplicasActive() {
 	q := "SELECT active_replicas = total_replicas FROM system.replicas WHERE database = '" + ch.e.Sink.Database + "'"
-	e2e.WaitFor(ch.t, time.Minute, "every replica active", func() bool {
+	fixture.WaitFor(ch.t, time.Minute, "every replica active", func() bool {
 		return strings.TrimSpace(queryRows(ch.c.First(), q)) == "1"
 	})
 }
@@ -278,7 +278,7 @@ var (
 // logMissing logs the outbox rows no node holds, as ranges of ids with when
 // they were created and last updated (to match with the streamer's log), and
 // the nodes' log lines about parts and sessions.
-func logMissing(t *testing.T, c *testenv.CHCluster, e *e2e.Env) {
+func logMissing(t *testing.T, c *testenv.CHCluster, e *fixture.Env) {
 	t.Logf("outbox rows on no node:\n%s", missingRanges(e, heldIDs(c, e.Sink.Database)))
 	if c.Handle == nil {
 		return
@@ -303,7 +303,7 @@ func heldIDs(c *testenv.CHCluster, db string) map[int64]bool {
 
 // missingRanges describes the outbox rows not in held, one range of
 // consecutive ids a line, with its first row's times, attempts and status.
-func missingRanges(e *e2e.Env, held map[int64]bool) string {
+func missingRanges(e *fixture.Env, held map[int64]bool) string {
 	rows, err := e.Pool.Query(context.Background(), "SELECT id, created_at::text, updated_at::text, attempts, status FROM "+e.Outbox.Ident()+" ORDER BY id")
 	if err != nil {
 		return err.Error()

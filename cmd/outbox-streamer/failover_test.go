@@ -15,9 +15,9 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/localsvc"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 )
 
 // TestPrimaryFailoverExactlyOnce: a primary with a physical standby while
@@ -43,7 +43,7 @@ func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 		// the streamer's own poller counted none pending, failed or dead.
 		t.Skipf("PostgreSQL %d has no failover slots: the lost-slot failover is run with OUTBOX_TEST_FAILOVER_PRE17=1 (it fails intermittently, under investigation)", pg.Major)
 	}
-	e := e2e.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
+	e := fixture.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
 	var sbSettings map[string]string
 	if failoverSlots {
 		sbSettings = map[string]string{"sync_replication_slots": "on"}
@@ -74,14 +74,14 @@ func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 	stopProducers := produce(ctx, t, both)
 	defer stopProducers()
 	if failoverSlots {
-		e2e.WaitFor(t, time.Minute, "the failover slot synced to the standby", func() bool {
+		fixture.WaitFor(t, time.Minute, "the failover slot synced to the standby", func() bool {
 			// A running-transactions record lets the slot's catalog horizon
 			// move, which the standby waits for before it keeps a synced slot.
 			_, _ = e.Pool.Exec(ctx, "SELECT pg_log_standby_snapshot()")
 			return failoverSlotSynced(ctx, t, standby.DSN(), e.Slot)
 		})
 	}
-	e2e.WaitFor(t, time.Minute, "rows delivered before the failover", func() bool { _, p := e.Committed(t); return p > 500 })
+	fixture.WaitFor(t, time.Minute, "rows delivered before the failover", func() bool { _, p := e.Committed(t); return p > 500 })
 	big, err := e.Pool.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -100,7 +100,7 @@ func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 		return n
 	}
 	if streams {
-		e2e.WaitFor(t, time.Minute, "the open transaction staged in ClickHouse", func() bool { return staged() > 0 })
+		fixture.WaitFor(t, time.Minute, "the open transaction staged in ClickHouse", func() bool { return staged() > 0 })
 	}
 
 	if err := pg.Kill(); err != nil {
@@ -133,7 +133,7 @@ func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 	// CHANGELOG): until then those rows sit in staging, never in the event
 	// table (checked above).
 	if pg.Major != 17 {
-		e2e.WaitFor(t, time.Minute, "the lost transaction's staged rows cleared", func() bool { return staged() == 0 })
+		fixture.WaitFor(t, time.Minute, "the lost transaction's staged rows cleared", func() bool { return staged() == 0 })
 	}
 	// 17+: the synced slot carried on, no second slot. Before: a new one.
 	want := 2

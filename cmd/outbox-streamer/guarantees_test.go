@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 )
 
 // TestDeadLetterAndRequeue: a row ClickHouse cannot hold fails, is retried by the
@@ -17,13 +17,13 @@ import (
 // operator fixes and requeues it, the next sweep delivers it — on an
 // unpartitioned and on a partitioned outbox.
 func TestDeadLetterAndRequeue(t *testing.T) {
-	t.Run("unpartitioned", func(t *testing.T) { testDeadLetterAndRequeue(t, e2e.New(t, testenv.ModernClickHouse(t))) })
+	t.Run("unpartitioned", func(t *testing.T) { testDeadLetterAndRequeue(t, fixture.New(t, testenv.ModernClickHouse(t))) })
 	t.Run("partitioned", func(t *testing.T) {
-		testDeadLetterAndRequeue(t, e2e.NewPartitioned(t, testenv.ModernClickHouse(t), 24*time.Hour))
+		testDeadLetterAndRequeue(t, fixture.NewPartitioned(t, testenv.ModernClickHouse(t), 24*time.Hour))
 	})
 }
 
-func testDeadLetterAndRequeue(t *testing.T, e *e2e.Env) {
+func testDeadLetterAndRequeue(t *testing.T, e *fixture.Env) {
 	env := envFor(e, "EVENT_MAX_ATTEMPTS=2", "EVENT_RETRY_BASE_DELAY=0.05", "EVENT_RETRY_MAX_DELAY=0.1")
 	ctx := context.Background()
 	var id int64
@@ -33,7 +33,7 @@ func testDeadLetterAndRequeue(t *testing.T, e *e2e.Env) {
 	}
 	sweepUntil := func(want string) {
 		t.Helper()
-		e2e.WaitFor(t, 30*time.Second, "row status "+want, func() bool {
+		fixture.WaitFor(t, 30*time.Second, "row status "+want, func() bool {
 			code, out := runCmd(t, env, "run", "--sweep")
 			if code != 0 {
 				t.Fatalf("run --sweep exited %d:\n%s", code, out)
@@ -65,16 +65,16 @@ func testDeadLetterAndRequeue(t *testing.T, e *e2e.Env) {
 // TestStandbyTakesOverWhenTheLeaderDies runs two instances on one slot: the second
 // waits; after SIGKILL of the first it takes over and every event is delivered once.
 func TestStandbyTakesOverWhenTheLeaderDies(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	env := envFor(e)
 	leaderCmd, _ := startStreamer(t, env)
-	e2e.WaitFor(t, time.Minute, "leader streaming", func() bool { return e.ConfirmedFlush(t) > 0 && slotPID(t, e) != 0 })
+	fixture.WaitFor(t, time.Minute, "leader streaming", func() bool { return e.ConfirmedFlush(t) > 0 && slotPID(t, e) != 0 })
 	standby, standbyOut := startStreamer(t, env)
-	e2e.WaitFor(t, time.Minute, "standby waiting", func() bool {
+	fixture.WaitFor(t, time.Minute, "standby waiting", func() bool {
 		return strings.Contains(standbyOut.String(), "waiting as hot standby")
 	})
 	e.Insert(t, 1000, false)
-	e2e.WaitFor(t, time.Minute, "first events delivered", func() bool { _, p := e.Committed(t); return p == 1000 })
+	fixture.WaitFor(t, time.Minute, "first events delivered", func() bool { _, p := e.Committed(t); return p == 1000 })
 
 	if err := leaderCmd.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -82,7 +82,7 @@ func TestStandbyTakesOverWhenTheLeaderDies(t *testing.T) {
 	killed := time.Now()
 	_ = leaderCmd.Wait()
 	e.Insert(t, 1000, false)
-	e2e.WaitFor(t, time.Minute, "standby streaming", func() bool {
+	fixture.WaitFor(t, time.Minute, "standby streaming", func() bool {
 		return strings.Contains(standbyOut.String(), "took over as leader") && slotPID(t, e) != 0
 	})
 	t.Logf("standby took over %s after the leader's SIGKILL", time.Since(killed).Round(time.Millisecond))
@@ -93,17 +93,17 @@ func TestStandbyTakesOverWhenTheLeaderDies(t *testing.T) {
 // TestLeaderStopsWhenItsLockSessionDies terminates the leader's lock session: it must
 // stop streaming at once (and then compete for the lock again).
 func TestLeaderStopsWhenItsLockSessionDies(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	_, out := startStreamer(t, envFor(e))
-	e2e.WaitFor(t, time.Minute, "streaming", func() bool { return slotPID(t, e) != 0 })
+	fixture.WaitFor(t, time.Minute, "streaming", func() bool { return slotPID(t, e) != 0 })
 	if _, err := e.Pool.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 		WHERE datname = current_database() AND query LIKE '%pg_try_advisory_lock%' AND pid <> pg_backend_pid()`); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, time.Minute, "the leader noticing the lost lock", func() bool {
+	fixture.WaitFor(t, time.Minute, "the leader noticing the lost lock", func() bool {
 		return strings.Contains(out.String(), "lost the leader lock")
 	})
-	e2e.WaitFor(t, time.Minute, "streaming again after re-acquiring the lock", func() bool {
+	fixture.WaitFor(t, time.Minute, "streaming again after re-acquiring the lock", func() bool {
 		return strings.Count(out.String(), `"streaming"`) >= 2
 	})
 	e.Insert(t, 100, false)
@@ -115,7 +115,7 @@ func TestLeaderStopsWhenItsLockSessionDies(t *testing.T) {
 // next start recreates the slot and delivers the rows through the backfill.
 func TestInvalidatedSlotIsRecreatedAndBackfilled(t *testing.T) {
 	pg := testenv.PrivatePostgres(t)
-	e := e2e.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
+	e := fixture.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	for _, q := range []string{"ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'", "SELECT pg_reload_conf()"} {
 		if _, err := e.Pool.Exec(ctx, q); err != nil {
@@ -125,7 +125,7 @@ func TestInvalidatedSlotIsRecreatedAndBackfilled(t *testing.T) {
 	env := envFor(e)
 	cmd, out := startStreamer(t, env)
 	e.Insert(t, 100, false)
-	e2e.WaitFor(t, time.Minute, "first rows delivered", func() bool { _, p := e.Committed(t); return p == 100 })
+	fixture.WaitFor(t, time.Minute, "first rows delivered", func() bool { _, p := e.Committed(t); return p == 100 })
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("streamer: %v\n%s", err, out)
@@ -155,7 +155,7 @@ func TestInvalidatedSlotIsRecreatedAndBackfilled(t *testing.T) {
 	}
 }
 
-func slotPID(t *testing.T, e *e2e.Env) int32 {
+func slotPID(t *testing.T, e *fixture.Env) int32 {
 	var pid *int32
 	_ = e.Pool.QueryRow(context.Background(), "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", e.Slot).Scan(&pid)
 	if pid == nil {
@@ -170,18 +170,18 @@ func slotPID(t *testing.T, e *e2e.Env) int32 {
 // the sweep after the outage bound and lets the slot move; SIGTERM ends it
 // cleanly. (It used to exit at once: a crash loop under Kubernetes.)
 func TestStartWithClickHouseUnreachable(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	cmd, out := startStreamer(t, envFor(e, "CLICKHOUSE_PORT=1", "CLICKHOUSE_CONNECT_TIMEOUT=1", "CLICKHOUSE_OUTAGE_FAIL_AFTER=1s"))
-	e2e.WaitFor(t, time.Minute, "streamer streaming", func() bool { return e.ConfirmedFlush(t) > 0 })
+	fixture.WaitFor(t, time.Minute, "streamer streaming", func() bool { return e.ConfirmedFlush(t) > 0 })
 	e.Insert(t, 20, false)
 	after := e.CurrentWAL(t)
-	e2e.WaitFor(t, time.Minute, "rows failed with the reason", func() bool {
+	fixture.WaitFor(t, time.Minute, "rows failed with the reason", func() bool {
 		var n int
 		_ = e.Pool.QueryRow(context.Background(), `SELECT count(*) FROM event_outbox
 			WHERE status = 'failed' AND last_error LIKE '%unreachable%'`).Scan(&n)
 		return n == 20
 	})
-	e2e.WaitFor(t, time.Minute, "slot past the failed rows", func() bool { return e.ConfirmedFlush(t) >= after })
+	fixture.WaitFor(t, time.Minute, "slot past the failed rows", func() bool { return e.ConfirmedFlush(t) >= after })
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -202,7 +202,7 @@ func TestStartWithClickHouseUnreachable(t *testing.T) {
 // pass leaves every row that is not an old processed one, and a second pass
 // finishes the job; `prune --dry-run` counts without removing.
 func TestPruneSIGKILLLosesNothing(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	if _, err := e.Pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, status, created_at)
 		SELECT 'old', now() AT TIME ZONE 'UTC', CASE WHEN g % 100 = 0 THEN 'failed' WHEN g % 101 = 0 THEN 'dead' ELSE 'processed' END,
@@ -228,7 +228,7 @@ func TestPruneSIGKILLLosesNothing(t *testing.T) {
 	_ = cmd.Wait()
 	// The killed client's backend finishes (or aborts) the batch statement it
 	// was running; each batch is one statement, so either way it is whole.
-	e2e.WaitFor(t, time.Minute, "the killed prune's last statement to end", func() bool {
+	fixture.WaitFor(t, time.Minute, "the killed prune's last statement to end", func() bool {
 		return count(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
 			AND state = 'active' AND query LIKE 'WITH batch AS%'`) == 0
 	})

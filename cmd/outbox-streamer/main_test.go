@@ -20,9 +20,9 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/localsvc"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -56,7 +56,7 @@ func binary(t *testing.T) string {
 }
 
 // envFor is the environment pointing the binary at e's databases.
-func envFor(e *e2e.Env, extra ...string) []string {
+func envFor(e *fixture.Env, extra ...string) []string {
 	host, port, _ := strings.Cut(e.Sink.Addr, ":")
 	env := []string{
 		"PATH=" + os.Getenv("PATH"),
@@ -121,10 +121,10 @@ func startStreamerArgs(t *testing.T, env []string, args ...string) (*exec.Cmd, *
 }
 
 func TestSIGTERMMidStreamThenRestartLosesNothing(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	env := envFor(e)
 	cmd, out := startStreamer(t, env)
-	e2e.WaitFor(t, time.Minute, "slot active", func() bool { return e.ConfirmedFlush(t) > 0 })
+	fixture.WaitFor(t, time.Minute, "slot active", func() bool { return e.ConfirmedFlush(t) > 0 })
 
 	// A producer keeps committing while the streamer is stopped and started again.
 	ctx, stopProducer := context.WithCancel(context.Background())
@@ -136,7 +136,7 @@ func TestSIGTERMMidStreamThenRestartLosesNothing(t *testing.T) {
 				SELECT 'p', now() AT TIME ZONE 'UTC', '{}' FROM generate_series(1, 200)`)
 		}
 	}()
-	e2e.WaitFor(t, time.Minute, "some events in ClickHouse", func() bool { c, _ := e.CHCounts(t); return c > 2000 })
+	fixture.WaitFor(t, time.Minute, "some events in ClickHouse", func() bool { c, _ := e.CHCounts(t); return c > 2000 })
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -148,7 +148,7 @@ func TestSIGTERMMidStreamThenRestartLosesNothing(t *testing.T) {
 	}
 	_, processedAtStop := e.Committed(t)
 	startStreamer(t, env)
-	e2e.WaitFor(t, time.Minute, "more events delivered after the restart", func() bool {
+	fixture.WaitFor(t, time.Minute, "more events delivered after the restart", func() bool {
 		_, processed := e.Committed(t)
 		return processed > processedAtStop+2000
 	})
@@ -158,7 +158,7 @@ func TestSIGTERMMidStreamThenRestartLosesNothing(t *testing.T) {
 }
 
 func TestPreconditionsFailWithOneClearLine(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 
 	t.Run("publication missing", func(t *testing.T) {
@@ -223,7 +223,7 @@ func TestPreconditionsFailWithOneClearLine(t *testing.T) {
 
 // holdSlot streams from e's slot with a bare replication connection, as a foreign
 // program would, until the test ends.
-func holdSlot(t *testing.T, e *e2e.Env) {
+func holdSlot(t *testing.T, e *fixture.Env) {
 	t.Helper()
 	ctx := context.Background()
 	cfg, err := pgconn.ParseConfig(e.DSN)
@@ -254,7 +254,7 @@ func TestWALLevelNotLogicalFailsClearly(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pg.Stop()
-	e := e2e.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
+	e := fixture.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
 	code, out := runCmd(t, envFor(e), "run")
 	wantFailure(t, code, out, `wal_level is "replica"`, "set wal_level = logical")
 }
@@ -262,20 +262,20 @@ func TestWALLevelNotLogicalFailsClearly(t *testing.T) {
 // TestMetricsReadinessAndStatus checks what operators see from a running streamer:
 // /metrics with the delivered rows and the slot lag, /readyz, and `status`.
 func TestMetricsReadinessAndStatus(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	_, out := startStreamer(t, envFor(e))
 	var addr string
-	e2e.WaitFor(t, time.Minute, "metrics address in the log", func() bool {
+	fixture.WaitFor(t, time.Minute, "metrics address in the log", func() bool {
 		m := regexp.MustCompile(`"serving /metrics[^"]*".*?"addr":"([^"]+)"`).FindStringSubmatch(out.String())
 		if m != nil {
 			addr = m[1]
 		}
 		return addr != ""
 	})
-	e2e.WaitFor(t, time.Minute, "readyz 200", func() bool { code, _ := httpGet(t, "http://"+addr+"/readyz"); return code == 200 })
+	fixture.WaitFor(t, time.Minute, "readyz 200", func() bool { code, _ := httpGet(t, "http://"+addr+"/readyz"); return code == 200 })
 	e.Insert(t, 1234, false)
-	e2e.WaitFor(t, time.Minute, "delivered", func() bool { _, p := e.Committed(t); return p == 1234 })
-	e2e.WaitFor(t, time.Minute, "metrics showing the delivered rows", func() bool {
+	fixture.WaitFor(t, time.Minute, "delivered", func() bool { _, p := e.Committed(t); return p == 1234 })
+	fixture.WaitFor(t, time.Minute, "metrics showing the delivered rows", func() bool {
 		_, body := httpGet(t, "http://"+addr+"/metrics")
 		return regexp.MustCompile(`(?m)^outbox_streamer_rows_delivered_total 1234$`).MatchString(body) &&
 			strings.Contains(body, "outbox_streamer_commit_to_clickhouse_latency_seconds_bucket") &&
@@ -336,10 +336,10 @@ func TestHelpListsEverySettingWithDefault(t *testing.T) {
 // TestSIGTERMDuringStartExitsZero stops the streamer before it streams: an orderly
 // stop, exit 0.
 func TestSIGTERMDuringStartExitsZero(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	e.Insert(t, 20000, false) // a backfill to work on while starting
 	cmd, out := startStreamer(t, envFor(e))
-	e2e.WaitFor(t, time.Minute, "start-up under way", func() bool { return strings.Contains(out.String(), "starting outbox-streamer") })
+	fixture.WaitFor(t, time.Minute, "start-up under way", func() bool { return strings.Contains(out.String(), "starting outbox-streamer") })
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -351,7 +351,7 @@ func TestSIGTERMDuringStartExitsZero(t *testing.T) {
 // TestMigrateStatusJSON: `migrate status --json` is one JSON array a script
 // can read, a state per database.
 func TestMigrateStatusJSON(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	code, out := runCmd(t, envFor(e), "migrate", "status", "--json")
 	if code != 0 {
 		t.Fatalf("migrate status --json exited %d:\n%s", code, out)
@@ -381,7 +381,7 @@ func TestMigrateStatusJSON(t *testing.T) {
 // outbox beside the first one's, streams it, and its status and dead-letters
 // report its table, not event_outbox.
 func TestSecondOutboxWithOutboxTable(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	e.Insert(t, 3, false) // the first outbox's rows: never counted below
 	env := envFor(e, "OUTBOX_TABLE=billing.event_outbox", "PUBLICATION_NAME=billing_publication",
@@ -408,7 +408,7 @@ func TestSecondOutboxWithOutboxTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	startStreamer(t, env)
-	e2e.WaitFor(t, time.Minute, "the billing rows delivered", func() bool {
+	fixture.WaitFor(t, time.Minute, "the billing rows delivered", func() bool {
 		var n int
 		_ = e.Pool.QueryRow(ctx, `SELECT count(*) FROM billing.event_outbox WHERE status = 'processed'`).Scan(&n)
 		return n == 5

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 )
 
 // TestFailuresAndStrictProbes (issue 27): a row the streamer's validation
@@ -21,7 +21,7 @@ import (
 // top reasons; probes that would pass by mistake fail; the sweep's summary
 // is the only thing it prints.
 func TestFailuresAndStrictProbes(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	env := envFor(e)
 	ctx := context.Background()
 	var invalid []int64
@@ -92,7 +92,7 @@ func TestFailuresAndStrictProbes(t *testing.T) {
 
 // keywordDSN is e's DSN in libpq's keyword/value form with a password
 // (which the harness's trust authentication ignores).
-func keywordDSN(t *testing.T, e *e2e.Env, user string) (dsn, redacted string) {
+func keywordDSN(t *testing.T, e *fixture.Env, user string) (dsn, redacted string) {
 	t.Helper()
 	u, err := url.Parse(e.DSN)
 	if err != nil {
@@ -112,7 +112,7 @@ func TestOneLinePerError(t *testing.T) {
 	if srv.HTTPAddr == "" {
 		t.Skip("no HTTP address of the modern ClickHouse")
 	}
-	e := e2e.New(t, srv)
+	e := fixture.New(t, srv)
 	// Over HTTP: the 26.7 library server aborts on a refused native login
 	// (ENVIRONMENT.md), its HTTP handler answers.
 	host, port, _ := strings.Cut(srv.HTTPAddr, ":")
@@ -134,7 +134,7 @@ func TestOneLinePerError(t *testing.T) {
 
 	dsn, redacted := keywordDSN(t, e, "postgres")
 	cmd, log := startStreamer(t, envFor(e, "DATABASE_URL="+dsn, "LOG_FORMAT=json"))
-	e2e.WaitFor(t, time.Minute, "the start line", func() bool { return strings.Contains(log.String(), `"starting outbox-streamer"`) })
+	fixture.WaitFor(t, time.Minute, "the start line", func() bool { return strings.Contains(log.String(), `"starting outbox-streamer"`) })
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	_ = cmd.Wait()
 	if !strings.Contains(log.String(), `"postgres":"`+redacted+`"`) || strings.Contains(log.String(), "secret") {
@@ -149,7 +149,7 @@ func TestOneLinePerError(t *testing.T) {
 // when created_at lies hours ahead read in EVENT_TIME_ZONE (the zone
 // forgotten).
 func TestTimeZoneColumnsAgree(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	const zone = "Europe/Moscow" // UTC+3 all year
 	insert := func(n int, eventTime string) {
@@ -164,7 +164,7 @@ func TestTimeZoneColumnsAgree(t *testing.T) {
 	e.WaitStreaming(t)
 	insert(50, "now()")
 	insert(1, "'2300-01-01'") // invalid: dead at once, by MarkFailed
-	e2e.WaitFor(t, time.Minute, "delivered", func() bool { c := e.StatusCounts(t); return c["processed"] == 50 && c["dead"] == 1 })
+	fixture.WaitFor(t, time.Minute, "delivered", func() bool { c := e.StatusCounts(t); return c["processed"] == 50 && c["dead"] == 1 })
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	_ = cmd.Wait()
 	var dead int64

@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 )
 
 // gate forwards TCP connections to upstream while open and closes them at
@@ -71,17 +71,17 @@ func (g *gate) accept() {
 // logged once.
 func TestRunLogsProgress(t *testing.T) {
 	srv := testenv.ModernClickHouse(t)
-	e := e2e.New(t, srv)
+	e := fixture.New(t, srv)
 	g := newGate(t, srv.Addr)
 	host, port, _ := strings.Cut(g.ln.Addr().String(), ":")
 	cmd, out := startStreamer(t, envFor(e, "CLICKHOUSE_HOST="+host, "CLICKHOUSE_PORT="+port, "CLICKHOUSE_CONNECT_TIMEOUT=1",
 		"PROGRESS_INTERVAL=0.2", "EVENT_BATCH_SIZE=100", "CLICKHOUSE_BATCH_SIZE=100", "RETRY_MAX_WAIT=0.2"))
 	e.WaitStreaming(t)
 	e.Insert(t, 500, false)
-	e2e.WaitFor(t, time.Minute, "a catching-up line", func() bool { return strings.Contains(out.String(), `"catching up: 500 left, ETA unknown"`) })
+	fixture.WaitFor(t, time.Minute, "a catching-up line", func() bool { return strings.Contains(out.String(), `"catching up: 500 left, ETA unknown"`) })
 	// status shows the leader's own view: catching up, 500 pending.
 	env := envFor(e, "CLICKHOUSE_HOST="+host, "CLICKHOUSE_PORT="+port)
-	e2e.WaitFor(t, time.Minute, "the leader's view in status", func() bool {
+	fixture.WaitFor(t, time.Minute, "the leader's view in status", func() bool {
 		_, o := runCmd(t, env, "status", "--json")
 		var st struct {
 			LeaderView *struct {
@@ -92,13 +92,13 @@ func TestRunLogsProgress(t *testing.T) {
 		return json.Unmarshal([]byte(o), &st) == nil && st.LeaderView != nil && st.LeaderView.State == "catching up" && st.LeaderView.Pending == 500
 	})
 	g.open.Store(true)
-	e2e.WaitFor(t, time.Minute, "delivered", func() bool { _, p := e.Committed(t); return p == 500 })
-	e2e.WaitFor(t, time.Minute, "progress after caught up", func() bool {
+	fixture.WaitFor(t, time.Minute, "delivered", func() bool { _, p := e.Committed(t); return p == 500 })
+	fixture.WaitFor(t, time.Minute, "progress after caught up", func() bool {
 		s := out.String()
 		i := strings.Index(s, `"caught up: `)
 		return i >= 0 && strings.Contains(s[i:], `"msg":"progress: `)
 	})
-	e2e.WaitFor(t, time.Minute, "status showing the view after the catch-up", func() bool {
+	fixture.WaitFor(t, time.Minute, "status showing the view after the catch-up", func() bool {
 		_, o := runCmd(t, env, "status")
 		return regexp.MustCompile(`its view \d+s ago: (caught up|streaming), [\d.]+ rows/s, confirmed [0-9A-F]+/[0-9A-F]+, 500 delivered by this process, last batch \d+s ago, \d+ errors`).MatchString(o)
 	})

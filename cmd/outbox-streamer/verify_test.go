@@ -12,9 +12,9 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/verify"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
@@ -44,7 +44,7 @@ func runSplit(t *testing.T, env []string, args ...string) (int, string, string) 
 // id named when it does not, 2 for a command line that cannot run; --repair
 // hands the row to the sweep, `run --sweep` delivers it, and verify exits 0.
 func TestVerifyExitCodes(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	start := time.Date(2026, 11, 20, 8, 0, 0, 0, time.UTC)
 	var ids []int64

@@ -7,13 +7,13 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 )
 
 // seed inserts n rows with status st, created age ago.
-func seed(t *testing.T, e *e2e.Env, n int, st string, age time.Duration) {
+func seed(t *testing.T, e *fixture.Env, n int, st string, age time.Duration) {
 	t.Helper()
 	if _, err := e.Pool.Exec(context.Background(), `INSERT INTO event_outbox (event_type, event_date_time, status, created_at)
 		SELECT 'seed', now() AT TIME ZONE 'UTC', $2, (now() AT TIME ZONE 'UTC') - $3 * interval '1 second'
@@ -27,7 +27,7 @@ func seed(t *testing.T, e *e2e.Env, n int, st string, age time.Duration) {
 // dead rows stay however old, and so do recent processed rows. A dry run
 // counts the same rows and removes none.
 func TestPruneRemovesOnlyOldProcessedRows(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	seed(t, e, 20, "failed", 3*time.Hour)
 	seed(t, e, 1200, "processed", 2*time.Hour)

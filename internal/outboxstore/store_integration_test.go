@@ -6,9 +6,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -18,7 +18,7 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 // update for such a row must wait for it, not silently update nothing and leave the
 // row pending for ever.
 func TestStatusUpdateWaitsForRowsToBecomeVisible(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	store := outboxstore.New(e.Pool, outboxstore.RetryConfig{})
 	for _, c := range []struct {
@@ -73,7 +73,7 @@ func TestStatusUpdateWaitsForRowsToBecomeVisible(t *testing.T) {
 // TestStatusUpdateLeavesFinishedRowsAlone: rows already processed (a replay after a
 // crash) are visible, so the update returns at once and does not touch them.
 func TestStatusUpdateLeavesFinishedRowsAlone(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	e.Insert(t, 10, false)
 	if _, err := e.Pool.Exec(ctx, "UPDATE event_outbox SET status = 'processed'"); err != nil {
@@ -101,7 +101,7 @@ func TestStatusUpdateLeavesFinishedRowsAlone(t *testing.T) {
 // transaction, or afterwards) is reported as vanished at once, for each kind
 // of status update, instead of being waited for until ErrNotVisible.
 func TestVanishedRowsAreSettled(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	store := outboxstore.New(e.Pool, outboxstore.RetryConfig{})
 	gone := func() outboxstore.Ref {
@@ -145,7 +145,7 @@ func TestVanishedRowsAreSettled(t *testing.T) {
 // multibyte character at the cut, or hold NUL bytes or invalid UTF-8, are
 // stored; PostgreSQL used to reject them (22021) and the writer looped.
 func TestReasonsAreStorable(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	store := outboxstore.New(e.Pool, outboxstore.RetryConfig{})
 	for _, reason := range []string{strings.Repeat("a", 1999) + "ééé", "nul \x00 byte", "bad \xff utf-8"} {
@@ -167,7 +167,7 @@ func TestReasonsAreStorable(t *testing.T) {
 // With 200,000 failed rows due (a backfill) the claims must read the partial
 // index in its order: no sequential scan and no sort of the failed rows.
 func TestClaimUsesTheIndex(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	if _, err := e.Pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, status, next_attempt_at)
 		SELECT 't', now(), CASE WHEN g % 10 = 0 THEN 'processed' ELSE 'failed' END,

@@ -13,17 +13,17 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 
-// clusterEnv is e2e.New on the ClickHouse cluster c (see e2e.NewCluster).
-func clusterEnv(t *testing.T, c *testenv.CHCluster) *e2e.Env {
+// clusterEnv is fixture.New on the ClickHouse cluster c (see fixture.NewCluster).
+func clusterEnv(t *testing.T, c *testenv.CHCluster) *fixture.Env {
 	t.Helper()
-	return e2e.NewCluster(t, testenv.Postgres(t), c, nil)
+	return fixture.NewCluster(t, testenv.Postgres(t), c, nil)
 }
 
 // TestClusterStreamsExactlyOnce: the pipeline streams into a Distributed
@@ -81,7 +81,7 @@ func TestClusterShards(t *testing.T) {
 // abandonMidInsert abandons the pipeline as soon as ClickHouse holds more
 // than before rows: often between an insert and its status update, so that
 // the restart has rows to find in ClickHouse rather than send again.
-func abandonMidInsert(t *testing.T, e *e2e.Env, kill func() error, before uint64) {
+func abandonMidInsert(t *testing.T, e *fixture.Env, kill func() error, before uint64) {
 	t.Helper()
 	deadline := time.Now().Add(time.Minute)
 	for n, _ := e.CHCounts(t); n <= before; n, _ = e.CHCounts(t) {
@@ -102,7 +102,7 @@ func abandonMidInsert(t *testing.T, e *e2e.Env, kill func() error, before uint64
 // and the abandon contexts end together: the writer gives up mid-insert and
 // nothing unacknowledged is kept), as near a SIGKILL as a pipeline in the
 // test's process gets.
-func startAbandonable(t *testing.T, e *e2e.Env, tweak func(*pipeline.Config)) (kill func() error) {
+func startAbandonable(t *testing.T, e *fixture.Env, tweak func(*pipeline.Config)) (kill func() error) {
 	t.Helper()
 	cfg := pipeline.Config{
 		Replication:   replication.Config{DSN: e.DSN, Slot: e.Slot, Publication: e.Publication, StatusInterval: 100 * time.Millisecond},
@@ -116,7 +116,7 @@ func startAbandonable(t *testing.T, e *e2e.Env, tweak func(*pipeline.Config)) (k
 	}
 	// An abandoned pipeline's walsender may still hold the slot for a moment
 	// (the binary's supervisor waits SLOT_BUSY_TIMEOUT for it; Stream does not).
-	e2e.WaitFor(t, 30*time.Second, "the slot released by the previous pipeline", func() bool {
+	fixture.WaitFor(t, 30*time.Second, "the slot released by the previous pipeline", func() bool {
 		var active bool
 		err := e.Pool.QueryRow(context.Background(), "SELECT COALESCE((SELECT active FROM pg_replication_slots WHERE slot_name = $1), false)", e.Slot).Scan(&active)
 		return err == nil && !active
@@ -187,7 +187,7 @@ func TestClusterChaos(t *testing.T) {
 		}
 	}()
 	waitRows := func(what string, atLeast uint64) {
-		e2e.WaitFor(t, 2*time.Minute, what, func() bool { n, _ := e.CHCounts(t); return n >= atLeast })
+		fixture.WaitFor(t, 2*time.Minute, what, func() bool { n, _ := e.CHCounts(t); return n >= atLeast })
 	}
 	waitRows("first rows in the cluster", 1000)
 
@@ -234,20 +234,20 @@ func TestClusterThroughput(t *testing.T) {
 		t.Skip("set OUTBOX_TEST_CLUSTER_MEASURE=N to measure N rows")
 	}
 	c := testenv.Cluster(t)
-	var single *e2e.Env
+	var single *fixture.Env
 	for _, srv := range testenv.ClickHouseServers(t) {
 		if srv.Legacy {
-			single = e2e.New(t, srv)
+			single = fixture.New(t, srv)
 		}
 	}
 	envs := []struct {
 		name string
-		e    *e2e.Env
+		e    *fixture.Env
 	}{{"cluster (1 shard × 2 replicas of 18.16, Distributed sync, quorum 2)", clusterEnv(t, c)}}
 	if single != nil {
 		envs = append(envs, struct {
 			name string
-			e    *e2e.Env
+			e    *fixture.Env
 		}{"single 18.16 server", single})
 	}
 	for _, x := range envs {

@@ -10,19 +10,19 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
 // startWith runs the pipeline with cfg adjusted by tweak; it returns a stop func
 // and the channel carrying Stream's result.
-func startWith(t *testing.T, e *e2e.Env, tweak func(*pipeline.Config)) (stop func() error) {
+func startWith(t *testing.T, e *fixture.Env, tweak func(*pipeline.Config)) (stop func() error) {
 	t.Helper()
 	cfg := pipeline.Config{
 		Replication: replication.Config{DSN: e.DSN, Slot: e.Slot, Publication: e.Publication, StatusInterval: 100 * time.Millisecond},
@@ -84,13 +84,13 @@ func (c *crashAfterInsert) Insert(ctx context.Context, events []record.Event) er
 func TestInDoubtBatchIsReconciled(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
 		t.Run(srv.Name, func(t *testing.T) {
-			e := e2e.New(t, srv)
+			e := fixture.New(t, srv)
 			stop := startWith(t, e, func(c *pipeline.Config) {
 				c.WrapSink = func(s pipeline.Sink) pipeline.Sink { return &crashAfterInsert{Sink: s} }
 			})
 			e.WaitStreaming(t)
 			e.Insert(t, 3000, false)
-			e2e.WaitFor(t, time.Minute, "the first batch in ClickHouse", func() bool { c, _ := e.CHCounts(t); return c > 0 })
+			fixture.WaitFor(t, time.Minute, "the first batch in ClickHouse", func() bool { c, _ := e.CHCounts(t); return c > 0 })
 			if err := stop(); !errors.Is(err, errCrash) {
 				t.Fatalf("pipeline returned %v, want the simulated crash", err)
 			}
@@ -108,7 +108,7 @@ func TestInDoubtBatchIsReconciled(t *testing.T) {
 // outbox, not the slot, buffers), and once ClickHouse is back the sweep delivers.
 func TestOutageMarksFailedThenSweepDelivers(t *testing.T) {
 	ch := testenv.PrivateClickHouse(t, false)
-	e := e2e.New(t, testenv.CHServerOf(ch))
+	e := fixture.New(t, testenv.CHServerOf(ch))
 	startWith(t, e, func(c *pipeline.Config) {
 		c.Writer.OutageFailAfter = time.Second
 		c.SweepInterval = 300 * time.Millisecond
@@ -121,13 +121,13 @@ func TestOutageMarksFailedThenSweepDelivers(t *testing.T) {
 	}
 	e.Insert(t, 300, false)
 	after := e.CurrentWAL(t)
-	e2e.WaitFor(t, time.Minute, "rows marked failed during the outage", func() bool {
+	fixture.WaitFor(t, time.Minute, "rows marked failed during the outage", func() bool {
 		var failed int
 		_ = e.Pool.QueryRow(context.Background(), `SELECT count(*) FROM event_outbox
 			WHERE status = 'failed' AND next_attempt_at IS NOT NULL AND last_error LIKE 'clickhouse unavailable%'`).Scan(&failed)
 		return failed == 300
 	})
-	e2e.WaitFor(t, time.Minute, "slot acknowledged past the failed rows", func() bool { return e.ConfirmedFlush(t) >= after })
+	fixture.WaitFor(t, time.Minute, "slot acknowledged past the failed rows", func() bool { return e.ConfirmedFlush(t) >= after })
 	if err := ch.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -140,7 +140,7 @@ func TestOutageMarksFailedThenSweepDelivers(t *testing.T) {
 func TestBadRowIsolated(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
 		t.Run(srv.Name, func(t *testing.T) {
-			e := e2e.New(t, srv)
+			e := fixture.New(t, srv)
 			startWith(t, e, nil)
 			e.WaitStreaming(t)
 			bad := "2300-01-01 00:00:00" // past DateTime64's 2299 and DateTime's 2106
@@ -154,7 +154,7 @@ func TestBadRowIsolated(t *testing.T) {
 				UNION ALL SELECT 'ok', now() AT TIME ZONE 'UTC' FROM generate_series(1, 50)`, bad); err != nil {
 				t.Fatal(err)
 			}
-			e2e.WaitFor(t, time.Minute, "good rows delivered and the bad one dead", func() bool {
+			fixture.WaitFor(t, time.Minute, "good rows delivered and the bad one dead", func() bool {
 				var processed, dead int
 				_ = e.Pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE status = 'processed'),
 					count(*) FILTER (WHERE status = 'dead' AND attempts = 1 AND last_error LIKE '%outside what ClickHouse stores%')
@@ -175,7 +175,7 @@ func TestBadRowIsolated(t *testing.T) {
 // TestRowsOlderThanTheSlotAreBackfilled: rows committed before the first start (no
 // slot yet) are delivered through the sweep, exactly once, beside streamed ones.
 func TestRowsOlderThanTheSlotAreBackfilled(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	e.Insert(t, 2500, false)                                                  // before the slot exists
 	startWith(t, e, func(c *pipeline.Config) { c.SweepInterval = time.Hour }) // the start-up sweep must do it
 	e.WaitStreaming(t)
@@ -186,7 +186,7 @@ func TestRowsOlderThanTheSlotAreBackfilled(t *testing.T) {
 // TestConcurrentSweepersDeliverEachRowOnce runs four sweepers over the same failed
 // rows at once.
 func TestConcurrentSweepersDeliverEachRowOnce(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	e.Insert(t, 5000, false)
 	ctx := context.Background()
 	if _, err := e.Pool.Exec(ctx, `UPDATE event_outbox SET status = 'failed', next_attempt_at = now()`); err != nil {
@@ -233,7 +233,7 @@ func TestConcurrentSweepersDeliverEachRowOnce(t *testing.T) {
 // TestSchemaChangeWhileStreaming adds and reorders columns mid-stream: every event
 // keeps flowing (columns are mapped by name; unknown columns are ignored).
 func TestSchemaChangeWhileStreaming(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	startWith(t, e, nil)
 	e.WaitStreaming(t)
 	ctx := context.Background()
@@ -256,7 +256,7 @@ func TestSchemaChangeWhileStreaming(t *testing.T) {
 // slot's confirmed position must follow the server's WAL end (keepalives), so the
 // WAL the slot holds back stays small.
 func TestQuietOutboxDoesNotPinWAL(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	startWith(t, e, nil)
 	e.WaitStreaming(t)
 	ctx := context.Background()
@@ -273,7 +273,7 @@ func TestQuietOutboxDoesNotPinWAL(t *testing.T) {
 	if end-start < 16<<20 {
 		t.Fatalf("the busy table wrote only %d bytes of WAL; the test needs more", end-start)
 	}
-	e2e.WaitFor(t, time.Minute, "confirmed LSN following the WAL end of the busy table", func() bool {
+	fixture.WaitFor(t, time.Minute, "confirmed LSN following the WAL end of the busy table", func() bool {
 		return e.ConfirmedFlush(t) >= end
 	})
 	t.Logf("busy table wrote %d MiB of WAL; the quiet outbox's slot confirmed past all of it", (end-start)>>20)

@@ -18,21 +18,21 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
 	"github.com/outbox-streamer/outbox-streamer/internal/retry"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
 // waitCaughtUp waits until the slot confirmed the WAL position of now.
-func waitCaughtUp(t *testing.T, e *e2e.Env, timeout time.Duration) {
+func waitCaughtUp(t *testing.T, e *fixture.Env, timeout time.Duration) {
 	t.Helper()
 	pos := e.CurrentWAL(t)
-	e2e.WaitFor(t, timeout, "slot confirmed past the last commit", func() bool { return e.ConfirmedFlush(t) >= pos })
+	fixture.WaitFor(t, timeout, "slot confirmed past the last commit", func() bool { return e.ConfirmedFlush(t) >= pos })
 }
 
 // TestVanishedRowDoesNotStall (item 1): a transaction inserts an event and
@@ -40,7 +40,7 @@ func waitCaughtUp(t *testing.T, e *e2e.Env, timeout time.Duration) {
 // streamer must settle the row that no longer exists instead of waiting for
 // it for ever, and the slot must keep moving — also after a restart.
 func TestVanishedRowDoesNotStall(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	stop := startWith(t, e, nil)
 	e.WaitStreaming(t)
 	ctx := context.Background()
@@ -57,7 +57,7 @@ func TestVanishedRowDoesNotStall(t *testing.T) {
 	// Well inside the 30 s that the visibility wait used to take before it
 	// failed (and was retried for ever).
 	waitCaughtUp(t, e, 15*time.Second)
-	e2e.WaitFor(t, 15*time.Second, "the 100 events processed", func() bool { return e.StatusCounts(t)["processed"] == 100 })
+	fixture.WaitFor(t, 15*time.Second, "the 100 events processed", func() bool { return e.StatusCounts(t)["processed"] == 100 })
 
 	// The same after a restart that replays the row (a delete of a row in
 	// flight while the streamer is down).
@@ -76,14 +76,14 @@ func TestVanishedRowDoesNotStall(t *testing.T) {
 	e.Insert(t, 50, false)
 	startWith(t, e, nil)
 	waitCaughtUp(t, e, 15*time.Second)
-	e2e.WaitFor(t, 15*time.Second, "150 events processed", func() bool { return e.StatusCounts(t)["processed"] == 150 })
+	fixture.WaitFor(t, 15*time.Second, "150 events processed", func() bool { return e.StatusCounts(t)["processed"] == 150 })
 }
 
 // TestSweepSurvivesPoisonedRow (item 5): a failed row the sweep cannot even
 // read into Go (event_date_time = 'infinity') must become failed or dead with
 // its reason; the 20 due rows behind it are delivered.
 func TestSweepSurvivesPoisonedRow(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	if _, err := e.Pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, status, next_attempt_at)
 		VALUES ('poison', 'infinity', 'failed', now() - interval '1 hour')`); err != nil {
@@ -109,9 +109,9 @@ func TestSweepSurvivesPoisonedRow(t *testing.T) {
 	}
 }
 
-func sweepOnce(t *testing.T, e *e2e.Env) (sweep.Result, error) { return sweepOnceBy(t, e, 100) }
+func sweepOnce(t *testing.T, e *fixture.Env) (sweep.Result, error) { return sweepOnceBy(t, e, 100) }
 
-func sweepOnceBy(t *testing.T, e *e2e.Env, batchSize int) (sweep.Result, error) {
+func sweepOnceBy(t *testing.T, e *fixture.Env, batchSize int) (sweep.Result, error) {
 	t.Helper()
 	ctx := context.Background()
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
@@ -127,7 +127,7 @@ func sweepOnceBy(t *testing.T, e *e2e.Env, batchSize int) (sweep.Result, error) 
 // TestFailedRowWithoutNextAttemptIsDelivered (item 6): a row inserted as failed
 // without next_attempt_at is due, not forgotten.
 func TestFailedRowWithoutNextAttemptIsDelivered(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	if _, err := e.Pool.Exec(context.Background(), `INSERT INTO event_outbox (event_type, event_date_time, status)
 		SELECT 'ok', now() AT TIME ZONE 'UTC', 'failed' FROM generate_series(1, 5)`); err != nil {
 		t.Fatal(err)
@@ -147,7 +147,7 @@ func TestFailedRowWithoutNextAttemptIsDelivered(t *testing.T) {
 // the publication, or moved back to pending by hand — are delivered by the
 // sweep's safety net, exactly once, while the stream goes on.
 func TestStrandedRowsAreRescued(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	e.Insert(t, 300, false) // before the slot
 	if _, err := e.Pool.Exec(ctx, "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", e.Slot); err != nil {
@@ -156,7 +156,7 @@ func TestStrandedRowsAreRescued(t *testing.T) {
 	startWith(t, e, func(c *pipeline.Config) { c.SweepInterval = 300 * time.Millisecond })
 	e.WaitStreaming(t)
 	e.Insert(t, 200, false) // streamed
-	e2e.WaitFor(t, time.Minute, "pre-slot and streamed rows processed", func() bool { return e.StatusCounts(t)["processed"] == 500 })
+	fixture.WaitFor(t, time.Minute, "pre-slot and streamed rows processed", func() bool { return e.StatusCounts(t)["processed"] == 500 })
 
 	// Rows while the table is not in the publication.
 	if _, err := e.Pool.Exec(ctx, "ALTER PUBLICATION "+pgx.Identifier{e.Publication}.Sanitize()+" DROP TABLE event_outbox"); err != nil {
@@ -198,7 +198,7 @@ func (a *ambiguousOnce) Insert(ctx context.Context, events []record.Event) error
 func TestAmbiguousInsertIsNotRepeated(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
 		t.Run(srv.Name, func(t *testing.T) {
-			e := e2e.New(t, srv)
+			e := fixture.New(t, srv)
 			amb := &ambiguousOnce{}
 			startWith(t, e, func(c *pipeline.Config) {
 				c.WrapSink = func(s pipeline.Sink) pipeline.Sink { amb.Sink = s; return amb }
@@ -221,7 +221,7 @@ func TestAmbiguousInsertIsNotRepeated(t *testing.T) {
 func TestLostAnswerIsNotRepeated(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
 		t.Run(srv.Name, func(t *testing.T) {
-			e := e2e.New(t, srv)
+			e := fixture.New(t, srv)
 			drop := newAnswerDropper(t, srv.Addr)
 			drop.armed.Store(3)
 			startWith(t, e, func(c *pipeline.Config) { c.Sink.Addr = drop.Addr() })
@@ -245,7 +245,7 @@ func TestLostAnswerIsNotRepeated(t *testing.T) {
 // back.
 func TestStartDuringClickHouseOutage(t *testing.T) {
 	ch := testenv.PrivateClickHouse(t, false)
-	e := e2e.New(t, testenv.CHServerOf(ch))
+	e := fixture.New(t, testenv.CHServerOf(ch))
 	if err := ch.Halt(); err != nil {
 		t.Fatal(err)
 	}
@@ -258,8 +258,8 @@ func TestStartDuringClickHouseOutage(t *testing.T) {
 	e.WaitStreaming(t)
 	e.Insert(t, 300, false)
 	after := e.CurrentWAL(t)
-	e2e.WaitFor(t, time.Minute, "rows marked failed during the outage", func() bool { return e.StatusCounts(t)["failed"] == 300 })
-	e2e.WaitFor(t, time.Minute, "slot acknowledged past the failed rows", func() bool { return e.ConfirmedFlush(t) >= after })
+	fixture.WaitFor(t, time.Minute, "rows marked failed during the outage", func() bool { return e.StatusCounts(t)["failed"] == 300 })
+	fixture.WaitFor(t, time.Minute, "slot acknowledged past the failed rows", func() bool { return e.ConfirmedFlush(t) >= after })
 	if err := ch.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -277,7 +277,7 @@ func TestStartDuringClickHouseOutage(t *testing.T) {
 func TestTimeEdgesRoundTrip(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
 		t.Run(srv.Name, func(t *testing.T) {
-			e := e2e.New(t, srv)
+			e := fixture.New(t, srv)
 			ctx := context.Background()
 			w, err := sink.Open(ctx, e.Sink, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
 			if err != nil {
@@ -346,7 +346,7 @@ func (s *truncatedOnce) Insert(ctx context.Context, events []record.Event) error
 // is a transient failure; it used to count as a row error, so the batch was
 // bisected and rows' attempts were spent.
 func TestTruncatedInsertIsRetriedNotBisected(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	tr := &truncatedOnce{}
 	startWith(t, e, func(c *pipeline.Config) {
 		c.WrapSink = func(s pipeline.Sink) pipeline.Sink { tr.Sink = s; return tr }
@@ -372,7 +372,7 @@ func TestTruncatedInsertIsRetriedNotBisected(t *testing.T) {
 func TestTableThatRejectsEveryRowStops(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
 		t.Run(srv.Name, func(t *testing.T) {
-			e := e2e.New(t, srv)
+			e := fixture.New(t, srv)
 			if err := e.CHConn.Exec(context.Background(), "ALTER TABLE "+e.Table+" ADD COLUMN broken UInt8 DEFAULT toUInt8(event_type)"); err != nil {
 				t.Fatal(err)
 			}
@@ -380,7 +380,7 @@ func TestTableThatRejectsEveryRowStops(t *testing.T) {
 			e.WaitStreaming(t)
 			e.Insert(t, 50, false)
 			var err error
-			e2e.WaitFor(t, time.Minute, "the pipeline to stop", func() bool {
+			fixture.WaitFor(t, time.Minute, "the pipeline to stop", func() bool {
 				var n int
 				_ = e.Pool.QueryRow(context.Background(), "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active", e.Slot).Scan(&n)
 				return n == 0
@@ -401,7 +401,7 @@ func TestTableThatRejectsEveryRowStops(t *testing.T) {
 // (252) — retryable by code, but the same insert fails the same way for
 // ever. The sweep must split it and deliver every row.
 func TestSweepSplitsInsertOverTooManyPartitions(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	if _, err := e.Pool.Exec(context.Background(), `INSERT INTO event_outbox (event_type, event_date_time, status, next_attempt_at)
 		SELECT 'spread', timestamp '2000-01-15' + g * interval '1 month', 'failed', now() FROM generate_series(1, 150) AS g`); err != nil {
 		t.Fatal(err)

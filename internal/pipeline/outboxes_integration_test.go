@@ -10,11 +10,11 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -32,10 +32,10 @@ func TestManyOutboxesStreamAtOnce(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
 		t.Run(srv.Name, func(t *testing.T) {
 			ctx := context.Background()
-			a := e2e.New(t, srv)
-			b := e2e.NewOutbox(t, a, "billing.event_outbox", "billing_publication", "billing_log")
-			c := e2e.NewOutbox(t, a, "orders_outbox", "orders_publication", "orders_log")
-			all := []*e2e.Env{a, b, c}
+			a := fixture.New(t, srv)
+			b := fixture.NewOutbox(t, a, "billing.event_outbox", "billing_publication", "billing_log")
+			c := fixture.NewOutbox(t, a, "orders_outbox", "orders_publication", "orders_log")
+			all := []*fixture.Env{a, b, c}
 
 			// Committed before the slots exist: backfilled, then swept.
 			for i, e := range all {
@@ -99,7 +99,7 @@ func TestManyOutboxesStreamAtOnce(t *testing.T) {
 
 			// The sweep of a claims a's rows only: b's and c's due failed rows
 			// stay as they are until their own sweep.
-			for _, e := range []*e2e.Env{b, c} {
+			for _, e := range []*fixture.Env{b, c} {
 				if _, err := e.Pool.Exec(ctx, `UPDATE `+e.Outbox.Ident()+` SET status = 'failed', next_attempt_at = now() WHERE id <= 10`); err != nil {
 					t.Fatal(err)
 				}
@@ -108,7 +108,7 @@ func TestManyOutboxesStreamAtOnce(t *testing.T) {
 			if res.Delivered+res.AlreadyPresent+res.Failed+res.Dead != 0 {
 				t.Fatalf("the sweep of %s touched rows: %+v", a.Outbox, res)
 			}
-			for _, e := range []*e2e.Env{b, c} {
+			for _, e := range []*fixture.Env{b, c} {
 				if n := e.StatusCounts(t)["failed"]; n != 10 {
 					t.Fatalf("%s has %d failed rows after another outbox's sweep, want 10", e.Outbox, n)
 				}
@@ -125,7 +125,7 @@ func TestManyOutboxesStreamAtOnce(t *testing.T) {
 			}
 
 			// Retention of c removes c's processed rows only.
-			before := map[*e2e.Env]int64{}
+			before := map[*fixture.Env]int64{}
 			for _, e := range all {
 				before[e], _ = e.Committed(t)
 			}
@@ -137,7 +137,7 @@ func TestManyOutboxesStreamAtOnce(t *testing.T) {
 			if want := before[c] - 10; pres.Removed != want {
 				t.Fatalf("pruning %s removed %d rows, want its %d processed ones", c.Outbox, pres.Removed, want)
 			}
-			for _, e := range []*e2e.Env{a, b} {
+			for _, e := range []*fixture.Env{a, b} {
 				if n, _ := e.Committed(t); n != before[e] {
 					t.Fatalf("%s holds %d rows after %s was pruned, want %d", e.Outbox, n, c.Outbox, before[e])
 				}
@@ -147,7 +147,7 @@ func TestManyOutboxesStreamAtOnce(t *testing.T) {
 }
 
 // sweepOutbox runs one sweep of e's outbox into e's event table.
-func sweepOutbox(t *testing.T, e *e2e.Env) sweep.Result {
+func sweepOutbox(t *testing.T, e *fixture.Env) sweep.Result {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

@@ -11,10 +11,10 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/outbox"
 )
 
@@ -26,7 +26,7 @@ import (
 // are processed while keeping one that still holds a failed row; ClickHouse
 // keeps every event.
 func TestPartitionedOutbox(t *testing.T) {
-	e := e2e.NewPartitioned(t, testenv.ModernClickHouse(t), time.Hour)
+	e := fixture.NewPartitioned(t, testenv.ModernClickHouse(t), time.Hour)
 	ctx := context.Background()
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
 	// Two partitions three days back, for retention to find.
@@ -88,19 +88,19 @@ func TestPartitionedOutbox(t *testing.T) {
 	})
 	// Every event once in ClickHouse, wherever its row lives (not counted in
 	// the outbox: retention may already be removing the old processed ones).
-	e2e.WaitFor(t, time.Minute, "1102 events in ClickHouse", func() bool { c, _ := e.CHCounts(t); return c >= 1102 })
+	fixture.WaitFor(t, time.Minute, "1102 events in ClickHouse", func() bool { c, _ := e.CHCounts(t); return c >= 1102 })
 	waitCaughtUp(t, e, time.Minute)
 	if c, u := e.CHCounts(t); c != 1102 || u != 1102 {
 		t.Fatalf("ClickHouse holds count=%d uniq=%d, want 1102 once", c, u)
 	}
 	// Retention: partition B (all processed) goes whole; A is kept while it
 	// holds the failed row.
-	e2e.WaitFor(t, time.Minute, "the old all-processed partition dropped", func() bool { return !names()[nameB] })
+	fixture.WaitFor(t, time.Minute, "the old all-processed partition dropped", func() bool { return !names()[nameB] })
 	if !names()[nameA] {
 		t.Fatalf("partition %s was dropped although it holds failed row %d", nameA, failedID)
 	}
 	// Its processed rows went row by row; the failed one stays.
-	e2e.WaitFor(t, time.Minute, "processed rows of the kept partition pruned", func() bool {
+	fixture.WaitFor(t, time.Minute, "processed rows of the kept partition pruned", func() bool {
 		var n int64
 		_ = e.Pool.QueryRow(ctx, "SELECT count(*) FROM event_outbox WHERE created_at = $1", oldA).Scan(&n)
 		return n == 1
@@ -110,13 +110,13 @@ func TestPartitionedOutbox(t *testing.T) {
 	if _, err := e.Pool.Exec(ctx, "UPDATE event_outbox SET next_attempt_at = now() WHERE id = $1", failedID); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, time.Minute, "the kept partition dropped once its last row was delivered", func() bool { return !names()[nameA] })
+	fixture.WaitFor(t, time.Minute, "the kept partition dropped once its last row was delivered", func() bool { return !names()[nameA] })
 	// The safety net on a partitioned outbox: a current row set back to
 	// pending by hand is rescued, and not delivered twice.
 	if _, err := e.Pool.Exec(ctx, "UPDATE event_outbox SET status = 'pending' WHERE id = (SELECT max(id) FROM event_outbox WHERE event_type = 'producer')"); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, time.Minute, "the reset row processed again", func() bool {
+	fixture.WaitFor(t, time.Minute, "the reset row processed again", func() bool {
 		var n int64
 		_ = e.Pool.QueryRow(ctx, "SELECT count(*) FROM event_outbox WHERE status <> 'processed'").Scan(&n)
 		return n == 0
@@ -159,7 +159,7 @@ func conversionSQL(t *testing.T, cutover time.Time) []string {
 // the cutover land in partitions the leader created, and the old table is a
 // partition.
 func TestConvertUnpartitionedOutbox(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	startWith(t, e, func(c *pipeline.Config) {
 		c.SweepInterval = 300 * time.Millisecond
@@ -190,7 +190,7 @@ func TestConvertUnpartitionedOutbox(t *testing.T) {
 	}
 	e.Insert(t, 300, false) // before the cutover: into the old table
 	dayAfter := cutover.Add(12 * time.Hour)
-	e2e.WaitFor(t, time.Minute, "the leader to create the partitions from the cutover on", func() bool {
+	fixture.WaitFor(t, time.Minute, "the leader to create the partitions from the cutover on", func() bool {
 		parts, err := outboxstore.Partitions(ctx, e.Pool, outboxstore.DefaultName)
 		if err != nil {
 			t.Fatal(err)

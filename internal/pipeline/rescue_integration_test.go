@@ -16,15 +16,15 @@ import (
 
 	"github.com/jackc/pglogrepl"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/localsvc"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 )
 
 // strandedRows counts the rows the sweep's rescue took.
-func strandedRows(t *testing.T, e *e2e.Env) int64 {
+func strandedRows(t *testing.T, e *fixture.Env) int64 {
 	t.Helper()
 	var n int64
 	if err := e.Pool.QueryRow(context.Background(),
@@ -34,7 +34,7 @@ func strandedRows(t *testing.T, e *e2e.Env) int64 {
 	return n
 }
 
-func txidNow(t *testing.T, e *e2e.Env) int64 {
+func txidNow(t *testing.T, e *fixture.Env) int64 {
 	t.Helper()
 	var x int64
 	if err := e.Pool.QueryRow(context.Background(), "SELECT txid_snapshot_xmax(txid_current_snapshot())").Scan(&x); err != nil {
@@ -45,7 +45,7 @@ func txidNow(t *testing.T, e *e2e.Env) int64 {
 
 // produceSingleRows commits one row per transaction every interval until
 // stop is closed.
-func produceSingleRows(t *testing.T, e *e2e.Env, interval time.Duration, stop <-chan struct{}) (wait func() int) {
+func produceSingleRows(t *testing.T, e *fixture.Env, interval time.Duration, stop <-chan struct{}) (wait func() int) {
 	t.Helper()
 	var n atomic.Int64
 	var wg sync.WaitGroup
@@ -87,7 +87,7 @@ func produceSingleRows(t *testing.T, e *e2e.Env, interval time.Duration, stop <-
 // ClickHouse twice).
 func TestRescueOnOldCluster(t *testing.T) {
 	pg := testenv.PrivatePostgresWith(t, localsvc.PostgresOptions{XIDEpoch: 1, NextXID: 1<<32 - 700})
-	e := e2e.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
+	e := fixture.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
 	before := txidNow(t, e)
 	if before < 1<<32 || before >= 2<<32 {
 		t.Fatalf("precondition: txid %d, want epoch 1", before)
@@ -96,7 +96,7 @@ func TestRescueOnOldCluster(t *testing.T) {
 	e.WaitStreaming(t)
 	stop := make(chan struct{})
 	wait := produceSingleRows(t, e, 5*time.Millisecond, stop)
-	e2e.WaitFor(t, 2*time.Minute, "the xid counter past its 32-bit wraparound and 1,200 rows", func() bool {
+	fixture.WaitFor(t, 2*time.Minute, "the xid counter past its 32-bit wraparound and 1,200 rows", func() bool {
 		n, _ := e.Committed(t)
 		return txidNow(t, e) > 2<<32+100 && n >= 1200
 	})
@@ -115,7 +115,7 @@ func TestRescueOnOldCluster(t *testing.T) {
 // marks, and commits right behind a large transaction that keeps the stream
 // busy. Its rows belong to the stream: the rescue must not take them.
 func TestSavepointRowsCommittedLateAreNotRescued(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	startWith(t, e, func(c *pipeline.Config) { c.SweepInterval = 200 * time.Millisecond })
 	e.WaitStreaming(t)
 	ctx := context.Background()
@@ -141,7 +141,7 @@ func TestSavepointRowsCommittedLateAreNotRescued(t *testing.T) {
 	wait := produceSingleRows(t, e, 10*time.Millisecond, stop)
 	for range 3 {
 		pos := e.CurrentWAL(t)
-		e2e.WaitFor(t, time.Minute, "slot confirmed past the side commits", func() bool { return e.ConfirmedFlush(t) >= pos })
+		fixture.WaitFor(t, time.Minute, "slot confirmed past the side commits", func() bool { return e.ConfirmedFlush(t) >= pos })
 		time.Sleep(300 * time.Millisecond) // at least one sweep, whose mark the next round passes
 	}
 	e.Insert(t, 100000, false) // keeps the stream busy while the savepoint rows wait behind it
@@ -207,7 +207,7 @@ func TestReplayAtTheConfirmedPosition(t *testing.T) {
 var errNotAdjacent = errors.New("precondition: other WAL records came between the two commits")
 
 func replayAtConfirmed(t *testing.T) error {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	// The slot first, with nothing to stream.
 	stop := startWith(t, e, nil)
@@ -247,7 +247,7 @@ func replayAtConfirmed(t *testing.T) error {
 		c.Writer.MaxInsertRows = 1000 // Y and X in inserts of their own
 		c.WrapSink = func(s pipeline.Sink) pipeline.Sink { crash.Sink = s; return crash }
 	})
-	e2e.WaitFor(t, 2*time.Minute, "X inserted and the writer stopped", crash.crashed.Load)
+	fixture.WaitFor(t, 2*time.Minute, "X inserted and the writer stopped", crash.crashed.Load)
 	err = stop()
 	if !errors.Is(err, errCrash) {
 		return fmt.Errorf("pipeline stopped with %v, want the simulated crash", err)
@@ -272,7 +272,7 @@ func replayAtConfirmed(t *testing.T) error {
 func TestReplayAfterTheInflightRecordWasLost(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
 		t.Run(srv.Name, func(t *testing.T) {
-			e := e2e.New(t, srv)
+			e := fixture.New(t, srv)
 			stop := startWith(t, e, nil)
 			e.WaitStreaming(t)
 			e.Insert(t, 100, false)
@@ -285,7 +285,7 @@ func TestReplayAfterTheInflightRecordWasLost(t *testing.T) {
 			stop = startWith(t, e, func(c *pipeline.Config) {
 				c.WrapSink = func(s pipeline.Sink) pipeline.Sink { crash.Sink = s; return crash }
 			})
-			e2e.WaitFor(t, time.Minute, "the batch inserted and the writer stopped", crash.crashed.Load)
+			fixture.WaitFor(t, time.Minute, "the batch inserted and the writer stopped", crash.crashed.Load)
 			if err := stop(); !errors.Is(err, errCrash) {
 				t.Fatalf("pipeline stopped with %v, want the simulated crash", err)
 			}

@@ -5,9 +5,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 )
 
 // TestRetentionWhileStreaming (issue 12): with a short retention the leader
@@ -15,7 +15,7 @@ import (
 // event reaches ClickHouse exactly once, and since deletes are not published,
 // ClickHouse keeps every event after the outbox let them go.
 func TestRetentionWhileStreaming(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	startWith(t, e, func(c *pipeline.Config) {
 		c.Retention = time.Second
 		c.SweepInterval = 300 * time.Millisecond
@@ -30,7 +30,7 @@ func TestRetentionWhileStreaming(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitCaughtUp(t, e, time.Minute)
-	e2e.WaitFor(t, time.Minute, "processed rows pruned", func() bool {
+	fixture.WaitFor(t, time.Minute, "processed rows pruned", func() bool {
 		var n int
 		_ = e.Pool.QueryRow(context.Background(), "SELECT count(*) FROM event_outbox").Scan(&n)
 		return n == 0

@@ -5,8 +5,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
@@ -21,11 +21,11 @@ import (
 // copied again).
 func TestStagedStreamedTransactions(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
-		t.Run(srv.Name, func(t *testing.T) { testStaged(t, e2e.New(t, srv)) })
+		t.Run(srv.Name, func(t *testing.T) { testStaged(t, fixture.New(t, srv)) })
 	}
 }
 
-func testStaged(t *testing.T, e *e2e.Env) {
+func testStaged(t *testing.T, e *fixture.Env) {
 	ctx := context.Background()
 	spillDir := t.TempDir()
 	stop := startStreaming(t, e, spillDir, true)
@@ -57,7 +57,7 @@ func testStaged(t *testing.T, e *e2e.Env) {
 			t.Fatal(err)
 		}
 	}
-	e2e.WaitFor(t, 30*time.Second, "the open transaction's rows in the staging table", func() bool { return stagedCount() >= 3000 })
+	fixture.WaitFor(t, 30*time.Second, "the open transaction's rows in the staging table", func() bool { return stagedCount() >= 3000 })
 	if n := countType("staged.keep") + countType("staged.rolled.back"); n != 0 {
 		t.Fatalf("%d rows of an open transaction in the event table", n)
 	}
@@ -68,7 +68,7 @@ func testStaged(t *testing.T, e *e2e.Env) {
 	if n := countType("staged.keep"); n != 3000 {
 		t.Errorf("%d committed rows in the event table, want 3000", n)
 	}
-	e2e.WaitFor(t, 30*time.Second, "the staging table empty after the copy", func() bool { return stagedCount() == 0 })
+	fixture.WaitFor(t, 30*time.Second, "the staging table empty after the copy", func() bool { return stagedCount() == 0 })
 
 	// Aborted whole: dropped from staging, never in the event table.
 	aborted, err := e.Pool.Begin(ctx)
@@ -78,11 +78,11 @@ func testStaged(t *testing.T, e *e2e.Env) {
 	if _, err := aborted.Exec(ctx, bigRows, "staged.aborted", 3000); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, 30*time.Second, "the aborted transaction's rows in the staging table", func() bool { return stagedCount() > 0 })
+	fixture.WaitFor(t, 30*time.Second, "the aborted transaction's rows in the staging table", func() bool { return stagedCount() > 0 })
 	if err := aborted.Rollback(ctx); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, 30*time.Second, "the staging table empty after the abort", func() bool { return stagedCount() == 0 })
+	fixture.WaitFor(t, 30*time.Second, "the staging table empty after the abort", func() bool { return stagedCount() == 0 })
 
 	// A crash while a transaction is being staged: the next session clears
 	// the staging table, and the server streams the transaction again.
@@ -94,7 +94,7 @@ func testStaged(t *testing.T, e *e2e.Env) {
 	if _, err := open.Exec(ctx, bigRows, "staged.across.crash", 2000); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, 30*time.Second, "the open transaction's rows in the staging table", func() bool { return stagedCount() > 0 })
+	fixture.WaitFor(t, 30*time.Second, "the open transaction's rows in the staging table", func() bool { return stagedCount() > 0 })
 	stop()
 	stop = startStreaming(t, e, spillDir, true)
 	if _, err := open.Exec(ctx, bigRows, "staged.across.crash", 2000); err != nil {
@@ -122,7 +122,7 @@ func testStaged(t *testing.T, e *e2e.Env) {
 	if _, err := e.Pool.Exec(ctx, bigRows, "staged.crash", 3000); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, time.Minute, "the transaction copied into the event table", func() bool { return countType("staged.crash") == 3000 })
+	fixture.WaitFor(t, time.Minute, "the transaction copied into the event table", func() bool { return countType("staged.crash") == 3000 })
 	stop()
 	// The abandoned pipeline's UPDATEs may still sleep in the trigger: pgx
 	// cancels a query with a request on a new connection, which a loaded
@@ -142,7 +142,7 @@ func testStaged(t *testing.T, e *e2e.Env) {
 }
 
 // stagedRows counts what e's slot has in the staging table.
-func stagedRows(t *testing.T, e *e2e.Env) uint64 {
+func stagedRows(t *testing.T, e *fixture.Env) uint64 {
 	t.Helper()
 	var n uint64
 	if err := e.CHConn.QueryRow(context.Background(), "SELECT count() FROM "+sinkStaging(e)+" WHERE slot = '"+e.Slot+"'").Scan(&n); err != nil {
@@ -152,7 +152,7 @@ func stagedRows(t *testing.T, e *e2e.Env) uint64 {
 }
 
 // sinkStaging is e's staging table, quoted.
-func sinkStaging(e *e2e.Env) string {
+func sinkStaging(e *fixture.Env) string {
 	return sink.QuoteIdent(e.Sink.Database) + "." + sink.QuoteIdent(sink.StagingTable(e.Sink.Table))
 }
 
@@ -162,7 +162,7 @@ func sinkStaging(e *e2e.Env) string {
 // transactions again), and a streamed transaction whose every row was
 // rolled back with its savepoint leaves nothing staged at its commit.
 func TestStagingLeavesNothingBehind(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	stagedCount := func() uint64 { return stagedRows(t, e) }
 	// Rows of a transaction no server will send again.
@@ -172,7 +172,7 @@ func TestStagingLeavesNothingBehind(t *testing.T) {
 		t.Fatal(err)
 	}
 	startStreaming(t, e, t.TempDir(), true)
-	e2e.WaitFor(t, 30*time.Second, "the orphaned staging rows dropped at start", func() bool { return stagedCount() == 0 })
+	fixture.WaitFor(t, 30*time.Second, "the orphaned staging rows dropped at start", func() bool { return stagedCount() == 0 })
 
 	tx, err := e.Pool.Begin(ctx)
 	if err != nil {
@@ -185,7 +185,7 @@ func TestStagingLeavesNothingBehind(t *testing.T) {
 	if _, err := tx.Exec(ctx, bigRows, "staged.all.rolled.back", 3000); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, 30*time.Second, "the open transaction's rows in the staging table", func() bool { return stagedCount() > 0 })
+	fixture.WaitFor(t, 30*time.Second, "the open transaction's rows in the staging table", func() bool { return stagedCount() > 0 })
 	for _, q := range []string{"ROLLBACK TO SAVEPOINT s", "CREATE TEMP TABLE keeps_xid (x int)"} {
 		if _, err := tx.Exec(ctx, q); err != nil {
 			t.Fatal(err)
@@ -196,7 +196,7 @@ func TestStagingLeavesNothingBehind(t *testing.T) {
 	}
 	e.Insert(t, 10, false)
 	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
-	e2e.WaitFor(t, 30*time.Second, "nothing staged after the commit of rolled-back rows", func() bool { return stagedCount() == 0 })
+	fixture.WaitFor(t, 30*time.Second, "nothing staged after the commit of rolled-back rows", func() bool { return stagedCount() == 0 })
 }
 
 // TestStagingOfAnAbortedTransactionIsClearedAtSessionStart: a transaction
@@ -205,7 +205,7 @@ func TestStagingLeavesNothingBehind(t *testing.T) {
 // knows aborted; after a failover the new primary never had it). The next
 // session clears its staged rows at its start, even one that does not stage.
 func TestStagingOfAnAbortedTransactionIsClearedAtSessionStart(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	spillDir := t.TempDir()
 	stop := startStreaming(t, e, spillDir, true)
@@ -218,7 +218,7 @@ func TestStagingOfAnAbortedTransactionIsClearedAtSessionStart(t *testing.T) {
 	if _, err := tx.Exec(ctx, bigRows, "staged.orphan", 3000); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, 30*time.Second, "the open transaction's rows in the staging table", func() bool { return stagedCount() > 0 })
+	fixture.WaitFor(t, 30*time.Second, "the open transaction's rows in the staging table", func() bool { return stagedCount() > 0 })
 	stop()
 	if err := tx.Rollback(ctx); err != nil {
 		t.Fatal(err)
@@ -226,5 +226,5 @@ func TestStagingOfAnAbortedTransactionIsClearedAtSessionStart(t *testing.T) {
 	startStreaming(t, e, spillDir, false)
 	e.Insert(t, 10, false)
 	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
-	e2e.WaitFor(t, 30*time.Second, "the orphaned staged rows cleared", func() bool { return stagedCount() == 0 })
+	fixture.WaitFor(t, 30*time.Second, "the orphaned staged rows cleared", func() bool { return stagedCount() == 0 })
 }

@@ -10,10 +10,10 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 
@@ -25,7 +25,7 @@ type running struct {
 	done   chan error
 }
 
-func start(t *testing.T, e *e2e.Env, wrap func(pipeline.Sink) pipeline.Sink) *running {
+func start(t *testing.T, e *fixture.Env, wrap func(pipeline.Sink) pipeline.Sink) *running {
 	t.Helper()
 	cfg := pipeline.Config{
 		Replication: replication.Config{DSN: e.DSN, Slot: e.Slot, Publication: e.Publication, StatusInterval: 100 * time.Millisecond},
@@ -69,7 +69,7 @@ func (r *running) stop(t *testing.T) {
 func TestStreamDeliversExactlyTheCommittedEvents(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
 		t.Run(srv.Name, func(t *testing.T) {
-			e := e2e.New(t, srv)
+			e := fixture.New(t, srv)
 			r := start(t, e, nil)
 			e.WaitStreaming(t)
 			began := time.Now()
@@ -127,7 +127,7 @@ const insertN = `INSERT INTO event_outbox (event_type, event_date_time, event_co
 
 // interleave opens n transactions, inserts rows round-robin into them, and commits
 // them in reverse order.
-func interleave(t *testing.T, e *e2e.Env, n, rows int) {
+func interleave(t *testing.T, e *fixture.Env, n, rows int) {
 	t.Helper()
 	ctx := context.Background()
 	txs := make([]pgx.Tx, n)
@@ -172,7 +172,7 @@ func (g *gatedSink) Insert(ctx context.Context, events []record.Event) error {
 // checks that meanwhile the slot's confirmed LSN does not pass the transaction and no
 // row turns processed; after the release both happen.
 func TestAcknowledgeOnlyAfterClickHouseAccepted(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	gate := &gatedSink{entered: make(chan struct{}), release: make(chan struct{})}
 	start(t, e, func(s pipeline.Sink) pipeline.Sink { gate.Sink = s; return gate })
 	e.WaitStreaming(t)
@@ -207,7 +207,7 @@ func TestAcknowledgeOnlyAfterClickHouseAccepted(t *testing.T) {
 func TestRestartMidTransactionIsExactlyOnce(t *testing.T) {
 	for _, srv := range testenv.ClickHouseServers(t) {
 		t.Run(srv.Name, func(t *testing.T) {
-			e := e2e.New(t, srv)
+			e := fixture.New(t, srv)
 			var inserts int
 			var mu sync.Mutex
 			stopped := make(chan struct{})

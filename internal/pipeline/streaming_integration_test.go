@@ -11,9 +11,9 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 
@@ -28,7 +28,7 @@ func smallWorkMem(dsn string) string {
 }
 
 // slotStats reads the slot's pg_stat_replication_slots counters.
-func slotStats(t *testing.T, e *e2e.Env) (spillBytes, streamBytes, streamTxns int64) {
+func slotStats(t *testing.T, e *fixture.Env) (spillBytes, streamBytes, streamTxns int64) {
 	t.Helper()
 	err := e.Pool.QueryRow(context.Background(), `SELECT spill_bytes, stream_bytes, stream_txns
 		FROM pg_stat_replication_slots WHERE slot_name = $1`, e.Slot).Scan(&spillBytes, &streamBytes, &streamTxns)
@@ -47,7 +47,7 @@ const bigRows = `INSERT INTO event_outbox (event_type, event_date_time, environm
 // (as a crash would; also at the test's end). It skips the test on a server
 // that cannot stream, and fails with the pipeline's own error when it ends
 // before streaming (a precondition it refused, say).
-func startStreaming(t *testing.T, e *e2e.Env, spillDir string, stage bool) (stop func()) {
+func startStreaming(t *testing.T, e *fixture.Env, spillDir string, stage bool) (stop func()) {
 	t.Helper()
 	testenv.RequireStreaming(t, e.DSN)
 	cfg := pipeline.Config{
@@ -80,7 +80,7 @@ func startStreaming(t *testing.T, e *e2e.Env, spillDir string, stage bool) (stop
 		}
 	}
 	t.Cleanup(stop)
-	e2e.WaitFor(t, time.Minute, "slot streaming", func() bool {
+	fixture.WaitFor(t, time.Minute, "slot streaming", func() bool {
 		select {
 		case <-finished:
 			t.Fatalf("the pipeline ended before it streamed: %v", runErr)
@@ -98,7 +98,7 @@ func startStreaming(t *testing.T, e *e2e.Env, spillDir string, stage bool) (stop
 // of a streamed transaction (abandoned, as a crash would) loses nothing and
 // duplicates nothing: the server sends the transaction again.
 func TestStreamingInProgressTransactions(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	spillDir := t.TempDir()
 	run := func() (stopCrash func()) { return startStreaming(t, e, spillDir, false) }
@@ -137,7 +137,7 @@ func TestStreamingInProgressTransactions(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
-	e2e.WaitFor(t, 30*time.Second, "streamed transactions in pg_stat_replication_slots", func() bool {
+	fixture.WaitFor(t, 30*time.Second, "streamed transactions in pg_stat_replication_slots", func() bool {
 		_, streamBytes, streamTxns := slotStats(t, e)
 		return streamBytes > 0 && streamTxns >= 2
 	})
@@ -155,7 +155,7 @@ func TestStreamingInProgressTransactions(t *testing.T) {
 	if _, err := tx.Exec(ctx, bigRows, "keep.across.crash", 2000); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, 30*time.Second, "the open transaction streamed", func() bool {
+	fixture.WaitFor(t, 30*time.Second, "the open transaction streamed", func() bool {
 		_, _, n := slotStats(t, e)
 		return n > before
 	})

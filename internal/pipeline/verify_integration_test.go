@@ -5,10 +5,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 )
 
 // gauge reads one sample of a gauge family from m (ok false when absent).
@@ -38,7 +38,7 @@ func gauge(t *testing.T, m *metrics.Metrics, name, label, value string) (float64
 // ClickHouse behind the streamer's back turns verify_match to 0 and counts
 // as missing.
 func TestPeriodicVerification(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	m := metrics.New()
 	startWith(t, e, func(c *pipeline.Config) {
 		c.Metrics = m
@@ -48,7 +48,7 @@ func TestPeriodicVerification(t *testing.T) {
 	e.WaitStreaming(t)
 	e.Insert(t, 500, false)
 	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
-	e2e.WaitFor(t, 30*time.Second, "a verification that matches", func() bool {
+	fixture.WaitFor(t, 30*time.Second, "a verification that matches", func() bool {
 		v, ok := gauge(t, m, "outbox_streamer_verify_match", "window", "")
 		return ok && v == 1
 	})
@@ -60,7 +60,7 @@ func TestPeriodicVerification(t *testing.T) {
 	if err := e.CHConn.Exec(context.Background(), "ALTER TABLE "+e.Table+" DELETE WHERE event_id = (SELECT min(event_id) FROM "+e.Table+") SETTINGS mutations_sync = 1"); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, 30*time.Second, "a verification that finds the deleted row missing", func() bool {
+	fixture.WaitFor(t, 30*time.Second, "a verification that finds the deleted row missing", func() bool {
 		match, ok := gauge(t, m, "outbox_streamer_verify_match", "window", "")
 		missing, _ := gauge(t, m, "outbox_streamer_verify_rows", "kind", "missing")
 		return ok && match == 0 && missing == 1

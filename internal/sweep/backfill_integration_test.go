@@ -16,12 +16,12 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
@@ -35,7 +35,7 @@ const pipelineApp = "sweep-backfill-test"
 
 // startPipeline runs the streaming pipeline on e (sessions named pipelineApp)
 // and returns a stop func that drains it and returns Stream's result.
-func startPipeline(t *testing.T, e *e2e.Env, sweepInterval time.Duration) (stop func() error) {
+func startPipeline(t *testing.T, e *fixture.Env, sweepInterval time.Duration) (stop func() error) {
 	t.Helper()
 	cfg := pipeline.Config{
 		Replication: replication.Config{DSN: withAppName(t, e.DSN, pipelineApp), Slot: e.Slot, Publication: e.Publication,
@@ -86,10 +86,10 @@ func withAppName(t *testing.T, dsn, name string) string {
 // tableUpdates waits until no session named app is left (a backend flushes
 // its statistics before it leaves pg_stat_activity) and returns the outbox's
 // n_tup_upd and n_tup_hot_upd from pg_stat_user_tables.
-func tableUpdates(t *testing.T, e *e2e.Env, app string) (upd, hot int64) {
+func tableUpdates(t *testing.T, e *fixture.Env, app string) (upd, hot int64) {
 	t.Helper()
 	ctx := context.Background()
-	e2e.WaitFor(t, time.Minute, "the pipeline's sessions to end", func() bool {
+	fixture.WaitFor(t, time.Minute, "the pipeline's sessions to end", func() bool {
 		var n int
 		if err := e.Pool.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app).Scan(&n); err != nil {
 			t.Fatal(err)
@@ -118,7 +118,7 @@ func tableUpdates(t *testing.T, e *e2e.Env, app string) (upd, hot int64) {
 // between).
 func TestBackfillUpdatesEachRowOnce(t *testing.T) {
 	const rows = 20000
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	e.Insert(t, rows, false) // before the slot exists
 	stop := startPipeline(t, e, time.Hour)
 	e.AssertExactlyDelivered(t, 2*time.Minute, e.CurrentWAL(t))
@@ -154,7 +154,7 @@ func (c *cancelAfterInserts) Insert(ctx context.Context, events []record.Event) 
 
 // openSlot creates e's slot as a first start does and returns the stream
 // (closed when the test ends) and its exported snapshot.
-func openSlot(t *testing.T, e *e2e.Env) (*replication.Stream, string) {
+func openSlot(t *testing.T, e *fixture.Env) (*replication.Stream, string) {
 	t.Helper()
 	stream, err := replication.Open(context.Background(), replication.Config{DSN: e.DSN, Slot: e.Slot, Publication: e.Publication},
 		zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
@@ -169,7 +169,7 @@ func openSlot(t *testing.T, e *e2e.Env) (*replication.Stream, string) {
 	return stream, snapshot
 }
 
-func openSink(t *testing.T, e *e2e.Env) *sink.Client {
+func openSink(t *testing.T, e *fixture.Env) *sink.Client {
 	t.Helper()
 	w, err := sink.Open(context.Background(), e.Sink, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
 	if err != nil {
@@ -186,7 +186,7 @@ func openSink(t *testing.T, e *e2e.Env) *sink.Client {
 // included, and delivers each exactly once.
 func TestInterruptedBackfillIsRescuedOnce(t *testing.T) {
 	const rows = 20000
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	e.Insert(t, rows, false)
 	stream, snapshot := openSlot(t, e)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -232,7 +232,7 @@ func (s *slowInserts) Insert(ctx context.Context, events []record.Event) error {
 // they commit (the rescue skips them), and it takes only rows still pending.
 func TestBackfillRacesRescue(t *testing.T) {
 	const rows = 5000
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	e.Insert(t, rows, false)
 	ctx := context.Background()
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
@@ -312,7 +312,7 @@ func (l *lostAfterInserts) Insert(ctx context.Context, events []record.Event) er
 // lost page is found in ClickHouse).
 func TestBackfillLeavesTheRestToTheSweepWhenClickHouseFails(t *testing.T) {
 	const rows = 5000
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	e.Insert(t, rows, false)
 	_, snapshot := openSlot(t, e)
 	ctx := context.Background()

@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/verify"
 )
 
@@ -98,7 +98,7 @@ type stats struct{ seqScan, idxScan, hit, read int64 }
 
 // tableStats reads the outbox's scan and buffer counters (the statistics
 // collector's, flushed first).
-func tableStats(t *testing.T, f *fixture) stats {
+func tableStats(t *testing.T, f *verifyFixture) stats {
 	t.Helper()
 	ctx := context.Background()
 	var s stats
@@ -121,7 +121,7 @@ func tableStats(t *testing.T, f *fixture) stats {
 // explain logs the plan of one aggregate chunk (the bucket's first), custom and generic (pgx
 // prepares statements, and PostgreSQL may switch a prepared statement to a
 // generic plan after five runs).
-func explain(t *testing.T, f *fixture, scan outboxstore.VerifyScan) {
+func explain(t *testing.T, f *verifyFixture, scan outboxstore.VerifyScan) {
 	t.Helper()
 	ctx := context.Background()
 	conn, err := f.e.Pool.Acquire(ctx)

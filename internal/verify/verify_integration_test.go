@@ -16,28 +16,28 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/verify"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
 
-// fixture is one test's databases, a ClickHouse writer on them and the
+// verifyFixture is one test's databases, a ClickHouse writer on them and the
 // outbox's time zone.
-type fixture struct {
-	e   *e2e.Env
+type verifyFixture struct {
+	e   *fixture.Env
 	w   *sink.Client
 	loc *time.Location
 }
 
-func newFixture(t *testing.T, srv testenv.CHServer, loc *time.Location) *fixture {
+func newFixture(t *testing.T, srv testenv.CHServer, loc *time.Location) *verifyFixture {
 	t.Helper()
-	e := e2e.New(t, srv)
+	e := fixture.New(t, srv)
 	w, err := sink.Open(context.Background(), e.Sink, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
@@ -46,7 +46,7 @@ func newFixture(t *testing.T, srv testenv.CHServer, loc *time.Location) *fixture
 	if loc == nil {
 		loc = time.UTC
 	}
-	return &fixture{e: e, w: w, loc: loc}
+	return &verifyFixture{e: e, w: w, loc: loc}
 }
 
 // ev is an outbox row to set up: created_at and event_date_time as the
@@ -70,7 +70,7 @@ func instant(w time.Time, loc *time.Location) time.Time {
 
 // put inserts the rows into the outbox and, converted as the streamer
 // converts them, into ClickHouse through the sink; it returns their ids.
-func (f *fixture) put(t *testing.T, evs []ev) []int64 {
+func (f *verifyFixture) put(t *testing.T, evs []ev) []int64 {
 	t.Helper()
 	ctx := context.Background()
 	ids := make([]int64, len(evs))
@@ -112,7 +112,7 @@ func series(start time.Time, step time.Duration, n int) []ev {
 	return out
 }
 
-func (f *fixture) verify(t *testing.T, cfg verify.Config) *verify.Report {
+func (f *verifyFixture) verify(t *testing.T, cfg verify.Config) *verify.Report {
 	t.Helper()
 	cfg.TimeZone = f.loc
 	rep, err := verify.Run(context.Background(), cfg, f.e.Pool, f.w)
@@ -124,7 +124,7 @@ func (f *fixture) verify(t *testing.T, cfg verify.Config) *verify.Report {
 
 // deleteFromClickHouse deletes an event from the event table (a mutation,
 // which needs merges running: they are stopped again afterwards).
-func (f *fixture) deleteFromClickHouse(t *testing.T, id int64) {
+func (f *verifyFixture) deleteFromClickHouse(t *testing.T, id int64) {
 	t.Helper()
 	ctx := context.Background()
 	if err := f.e.CHConn.Exec(ctx, "SYSTEM START MERGES "+f.e.Table); err != nil {
@@ -133,7 +133,7 @@ func (f *fixture) deleteFromClickHouse(t *testing.T, id int64) {
 	if err := f.e.CHConn.Exec(ctx, fmt.Sprintf("ALTER TABLE %s DELETE WHERE event_id = %d", f.e.Table, id)); err != nil {
 		t.Fatal(err)
 	}
-	e2e.WaitFor(t, time.Minute, fmt.Sprintf("event %d deleted from ClickHouse", id), func() bool {
+	fixture.WaitFor(t, time.Minute, fmt.Sprintf("event %d deleted from ClickHouse", id), func() bool {
 		var n uint64
 		if err := f.e.CHConn.QueryRow(ctx, fmt.Sprintf("SELECT count() FROM %s WHERE event_id = %d", f.e.Table, id)).Scan(&n); err != nil {
 			t.Fatal(err)
@@ -143,7 +143,7 @@ func (f *fixture) deleteFromClickHouse(t *testing.T, id int64) {
 	f.e.StopMerges(t)
 }
 
-func (f *fixture) copies(t *testing.T, id int64) uint64 {
+func (f *verifyFixture) copies(t *testing.T, id int64) uint64 {
 	t.Helper()
 	var n uint64
 	if err := f.e.CHConn.QueryRow(context.Background(), fmt.Sprintf("SELECT count() FROM %s WHERE event_id = %d", f.e.Table, id)).Scan(&n); err != nil {
@@ -201,7 +201,7 @@ func TestCleanAfterStreaming(t *testing.T) {
 	}
 }
 
-func sweepOnce(t *testing.T, f *fixture) sweep.Result {
+func sweepOnce(t *testing.T, f *verifyFixture) sweep.Result {
 	t.Helper()
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
 	s := sweep.New(sweep.Config{BatchSize: 100, TimeZone: f.loc}, f.e.Pool, f.w, outboxstore.New(f.e.Pool, outboxstore.RetryConfig{}), log)
@@ -409,7 +409,7 @@ func wallUTC(t time.Time, loc *time.Location) time.Time {
 // zones with DST gaps, repeated hours and half-hour shifts, where PostgreSQL's
 // own AT TIME ZONE differs.
 func TestInstantsAsTheStreamerReadsThem(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	ctx := context.Background()
 	// Every 10 minutes through 2018 and 2026 (São Paulo still had DST in 2018).
 	if _, err := e.Pool.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, created_at, status)
@@ -641,7 +641,7 @@ func numericU64(t *testing.T, n pgtype.Numeric) uint64 {
 // test creates for them).
 func TestPartitionedOutbox(t *testing.T) {
 	srv := testenv.ModernClickHouse(t)
-	e := e2e.NewPartitioned(t, srv, time.Hour)
+	e := fixture.NewPartitioned(t, srv, time.Hour)
 	ctx := context.Background()
 	if _, err := e.Pool.Exec(ctx, `CREATE TABLE event_outbox_p20261105_1000 PARTITION OF event_outbox
 		FOR VALUES FROM ('2026-11-05 10:00:00') TO ('2026-11-05 11:00:00')`); err != nil {
@@ -652,7 +652,7 @@ func TestPartitionedOutbox(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { w.Close() })
-	f := &fixture{e: e, w: w, loc: time.UTC}
+	f := &verifyFixture{e: e, w: w, loc: time.UTC}
 	start := wall(2026, 11, 5, 10, 0, 0, 0)
 	ids := f.put(t, series(start, time.Minute, 120))
 	cfg := verify.Config{From: start, Until: start.Add(2 * time.Hour)}

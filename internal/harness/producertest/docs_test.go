@@ -11,7 +11,7 @@ import (
 // TestDocsShowInsertSQL: the statement docs/producing-events.md tells sqlc
 // and hand-written SQL users about is the one the package executes.
 func TestDocsShowInsertSQL(t *testing.T) {
-	doc, err := os.ReadFile("../../docs/producing-events.md")
+	doc, err := os.ReadFile("../../../docs/producing-events.md")
 	if err != nil {
 		t.Fatal(err)
 	}

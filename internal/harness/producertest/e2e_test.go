@@ -9,8 +9,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/e2e"
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/outbox"
 )
 
@@ -19,7 +19,7 @@ import (
 // transaction committed) never arrive, those that commit arrive exactly once
 // with their fields intact.
 func TestRolledBackNeverReachesClickHouse(t *testing.T) {
-	e := e2e.New(t, testenv.ModernClickHouse(t))
+	e := fixture.New(t, testenv.ModernClickHouse(t))
 	e.StartPipeline(t)
 	ctx := context.Background()
 	b := make([]byte, 8)
@@ -90,7 +90,7 @@ func TestRolledBackNeverReachesClickHouse(t *testing.T) {
 		}
 		return n
 	}
-	e2e.WaitFor(t, time.Minute, "the committed events in ClickHouse", func() bool { return countMarker(committed) == 501 })
+	fixture.WaitFor(t, time.Minute, "the committed events in ClickHouse", func() bool { return countMarker(committed) == 501 })
 	// The rolled-back transactions come before the committed one in the WAL
 	// (or end after it, without a commit): had the streamer delivered them,
 	// they would be there by now.

@@ -11,7 +11,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/localsvc"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/localsvc"
 )
 
 // envRequireCluster, set to 1, makes a missing package (zookeeper, java,

@@ -34,7 +34,7 @@ func TestConsumerModule(t *testing.T) {
 	if err != nil {
 		t.Fatalf("go not found in PATH (go test puts GOROOT/bin there): %v", err)
 	}
-	outboxDir, err := filepath.Abs(filepath.Join("..", "..", "outbox"))
+	outboxDir, err := filepath.Abs(filepath.Join("..", "..", "..", "outbox"))
 	if err != nil {
 		t.Fatal(err)
 	}

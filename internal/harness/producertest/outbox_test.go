@@ -17,7 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/migrations"
 	"github.com/outbox-streamer/outbox-streamer/outbox"
 	"github.com/outbox-streamer/outbox-streamer/sink"

@@ -14,14 +14,14 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-streamer/outbox-streamer/internal/testenv"
+	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/outbox"
 )
 
 // jsonbCasesFile holds the outbox module's measured documents (one case a
 // line: a length or "reject", a tab, the document); its own tests check the
 // measure against the lengths, this one the lengths against PostgreSQL.
-const jsonbCasesFile = "../../outbox/testdata/jsonb.txt"
+const jsonbCasesFile = "../../../outbox/testdata/jsonb.txt"
 
 // readJSONBDocs returns the documents of jsonbCasesFile, those with a length
 // and those jsonb rejects.
