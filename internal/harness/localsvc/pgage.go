@@ -3,7 +3,6 @@ package localsvc
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -172,18 +171,26 @@ func (p *Postgres) freezeAll(ctx context.Context) error {
 }
 
 // findResetWAL finds pg_resetwal for the server's major version: beside the
-// server, else Debian's for the same major (some server-only builds omit it).
+// server, else Debian's for the same major, else the one
+// scripts/fetch-pg-resetwal.sh keeps in the cache for the packaged majors
+// (their server-only builds omit it).
 func (p *Postgres) findResetWAL() (string, error) {
 	own := filepath.Join(p.BinDir, "pg_resetwal")
 	if _, err := os.Stat(own); err == nil {
 		return own, nil
 	}
-	major, err := os.ReadFile(filepath.Join(p.DataDir, "PG_VERSION"))
-	if err == nil {
-		debian := filepath.Join("/usr/lib/postgresql", string(bytes.TrimSpace(major)), "bin", "pg_resetwal")
-		if _, err := os.Stat(debian); err == nil {
-			return debian, nil
+	raw, err := os.ReadFile(filepath.Join(p.DataDir, "PG_VERSION"))
+	if err != nil {
+		return "", fmt.Errorf("postgres: read the cluster's major version: %w", err)
+	}
+	major := string(bytes.TrimSpace(raw))
+	for _, candidate := range []string{
+		filepath.Join("/usr/lib/postgresql", major, "bin", "pg_resetwal"),
+		filepath.Join(PGCacheDir(), "resetwal", major, "pg_resetwal"),
+	} {
+		if _, err := os.Stat(candidate); err == nil {
+			return candidate, nil
 		}
 	}
-	return "", errors.New("postgres: an old cluster (XIDEpoch, NextXID) needs pg_resetwal, which is not beside " + p.BinDir)
+	return "", fmt.Errorf("postgres: an old cluster (XIDEpoch, NextXID) needs pg_resetwal %s, which is neither beside %s nor fetched (make deps runs scripts/fetch-pg-resetwal.sh for the majors in pg-resetwal.txt; set %s=0 and %s=0 for a fresh cluster)", major, p.BinDir, EnvPGXIDEpoch, EnvPGNextXID)
 }

@@ -28,9 +28,11 @@ func TestPostgresOldCluster(t *testing.T) {
 	defer conn.Close(ctx)
 
 	var first int64
-	if err := conn.QueryRow(ctx, "SELECT txid_current()").Scan(&first); err != nil {
+	var version string
+	if err := conn.QueryRow(ctx, "SELECT txid_current(), current_setting('server_version')").Scan(&first, &version); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("PostgreSQL %s, txid_current() = %d", version, first)
 	if lo, hi := int64(1)<<32+next-1, int64(1)<<32+next+1000; first < lo || first > hi {
 		t.Fatalf("txid_current() = %d, want about epoch 1, xid %d (%d)", first, next, int64(1)<<32+next)
 	}
