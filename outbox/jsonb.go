@@ -10,9 +10,11 @@ import (
 
 // PostgreSQL's numeric type, which jsonb uses for every number, holds at most
 // 131072 digits before the decimal point and 16383 after it, and its input
-// routine refuses exponents of INT_MAX/2 or more (values checked against
-// PostgreSQL 15: 1e131071 and 1e-16383 are accepted, 1e131072, 10e-16384 and
-// 0e1073741823 are not).
+// routine refuses exponents of INT_MAX/2 or more before PostgreSQL 18 and
+// more than INT_MAX/2 from 18 on: the stricter rule, so that an event is valid
+// on every supported server (values checked against PostgreSQL 13–18:
+// 1e131071 and 1e-16383 are accepted, 1e131072 and 10e-16384 are not, and
+// 0e1073741823 is only from 18 on).
 const (
 	pgNumericMaxIntDigits = 131072
 	pgNumericMaxScale     = 16383
