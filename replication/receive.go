@@ -64,6 +64,14 @@ func (s *Stream) Run(ctx context.Context, rc RunConfig, out chan<- *batch.Batch,
 		builder: batch.NewBuilder(rc.BatchSize, rc.BatchMaxBytes, rc.BatchTimeout)}
 	defer r.closeOut()
 
+	if s.streaming {
+		txns, err := openStreamed(s.cfg, rc)
+		if err != nil {
+			return err
+		}
+		r.txns = txns
+		defer txns.close()
+	}
 	if err := s.startReplication(ctx); err != nil {
 		return err
 	}
@@ -124,14 +132,9 @@ type receiver struct {
 	// path: a batch is never dropped while the writer is there to take it.
 	waiting *batch.Batch
 
-	// Rows of the streamed transaction stageXid received since the last
-	// staging batch (RunConfig.Stage), with their subtransactions.
-	stage      []record.Event
-	stageSubs  []uint32
-	stageXid   uint32
-	stageBytes int
-	// tag marks the batches of the staged transaction being replayed.
-	tag *batch.Streamed
+	// txns holds the transactions streamed before their commit (protocol 2);
+	// nil without streaming.
+	txns *streamedTxns
 
 	// The receive deadline (next status update or batch time bound) lives in a
 	// context reused across messages: one per wake-up instead of one per message,
@@ -234,20 +237,17 @@ func (r *receiver) handleCopyData(ctx context.Context, data []byte) error {
 			s.tracker.Begin()
 		case KindInsert:
 			if r.msg.Streamed {
-				if err := s.spillRow(&r.msg); err != nil {
-					return err
-				}
-				return r.stageRow(ctx, &r.msg)
+				return r.txns.insert(ctx, r, &r.msg)
 			}
 			return r.add(ctx, &r.msg.Event)
 		case KindCommit:
 			s.tracker.Commit(r.msg.EndLSN)
 		case KindStreamStop:
-			return r.flushStage(ctx)
+			return r.txns.endChunk(ctx, r)
 		case KindStreamAbort:
-			return r.abort(ctx, &r.msg)
+			return r.txns.abort(ctx, r, &r.msg)
 		case KindStreamCommit:
-			return r.replay(ctx, &r.msg)
+			return r.txns.commit(ctx, r, &r.msg)
 		}
 	}
 	return nil
@@ -280,11 +280,9 @@ func (r *receiver) flushOpen(ctx context.Context) error {
 // emit hands b to the writer. While the writer is busy (backpressure) it keeps
 // sending status updates so the server does not time the connection out. Until
 // the writer takes b it is r.waiting, where the shutdown path finds it if ctx
-// ends first. During the replay of a staged transaction its batches carry r.tag.
+// ends first. During the replay of a staged transaction its batches carry its tag.
 func (r *receiver) emit(ctx context.Context, b *batch.Batch) error {
-	if r.tag != nil && b.Streamed == nil {
-		b.Streamed = r.tag
-	}
+	r.txns.tag(b)
 	r.waiting = b
 	if err := ctx.Err(); err != nil {
 		return err

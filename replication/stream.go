@@ -35,9 +35,8 @@ type Stream struct {
 	lastStatus time.Time
 
 	// streaming is whether this session asks for in-progress transactions
-	// (protocol 2); spill holds them until they commit.
+	// (protocol 2); Run keeps them until they commit (streamedTxns).
 	streaming bool
-	spill     *spill
 	// binary is whether this session asks for values in binary format.
 	binary bool
 }
@@ -229,20 +228,12 @@ func (s *Stream) SlotCreated() (bool, string) { return s.slotCreated, s.snapshot
 
 // Close closes the replication connection.
 func (s *Stream) Close() error {
-	if s.spill != nil {
-		_ = s.spill.Close()
-	}
 	return s.conn.Close(context.Background())
 }
 func (s *Stream) startReplication(ctx context.Context) error {
 	pub := pgx.Identifier{s.cfg.Publication}.Sanitize()
 	args := []string{"proto_version '1'", "publication_names " + pgsql.Literal(pub)}
 	if s.streaming {
-		sp, err := openSpill(s.cfg.SpillDir, s.cfg.SpillMaxBytes)
-		if err != nil {
-			return err
-		}
-		s.spill = sp
 		args = []string{"proto_version '2'", "streaming 'on'", "publication_names " + pgsql.Literal(pub)}
 	}
 	if s.binary {
