@@ -79,17 +79,10 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 		slot.Exists = false
 	}
 
-	rcfg, err := pgconn.ParseConfig(cfg.DSN)
+	rcfg, err := ConnConfig(cfg.DSN)
 	if err != nil {
-		return nil, fmt.Errorf("DATABASE_URL is not a valid PostgreSQL connection string: %w", err)
+		return nil, err
 	}
-	rcfg.RuntimeParams["replication"] = "database"
-	// pgoutput renders values as text with the walsender's settings: pin the ones the
-	// decoder depends on instead of inheriting whatever the server defaults to.
-	rcfg.RuntimeParams["DateStyle"] = "ISO, YMD"
-	rcfg.RuntimeParams["TimeZone"] = "UTC"
-	rcfg.RuntimeParams["extra_float_digits"] = "3"
-	rcfg.RuntimeParams["application_name"] = "outbox-streamer"
 	conn, err := pgconn.ConnectConfig(ctx, rcfg)
 	if err != nil {
 		return nil, fmt.Errorf("open replication connection: %w", err)
@@ -141,6 +134,25 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 	}
 	s.tracker = checkpoint.NewTracker(s.startLSN)
 	return s, nil
+}
+
+// ConnConfig is the configuration of a replication connection to dsn as the
+// streamer opens it (application_name outbox-streamer): replication=database,
+// and the session settings the decoder depends on, pinned because pgoutput
+// renders values as text with the walsender's settings, not the server's
+// defaults. Whatever else reads the slot with this package's Decoder should
+// connect with it too.
+func ConnConfig(dsn string) (*pgconn.Config, error) {
+	cfg, err := pgconn.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("DATABASE_URL is not a valid PostgreSQL connection string: %w", err)
+	}
+	cfg.RuntimeParams["replication"] = "database"
+	cfg.RuntimeParams["DateStyle"] = "ISO, YMD"
+	cfg.RuntimeParams["TimeZone"] = "UTC"
+	cfg.RuntimeParams["extra_float_digits"] = "3"
+	cfg.RuntimeParams["application_name"] = "outbox-streamer"
+	return cfg, nil
 }
 
 // Streaming reports whether the session streams in-progress transactions
