@@ -99,7 +99,7 @@ func BenchmarkDecodeCapturedRow(b *testing.B) {
 			d := NewDecoder("public", "event_outbox", nil)
 			var m Message
 			var insert []byte
-			for _, msg := range readCapture(b, c.path) {
+			for _, msg := range readCapture(b, c.path, captureBinaryTest) {
 				if msg[0] == 'I' {
 					insert = msg
 					break

@@ -96,7 +96,7 @@ func TestCaptureGoldenStreaming(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	dsn, conn := goldenSession(ctx, t, map[string]string{"TimeZone": "UTC", "logical_decoding_work_mem": "64kB"})
+	dsn, conn := goldenSession(ctx, t, map[string]string{"logical_decoding_work_mem": "64kB"})
 	major := serverMajor(conn.ParameterStatus("server_version"))
 	if major < minStreamingMajor {
 		t.Skipf("PostgreSQL %d has no protocol 2 (streaming of in-progress transactions starts with %d)", major, minStreamingMajor)
@@ -130,26 +130,11 @@ func TestCaptureGoldenStreaming(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer plain.Close(context.Background())
-	var cur string
-	if err := plain.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&cur); err != nil {
-		t.Fatal(err)
-	}
-	end, err := parseLSN(cur)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.end <- end
+	c.end <- currentWAL(ctx, t, plain)
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	goldenStream := filepath.Join(goldenMajorDir(major), goldenStreamFile)
-	if err := os.MkdirAll(filepath.Dir(goldenStream), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(goldenStream, c.out, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("captured %d messages, %d bytes", c.n, len(c.out))
+	writeCapture(t, filepath.Join(goldenMajorDir(major), goldenStreamFile), c.out, c.n)
 }
 
 // captureV2 receives a protocol 2 session while the script runs.
@@ -212,17 +197,7 @@ func (c *captureV2) receive(ctx context.Context) error {
 // goldenMessages reads the protocol 2 capture in dir.
 func goldenMessages(t *testing.T, dir string) [][]byte {
 	t.Helper()
-	raw, err := os.ReadFile(filepath.Join(dir, goldenStreamFile))
-	if err != nil {
-		t.Fatalf("%v (capture it: go test ./replication -run TestCaptureGoldenStreaming -update-golden)", err)
-	}
-	var msgs [][]byte
-	for len(raw) >= 4 {
-		n := int(binary.BigEndian.Uint32(raw))
-		msgs = append(msgs, raw[4:4+n])
-		raw = raw[4+n:]
-	}
-	return msgs
+	return readCapture(t, filepath.Join(dir, goldenStreamFile), "TestCaptureGoldenStreaming")
 }
 
 // xlogData frames a pgoutput message as the server sends it.
