@@ -38,3 +38,23 @@ func TestDefaultSpillDir(t *testing.T) {
 		t.Errorf("Validate's default spill dir %q, want %q", cfg.SpillDir, base)
 	}
 }
+
+// TestConnConfig checks the session settings the decoder depends on, which the
+// streamer and the bench's slot reader both connect with, and that a DSN that
+// does not parse is not echoed with its password.
+func TestConnConfig(t *testing.T) {
+	cfg, err := ConnConfig("postgres://u:secret@127.0.0.1:5432/db?TimeZone=Europe/Berlin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"replication": "database", "DateStyle": "ISO, YMD", "TimeZone": "UTC",
+		"extra_float_digits": "3", "application_name": "outbox-streamer"}
+	for k, v := range want {
+		if got := cfg.RuntimeParams[k]; got != v {
+			t.Errorf("%s = %q, want %q", k, got, v)
+		}
+	}
+	if _, err := ConnConfig("postgres://u:secret@127.0.0.1:notaport/db"); err == nil || strings.Contains(err.Error(), "secret") {
+		t.Errorf("bad DSN: error %v, want one without the password", err)
+	}
+}

@@ -12,12 +12,16 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
 )
 
+// benchMajor is the PostgreSQL whose capture the benchmarks decode: the
+// suite's.
+const benchMajor = 15
+
 // benchMessages returns the captured protocol 1 transaction (Begin, Relation,
 // Insert, Commit) from testdata.
 func benchMessages(b *testing.B) (begin, rel, insert, commit []byte) {
 	b.Helper()
 	read := func(name string) []byte {
-		data, err := os.ReadFile(filepath.Join(goldenDir, name))
+		data, err := os.ReadFile(filepath.Join(goldenMajorDir(benchMajor), name))
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -99,7 +103,7 @@ func BenchmarkDecodeCapturedRow(b *testing.B) {
 			d := NewDecoder("public", "event_outbox", nil)
 			var m Message
 			var insert []byte
-			for _, msg := range readCapture(b, c.path) {
+			for _, msg := range readCapture(b, c.path, captureBinaryTest) {
 				if msg[0] == 'I' {
 					insert = msg
 					break

@@ -29,6 +29,9 @@ var (
 	goldenBinary = filepath.Join(goldenDir, "binary", "binary.bin")
 )
 
+// captureBinaryTest writes goldenText and goldenBinary.
+const captureBinaryTest = "TestCaptureGoldenBinary"
+
 // goldenBinaryScript inserts rows that exercise every outbox column type: the
 // outbox of migration 1 (bigint, varchar, timestamp, jsonb) and alt.event_outbox,
 // the same columns as integer, text, timestamptz, char(8), json and smallint,
@@ -62,17 +65,17 @@ var goldenBinaryScript = []string{
 		(4, 'alt.inf', 'infinity', 'prod', '{}', 1, NULL)`,
 }
 
-// replicationConn opens a replication connection with the decoder's session
-// settings (as Open pins them).
-func replicationConn(ctx context.Context, t *testing.T, dsn string) *pgconn.PgConn {
+// replicationConn opens a replication connection with the streamer's settings
+// (ConnConfig) plus extra ones.
+func replicationConn(ctx context.Context, t *testing.T, dsn string, extra map[string]string) *pgconn.PgConn {
 	t.Helper()
-	rcfg, err := pgconn.ParseConfig(dsn)
+	rcfg, err := ConnConfig(dsn)
 	if err != nil {
 		t.Fatal(err)
 	}
-	rcfg.RuntimeParams["replication"] = "database"
-	rcfg.RuntimeParams["DateStyle"] = "ISO, YMD"
-	rcfg.RuntimeParams["TimeZone"] = "UTC"
+	for k, v := range extra {
+		rcfg.RuntimeParams[k] = v
+	}
 	conn, err := pgconn.ConnectConfig(ctx, rcfg)
 	if err != nil {
 		t.Fatal(err)
@@ -90,8 +93,8 @@ func TestCaptureGoldenBinary(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	dsn, textConn := goldenSession(ctx, t, map[string]string{"TimeZone": "UTC"})
-	binConn := replicationConn(ctx, t, dsn)
+	dsn, textConn := goldenSession(ctx, t, nil)
+	binConn := replicationConn(ctx, t, dsn, nil)
 	if v := textConn.ParameterStatus("server_version"); serverMajor(v) < 14 {
 		t.Fatalf("PostgreSQL %s sends no binary values", v)
 	}
@@ -110,14 +113,7 @@ func TestCaptureGoldenBinary(t *testing.T) {
 			t.Fatalf("%s: %v", q, err)
 		}
 	}
-	var cur string
-	if err := plain.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&cur); err != nil {
-		t.Fatal(err)
-	}
-	end, err := parseLSN(cur)
-	if err != nil {
-		t.Fatal(err)
-	}
+	end := currentWAL(ctx, t, plain)
 	args := []string{"proto_version '1'", "publication_names 'outbox_publication'"}
 	captureSession(ctx, t, textConn, "golden_text", args, end, goldenText)
 	captureSession(ctx, t, binConn, "golden_binary", append(args, "binary 'true'"), end, goldenBinary)
@@ -137,6 +133,13 @@ func captureSession(ctx context.Context, t *testing.T, conn *pgconn.PgConn, slot
 		out = append(out, wal...)
 		n++
 	})
+	writeCapture(t, path, out, n)
+}
+
+// writeCapture writes a capture of n messages (each a u32 length and its
+// bytes) to path.
+func writeCapture(t *testing.T, path string, out []byte, n int) {
+	t.Helper()
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -146,12 +149,27 @@ func captureSession(ctx context.Context, t *testing.T, conn *pgconn.PgConn, slot
 	t.Logf("%s: %d messages, %d bytes", path, n, len(out))
 }
 
-// readCapture reads a length-prefixed capture.
-func readCapture(t testing.TB, path string) [][]byte {
+// currentWAL is the server's current WAL position.
+func currentWAL(ctx context.Context, t *testing.T, plain *pgx.Conn) uint64 {
+	t.Helper()
+	var cur string
+	if err := plain.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&cur); err != nil {
+		t.Fatal(err)
+	}
+	end, err := parseLSN(cur)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return end
+}
+
+// readCapture reads a length-prefixed capture that the test named capture
+// writes.
+func readCapture(t testing.TB, path, capture string) [][]byte {
 	t.Helper()
 	raw, err := os.ReadFile(path)
 	if err != nil {
-		t.Fatalf("%v (capture it: go test ./replication -run TestCaptureGoldenBinary -update-golden)", err)
+		t.Fatalf("%v (capture it: go test ./replication -run %s -update-golden)", err, capture)
 	}
 	var msgs [][]byte
 	for len(raw) >= 4 {
@@ -210,7 +228,7 @@ func binaryValues(t *testing.T, msgs [][]byte) int {
 // ways (a problem in one is a problem in the other), and the rows must be what
 // the script inserted.
 func TestGoldenBinaryMatchesText(t *testing.T) {
-	text, bin := readCapture(t, goldenText), readCapture(t, goldenBinary)
+	text, bin := readCapture(t, goldenText, captureBinaryTest), readCapture(t, goldenBinary, captureBinaryTest)
 	if binaryValues(t, text) != 0 {
 		t.Fatal("the text capture holds binary values")
 	}

@@ -92,7 +92,7 @@ func checkGoldenMessages(t *testing.T, dir string) {
 }
 
 // goldenSession migrates a fresh database and opens a replication connection
-// to it with the decoder's session settings plus extra ones.
+// to it with the streamer's settings plus extra ones (replicationConn).
 func goldenSession(ctx context.Context, t *testing.T, extra map[string]string) (string, *pgconn.PgConn) {
 	t.Helper()
 	dsn := testenv.NewDatabase(t)
@@ -104,21 +104,7 @@ func goldenSession(ctx context.Context, t *testing.T, extra map[string]string) (
 	if err := migrations.Up(ctx, migrations.Config{PostgresDSN: dsn, Publication: "outbox_publication", ClickHouse: chCfg}); err != nil {
 		t.Fatal(err)
 	}
-	rcfg, err := pgconn.ParseConfig(dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rcfg.RuntimeParams["replication"] = "database"
-	rcfg.RuntimeParams["DateStyle"] = "ISO, YMD"
-	for k, v := range extra {
-		rcfg.RuntimeParams[k] = v
-	}
-	conn, err := pgconn.ConnectConfig(ctx, rcfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close(context.Background()) })
-	return dsn, conn
+	return dsn, replicationConn(ctx, t, dsn, extra)
 }
 
 // TestCaptureGolden streams one known insert from a real server and writes each

@@ -96,7 +96,7 @@ func TestCaptureGoldenStreaming(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	dsn, conn := goldenSession(ctx, t, map[string]string{"TimeZone": "UTC", "logical_decoding_work_mem": "64kB"})
+	dsn, conn := goldenSession(ctx, t, map[string]string{"logical_decoding_work_mem": "64kB"})
 	major := serverMajor(conn.ParameterStatus("server_version"))
 	if major < minStreamingMajor {
 		t.Skipf("PostgreSQL %d has no protocol 2 (streaming of in-progress transactions starts with %d)", major, minStreamingMajor)
@@ -130,26 +130,11 @@ func TestCaptureGoldenStreaming(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer plain.Close(context.Background())
-	var cur string
-	if err := plain.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&cur); err != nil {
-		t.Fatal(err)
-	}
-	end, err := parseLSN(cur)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.end <- end
+	c.end <- currentWAL(ctx, t, plain)
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	goldenStream := filepath.Join(goldenMajorDir(major), goldenStreamFile)
-	if err := os.MkdirAll(filepath.Dir(goldenStream), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(goldenStream, c.out, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("captured %d messages, %d bytes", c.n, len(c.out))
+	writeCapture(t, filepath.Join(goldenMajorDir(major), goldenStreamFile), c.out, c.n)
 }
 
 // captureV2 receives a protocol 2 session while the script runs.
@@ -212,17 +197,7 @@ func (c *captureV2) receive(ctx context.Context) error {
 // goldenMessages reads the protocol 2 capture in dir.
 func goldenMessages(t *testing.T, dir string) [][]byte {
 	t.Helper()
-	raw, err := os.ReadFile(filepath.Join(dir, goldenStreamFile))
-	if err != nil {
-		t.Fatalf("%v (capture it: go test ./replication -run TestCaptureGoldenStreaming -update-golden)", err)
-	}
-	var msgs [][]byte
-	for len(raw) >= 4 {
-		n := int(binary.BigEndian.Uint32(raw))
-		msgs = append(msgs, raw[4:4+n])
-		raw = raw[4+n:]
-	}
-	return msgs
+	return readCapture(t, filepath.Join(dir, goldenStreamFile), "TestCaptureGoldenStreaming")
 }
 
 // xlogData frames a pgoutput message as the server sends it.
@@ -242,32 +217,48 @@ func TestGoldenStreaming(t *testing.T) {
 	forEachGoldenMajor(t, minStreamingMajor, checkGoldenStreaming)
 }
 
-func checkGoldenStreaming(t *testing.T, dir string) {
+// feedGolden passes the captured session in dir through a receiver with rc,
+// as Run does, and returns it with every batch it handed over; its spill is
+// in spillDir. each, if set, sees every message after it is handled.
+func feedGolden(t *testing.T, dir string, rc RunConfig, each func(*Message)) (r *receiver, out chan *batch.Batch, spillDir string) {
+	t.Helper()
 	msgs := goldenMessages(t, dir)
-	kinds := map[Kind]int{}
-	sp, err := openSpill(t.TempDir(), 0)
+	s := &Stream{cfg: Config{StatusInterval: time.Hour, SpillDir: t.TempDir()}, dec: NewDecoder("public", "event_outbox", nil)}
+	s.tracker = checkpoint.NewTracker(0)
+	rc.setDefaults()
+	txns, err := openStreamed(s.cfg, rc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &Stream{cfg: Config{StatusInterval: time.Hour}, dec: NewDecoder("public", "event_outbox", nil), spill: sp}
-	s.tracker = checkpoint.NewTracker(0)
-	out := make(chan *batch.Batch, 100000)
-	r := &receiver{s: s, out: out, builder: batch.NewBuilder(1000, 0, time.Hour)}
+	t.Cleanup(txns.close)
+	out = make(chan *batch.Batch, 100000)
+	r = &receiver{s: s, rc: rc, out: out, builder: batch.NewBuilder(1000, 0, time.Hour), txns: txns}
 	ctx := context.Background()
-	var lastEnd uint64
 	for i, m := range msgs {
 		if err := r.handleCopyData(ctx, xlogData(uint64(i), m)); err != nil {
 			t.Fatalf("message %d (%q): %v", i, m[0], err)
 		}
-		kinds[r.msg.Kind]++
-		if k := r.msg.Kind; k == KindCommit || k == KindStreamCommit {
-			lastEnd = r.msg.EndLSN
+		if each != nil {
+			each(&r.msg)
 		}
 	}
 	if b := r.builder.Take(); b != nil {
 		out <- b
 	}
 	close(out)
+	return r, out, s.cfg.SpillDir
+}
+
+func checkGoldenStreaming(t *testing.T, dir string) {
+	kinds := map[Kind]int{}
+	var lastEnd uint64
+	r, out, spillDir := feedGolden(t, dir, RunConfig{}, func(m *Message) {
+		kinds[m.Kind]++
+		if k := m.Kind; k == KindCommit || k == KindStreamCommit {
+			lastEnd = m.EndLSN
+		}
+	})
+	s, sp := r.s, r.txns.spill
 	for _, k := range []Kind{KindStreamStart, KindStreamStop, KindStreamCommit, KindStreamAbort, KindBegin, KindCommit} {
 		if kinds[k] == 0 {
 			t.Errorf("the capture has no %v message: not the session it should be (kinds %v)", k, kinds)
@@ -321,10 +312,10 @@ func checkGoldenStreaming(t *testing.T, dir string) {
 	if want := "[t1.keep t4.keep small.keep t3.keep]"; fmt.Sprint(order) != want {
 		t.Errorf("commit order %v, want %s", order, want)
 	}
-	if sp.Bytes() != 0 || len(sp.txns) != 0 {
-		t.Errorf("spill holds %d bytes of %d transactions after every transaction ended", sp.Bytes(), len(sp.txns))
+	if sp.Bytes() != 0 || sp.Open() != 0 {
+		t.Errorf("spill holds %d bytes of %d transactions after every transaction ended", sp.Bytes(), sp.Open())
 	}
-	entries, _ := os.ReadDir(sp.dir)
+	entries, _ := os.ReadDir(spillDir)
 	if len(entries) != 0 {
 		t.Errorf("spill directory keeps %d files", len(entries))
 	}
@@ -341,27 +332,7 @@ func TestGoldenStreamingStaged(t *testing.T) {
 }
 
 func checkGoldenStreamingStaged(t *testing.T, dir string) {
-	msgs := goldenMessages(t, dir)
-	sp, err := openSpill(t.TempDir(), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &Stream{cfg: Config{StatusInterval: time.Hour}, dec: NewDecoder("public", "event_outbox", nil), spill: sp}
-	s.tracker = checkpoint.NewTracker(0)
-	out := make(chan *batch.Batch, 100000)
-	rc := RunConfig{BatchSize: 1000, Stage: true}
-	rc.setDefaults()
-	r := &receiver{s: s, rc: rc, out: out, builder: batch.NewBuilder(1000, 0, time.Hour)}
-	ctx := context.Background()
-	for i, m := range msgs {
-		if err := r.handleCopyData(ctx, xlogData(uint64(i), m)); err != nil {
-			t.Fatalf("message %d (%q): %v", i, m[0], err)
-		}
-	}
-	if b := r.builder.Take(); b != nil {
-		out <- b
-	}
-	close(out)
+	_, out, _ := feedGolden(t, dir, RunConfig{BatchSize: 1000, Stage: true}, nil)
 
 	type row struct {
 		id  int64

@@ -59,6 +59,12 @@ func openSpill(dir string, maxBytes int64) (*spill, error) {
 // Bytes is what the open transactions hold on disk.
 func (s *spill) Bytes() int64 { return s.bytes }
 
+// Open is how many transactions the spill holds.
+func (s *spill) Open() int { return len(s.txns) }
+
+// Holds reports whether transaction xid has rows here.
+func (s *spill) Holds(xid uint32) bool { return s.txns[xid] != nil }
+
 // Append adds a row of subtransaction sub to top-level transaction xid.
 func (s *spill) Append(xid, sub uint32, ev *record.Event) error {
 	t := s.txns[xid]

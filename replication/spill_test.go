@@ -43,8 +43,8 @@ func TestSpillRoundTripAndAborts(t *testing.T) {
 	if len(got) != 2 || got[0] != evs[0] || got[1] != evs[1] {
 		t.Fatalf("replayed %+v, want %+v", got, evs[:2])
 	}
-	if sp.Bytes() != 0 || len(sp.txns) != 0 {
-		t.Fatalf("spill holds %d bytes, %d transactions after commit and abort", sp.Bytes(), len(sp.txns))
+	if sp.Bytes() != 0 || sp.Open() != 0 {
+		t.Fatalf("spill holds %d bytes, %d transactions after commit and abort", sp.Bytes(), sp.Open())
 	}
 	if entries, _ := os.ReadDir(sp.dir); len(entries) != 0 {
 		t.Fatalf("%d files left", len(entries))

@@ -31,7 +31,7 @@ func TestMeasureWalsenderBinary(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
-	dsn, conn := goldenSession(ctx, t, map[string]string{"TimeZone": "UTC"})
+	dsn, conn := goldenSession(ctx, t, nil)
 	plain, err := pgx.Connect(ctx, dsn)
 	if err != nil {
 		t.Fatal(err)
@@ -44,7 +44,7 @@ func TestMeasureWalsenderBinary(t *testing.T) {
 	for i := range modes {
 		conns[i] = conn
 		if i > 0 {
-			conns[i] = replicationConn(ctx, t, dsn)
+			conns[i] = replicationConn(ctx, t, dsn, nil)
 		}
 		if _, err := pglogrepl.CreateReplicationSlot(ctx, conns[i], fmt.Sprintf("measure_%d", i), "pgoutput",
 			pglogrepl.CreateReplicationSlotOptions{Temporary: true}); err != nil {
@@ -58,14 +58,7 @@ func TestMeasureWalsenderBinary(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	var cur string
-	if err := plain.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&cur); err != nil {
-		t.Fatal(err)
-	}
-	end, err := parseLSN(cur)
-	if err != nil {
-		t.Fatal(err)
-	}
+	end := currentWAL(ctx, t, plain)
 	cpu := map[bool][]float64{}
 	for i, bin := range modes {
 		us, inserts := drainSlot(ctx, t, conns[i], fmt.Sprintf("measure_%d", i), bin, end)

@@ -19,16 +19,12 @@ import (
 // end) — no batching, no ClickHouse, no status updates. It returns once want
 // inserts and the commit after the last one were decoded.
 func readSlot(ctx context.Context, dsn, slot string, want int, onDone func()) (inserts int, lastEnd uint64, doneAt time.Time, err error) {
-	cfg, err := pgconn.ParseConfig(dsn)
+	// The streamer's own connection settings: the ceiling reads with
+	// production's by construction.
+	cfg, err := replication.ConnConfig(dsn)
 	if err != nil {
 		return 0, 0, doneAt, err
 	}
-	// The settings replication.Open pins (it exports no function for them
-	// yet): the ceiling reads with production's settings.
-	cfg.RuntimeParams["replication"] = "database"
-	cfg.RuntimeParams["DateStyle"] = "ISO, YMD"
-	cfg.RuntimeParams["TimeZone"] = "UTC"
-	cfg.RuntimeParams["extra_float_digits"] = "3"
 	cfg.RuntimeParams["application_name"] = "bench-slot-reader"
 	conn, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {

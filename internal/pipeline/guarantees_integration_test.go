@@ -20,8 +20,8 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
 
-// startWith runs the pipeline with cfg adjusted by tweak; it returns a stop func
-// and the channel carrying Stream's result.
+// startWith runs the pipeline with cfg adjusted by tweak until stop (see
+// fixture.StoppablePipeline) or the test's end.
 func startWith(t *testing.T, e *fixture.Env, tweak func(*pipeline.Config)) (stop func() error) {
 	t.Helper()
 	cfg := pipeline.Config{
@@ -36,25 +36,7 @@ func startWith(t *testing.T, e *fixture.Env, tweak func(*pipeline.Config)) (stop
 	if tweak != nil {
 		tweak(&cfg)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	log := zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))
-	go func() { done <- pipeline.Stream(ctx, context.Background(), cfg, log) }()
-	var once sync.Once
-	var result error
-	stop = func() error {
-		once.Do(func() {
-			cancel()
-			select {
-			case result = <-done:
-			case <-time.After(time.Minute):
-				result = errors.New("pipeline did not stop within a minute")
-			}
-		})
-		return result
-	}
-	t.Cleanup(func() { _ = stop() })
-	return stop
+	return fixture.StoppablePipeline(t, cfg, zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)))
 }
 
 // crashAfterInsert lets the first insert reach ClickHouse and then fails the writer

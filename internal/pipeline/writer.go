@@ -71,7 +71,12 @@ type WriterConfig struct {
 	Metrics *metrics.Metrics
 }
 
-// Writer is the consuming stage.
+// Writer is the stream's consuming stage: it merges queued batches into
+// inserts, records the in-flight LSN, delivers the rows through the delivery
+// engine (to ClickHouse through the Sink), settles their status in the outbox
+// and resolves them in the tracker, which is what lets the stream acknowledge
+// them. Staged transactions (stager) and the in-doubt bound (ceiling) hang
+// off it.
 type Writer struct {
 	cfg      WriterConfig
 	engine   *delivery.Engine

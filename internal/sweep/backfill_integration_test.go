@@ -46,25 +46,7 @@ func startPipeline(t *testing.T, e *fixture.Env, sweepInterval time.Duration) (s
 		Retry:         outboxstore.RetryConfig{BaseDelay: 200 * time.Millisecond, MaxDelay: time.Second},
 		SweepInterval: sweepInterval,
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	log := zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))
-	go func() { done <- pipeline.Stream(ctx, context.Background(), cfg, log) }()
-	var once sync.Once
-	var result error
-	stop = func() error {
-		once.Do(func() {
-			cancel()
-			select {
-			case result = <-done:
-			case <-time.After(time.Minute):
-				result = errors.New("pipeline did not stop within a minute")
-			}
-		})
-		return result
-	}
-	t.Cleanup(func() { _ = stop() })
-	return stop
+	return fixture.StoppablePipeline(t, cfg, zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)))
 }
 
 // withAppName returns dsn with application_name set (URL or keyword/value form).
