@@ -69,10 +69,17 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 	}
 	failover.warn(log)
 	if slot.Exists && slot.WALStatus == "lost" {
-		// The server removed WAL the slot still needed (max_slot_wal_keep_size): it can
-		// never stream again. A new slot plus a backfill of what is still pending
-		// recovers without losing or duplicating events.
-		log.Warn("replication slot was invalidated (wal_status lost); dropping and recreating it, rows it missed are backfilled through the sweep")
+		// The slot can never stream again: the server removed WAL it needed
+		// (max_slot_wal_keep_size), or — 16+, where every invalidation reads as
+		// wal_status lost — it conflicted with recovery, or (18) sat idle past
+		// idle_replication_slot_timeout. A new slot plus a backfill of what is still
+		// pending recovers without losing or duplicating events.
+		reason := slot.InvalidationReason
+		if reason == "" {
+			reason = "wal_status lost"
+		}
+		log.Warn("replication slot was invalidated; dropping and recreating it, rows it missed are backfilled through the sweep",
+			zap.String("invalidation_reason", reason))
 		if _, err := plain.Exec(ctx, "SELECT pg_drop_replication_slot($1)", cfg.Slot); err != nil {
 			return nil, fmt.Errorf("drop invalidated replication slot %q: %w", cfg.Slot, err)
 		}

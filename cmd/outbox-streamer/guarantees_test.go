@@ -114,10 +114,36 @@ func TestLeaderStopsWhenItsLockSessionDies(t *testing.T) {
 // (max_slot_wal_keep_size) while the streamer is stopped with undelivered rows; the
 // next start recreates the slot and delivers the rows through the backfill.
 func TestInvalidatedSlotIsRecreatedAndBackfilled(t *testing.T) {
+	recreatedAfterInvalidation(t, "max_slot_wal_keep_size = '1MB'", []string{
+		"CREATE TABLE filler (x text)",
+		"INSERT INTO filler SELECT repeat('x', 2000) FROM generate_series(1, 40000)",
+		"SELECT pg_switch_wal()",
+		"CHECKPOINT",
+	}, "")
+}
+
+// TestIdleInvalidatedSlotIsRecreatedAndBackfilled: PostgreSQL 18 invalidates a slot
+// left idle past idle_replication_slot_timeout; the streamer treats it like a
+// slot that lost its WAL.
+func TestIdleInvalidatedSlotIsRecreatedAndBackfilled(t *testing.T) {
+	if testenv.PGMajor(t, testenv.Postgres(t)) < 18 {
+		t.Skip("idle_replication_slot_timeout is new in PostgreSQL 18")
+	}
+	recreatedAfterInvalidation(t, "idle_replication_slot_timeout = '1s'", []string{
+		"SELECT pg_sleep(2)",
+		"CHECKPOINT",
+	}, "idle_timeout")
+}
+
+// recreatedAfterInvalidation stops the streamer with 500 rows only in the slot's
+// WAL, lets setting and then invalidate invalidate the slot, and checks that the
+// next start recreates the slot, says why (reason, when not empty) and delivers
+// every row exactly once through the backfill.
+func recreatedAfterInvalidation(t *testing.T, setting string, invalidate []string, reason string) {
 	pg := testenv.PrivatePostgres(t)
 	e := fixture.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
 	ctx := context.Background()
-	for _, q := range []string{"ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'", "SELECT pg_reload_conf()"} {
+	for _, q := range []string{"ALTER SYSTEM SET " + setting, "SELECT pg_reload_conf()"} {
 		if _, err := e.Pool.Exec(ctx, q); err != nil {
 			t.Fatal(err)
 		}
@@ -131,12 +157,7 @@ func TestInvalidatedSlotIsRecreatedAndBackfilled(t *testing.T) {
 		t.Fatalf("streamer: %v\n%s", err, out)
 	}
 	e.Insert(t, 500, false) // pending, only in the slot's WAL
-	for _, q := range []string{
-		"CREATE TABLE filler (x text)",
-		"INSERT INTO filler SELECT repeat('x', 2000) FROM generate_series(1, 40000)",
-		"SELECT pg_switch_wal()",
-		"CHECKPOINT",
-	} {
+	for _, q := range invalidate {
 		if _, err := e.Pool.Exec(ctx, q); err != nil {
 			t.Fatalf("%s: %v", q, err)
 		}
@@ -146,12 +167,15 @@ func TestInvalidatedSlotIsRecreatedAndBackfilled(t *testing.T) {
 		t.Fatal(err)
 	}
 	if walStatus != "lost" {
-		t.Fatalf("slot wal_status = %q after the filler WAL, want lost (test set-up)", walStatus)
+		t.Fatalf("slot wal_status = %q after %v, want lost (test set-up)", walStatus, invalidate)
 	}
 	_, out2 := startStreamer(t, env)
 	e.AssertExactlyDelivered(t, time.Minute, e.CurrentWAL(t))
 	if !strings.Contains(out2.String(), "invalidated") || !strings.Contains(out2.String(), `"backfilled_rows":500`) {
 		t.Fatalf("logs do not say the slot was recreated and 500 rows backfilled:\n%s", out2)
+	}
+	if reason != "" && !strings.Contains(out2.String(), `"invalidation_reason":"`+reason+`"`) {
+		t.Fatalf("logs do not name the invalidation reason %s:\n%s", reason, out2)
 	}
 }
 
