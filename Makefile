@@ -53,7 +53,7 @@ test: deps build ## the whole suite (unit, integration, end to end) on ClickHous
 # of every major are checked in the main run (replication/testdata/pgoutput/pg<major>).
 PG_COMPAT_MAJORS ?= 13 14 16 17 18
 PG_COMPAT_PKGS := ./replication ./internal/pipeline ./internal/sweep ./internal/verify ./internal/harness/localsvc ./cmd/outbox-streamer
-PG_COMPAT_RUN := ^(TestStreamDeliversExactlyTheCommittedEvents|TestRestartMidTransactionIsExactlyOnce|TestStreamingInProgressTransactions|TestStagedStreamedTransactions|TestStagingOfAnAbortedTransactionIsClearedAtSessionStart|TestPartitionedOutbox|TestRowsOlderThanTheSlotAreBackfilled|TestBackfillUpdatesEachRowOnce|TestInterruptedBackfillIsRescuedOnce|TestCleanAfterStreaming|TestMissingRowReportedAndRepaired|TestSIGTERMMidStreamThenRestartLosesNothing|TestInvalidatedSlotIsRecreatedAndBackfilled|TestPhysicalStandby.*|TestFailoverSlot|TestPrimaryFailoverExactlyOnce)$$
+PG_COMPAT_RUN := ^(TestStreamDeliversExactlyTheCommittedEvents|TestRestartMidTransactionIsExactlyOnce|TestStreamingInProgressTransactions|TestStagedStreamedTransactions|TestStagingOfAnAbortedTransactionIsClearedAtSessionStart|TestStagingClearedWhenTheSameProcessReconnects|TestPartitionedOutbox|TestRowsOlderThanTheSlotAreBackfilled|TestBackfillUpdatesEachRowOnce|TestInterruptedBackfillIsRescuedOnce|TestCleanAfterStreaming|TestMissingRowReportedAndRepaired|TestSIGTERMMidStreamThenRestartLosesNothing|TestInvalidatedSlotIsRecreatedAndBackfilled|TestPhysicalStandby.*|TestFailoverSlot|TestPrimaryFailoverExactlyOnce)$$
 
 test-pg-compat: deps build ## the compatibility subset on PostgreSQL 13, 14, 16, 17 and 18 (PG_COMPAT_MAJORS)
 	@set -e; for m in $(PG_COMPAT_MAJORS); do \
