@@ -54,10 +54,7 @@ func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 		}
 	}
 	both := multiHostDSN(t, e.DSN, pg.Port, standby.Port)
-	// The least logical_decoding_work_mem: the walsender streams the large
-	// transaction before its commit, and the streamer stages it.
-	streamer := both + "&options=-c%20logical_decoding_work_mem%3D64kB"
-	cmd, out := startStreamer(t, envFor(e, "DATABASE_URL="+streamer))
+	cmd, out := startStreamer(t, envFor(e, "DATABASE_URL="+smallWorkMem(both)))
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("streamer output:\n%s", out)
@@ -75,23 +72,8 @@ func TestPrimaryFailoverExactlyOnce(t *testing.T) {
 		})
 	}
 	fixture.WaitFor(t, time.Minute, "rows delivered before the failover", func() bool { _, p := e.Committed(t); return p > 500 })
-	big, err := e.Pool.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer big.Rollback(context.Background()) //nolint:errcheck
-	if _, err := big.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, environment, event_context, metadata_version)
-		SELECT 'failover.lost', now() AT TIME ZONE 'UTC', 'test', jsonb_build_object('pad', repeat('x', 200)), 1
-		FROM generate_series(1, 3000)`); err != nil {
-		t.Fatal(err)
-	}
-	staged := func() uint64 {
-		var n uint64
-		if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+e.Sink.Database+".event_log_staging WHERE slot = ?", e.Slot).Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
+	beginLargeTransaction(ctx, t, e.Pool, "failover.lost")
+	staged := func() uint64 { return stagedRows(ctx, t, e) }
 	if streams {
 		fixture.WaitFor(t, time.Minute, "the open transaction staged in ClickHouse", func() bool { return staged() > 0 })
 	}

@@ -6,6 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/outbox-streamer/outbox-streamer/internal/harness/fixture"
 	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 )
@@ -22,32 +25,10 @@ func TestStagingClearedWhenTheSameProcessReconnects(t *testing.T) {
 	testenv.RequireStreaming(t, e.DSN)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	sep := "?"
-	if strings.Contains(e.DSN, "?") {
-		sep = "&"
-	}
-	// The least logical_decoding_work_mem: the walsender streams the open
-	// transaction before its end, and the streamer stages it.
-	cmd, out := startStreamer(t, envFor(e, "DATABASE_URL="+e.DSN+sep+"options=-c%20logical_decoding_work_mem%3D64kB"))
+	cmd, out := startStreamer(t, envFor(e, "DATABASE_URL="+smallWorkMem(e.DSN)))
 	fixture.WaitFor(t, time.Minute, "streaming", func() bool { return slotPID(t, e) != 0 })
-
-	tx, err := e.Pool.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Rollback(context.Background()) //nolint:errcheck
-	if _, err := tx.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, environment, event_context, metadata_version)
-		SELECT 'staged.then.rolled.back', now() AT TIME ZONE 'UTC', 'test', jsonb_build_object('pad', repeat('x', 200)), 1
-		FROM generate_series(1, 3000)`); err != nil {
-		t.Fatal(err)
-	}
-	staged := func() uint64 {
-		var n uint64
-		if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+e.Sink.Database+".event_log_staging WHERE slot = ?", e.Slot).Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
+	tx := beginLargeTransaction(ctx, t, e.Pool, "staged.then.rolled.back")
+	staged := func() uint64 { return stagedRows(ctx, t, e) }
 	fixture.WaitFor(t, time.Minute, "the open transaction staged", func() bool { return staged() > 0 })
 	// A later commit, acknowledged: the slot's confirmed position passes the
 	// open transaction's rows.
@@ -71,4 +52,43 @@ func TestStagingClearedWhenTheSameProcessReconnects(t *testing.T) {
 	if cmd.ProcessState != nil {
 		t.Fatalf("the streamer exited:\n%s", out)
 	}
+}
+
+// smallWorkMem is dsn with the least logical_decoding_work_mem (64kB) for the
+// walsender: it streams a large transaction before its end, and the streamer
+// stages it.
+func smallWorkMem(dsn string) string {
+	sep := "?"
+	if strings.Contains(dsn, "?") {
+		sep = "&"
+	}
+	return dsn + sep + "options=-c%20logical_decoding_work_mem%3D64kB"
+}
+
+// beginLargeTransaction inserts 3000 outbox rows of eventType (past 64kB of
+// changes) in a transaction on pool that it leaves open; the test's end
+// rolls it back.
+func beginLargeTransaction(ctx context.Context, t *testing.T, pool *pgxpool.Pool, eventType string) pgx.Tx {
+	t.Helper()
+	tx, err := pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tx.Rollback(context.Background()) })
+	if _, err := tx.Exec(ctx, `INSERT INTO event_outbox (event_type, event_date_time, environment, event_context, metadata_version)
+		SELECT $1, now() AT TIME ZONE 'UTC', 'test', jsonb_build_object('pad', repeat('x', 200)), 1
+		FROM generate_series(1, 3000)`, eventType); err != nil {
+		t.Fatal(err)
+	}
+	return tx
+}
+
+// stagedRows counts what e's slot has in the staging table.
+func stagedRows(ctx context.Context, t *testing.T, e *fixture.Env) uint64 {
+	t.Helper()
+	var n uint64
+	if err := e.CHConn.QueryRow(ctx, "SELECT count() FROM "+e.Sink.Database+".event_log_staging WHERE slot = ?", e.Slot).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
