@@ -113,10 +113,11 @@ func (st *stager) ready(ctx context.Context) bool {
 }
 
 // clearAtStart drops, when the session starts, what earlier sessions staged
-// for this slot: after a failover the new primary resumes past transactions
-// the old one was streaming and never sends them again, so waiting for the
-// first streamed transaction would leave their rows behind. When ClickHouse
-// cannot be asked now, the first streamed transaction asks again.
+// for this slot: a transaction that aborted between two sessions, or one the
+// old primary was streaming when it died, may never be sent again, nor its
+// Stream Abort, so waiting for the first streamed transaction would leave
+// their rows behind. When ClickHouse cannot be asked now, the first streamed
+// transaction asks again.
 func (st *stager) clearAtStart(ctx context.Context) {
 	if st == nil {
 		return
