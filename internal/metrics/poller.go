@@ -204,7 +204,7 @@ func asFloat(n *int64) *float64 {
 }
 
 func (p *SlotPoller) readOutbox(ctx context.Context) (OutboxStats, error) {
-	b, err := outboxstore.ReadBacklog(ctx, p.db, p.cfg.Schema, p.cfg.Table, p.cfg.TimeZone)
+	b, err := outboxstore.ReadBacklog(ctx, p.db, outboxstore.Name{Schema: p.cfg.Schema, Table: p.cfg.Table}, p.cfg.TimeZone)
 	if err != nil {
 		return OutboxStats{}, err
 	}

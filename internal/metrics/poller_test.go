@@ -255,7 +255,7 @@ func TestOutboxQueryUsesThePartialIndex(t *testing.T) {
 	if _, err := pool.Exec(ctx, "ANALYZE event_outbox"); err != nil {
 		t.Fatal(err)
 	}
-	rows, err := pool.Query(ctx, "EXPLAIN "+outboxstore.BacklogQuery(`"public"."event_outbox"`))
+	rows, err := pool.Query(ctx, "EXPLAIN "+outboxstore.BacklogQuery(outboxstore.Name{Schema: "public", Table: "event_outbox"}))
 	if err != nil {
 		t.Fatal(err)
 	}

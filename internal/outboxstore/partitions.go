@@ -30,9 +30,7 @@ type Partition struct {
 func (p Partition) ident() string { return pgx.Identifier{p.Schema, p.Name}.Sanitize() }
 
 // Partitioned reports whether table is a partitioned table.
-func Partitioned(ctx context.Context, db interface {
-	QueryRow(context.Context, string, ...any) pgx.Row
-}, table Name) (bool, error) {
+func Partitioned(ctx context.Context, db Reader, table Name) (bool, error) {
 	var kind string
 	err := db.QueryRow(ctx, `SELECT relkind::text FROM pg_class WHERE oid = to_regclass(`+table.Literal()+`)`).Scan(&kind)
 	if errors.Is(err, pgx.ErrNoRows) {

@@ -221,9 +221,7 @@ type Ages struct {
 // ReadAges reads the ages of table's rows by walking the primary key from the
 // start (cheap: the oldest rows come first; only rows not processed are
 // skipped).
-func ReadAges(ctx context.Context, db interface {
-	QueryRow(context.Context, string, ...any) pgx.Row
-}, table Name, loc *time.Location) (Ages, error) {
+func ReadAges(ctx context.Context, db Reader, table Name, loc *time.Location) (Ages, error) {
 	if loc == nil {
 		loc = time.UTC
 	}

@@ -10,8 +10,6 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/fault"
-
-	"github.com/outbox-streamer/outbox-streamer/internal/pgsql"
 )
 
 // Reader runs read-only statements: a pool, a connection or a transaction.
@@ -74,14 +72,14 @@ const backlogQuery = `SELECT status, count(*)::float8,
 FROM %s WHERE status <> 'processed' GROUP BY status`
 
 // BacklogQuery is the statement ReadBacklog runs on table (for EXPLAIN).
-func BacklogQuery(table string) string { return fmt.Sprintf(backlogQuery, table) }
+func BacklogQuery(table Name) string { return fmt.Sprintf(backlogQuery, table.Ident()) }
 
-// ReadBacklog reads the backlog of the outbox table schema.table (the
-// metrics poller's; normally public.event_outbox) whose TIMESTAMP values are
-// wall clocks in loc (EVENT_TIME_ZONE; nil is UTC).
-func ReadBacklog(ctx context.Context, db Reader, schema, table string, loc *time.Location) (Backlog, error) {
-	ident := pgsql.Ident(schema, table)
-	rows, err := db.Query(ctx, BacklogQuery(ident))
+// ReadBacklog reads the backlog of the outbox table (the metrics poller's;
+// normally event_outbox) whose TIMESTAMP values are wall clocks in loc
+// (EVENT_TIME_ZONE; nil is UTC).
+func ReadBacklog(ctx context.Context, db Reader, table Name, loc *time.Location) (Backlog, error) {
+	ident := table.Ident()
+	rows, err := db.Query(ctx, BacklogQuery(table))
 	if err != nil {
 		return Backlog{}, fmt.Errorf("count undelivered rows of %s: %w", ident, err)
 	}
@@ -242,9 +240,7 @@ func zoneName(loc *time.Location) string {
 // TimeType is the type of table's created_at, "timestamp without time zone"
 // (wall clock in EVENT_TIME_ZONE) or "timestamp with time zone" (instants):
 // an adopted outbox may have either.
-func TimeType(ctx context.Context, db interface {
-	QueryRow(context.Context, string, ...any) pgx.Row
-}, table Name) (string, error) {
+func TimeType(ctx context.Context, db Reader, table Name) (string, error) {
 	var typ string
 	err := db.QueryRow(ctx, `SELECT format_type(atttypid, NULL) FROM pg_attribute
 		WHERE attrelid = `+table.Literal()+`::regclass AND attname = 'created_at' AND NOT attisdropped`).Scan(&typ)
