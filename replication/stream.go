@@ -39,8 +39,6 @@ type Stream struct {
 	streaming bool
 	// binary is whether this session asks for values in binary format.
 	binary bool
-	// failover is whether the slot is wanted as a failover slot.
-	failover bool
 }
 
 // Open checks the preconditions, creates the slot when it does not exist, and opens
@@ -89,7 +87,7 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open replication connection: %w", err)
 	}
-	s := &Stream{cfg: cfg, log: log, conn: conn, dec: NewDecoder(cfg.Schema, cfg.Table, cfg.TimeZone), binary: binary, failover: failover.want}
+	s := &Stream{cfg: cfg, log: log, conn: conn, dec: NewDecoder(cfg.Schema, cfg.Table, cfg.TimeZone), binary: binary}
 	// Refuse before creating the slot: a slot left behind would retain WAL.
 	major := serverMajor(conn.ParameterStatus("server_version"))
 	switch {
@@ -160,10 +158,6 @@ func ConnConfig(dsn string) (*pgconn.Config, error) {
 // Streaming reports whether the session streams in-progress transactions
 // (pgoutput protocol 2).
 func (s *Stream) Streaming() bool { return s.streaming }
-
-// FailoverWanted reports whether the slot is wanted as a failover slot
-// (REPLICATION_SLOT_FAILOVER=on, or auto with synchronized_standby_slots set).
-func (s *Stream) FailoverWanted() bool { return s.failover }
 
 // Binary reports whether the session asks for values in binary format.
 func (s *Stream) Binary() bool { return s.binary }

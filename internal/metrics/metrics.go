@@ -199,9 +199,9 @@ func New() *Metrics {
 	m.slotConflicting = f.gaugeVec("slot_conflicting",
 		"1 when the slot was invalidated by a conflict with recovery (pg_replication_slots.conflicting), 0 when not; absent before PostgreSQL 16.", "slot")
 	m.slotFailoverWanted = f.gaugeVec("slot_failover_wanted",
-		"1 when the streamer wants its slot to be a failover slot (REPLICATION_SLOT_FAILOVER=on, or auto with synchronized_standby_slots set on the primary), 0 when not; compare with slot_failover.", "slot")
+		"1 when the streamer wants its slot to be a failover slot (REPLICATION_SLOT_FAILOVER=on, or auto while synchronized_standby_slots is set on the primary), 0 when not; absent before PostgreSQL 17. Compare with slot_failover.", "slot")
 	m.standbyHoldWaiting = f.gaugeVec("standby_hold_waiting",
-		"1 while delivery waits for the standby named by STANDBY_HOLD to flush a commit, 0 when it does not; absent when STANDBY_HOLD is empty.", "standby")
+		"1 while delivery has waited 5 s or longer for the standby named by STANDBY_HOLD to flush a commit, 0 when not; absent when STANDBY_HOLD is empty.", "standby")
 	m.standbyHoldBehind = f.gaugeVec("standby_hold_behind_bytes",
 		"The primary's WAL insert position minus what the standby named by STANDBY_HOLD has flushed, at the last read; absent when unknown.", "standby")
 	m.standbyConfirmation = f.gaugeVec("standby_confirmation_waiting",

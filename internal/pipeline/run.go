@@ -191,7 +191,6 @@ func open(ctx context.Context, cfg Config, log *zap.Logger) (_ *run, err error) 
 	if err != nil {
 		return nil, err
 	}
-	cfg.Metrics.SetFailoverWanted(cfg.Replication.Slot, r.stream.FailoverWanted())
 	wcfg := cfg.Writer
 	if r.hold != nil {
 		wcfg.Hold = r.hold
@@ -257,7 +256,7 @@ func (r *run) run(ctx, abandon context.Context) error {
 	r.startSweeps(sideCtx)
 	r.startVerifies(sideCtx)
 	r.tasks.Go(func() {
-		standby.Watch(sideCtx, standby.WatchConfig{Slot: r.cfg.Replication.Slot}, r.pool, r.log, r.cfg.Metrics)
+		standby.Watch(sideCtx, standby.WatchConfig{Slot: r.cfg.Replication.Slot, Failover: r.cfg.Replication.SlotFailover}, r.pool, r.log, r.cfg.Metrics)
 	})
 
 	streamErr := r.stream.Run(ctx, r.cfg.Run, r.batches, r.writerDone)

@@ -116,6 +116,13 @@ func (p standbyPair) pipelineConfig(hold string, m *metrics.Metrics) pipeline.Co
 	}
 }
 
+// observed is a logger for the test's output whose entries the test can
+// also read.
+func observed(t *testing.T) (*zap.Logger, *observer.ObservedLogs) {
+	core, logs := observer.New(zapcore.InfoLevel)
+	return zap.New(zapcore.NewTee(core, zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)).Core())), logs
+}
+
 // gaugeOr is the streamer's gauge name's sample with label=value, or -1
 // when there is none.
 func gaugeOr(t *testing.T, m *metrics.Metrics, name, label, value string) float64 {
@@ -159,7 +166,8 @@ func TestStandbyHoldDeliversNothingTheStandbyLacks(t *testing.T) {
 	}
 
 	m := metrics.New()
-	fixture.RunPipeline(t, p.pipelineConfig(standbySlot, m), zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)))
+	log, logs := observed(t)
+	fixture.RunPipeline(t, p.pipelineConfig(standbySlot, m), log)
 	e.WaitStreaming(t)
 	e.Insert(t, 200, false)
 	fixture.WaitFor(t, time.Minute, "rows delivered while the standby follows", func() bool { c, _ := e.CHCounts(t); return c == 200 })
@@ -196,6 +204,12 @@ func TestStandbyHoldDeliversNothingTheStandbyLacks(t *testing.T) {
 
 	resume()
 	e.AssertExactlyDelivered(t, 2*time.Minute, e.CurrentWAL(t))
+	held, caughtUp := logs.FilterMessageSnippet("delivery held: waiting for the standby").All(), logs.FilterMessageSnippet("the standby caught up").Len()
+	if len(held) != 1 || caughtUp != 1 {
+		t.Errorf("the wait was logged %d times and its end %d times, want once each", len(held), caughtUp)
+	} else if held[0].ContextMap()["standby"] != standbySlot {
+		t.Errorf("the wait's log names standby %v, want %s", held[0].ContextMap()["standby"], standbySlot)
+	}
 	fixture.WaitFor(t, time.Minute, "standby_hold_waiting back at 0", func() bool {
 		e.Insert(t, 1, false) // a batch after the wait sets the gauge
 		return gaugeOr(t, m, "standby_hold_waiting", "standby", standbySlot) == 0
@@ -227,8 +241,7 @@ func TestWaitForStandbyConfirmationIsReported(t *testing.T) {
 		}
 	}
 	m := metrics.New()
-	core, logs := observer.New(zapcore.InfoLevel)
-	log := zap.New(zapcore.NewTee(core, zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)).Core()))
+	log, logs := observed(t)
 	fixture.RunPipeline(t, p.pipelineConfig("", m), log)
 	e.WaitStreaming(t)
 	e.Insert(t, 100, false)
@@ -237,6 +250,9 @@ func TestWaitForStandbyConfirmationIsReported(t *testing.T) {
 		t.Fatalf("logged %d waits while the standby follows", n)
 	}
 
+	if got := gaugeOr(t, m, "slot_failover_wanted", "slot", e.Slot); got != 1 {
+		t.Errorf("slot_failover_wanted = %v with synchronized_standby_slots set, want 1", got)
+	}
 	resume := p.pauseWALReceiver(ctx, t)
 	e.Insert(t, 100, false)
 	fixture.WaitFor(t, time.Minute, "the wait for the standby logged", func() bool {

@@ -133,7 +133,7 @@ func Open(ctx context.Context, cfg Config, db Querier, log *zap.Logger, m *metri
 	flushed, _ := r.flushed(h.kind)
 	h.log.Info("delivery waits until the standby has flushed each commit (STANDBY_HOLD)", zap.Stringer("found_by", h.kind),
 		zap.String("standby_flushed", pglogrepl.LSN(flushed).String()))
-	h.publish(r, false)
+	h.publish(r)
 	return h, nil
 }
 
@@ -184,7 +184,7 @@ func (h *Hold) Wait(ctx context.Context, lsn uint64) error {
 		if !fresh {
 			if flushed, ok := h.last.flushed(h.kind); ok && reached(flushed, target) {
 				h.endEpisode()
-				h.publish(h.last, false)
+				h.publish(h.last)
 				return nil
 			}
 		}
@@ -204,11 +204,12 @@ func (h *Hold) Wait(ctx context.Context, lsn uint64) error {
 				if ok && reached(flushed, target) {
 					continue
 				}
-				h.publish(r, true)
 				h.waiting(target, flushed, ok, nil)
+				h.publish(r)
 			} else {
 				h.m.AddError(metrics.StageStandby)
 				h.waiting(target, 0, true, err)
+				h.publish(h.last)
 			}
 		}
 		t := time.NewTimer(wait)
@@ -253,8 +254,11 @@ func (h *Hold) endEpisode() {
 	}
 }
 
-// publish sets the gauges from a reading.
-func (h *Hold) publish(r reading, waiting bool) {
+// publish sets the gauges from a reading. Waiting means held for LogAfter
+// or longer: the moments every batch waits for a healthy standby would make
+// the gauge flicker.
+func (h *Hold) publish(r reading) {
+	waiting := h.ep.took(time.Now()) >= h.cfg.LogAfter
 	flushed, ok := r.flushed(h.kind)
 	var behind *float64
 	if ok && flushed != 0 {

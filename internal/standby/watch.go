@@ -16,6 +16,9 @@ import (
 type WatchConfig struct {
 	// Slot is the logical slot the streamer reads. Required.
 	Slot string
+	// Failover is REPLICATION_SLOT_FAILOVER (auto, the default, on or off): whether the
+	// slot should be a failover slot, for the slot_failover_wanted gauge.
+	Failover string
 	// Interval is the time between two looks (default 1 s).
 	Interval time.Duration
 	// LogAfter is how long the walsender must be held back before it is
@@ -106,6 +109,7 @@ func (w *watcher) look(ctx context.Context) (bool, error) {
 		return false, nil // before PostgreSQL 17
 	}
 	names := ParseStandbySlots(*setting)
+	w.m.SetFailoverWanted(w.cfg.Slot, w.cfg.Failover == "on" || (w.cfg.Failover != "off" && len(names) > 0))
 	if len(names) == 0 {
 		w.ep.done(time.Now())
 		return true, nil
