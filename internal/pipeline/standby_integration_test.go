@@ -2,6 +2,7 @@ package pipeline_test
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"syscall"
 	"testing"
@@ -215,6 +216,69 @@ func TestStandbyHoldDeliversNothingTheStandbyLacks(t *testing.T) {
 		return gaugeOr(t, m, "standby_hold_waiting", "standby", standbySlot) == 0
 	})
 	e.AssertExactlyDelivered(t, 2*time.Minute, e.CurrentWAL(t))
+}
+
+// TestStandbyHoldByApplicationNameHoldsWhileTheStandbyIsGone: STANDBY_HOLD
+// names the standby by its application_name (it streams through a slot of
+// another name); when the standby dies, pg_stat_replication no longer lists
+// it: delivery stays held, and that is logged at error level, until it is
+// started again; then every row arrives once.
+func TestStandbyHoldByApplicationNameHoldsWhileTheStandbyIsGone(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	pg := testenv.PrivatePostgres(t)
+	e := fixture.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
+	const app = "hold_by_app"
+	sb, err := pg.StartStandby(ctx, localsvc.StandbyOptions{Slot: standbySlot, Settings: map[string]string{
+		"primary_conninfo": fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=postgres application_name=%s", pg.Port, app)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sb.Stop() })
+	p := standbyPair{e: e, primary: pg, standby: sb}
+	fixture.WaitFor(t, time.Minute, "the standby in pg_stat_replication", func() bool {
+		var n int
+		_ = e.Pool.QueryRow(ctx, "SELECT count(*) FROM pg_stat_replication WHERE application_name = $1", app).Scan(&n)
+		return n == 1
+	})
+
+	m := metrics.New()
+	log, logs := observed(t)
+	fixture.RunPipeline(t, p.pipelineConfig(app, m), log)
+	e.WaitStreaming(t)
+	if found := logs.FilterMessageSnippet("delivery waits until the standby").All(); len(found) != 1 || found[0].ContextMap()["found_by"] != "application_name" {
+		t.Error("the hold did not find the standby by its application_name")
+	}
+	e.Insert(t, 100, false)
+	fixture.WaitFor(t, time.Minute, "rows delivered while the standby follows", func() bool { c, _ := e.CHCounts(t); return c == 100 })
+
+	if err := sb.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	fixture.WaitFor(t, time.Minute, "the standby gone from pg_stat_replication", func() bool {
+		var n int
+		_ = e.Pool.QueryRow(ctx, "SELECT count(*) FROM pg_stat_replication WHERE application_name = $1", app).Scan(&n)
+		return n == 0
+	})
+	e.Insert(t, 50, false)
+	fixture.WaitFor(t, time.Minute, "the missing standby logged, or the rows in ClickHouse", func() bool {
+		c, _ := e.CHCounts(t)
+		return logs.FilterMessageSnippet("the standby named by STANDBY_HOLD is gone").Len() > 0 || c > 100
+	})
+	if c, _ := e.CHCounts(t); c != 100 {
+		t.Fatalf("ClickHouse holds %d rows while the standby is gone, want 100", c)
+	}
+	if got := gaugeOr(t, m, "standby_hold_waiting", "standby", app); got != 1 {
+		t.Errorf("standby_hold_waiting = %v while the standby is gone, want 1", got)
+	}
+
+	if err := sb.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.AssertExactlyDelivered(t, 2*time.Minute, e.CurrentWAL(t))
+	if logs.FilterMessageSnippet("the standby is back").Len() != 1 {
+		t.Error("the standby's return was not logged once")
+	}
 }
 
 // TestWaitForStandbyConfirmationIsReported (17+): with the standby's
