@@ -58,7 +58,7 @@ test: deps build ## the whole suite (unit, integration, end to end) on ClickHous
 PG_COMPAT_MAJORS ?= 13 14 15 16 17
 PG_COMPAT_AGED ?= 15 17
 PG_COMPAT_PKGS := ./replication ./internal/pipeline ./internal/sweep ./internal/verify ./internal/harness/localsvc ./cmd/outbox-streamer
-PG_COMPAT_RUN := ^(TestStreamDeliversExactlyTheCommittedEvents|TestRestartMidTransactionIsExactlyOnce|TestStreamingInProgressTransactions|TestStagedStreamedTransactions|TestStagingOfAnAbortedTransactionIsClearedAtSessionStart|TestStagingClearedWhenTheSameProcessReconnects|TestPartitionedOutbox|TestRowsOlderThanTheSlotAreBackfilled|TestBackfillUpdatesEachRowOnce|TestInterruptedBackfillIsRescuedOnce|TestCleanAfterStreaming|TestMissingRowReportedAndRepaired|TestSIGTERMMidStreamThenRestartLosesNothing|TestInvalidatedSlotIsRecreatedAndBackfilled|TestPhysicalStandby.*|TestFailoverSlot|TestPrimaryFailoverExactlyOnce)$$
+PG_COMPAT_RUN := ^(TestStreamDeliversExactlyTheCommittedEvents|TestRestartMidTransactionIsExactlyOnce|TestStreamingInProgressTransactions|TestStagedStreamedTransactions|TestStagingOfAnAbortedTransactionIsClearedAtSessionStart|TestStagingClearedWhenTheSameProcessReconnects|TestPartitionedOutbox|TestRowsOlderThanTheSlotAreBackfilled|TestBackfillUpdatesEachRowOnce|TestInterruptedBackfillIsRescuedOnce|TestCleanAfterStreaming|TestMissingRowReportedAndRepaired|TestSIGTERMMidStreamThenRestartLosesNothing|TestInvalidatedSlotIsRecreatedAndBackfilled|TestPhysicalStandby.*|TestFailoverSlot|TestPrimaryFailoverExactlyOnce|TestStandbyHold.*|TestWaitForStandbyConfirmationIsReported)$$
 
 test-pg-compat: deps build ## the compatibility subset on PostgreSQL 13, 14, 15, 16 and 17 (PG_COMPAT_MAJORS)
 	@set -e; for m in $(PG_COMPAT_MAJORS); do \

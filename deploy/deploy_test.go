@@ -313,9 +313,12 @@ func exportedNames(t *testing.T) map[string]bool {
 	// Touch every labelled series that only appears once set.
 	v := 1.0
 	m.SetSlot(metrics.SlotStats{Slot: "s", Exists: true, Active: true, LagBytes: &v, RetainedBytes: &v, SafeWALSize: &v,
-		WALStatus: "reserved", WALPosition: &v})
+		WALStatus: "reserved", WALPosition: &v, Failover: &v, Conflicting: &v})
 	m.SetWALKeepSize(&v)
 	m.ObserveVerify(metrics.VerifyResult{Match: true, Window: "24h"}, nil)
+	m.SetStandbyHold("sb", true, &v)
+	m.SetStandbyConfirmationWait("s", true)
+	m.SetFailoverWanted("s", true)
 	m.SetOutbox(metrics.OutboxStats{Rows: map[string]float64{"pending": 1, "processed": 1, "failed": 1, "dead": 1}})
 	m.ObserveSweep(1, 1, 1)
 	for _, s := range metrics.Stages {

@@ -252,10 +252,12 @@ func feedGolden(t *testing.T, dir string, rc RunConfig, each func(*Message)) (r 
 func checkGoldenStreaming(t *testing.T, dir string) {
 	kinds := map[Kind]int{}
 	var lastEnd uint64
+	ends := map[uint64]uint64{} // commit record start -> end
 	r, out, spillDir := feedGolden(t, dir, RunConfig{}, func(m *Message) {
 		kinds[m.Kind]++
 		if k := m.Kind; k == KindCommit || k == KindStreamCommit {
 			lastEnd = m.EndLSN
+			ends[m.CommitLSN] = m.EndLSN
 		}
 	})
 	s, sp := r.s, r.txns.spill
@@ -271,9 +273,17 @@ func checkGoldenStreaming(t *testing.T, dir string) {
 	for b := range out {
 		batches = append(batches, b)
 	}
+	withEnd := 0
 	for bi, b := range batches {
+		if b.CommitEnd != 0 {
+			withEnd++
+		}
 		for i := range b.Events {
 			ev := b.Events[i]
+			// STANDBY_HOLD waits for CommitEnd: it must cover every row's commit.
+			if b.CommitEnd != 0 && b.CommitEnd < ends[ev.CommitLSN] {
+				t.Fatalf("batch %d: commit end %X before the end %X of its row %d's commit", bi, b.CommitEnd, ends[ev.CommitLSN], ev.ID)
+			}
 			prefix := ev.Type
 			got[prefix]++
 			if ids[ev.ID] {
@@ -298,6 +308,11 @@ func checkGoldenStreaming(t *testing.T, dir string) {
 	}
 	if s.tracker.SafeLSN() != lastEnd {
 		t.Errorf("safe LSN %d after every batch was resolved, want the last commit's end %d", s.tracker.SafeLSN(), lastEnd)
+	}
+	// Batches handed over after their commits carry its end (all but the
+	// open batch taken at the end, which emit never saw).
+	if withEnd == 0 || withEnd < len(batches)-1 {
+		t.Errorf("%d of %d batches carry their commit end, want all handed over", withEnd, len(batches))
 	}
 	for k, n := range got {
 		if goldenV2Want[k] != n {

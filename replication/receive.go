@@ -135,6 +135,10 @@ type receiver struct {
 	// txns holds the transactions streamed before their commit (protocol 2);
 	// nil without streaming.
 	txns *streamedTxns
+	// committed and committedEnd are the start and end of the last commit
+	// record received: a batch whose rows committed at or below committed
+	// is covered by committedEnd (batch.Batch.CommitEnd).
+	committed, committedEnd uint64
 
 	// The receive deadline (next status update or batch time bound) lives in a
 	// context reused across messages: one per wake-up instead of one per message,
@@ -241,6 +245,7 @@ func (r *receiver) handleCopyData(ctx context.Context, data []byte) error {
 			}
 			return r.add(ctx, &r.msg.Event)
 		case KindCommit:
+			r.committed, r.committedEnd = r.msg.CommitLSN, r.msg.EndLSN
 			s.tracker.Commit(r.msg.EndLSN)
 		case KindStreamStop:
 			return r.txns.endChunk(ctx, r)
@@ -283,6 +288,9 @@ func (r *receiver) flushOpen(ctx context.Context) error {
 // ends first. During the replay of a staged transaction its batches carry its tag.
 func (r *receiver) emit(ctx context.Context, b *batch.Batch) error {
 	r.txns.tag(b)
+	if b.Tracked() && b.CommitEnd == 0 && b.MaxCommitLSN != 0 && b.MaxCommitLSN <= r.committed {
+		b.CommitEnd = r.committedEnd
+	}
 	r.waiting = b
 	if err := ctx.Err(); err != nil {
 		return err

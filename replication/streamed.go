@@ -128,6 +128,8 @@ func (t *streamedTxns) commit(ctx context.Context, r *receiver, m *Message) erro
 		t.replaying = tag
 		defer func() { t.replaying = nil }()
 	}
+	// The commit is known before its rows are replayed.
+	r.committed, r.committedEnd = commitLSN, endLSN
 	r.s.tracker.Begin()
 	err := t.spill.Replay(xid, func(ev *record.Event) error {
 		ev.CommitLSN, ev.CommitTime, ev.Xid = commitLSN, commitTime, xid

@@ -98,7 +98,7 @@ func (c *benchConfig) bind(fs *flag.FlagSet) {
 	fs.IntVar(&c.BigTx, "big-tx", c.BigTx, "rows of the single transaction of the memory scenario (f)")
 	fs.Float64Var(&c.MixedRate, "mixed-rate", c.MixedRate, "events per second of the small transactions of the mixed load (m), for --latency-duration")
 	fs.IntVar(&c.MixedBigTx, "mixed-big-tx", c.MixedBigTx, "rows of the big transaction committed in the middle of the mixed load (m)")
-	fs.StringVar(&c.Scenarios, "scenarios", c.Scenarios, "comma-separated subset of a,b,c,c10k,d,e,er,f,f1,m,m1,g,h (empty: none, e.g. with --profile)")
+	fs.StringVar(&c.Scenarios, "scenarios", c.Scenarios, "comma-separated subset of a,b,c,c10k,d,e,er,f,f1,m,m1,g,h, and eh (not run by default: e with STANDBY_HOLD naming a local physical standby, which then runs for every scenario; run e,eh to compare) (empty: none, e.g. with --profile)")
 	fs.DurationVar(&c.Timeout, "timeout", c.Timeout, "bound on one scenario's wait for delivery")
 	fs.StringVar(&c.Streamer, "streamer", c.Streamer, "the outbox-streamer binary (make build)")
 	fs.BoolVar(&c.PGDurable, "pg-durable", c.PGDurable, "run PostgreSQL with fsync and full_page_writes on (default: off, localsvc's Durable: false); synchronous_commit is on either way")
@@ -164,6 +164,9 @@ func scenarios(c *benchConfig) []scenario {
 		{"d", "streamer live", runLive},
 		{"e", "latency", runLatency},
 		{"er", "latency with retention", runLatencyRetention},
+		{"eh", "latency with STANDBY_HOLD", func(ctx context.Context, b *bench) (map[string]float64, error) {
+			return runLatencyWith(ctx, b, "eh", false, "STANDBY_HOLD="+benchStandby)
+		}},
 		{"f", "memory, one big transaction (protocol 2)", func(ctx context.Context, b *bench) (map[string]float64, error) {
 			return runMemory(ctx, b, "f")
 		}},
@@ -278,7 +281,7 @@ func brief(key string, m map[string]float64) string {
 		return fmt.Sprintf("%.0f rows/s", m["rows_per_s"])
 	case "d":
 		return fmt.Sprintf("producer %.0f rows/s, delivery %.0f rows/s, tail %.0f ms", m["producer_rows_per_s"], m["delivery_rows_per_s"], m["tail_after_producer_s"]*1000)
-	case "e":
+	case "e", "eh":
 		return fmt.Sprintf("p50 %.0f ms, p99 %.0f ms, max %.0f ms over %.0f events", m["p50_ms"], m["p99_ms"], m["max_ms"], m["events"])
 	case "m", "m1":
 		return fmt.Sprintf("small events p50 %.0f ms, p99 %.0f ms, max %.0f ms; big tx in ClickHouse %.1f s after its commit; PostgreSQL spilled %.0f MiB, streamed %.0f MiB; local spill %.0f MiB; peak RSS %.1f MiB",
@@ -305,7 +308,12 @@ func brief(key string, m map[string]float64) string {
 	return ""
 }
 
-// startServers starts the local PostgreSQL and ClickHouse 26.7 the bench runs on.
+// benchStandby is the physical slot (and application_name) of the standby
+// scenario eh holds delivery for.
+const benchStandby = "bench_standby"
+
+// startServers starts the local PostgreSQL and ClickHouse 26.7 the bench runs
+// on, and a physical standby of the PostgreSQL when scenario eh runs.
 func startServers(ctx context.Context, cfg benchConfig) (*servers, func(), error) {
 	opts := localsvc.PostgresOptions{Durable: cfg.PGDurable, Settings: map[string]string{}}
 	if cfg.PGAsyncCommit {
@@ -325,16 +333,30 @@ func startServers(ctx context.Context, cfg benchConfig) (*servers, func(), error
 	if err != nil {
 		return nil, nil, fmt.Errorf("start PostgreSQL: %w", err)
 	}
+	var standby *localsvc.Postgres
+	if cfg.has("eh") {
+		// For every scenario of the run, so that e and eh differ only by the hold.
+		if standby, err = pg.StartStandby(ctx, localsvc.StandbyOptions{Slot: benchStandby}); err != nil {
+			_ = pg.Stop()
+			return nil, nil, fmt.Errorf("start a standby: %w", err)
+		}
+	}
 	// Direct: the reset shield's forwarding would cost throughput, and the
 	// bench never resets a connection mid-query (it stops streamers with SIGTERM).
 	ch, err := localsvc.StartClickHouse(ctx, localsvc.ClickHouseOptions{Direct: true})
-	if err != nil {
-		_ = pg.Stop()
-		return nil, nil, fmt.Errorf("start ClickHouse: %w", err)
-	}
 	stop := func() {
-		_ = ch.Stop()
+		if ch != nil {
+			_ = ch.Stop()
+		}
+		if standby != nil {
+			_ = standby.Stop()
+		}
 		_ = pg.Stop()
+	}
+	if err != nil {
+		ch = nil
+		stop()
+		return nil, nil, fmt.Errorf("start ClickHouse: %w", err)
 	}
 	return &servers{PGDSN: pg.DSN(), PGVersion: pg.Version, CHAddr: ch.Addr(), CHVersion: ch.Version, CHLog: ch.LogPath, OutboxDDL: cfg.OutboxDDL}, stop, nil
 }
@@ -357,7 +379,7 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "outbox-bench: sizes, rates and repetitions must be positive")
 		return 2
 	}
-	needsBinary := cfg.has("c") || cfg.has("c10k") || cfg.has("d") || cfg.has("e") || cfg.has("er") || cfg.has("f") || cfg.has("f1") || cfg.has("m") || cfg.has("m1") || cfg.has("h")
+	needsBinary := cfg.has("c") || cfg.has("c10k") || cfg.has("d") || cfg.has("e") || cfg.has("eh") || cfg.has("er") || cfg.has("f") || cfg.has("f1") || cfg.has("m") || cfg.has("m1") || cfg.has("h")
 	if needsBinary {
 		abs, err := filepath.Abs(cfg.Streamer)
 		if err == nil {

@@ -13,6 +13,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
 	"github.com/outbox-streamer/outbox-streamer/internal/service"
+	"github.com/outbox-streamer/outbox-streamer/internal/standby"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
 	"github.com/outbox-streamer/outbox-streamer/sink"
 )
@@ -63,7 +64,15 @@ func runSweepOnce(ctx context.Context, cfg *config.Config, log *zap.Logger, stdo
 	}
 	defer pool.Close()
 	store := outboxstore.NewFor(pool, service.RetryConfig(cfg), cfg.Outbox).InZone(cfg.TimeZone)
-	s := sweep.New(sweep.Config{BatchSize: cfg.ClickHouseBatchSize, TimeZone: cfg.TimeZone, Slot: cfg.Slot}, pool, ch, store, log)
+	scfg := sweep.Config{BatchSize: cfg.ClickHouseBatchSize, TimeZone: cfg.TimeZone, Slot: cfg.Slot}
+	if cfg.StandbyHold != "" {
+		hold, err := standby.Open(ctx, standby.Config{Name: cfg.StandbyHold}, pool, log, nil)
+		if err != nil {
+			return err
+		}
+		scfg.Hold = hold
+	}
+	s := sweep.New(scfg, pool, ch, store, log)
 	res, err := s.Run(ctx)
 	// Stranded pending rows are rescued once the slot has passed the mark this
 	// sweep took; a streaming instance confirms within a status interval or two.

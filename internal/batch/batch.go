@@ -16,6 +16,12 @@ type Batch struct {
 	// MaxCommitLSN is the highest commit LSN among the rows; the in-flight record
 	// written before the insert covers it.
 	MaxCommitLSN uint64
+	// CommitEnd is the end of the commit record of the batch's last
+	// transaction, or past it (a later commit's end): what a standby must
+	// have flushed before the rows are delivered (STANDBY_HOLD). Zero when
+	// the batch was handed over before that commit arrived (cut in the
+	// middle of a transaction).
+	CommitEnd uint64
 	// Opened is when the first row entered the batch.
 	Opened time.Time
 	// Bytes is the sum of the rows' Size: about what the batch takes in an insert.

@@ -51,7 +51,11 @@ type Config struct {
 	SpillDir      string
 	SpillMaxBytes int64
 	// SlotFailover is REPLICATION_SLOT_FAILOVER (see replication.Config).
-	SlotFailover  string
+	SlotFailover string
+	// StandbyHold is STANDBY_HOLD: a standby (physical slot or
+	// application_name) that must have a commit before its rows are
+	// delivered (see internal/standby); empty: off.
+	StandbyHold   string
 	spillMaxBytes int
 	// StreamStaging is STREAM_STAGING: stage streamed transactions in
 	// ClickHouse while they run (see sink.StagingTable).
@@ -144,6 +148,7 @@ func Bind(src *Source, c *Config) {
 	src.String(&c.Streaming, "REPLICATION_STREAMING", "streaming", "auto", "stream in-progress transactions (pgoutput protocol 2): auto (PostgreSQL 14+), on, or off (protocol 1: the server holds a transaction until its commit and spills it to its own disk)")
 	src.String(&c.Binary, "REPLICATION_BINARY", "binary", "auto", "values in pgoutput's binary format (binary 'true'): auto (PostgreSQL 14+, when every outbox column's type has a binary decoder), on (refuses otherwise), or off (text)")
 	src.String(&c.SlotFailover, "REPLICATION_SLOT_FAILOVER", "slot-failover", "auto", "make the slot a failover slot that PostgreSQL 17+ synchronises to standbys with sync_replication_slots: auto (when synchronized_standby_slots is set on the primary), on (refuses older servers; an existing slot is altered), or off")
+	src.String(&c.StandbyHold, "STANDBY_HOLD", "standby-hold", "", "a physical standby, by its replication slot on the primary or its application_name: rows reach ClickHouse only once it has flushed their commit, so a failover to it leaves no event of a lost transaction (synchronized_standby_slots for any PostgreSQL version); empty: off")
 	src.String(&c.SpillDir, "STREAM_SPILL_DIR", "spill-dir", "", "where in-progress streamed transactions wait for their commit (emptied when streaming starts; default: a directory per slot, server and database under the temporary directory)")
 	src.Int(&c.spillMaxBytes, "STREAM_SPILL_MAX_BYTES", "spill-max-bytes", 4<<30, 0, "bound of STREAM_SPILL_DIR; past it the streamer goes on with protocol 1 until it restarts (0: no bound)")
 	src.Bool(&c.StreamStaging, "STREAM_STAGING", "stream-staging", true, "write streamed transactions to ClickHouse's <table>_staging while they run and copy them into the event table with one INSERT ... SELECT at their commit (one server, after migration 2); false: they are inserted from the local spill after their commit")

@@ -39,12 +39,13 @@ const (
 	StageSweep        = "sweep"             // the fallback sweep
 	StageLeader       = "leader"            // the leader lock
 	StagePoller       = "slot_poller"       // the SlotPoller's queries
+	StageStandby      = "standby"           // reading a standby's position (STANDBY_HOLD, synchronized_standby_slots)
 	StageOther        = "other"             // anything else
 )
 
 // Stages lists every value AddError records, in a stable order.
 var Stages = []string{StageReplication, StageDecode, StageInsert, StageStatusUpdate,
-	StageCheckpoint, StageSweep, StageLeader, StagePoller, StageOther}
+	StageCheckpoint, StageSweep, StageLeader, StagePoller, StageStandby, StageOther}
 
 // Statuses are the outbox row statuses, the values of the status label of outbox_rows.
 var Statuses = []string{"pending", "processed", "failed", "dead"}
@@ -88,6 +89,7 @@ type Metrics struct {
 	slotSafeWAL        *prometheus.GaugeVec
 	slotFailover       *prometheus.GaugeVec
 	slotConflicting    *prometheus.GaugeVec
+	slotFailoverWanted *prometheus.GaugeVec
 	slotActive         *prometheus.GaugeVec
 	slotWALStatus      *prometheus.GaugeVec
 	walPosition        *prometheus.GaugeVec
@@ -107,6 +109,12 @@ type Metrics struct {
 	verifyRows     *prometheus.GaugeVec
 	verifyLastRun  *prometheus.GaugeVec
 	verifyInterval prometheus.Gauge
+
+	// Waiting for a standby: STANDBY_HOLD's, and the walsender's for
+	// synchronized_standby_slots (17+); absent when neither applies.
+	standbyHoldWaiting  *prometheus.GaugeVec
+	standbyHoldBehind   *prometheus.GaugeVec
+	standbyConfirmation *prometheus.GaugeVec
 
 	// The backfill of a new slot; absent until one finished.
 	backfillRows *prometheus.GaugeVec
@@ -190,6 +198,14 @@ func New() *Metrics {
 		"1 when the slot is a failover slot that PostgreSQL synchronises to standbys with sync_replication_slots (pg_replication_slots.failover), 0 when not; absent before PostgreSQL 17.", "slot")
 	m.slotConflicting = f.gaugeVec("slot_conflicting",
 		"1 when the slot was invalidated by a conflict with recovery (pg_replication_slots.conflicting), 0 when not; absent before PostgreSQL 16.", "slot")
+	m.slotFailoverWanted = f.gaugeVec("slot_failover_wanted",
+		"1 when the streamer wants its slot to be a failover slot (REPLICATION_SLOT_FAILOVER=on, or auto while synchronized_standby_slots is set on the primary), 0 when not; absent before PostgreSQL 17. Compare with slot_failover.", "slot")
+	m.standbyHoldWaiting = f.gaugeVec("standby_hold_waiting",
+		"1 while delivery has waited 5 s or longer for the standby named by STANDBY_HOLD to flush a commit, 0 when not; absent when STANDBY_HOLD is empty.", "standby")
+	m.standbyHoldBehind = f.gaugeVec("standby_hold_behind_bytes",
+		"The primary's WAL insert position minus what the standby named by STANDBY_HOLD has flushed, at the last read; absent when unknown.", "standby")
+	m.standbyConfirmation = f.gaugeVec("standby_confirmation_waiting",
+		"1 while the slot's walsender is held back by a standby of synchronized_standby_slots (PostgreSQL 17+: wait event WaitForStandbyConfirmation and the standby not advancing), 0 when not; absent when the setting is empty or missing.", "slot")
 	m.buildInfo = f.gaugeVec("build_info", "Always 1; its labels say which build runs (version, Go release).", "version", "goversion")
 	m.buildInfo.WithLabelValues("unknown", runtime.Version()).Set(1)
 	m.slotActive = f.gaugeVec("slot_active", "1 when a walsender streams from the slot, 0 when nobody does or the slot does not exist.", "slot")
@@ -368,6 +384,38 @@ func (m *Metrics) ObserveVerify(res VerifyResult, err error) {
 	m.verifyRows.WithLabelValues("duplicated").Set(float64(res.Duplicates))
 	m.verifyRows.WithLabelValues("not_in_outbox").Set(float64(res.NotInOutbox))
 	m.verifyLastRun.WithLabelValues(result).SetToCurrentTime()
+}
+
+// SetStandbyHold records whether delivery waits for the STANDBY_HOLD
+// standby, and how far behind the primary it is (nil: unknown).
+func (m *Metrics) SetStandbyHold(standby string, waiting bool, behindBytes *float64) {
+	if m == nil {
+		return
+	}
+	m.standbyHoldWaiting.WithLabelValues(standby).Set(boolFloat(waiting))
+	if behindBytes == nil {
+		m.standbyHoldBehind.DeleteLabelValues(standby)
+		return
+	}
+	m.standbyHoldBehind.WithLabelValues(standby).Set(*behindBytes)
+}
+
+// SetStandbyConfirmationWait records whether the slot's walsender is held
+// back by a standby of synchronized_standby_slots.
+func (m *Metrics) SetStandbyConfirmationWait(slot string, waiting bool) {
+	if m == nil {
+		return
+	}
+	m.standbyConfirmation.WithLabelValues(slot).Set(boolFloat(waiting))
+}
+
+// SetFailoverWanted records whether the streamer wants slot to be a
+// failover slot.
+func (m *Metrics) SetFailoverWanted(slot string, wanted bool) {
+	if m == nil {
+		return
+	}
+	m.slotFailoverWanted.WithLabelValues(slot).Set(boolFloat(wanted))
 }
 
 // AddFailed counts rows marked failed.

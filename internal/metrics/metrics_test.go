@@ -283,6 +283,9 @@ func TestMetricNamesFollowConventions(t *testing.T) {
 	m.SetWALKeepSize(&v)
 	m.ObserveVerify(VerifyResult{Match: true, Window: "24h"}, nil)
 	m.ObserveBackfill(3)
+	m.SetStandbyHold("sb", true, &v)
+	m.SetStandbyConfirmationWait("s", true)
+	m.SetFailoverWanted("s", true)
 	fams, err := m.Registry().Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -303,8 +306,8 @@ func TestMetricNamesFollowConventions(t *testing.T) {
 			ours++
 		}
 	}
-	if ours != 40 {
-		t.Errorf("%d outbox_streamer_ metric families registered, want 40 (12 counters, 5 histograms, 23 gauges)", ours)
+	if ours != 44 {
+		t.Errorf("%d outbox_streamer_ metric families registered, want 44 (12 counters, 5 histograms, 27 gauges)", ours)
 	}
 	// The Go and process collectors are on the registry too.
 	if !hasFamily(fams, "go_goroutines") || !hasFamily(fams, "process_cpu_seconds_total") {

@@ -92,3 +92,29 @@ func TestMergeKeepsTransactionsApart(t *testing.T) {
 		})
 	}
 }
+
+// TestMergeTakesTheLastCommitEnd: a merged insert waits (STANDBY_HOLD) for
+// the commit end of its last batch, which covers the earlier ones; when the
+// last batch was cut before its commit arrived (no end), neither is known.
+func TestMergeTakesTheLastCommitEnd(t *testing.T) {
+	mk := func(first uint64, commit, end uint64) *batch.Batch {
+		return &batch.Batch{FirstSeq: first, Events: []record.Event{{ID: int64(first), CommitLSN: commit}}, MaxCommitLSN: commit, CommitEnd: end}
+	}
+	for _, c := range []struct {
+		name    string
+		queued  *batch.Batch
+		wantEnd uint64
+	}{
+		{"both ends known", mk(1, 300, 340), 340},
+		{"the last cut before its commit", mk(1, 300, 0), 0},
+	} {
+		in := make(chan *batch.Batch, 1)
+		in <- c.queued
+		close(in)
+		w := &Writer{cfg: WriterConfig{MaxInsertRows: 100}}
+		got := w.merge(mk(0, 100, 140), in)
+		if got.Len() != 2 || got.CommitEnd != c.wantEnd || got.MaxCommitLSN != 300 {
+			t.Errorf("%s: merged %d rows, commit end %d, max commit %d; want 2, %d, 300", c.name, got.Len(), got.CommitEnd, got.MaxCommitLSN, c.wantEnd)
+		}
+	}
+}

@@ -16,6 +16,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/fault"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
+	"github.com/outbox-streamer/outbox-streamer/internal/standby"
 	"github.com/outbox-streamer/outbox-streamer/internal/sweep"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 	"github.com/outbox-streamer/outbox-streamer/sink"
@@ -47,6 +48,10 @@ type Config struct {
 	// VerifyInterval is VERIFY_INTERVAL: how often the leader compares the
 	// last VerifyWindow of the outbox with ClickHouse (0: never).
 	VerifyInterval, VerifyWindow time.Duration
+	// StandbyHold is STANDBY_HOLD: the physical slot or application_name of
+	// a standby that must have flushed a commit before its rows reach the
+	// event table (empty: no hold; see internal/standby).
+	StandbyHold string
 }
 
 // eventTableCheckWait bounds the start's look at the event table's columns.
@@ -138,6 +143,8 @@ type run struct {
 	stream *replication.Stream
 	store  *outboxstore.Store
 	writer *Writer
+	// hold is STANDBY_HOLD's, for the writer and the sweeps (nil: off).
+	hold *standby.Hold
 	// batches carries the stream's batches to the writer.
 	batches chan *batch.Batch
 
@@ -169,6 +176,13 @@ func open(ctx context.Context, cfg Config, log *zap.Logger) (_ *run, err error) 
 	if err := checkEventTable(ctx, cfg, r.ch, r.pool, log); err != nil {
 		return nil, err
 	}
+	// Before the slot exists: a start refused for a wrong STANDBY_HOLD must
+	// not leave a new slot behind retaining WAL.
+	if cfg.StandbyHold != "" {
+		if r.hold, err = standby.Open(ctx, standby.Config{Name: cfg.StandbyHold}, r.pool, log, cfg.Metrics); err != nil {
+			return nil, err
+		}
+	}
 	if r.stream, err = replication.Open(ctx, cfg.Replication, log); err != nil {
 		return nil, err
 	}
@@ -178,6 +192,9 @@ func open(ctx context.Context, cfg Config, log *zap.Logger) (_ *run, err error) 
 		return nil, err
 	}
 	wcfg := cfg.Writer
+	if r.hold != nil {
+		wcfg.Hold = r.hold
+	}
 	if recordCoversReplay(inflight, r.stream.StartLSN()) {
 		wcfg.InDoubtUntil = inflight
 		log.Info("rows up to the recorded in-flight LSN will be checked against ClickHouse before insert",
@@ -238,6 +255,9 @@ func (r *run) run(ctx, abandon context.Context) error {
 	defer cancelSide()
 	r.startSweeps(sideCtx)
 	r.startVerifies(sideCtx)
+	r.tasks.Go(func() {
+		standby.Watch(sideCtx, standby.WatchConfig{Slot: r.cfg.Replication.Slot, Failover: r.cfg.Replication.SlotFailover}, r.pool, r.log, r.cfg.Metrics)
+	})
 
 	streamErr := r.stream.Run(ctx, r.cfg.Run, r.batches, r.writerDone)
 	if streamErr != nil {
@@ -255,6 +275,16 @@ func (r *run) run(ctx, abandon context.Context) error {
 	return r.writerErr
 }
 
+// sweepConfig is the sweep's configuration for this session; slot set, it
+// rescues stranded rows too.
+func (r *run) sweepConfig(slot string) sweep.Config {
+	c := sweep.Config{BatchSize: r.cfg.Writer.MaxInsertRows, TimeZone: r.cfg.Replication.TimeZone, Slot: slot}
+	if r.hold != nil {
+		c.Hold = r.hold
+	}
+	return c
+}
+
 // startBackfill delivers, beside the stream, the rows a new slot's snapshot
 // holds. The snapshot is imported now, before the stream's first command ends
 // its export; the stream's rows are all newer. What the backfill leaves
@@ -262,7 +292,7 @@ func (r *run) run(ctx, abandon context.Context) error {
 // stranded rows takes it.
 func (r *run) startBackfill(ctx context.Context, snapshot string) error {
 	cfg := r.cfg
-	backfill, err := sweep.New(sweep.Config{BatchSize: cfg.Writer.MaxInsertRows, TimeZone: cfg.Replication.TimeZone}, r.pool, r.ch, r.store, r.log).
+	backfill, err := sweep.New(r.sweepConfig(""), r.pool, r.ch, r.store, r.log).
 		StartBackfill(ctx, snapshot)
 	if err != nil {
 		return err
@@ -296,7 +326,7 @@ func (r *run) startSweeps(ctx context.Context) {
 	if cfg.SweepInterval <= 0 {
 		return
 	}
-	sweeper := sweep.New(sweep.Config{BatchSize: cfg.Writer.MaxInsertRows, TimeZone: cfg.Replication.TimeZone, Slot: cfg.Replication.Slot}, r.pool, r.ch, r.store, r.log)
+	sweeper := sweep.New(r.sweepConfig(cfg.Replication.Slot), r.pool, r.ch, r.store, r.log)
 	pruner := outboxstore.NewPruner(outboxstore.PruneConfig{Table: cfg.Outbox(), Retention: cfg.Retention, TimeZone: cfg.Replication.TimeZone,
 		PartitionInterval: cfg.PartitionInterval}, r.pool, r.log)
 	r.tasks.Go(func() { runSweeps(ctx, sweeper, pruner, cfg.SweepInterval, cfg.Metrics, r.log) })

@@ -69,6 +69,15 @@ type WriterConfig struct {
 	OutageFailAfter time.Duration
 	// Metrics receives the writer's counters and timings (nil: none).
 	Metrics *metrics.Metrics
+	// Hold, when set (STANDBY_HOLD), is waited on before a batch's rows
+	// reach the event table, for the end of its highest commit.
+	Hold Hold
+}
+
+// Hold waits until a standby has flushed the WAL up to an LSN, or past
+// every commit so far when it is zero (implemented by *standby.Hold).
+type Hold interface {
+	Wait(ctx context.Context, lsn uint64) error
 }
 
 // Writer is the stream's consuming stage: it merges queued batches into
@@ -236,6 +245,8 @@ func (w *Writer) appendBatch(b, next *batch.Batch, queued int) {
 	}
 	w.appendEvents(b, next, queued)
 	b.MaxCommitLSN = max(b.MaxCommitLSN, next.MaxCommitLSN)
+	// next's rows are the later ones: its commit end, or none, covers both.
+	b.CommitEnd = next.CommitEnd
 }
 
 // appendEvents appends next's rows to b. It grows b once for everything
@@ -317,6 +328,14 @@ func (w *Writer) deliver(ctx context.Context, b *batch.Batch) (_ *outcome, err e
 			return nil, err
 		}
 		w.recorded = b.MaxCommitLSN
+	}
+	// Nothing reaches the event table (an insert, or the copy of a staged
+	// transaction) before the standby has the commit: after a failover to
+	// it, ClickHouse would hold events of transactions that never happened.
+	if w.cfg.Hold != nil {
+		if err := w.cfg.Hold.Wait(ctx, b.CommitEnd); err != nil {
+			return nil, fmt.Errorf("wait for the standby (STANDBY_HOLD): %w", err)
+		}
 	}
 	if b.Streamed != nil {
 		defer w.stager.settled(b)

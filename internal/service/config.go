@@ -50,6 +50,7 @@ func PipelineConfig(cfg *config.Config) pipeline.Config {
 		Retention:      cfg.Retention,
 		VerifyInterval: cfg.VerifyInterval,
 		VerifyWindow:   cfg.VerifyWindow,
+		StandbyHold:    cfg.StandbyHold,
 
 		PartitionInterval: cfg.PartitionInterval,
 	}

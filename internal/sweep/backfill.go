@@ -87,6 +87,9 @@ func (s *Sweeper) deliverBacklog(ctx context.Context, backlog *outboxstore.SlotB
 	if err := s.engine.Sink().Ready(ctx); err != nil {
 		return Result{}, fmt.Errorf("%w: %w", errHandedOver, err)
 	}
+	if err := s.holdForStandby(ctx); err != nil {
+		return Result{}, err
+	}
 	// Workers' pages are disjoint, so one's ClickHouse insert overlaps
 	// another's update and commit in PostgreSQL.
 	return s.workers(ctx, start, "backfill progress", func(ctx context.Context, r *Result) (int, error) {

@@ -46,6 +46,15 @@ type Config struct {
 	// also rescues stranded pending rows (see rescueStranded); empty
 	// disables that.
 	Slot string
+	// Hold, when set (STANDBY_HOLD), is waited on at the start of each
+	// sweep and backfill for every commit so far (see holdForStandby).
+	Hold Hold
+}
+
+// Hold waits until a standby has flushed the WAL past every commit so far
+// when given zero (implemented by *standby.Hold).
+type Hold interface {
+	Wait(ctx context.Context, lsn uint64) error
 }
 
 // Result summarises a sweep.
@@ -120,6 +129,10 @@ func (s *Sweeper) Run(ctx context.Context) (Result, error) {
 		res.Took = time.Since(start)
 		return res, s.unavailable(err)
 	}
+	if err := s.holdForStandby(ctx); err != nil {
+		res.Took = time.Since(start)
+		return res, err
+	}
 	// Workers take disjoint rows (SKIP LOCKED), so one's ClickHouse insert
 	// overlaps another's status commit: a sweep is paced by its rounds.
 	more, err := s.workers(ctx, start, "sweep progress", s.round)
@@ -133,6 +146,22 @@ func (s *Sweeper) Run(ctx context.Context) (Result, error) {
 			zap.Int64("failed", res.Failed), zap.Int64("dead", res.Dead), zap.Duration("took", res.Took))
 	}
 	return res, ctx.Err()
+}
+
+// holdForStandby waits, with STANDBY_HOLD, until the standby has every
+// commit made so far. Once per sweep is enough: the rows a sweep claims
+// were committed before it started — failed rows were tried by the stream
+// after its own hold, or marked by a rescue or a backfill before this point,
+// or requeued by hand long after their commit — and the backfill's rows
+// committed before the slot was created.
+func (s *Sweeper) holdForStandby(ctx context.Context) error {
+	if s.cfg.Hold == nil {
+		return nil
+	}
+	if err := s.cfg.Hold.Wait(ctx, 0); err != nil {
+		return fmt.Errorf("sweep: wait for the standby (STANDBY_HOLD): %w", err)
+	}
+	return nil
 }
 
 // workers runs round on Config.Workers goroutines until a round finds no rows
