@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"testing"
+	"time"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/batch"
 	"github.com/outbox-streamer/outbox-streamer/internal/record"
@@ -116,5 +117,70 @@ func TestMergeTakesTheLastCommitEnd(t *testing.T) {
 		if got.Len() != 2 || got.CommitEnd != c.wantEnd || got.MaxCommitLSN != 300 {
 			t.Errorf("%s: merged %d rows, commit end %d, max commit %d; want 2, %d, 300", c.name, got.Len(), got.CommitEnd, got.MaxCommitLSN, c.wantEnd)
 		}
+	}
+}
+
+// TestMergeWaitsForAFlow: a full ordinary batch means rows are flowing, so
+// merge waits for the batches still to come (up to Linger) instead of
+// sending the one it has; a batch cut by the timeout, or a staging batch,
+// goes out with only what is queued.
+func TestMergeWaitsForAFlow(t *testing.T) {
+	mk := func(first, rows int) *batch.Batch {
+		b := &batch.Batch{FirstSeq: uint64(first)}
+		for i := range rows {
+			b.Events = append(b.Events, record.Event{ID: int64(first + i)})
+		}
+		return b
+	}
+	t.Run("full batch: waits until the insert is full", func(t *testing.T) {
+		in := make(chan *batch.Batch)
+		go func() {
+			for i := 1; i <= 3; i++ {
+				time.Sleep(20 * time.Millisecond) // after merge found the queue empty
+				in <- mk(i*10, 10)
+			}
+		}()
+		w := &Writer{cfg: WriterConfig{MaxInsertRows: 40, FullBatch: 10, Linger: time.Hour}}
+		if got := w.merge(mk(0, 10), in); got.Len() != 40 {
+			t.Fatalf("merged %d rows, want 40: the batches that followed a full one were not waited for", got.Len())
+		}
+	})
+	t.Run("full batch: the wait ends at Linger", func(t *testing.T) {
+		in := make(chan *batch.Batch)
+		w := &Writer{cfg: WriterConfig{MaxInsertRows: 40, FullBatch: 10, Linger: 10 * time.Millisecond}}
+		if got := w.merge(mk(0, 10), in); got.Len() != 10 {
+			t.Fatalf("merged %d rows, want 10", got.Len())
+		}
+	})
+	t.Run("full batch: the wait ends when the stream closes", func(t *testing.T) {
+		in := make(chan *batch.Batch)
+		go func() { in <- mk(10, 10); close(in) }()
+		w := &Writer{cfg: WriterConfig{MaxInsertRows: 40, FullBatch: 10, Linger: time.Hour}}
+		if got := w.merge(mk(0, 10), in); got.Len() != 20 {
+			t.Fatalf("merged %d rows, want 20", got.Len())
+		}
+	})
+	// A wait here would block for the hour and fail the test by its timeout.
+	for _, tc := range []struct {
+		name  string
+		first *batch.Batch
+	}{
+		{"batch cut by the timeout", mk(0, 9)},
+		{"staging batch", &batch.Batch{Streamed: &batch.Streamed{Op: batch.OpStage, Xid: 7}, Events: mk(0, 10).Events}},
+	} {
+		t.Run(tc.name+": no wait", func(t *testing.T) {
+			in := make(chan *batch.Batch, 1)
+			in <- mk(10, 10)
+			w := &Writer{cfg: WriterConfig{MaxInsertRows: 40, FullBatch: 10, Linger: time.Hour}}
+			want := tc.first.Len() + 10 // what was queued
+			got := w.merge(tc.first, in)
+			if tc.first.Streamed == nil {
+				if got.Len() != want {
+					t.Fatalf("merged %d rows, want %d (what was queued)", got.Len(), want)
+				}
+			} else if w.next == nil {
+				t.Fatal("the ordinary batch was merged into a staging batch")
+			}
+		})
 	}
 }

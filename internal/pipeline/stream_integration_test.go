@@ -25,7 +25,7 @@ type running struct {
 	done   chan error
 }
 
-func start(t *testing.T, e *fixture.Env, wrap func(pipeline.Sink) pipeline.Sink) *running {
+func start(t *testing.T, e *fixture.Env, wrap func(pipeline.Sink) pipeline.Sink, opts ...func(*pipeline.Config)) *running {
 	t.Helper()
 	cfg := pipeline.Config{
 		Replication: replication.Config{DSN: e.DSN, Slot: e.Slot, Publication: e.Publication, StatusInterval: 100 * time.Millisecond},
@@ -35,6 +35,9 @@ func start(t *testing.T, e *fixture.Env, wrap func(pipeline.Sink) pipeline.Sink)
 		// Rows that land in the slot's creation snapshot are backfilled; the sweep
 		// delivers them.
 		SweepInterval: time.Second,
+	}
+	for _, o := range opts {
+		o(&cfg)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &running{cancel: cancel, done: make(chan error, 1)}
@@ -119,6 +122,42 @@ func TestStreamDeliversExactlyTheCommittedEvents(t *testing.T) {
 				srv.Name, total, elapsed.Round(time.Millisecond), float64(total)/elapsed.Seconds())
 			r.stop(t)
 		})
+	}
+}
+
+// insertSizes records the rows of every ClickHouse insert.
+type insertSizes struct {
+	pipeline.Sink
+	mu    sync.Mutex
+	sizes []int
+}
+
+func (s *insertSizes) Insert(ctx context.Context, events []record.Event) error {
+	s.mu.Lock()
+	s.sizes = append(s.sizes, len(events))
+	s.mu.Unlock()
+	return s.Sink.Insert(ctx, events)
+}
+
+// TestFullBatchesWaitForOneInsert: batches that arrive full mean rows are
+// flowing, and the writer waits for the ones behind them instead of sending
+// each as it comes: a 5,000-row transaction cut into ten full batches of
+// 500 goes to ClickHouse as one insert of 5,000 rows, exactly once.
+func TestFullBatchesWaitForOneInsert(t *testing.T) {
+	e := fixture.New(t, testenv.ModernClickHouse(t))
+	sizes := &insertSizes{}
+	start(t, e, func(s pipeline.Sink) pipeline.Sink { sizes.Sink = s; return sizes }, func(c *pipeline.Config) {
+		// The timeout bounds the wait; long, so that only the batches' arrival ends it.
+		c.Run = replication.RunConfig{BatchSize: 500, BatchTimeout: time.Minute}
+		c.Writer.MaxInsertRows = 5000
+	})
+	e.WaitStreaming(t)
+	e.Insert(t, 5000, false)
+	e.AssertExactlyDelivered(t, 2*time.Minute, e.CurrentWAL(t))
+	sizes.mu.Lock()
+	defer sizes.mu.Unlock()
+	if len(sizes.sizes) != 1 || sizes.sizes[0] != 5000 {
+		t.Fatalf("rows per ClickHouse insert %v, want [5000]: the writer sent full batches without waiting for those behind them", sizes.sizes)
 	}
 }
 

@@ -57,6 +57,12 @@ type WriterConfig struct {
 	// (CLICKHOUSE_BATCH_MAX_BYTES); zero: no cap. A batch over it alone is
 	// still sent whole: the stream bounds batches by bytes too.
 	MaxInsertBytes int
+	// FullBatch is the stream's batch size (EVENT_BATCH_SIZE) and Linger its
+	// timeout (EVENT_BATCH_TIMEOUT). A batch that arrives full was cut by size,
+	// so rows are arriving faster than one batch per Linger: merge then waits
+	// up to Linger for more batches to fill the insert. Zero: no waiting.
+	FullBatch int
+	Linger    time.Duration
 	// Retry is the backoff for transient ClickHouse and PostgreSQL errors.
 	Retry retry.Policy
 	// InDoubtUntil is the in-flight LSN recorded before the last stop: replayed rows
@@ -198,24 +204,45 @@ var errSettleStopped = errors.New("not settled: an earlier status update failed"
 // merge appends batches already queued behind b, up to MaxInsertRows, so a writer that
 // fell behind catches up with fewer, larger inserts. Queued batches are contiguous.
 //
+// When b is an ordinary batch that arrived full (see WriterConfig.FullBatch),
+// merge also waits up to Linger for batches still to come: ClickHouse's CPU
+// per INSERT is nearly fixed, so a flow that would otherwise go out in
+// inserts of a few batches each costs it several times more per row. A batch
+// cut by the timeout means the flow is slow, and it goes out at once.
+//
 // A queued batch that would take the insert past MaxInsertBytes, or that
 // does not belong in b's insert (sameInsert), stays queued for the next
 // insert: it is peeked at through w.next, never dropped.
 func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
+	var deadline <-chan time.Time
+	if w.cfg.Linger > 0 && w.cfg.FullBatch > 0 && b.Streamed == nil && b.Len() >= w.cfg.FullBatch {
+		t := time.NewTimer(w.cfg.Linger)
+		defer t.Stop()
+		deadline = t.C
+	}
 	for b.Len() < w.cfg.MaxInsertRows {
+		var next *batch.Batch
+		var ok bool
 		select {
-		case next, ok := <-in:
-			if !ok {
-				return b
-			}
-			if !sameInsert(b, next) || (w.cfg.MaxInsertBytes > 0 && b.Bytes+next.Bytes > w.cfg.MaxInsertBytes) {
-				w.next = next
-				return b
-			}
-			w.appendBatch(b, next, len(in))
+		case next, ok = <-in:
 		default:
+			if deadline == nil {
+				return b
+			}
+			select {
+			case next, ok = <-in:
+			case <-deadline:
+				return b
+			}
+		}
+		if !ok {
 			return b
 		}
+		if !sameInsert(b, next) || (w.cfg.MaxInsertBytes > 0 && b.Bytes+next.Bytes > w.cfg.MaxInsertBytes) {
+			w.next = next
+			return b
+		}
+		w.appendBatch(b, next, len(in))
 	}
 	return b
 }
