@@ -184,3 +184,24 @@ func TestMergeWaitsForAFlow(t *testing.T) {
 		})
 	}
 }
+
+// TestMergeGrowsByDoublingWhenNothingIsQueued: batches that arrive one at a
+// time while merge waits (nothing queued behind each) grow the insert by
+// doubling, not by one batch each: nine batches appended to one make at
+// most four copies, not nine.
+func TestMergeGrowsByDoublingWhenNothingIsQueued(t *testing.T) {
+	mk := func(rows int) *batch.Batch { return &batch.Batch{Events: make([]record.Event, rows)} }
+	w := &Writer{cfg: WriterConfig{MaxInsertRows: 10000}}
+	b := mk(1000)
+	grown := 0
+	for range 9 {
+		before := cap(b.Events)
+		w.appendEvents(b, mk(1000), 0)
+		if cap(b.Events) != before {
+			grown++
+		}
+	}
+	if b.Len() != 10000 || grown > 4 {
+		t.Fatalf("%d rows after %d growths, want 10000 rows after at most 4", b.Len(), grown)
+	}
+}

@@ -279,10 +279,12 @@ func (w *Writer) appendBatch(b, next *batch.Batch, queued int) {
 // appendEvents appends next's rows to b. It grows b once for everything
 // queued now (up to the cap), not by doubling: a merged insert of 10,000
 // rows was copied four times, a quarter of the streamer's allocations in
-// profiles.
+// profiles. When nothing is queued (merge waiting for batches one by one)
+// it doubles, or growing by one batch at a time would copy the insert once
+// per batch.
 func (w *Writer) appendEvents(b, next *batch.Batch, queued int) {
 	if need := b.Len() + next.Len(); need > cap(b.Events) {
-		want := min(max(need, b.Len()+next.Len()*(1+queued)), w.cfg.MaxInsertRows+next.Len())
+		want := min(max(need, b.Len()+next.Len()*(1+queued), 2*b.Len()), w.cfg.MaxInsertRows+next.Len())
 		grown := make([]record.Event, b.Len(), max(want, need))
 		copy(grown, b.Events)
 		b.Events = grown
