@@ -295,14 +295,17 @@ func (r *receiver) emit(ctx context.Context, b *batch.Batch) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	// Read before the send: the writer owns b after it, merges into it and
+	// hands its events to later batches.
+	rows, tracked := b.Len(), b.Tracked()
 	tick := time.NewTicker(r.s.cfg.StatusInterval)
 	defer tick.Stop()
 	for {
 		select {
 		case r.out <- b:
 			r.waiting = nil
-			if r.rc.Observer != nil && b.Tracked() {
-				r.rc.Observer.AddReceived(b.Len())
+			if r.rc.Observer != nil && tracked {
+				r.rc.Observer.AddReceived(rows)
 			}
 			return nil
 		case <-r.writerDone:

@@ -205,3 +205,46 @@ func TestMergeGrowsByDoublingWhenNothingIsQueued(t *testing.T) {
 		t.Fatalf("%d rows after %d growths, want 10000 rows after at most 4", b.Len(), grown)
 	}
 }
+
+// TestMergedSliceIsReusedByTheNextMerge: after an ordinary batch's insert
+// its merged events slice, cleared, is what the next merge grows into,
+// and the batches merged into it go back to the stream; a staging batch's
+// events are left alone (the stager may still read them).
+func TestMergedSliceIsReusedByTheNextMerge(t *testing.T) {
+	mk := func(id int64) *batch.Batch {
+		b := &batch.Batch{Events: make([]record.Event, 10)}
+		for i := range b.Events {
+			b.Events[i] = record.Event{ID: id + int64(i), Type: "t"}
+		}
+		return b
+	}
+	w := &Writer{cfg: WriterConfig{MaxInsertRows: 40, FullBatch: 10}}
+	in := make(chan *batch.Batch, 3)
+	in <- mk(10)
+	in <- mk(20)
+	in <- mk(30)
+	first := w.merge(mk(0), in)
+	if first.Len() != 40 {
+		t.Fatalf("merged %d rows, want 40", first.Len())
+	}
+	merged := first.Events[:cap(first.Events)]
+	w.release(first)
+	if first.Events != nil || cap(w.spare) != cap(merged) || &w.spare[:1][0] != &merged[0] {
+		t.Fatal("the merged insert's slice was not kept as the spare")
+	}
+	if merged[0].Type != "" || merged[39].ID != 0 {
+		t.Fatal("the spare still holds the delivered rows")
+	}
+	in <- mk(50)
+	second := w.merge(mk(40), in)
+	if second.Len() != 20 || &second.Events[0] != &merged[0] || second.Events[19].ID != 59 {
+		t.Fatalf("the next merge did not grow into the spare: %d rows", second.Len())
+	}
+
+	staged := &batch.Batch{Streamed: &batch.Streamed{Op: batch.OpCommit}, Events: make([]record.Event, 10)}
+	staged.Events[0].Type = "staged"
+	w.release(staged)
+	if staged.Events == nil || staged.Events[0].Type != "staged" {
+		t.Fatal("a streamed transaction's events were released")
+	}
+}

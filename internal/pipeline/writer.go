@@ -101,7 +101,10 @@ type Writer struct {
 	log      *zap.Logger
 	recorded uint64
 	next     *batch.Batch // taken from the queue by merge, for the next insert
-	stager   *stager      // nil: streamed transactions are not staged
+	// spare is the events slice of an earlier merged insert, cleared, for
+	// the next merge to grow into instead of allocating.
+	spare  []record.Event
+	stager *stager // nil: streamed transactions are not staged
 	// stale, when this session does not stage, is where earlier sessions
 	// staged: cleared at the start all the same (see clearStale).
 	stale   *stager
@@ -185,6 +188,7 @@ func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
 		if o, err = w.deliver(ctx, b); err != nil {
 			break
 		}
+		w.release(b)
 		outcomes <- o
 	}
 	close(outcomes)
@@ -243,6 +247,9 @@ func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
 			return b
 		}
 		w.appendBatch(b, next, len(in))
+		if next.Streamed == nil {
+			w.recycle(next.Events) // copied into b
+		}
 	}
 	return b
 }
@@ -285,12 +292,47 @@ func (w *Writer) appendBatch(b, next *batch.Batch, queued int) {
 func (w *Writer) appendEvents(b, next *batch.Batch, queued int) {
 	if need := b.Len() + next.Len(); need > cap(b.Events) {
 		want := min(max(need, b.Len()+next.Len()*(1+queued), 2*b.Len()), w.cfg.MaxInsertRows+next.Len())
-		grown := make([]record.Event, b.Len(), max(want, need))
+		var grown []record.Event
+		if cap(w.spare) >= max(want, need) {
+			grown, w.spare = w.spare[:b.Len()], nil
+		} else {
+			grown = make([]record.Event, b.Len(), max(want, need))
+		}
 		copy(grown, b.Events)
+		if b.Streamed == nil {
+			w.recycle(b.Events)
+		}
 		b.Events = grown
 	}
 	b.Events = append(b.Events, next.Events...)
 	b.Bytes += next.Bytes
+}
+
+// recycle hands a batch's events back to the stream's batches once they
+// were copied into a merged insert; only slices of the stream's batch size,
+// so the queue's batches do not grow.
+func (w *Writer) recycle(events []record.Event) {
+	if w.cfg.FullBatch > 0 && cap(events) <= w.cfg.FullBatch {
+		batch.Recycle(events)
+	}
+}
+
+// release recycles an ordinary batch's events after its insert (its outcome
+// keeps ids, not events): a merged insert's slice becomes the next merge's
+// spare, a batch's own goes back to the stream.
+func (w *Writer) release(b *batch.Batch) {
+	if b.Streamed != nil {
+		return // the stager may still read it
+	}
+	if cap(b.Events) > w.cfg.FullBatch {
+		if cap(b.Events) > cap(w.spare) {
+			clear(b.Events)
+			w.spare = b.Events[:0]
+		}
+	} else {
+		w.recycle(b.Events)
+	}
+	b.Events = nil
 }
 
 // outcome is a batch that went through ClickHouse and whose outbox rows still need
