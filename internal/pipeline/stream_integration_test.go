@@ -2,6 +2,8 @@ package pipeline_test
 
 import (
 	"context"
+	"net/url"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -159,6 +161,42 @@ func TestFullBatchesWaitForOneInsert(t *testing.T) {
 	if len(sizes.sizes) != 1 || sizes.sizes[0] != 5000 {
 		t.Fatalf("rows per ClickHouse insert %v, want [5000]: the writer sent full batches without waiting for those behind them", sizes.sizes)
 	}
+}
+
+// TestStopWhileIdleIsPrompt: a stop interrupts a receive that waits for the
+// next message, however far off the next status update is (an hour here):
+// the pipeline drains, acknowledges and returns, and what it delivered stays
+// delivered once.
+func TestStopWhileIdleIsPrompt(t *testing.T) {
+	e := fixture.New(t, testenv.ModernClickHouse(t))
+	r := start(t, e, nil, func(c *pipeline.Config) {
+		c.Replication.StatusInterval = time.Hour
+		// No keepalives either: nothing but the stop may wake the receive.
+		c.Replication.DSN = withParam(c.Replication.DSN, "options", "-c wal_sender_timeout=0")
+	})
+	e.WaitStreaming(t)
+	e.Insert(t, 10, false)
+	walPos := e.CurrentWAL(t)
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(50 * time.Millisecond) {
+		if _, processed := e.Committed(t); processed == 10 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the 10 rows were not processed within a minute")
+		}
+	}
+	r.stop(t) // fails the test if the pipeline has not returned within a minute
+	// The stop's acknowledgement confirmed the rows: nothing to replay.
+	e.AssertExactlyDelivered(t, time.Minute, walPos)
+}
+
+// withParam adds a query parameter to a URL DSN.
+func withParam(dsn, key, value string) string {
+	sep := "?"
+	if strings.Contains(dsn, "?") {
+		sep = "&"
+	}
+	return dsn + sep + url.QueryEscape(key) + "=" + strings.ReplaceAll(url.QueryEscape(value), "+", "%20")
 }
 
 const insertN = `INSERT INTO event_outbox (event_type, event_date_time, event_context)
