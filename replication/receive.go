@@ -139,17 +139,23 @@ type receiver struct {
 	// record received: a batch whose rows committed at or below committed
 	// is covered by committedEnd (batch.Batch.CommitEnd).
 	committed, committedEnd uint64
-
-	// The receive deadline (next status update or batch time bound) lives in a
-	// context reused across messages: one per wake-up instead of one per message,
-	// which was a quarter of the loop's CPU in profiles.
-	recv deadlineCtx
 }
 
 // receive runs the loop until ctx ends (it then returns ctx's error or the error
 // of what ctx interrupted) or something fails.
+//
+// The receive deadline (next status update or batch time bound) is the
+// connection's read deadline, and ctx's end moves it to now: a context per
+// receive made pgconn watch it per message (a registration with ctx and
+// about 270 bytes of garbage per row).
 func (r *receiver) receive(ctx context.Context) error {
-	defer r.recv.release()
+	conn := r.s.conn.Conn()
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Now()) })
+	defer func() {
+		stop()
+		// The shutdown path and later statements read without a deadline.
+		_ = conn.SetReadDeadline(time.Time{})
+	}()
 	for ctx.Err() == nil {
 		if err := r.step(ctx); err != nil {
 			return err
@@ -174,7 +180,15 @@ func (r *receiver) step(ctx context.Context) error {
 	if d, ok := r.builder.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
-	raw, err := s.conn.ReceiveMessage(r.recv.until(ctx, deadline))
+	if err := s.conn.Conn().SetReadDeadline(deadline); err != nil {
+		return fmt.Errorf("set receive deadline on slot %q: %w", s.cfg.Slot, err)
+	}
+	// ctx may have ended after receive checked it and before the deadline was
+	// set, which then replaced the one ctx's end set: look again.
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	raw, err := s.conn.ReceiveMessage(context.Background())
 	switch {
 	case err != nil:
 		// Only the receive deadline passing is routine; a receive ended by ctx
@@ -295,14 +309,17 @@ func (r *receiver) emit(ctx context.Context, b *batch.Batch) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	// Read before the send: the writer owns b after it, merges into it and
+	// hands its events to later batches.
+	rows, tracked := b.Len(), b.Tracked()
 	tick := time.NewTicker(r.s.cfg.StatusInterval)
 	defer tick.Stop()
 	for {
 		select {
 		case r.out <- b:
 			r.waiting = nil
-			if r.rc.Observer != nil && b.Tracked() {
-				r.rc.Observer.AddReceived(b.Len())
+			if r.rc.Observer != nil && tracked {
+				r.rc.Observer.AddReceived(rows)
 			}
 			return nil
 		case <-r.writerDone:
@@ -387,27 +404,4 @@ func (r *receiver) shutdown() error {
 		s.log.Debug("end copy mode", zap.Error(err))
 	}
 	return nil
-}
-
-// deadlineCtx is a receive deadline reused until it passes or an earlier one is
-// needed.
-type deadlineCtx struct {
-	ctx    context.Context
-	cancel context.CancelFunc
-	at     time.Time
-}
-
-func (d *deadlineCtx) until(parent context.Context, at time.Time) context.Context {
-	if d.ctx == nil || d.ctx.Err() != nil || at.Before(d.at) {
-		d.release()
-		d.ctx, d.cancel = context.WithDeadline(parent, at)
-		d.at = at
-	}
-	return d.ctx
-}
-
-func (d *deadlineCtx) release() {
-	if d.cancel != nil {
-		d.cancel()
-	}
 }

@@ -99,3 +99,37 @@ func TestBuilderStartsEachBatchAtZeroBytes(t *testing.T) {
 		t.Fatalf("second batch has %d bytes, want %d", got.Bytes, ev.Size())
 	}
 }
+
+// TestRecycledEventsComeBackEmpty: a new batch may take the events slice of
+// a recycled one, and then finds it empty and cleared (the earlier rows'
+// strings released), never the old rows; a much larger slice is not taken.
+func TestRecycledEventsComeBackEmpty(t *testing.T) {
+	reused := 0
+	for i := range 50 { // sync.Pool may drop what it is given
+		old := make([]record.Event, 3, 4)
+		old[0].Type, old[2].Type = "old", "old"
+		Recycle(old)
+		b := NewBuilder(4, 0, time.Hour)
+		b.Add(uint64(i), record.Event{ID: 1, Type: "new"}, time.Now())
+		got := b.Take().Events
+		if len(got) != 1 || got[0].Type != "new" {
+			t.Fatalf("a new batch holds %+v", got)
+		}
+		if &got[0] == &old[0] {
+			reused++
+			if full := got[:cap(got)]; full[2].Type != "" || full[1].ID != 0 {
+				t.Fatalf("a recycled slice was not cleared: %+v", full)
+			}
+		}
+	}
+	if reused == 0 {
+		t.Fatal("no recycled slice was ever reused")
+	}
+	big := make([]record.Event, 0, 100)
+	Recycle(big)
+	b := NewBuilder(4, 0, time.Hour)
+	b.Add(0, record.Event{ID: 1}, time.Now())
+	if got := b.Take().Events; cap(got) == 100 {
+		t.Fatal("a batch of 4 rows took a slice of 100")
+	}
+}

@@ -161,9 +161,9 @@ func Bind(src *Source, c *Config) {
 
 	src.Group("Batching")
 	src.Int(&c.BatchSize, "EVENT_BATCH_SIZE", "batch-size", 1000, 1, "rows per batch")
-	src.Duration(&c.BatchTimeout, "EVENT_BATCH_TIMEOUT", "batch-timeout", 100*time.Millisecond, "a batch is written at the latest this long after its first row")
+	src.Duration(&c.BatchTimeout, "EVENT_BATCH_TIMEOUT", "batch-timeout", 100*time.Millisecond, "a batch is written at the latest this long after its first row; a batch that fills up before it waits up to this long more for the batches behind it, to fill one ClickHouse insert")
 	src.Int(&c.BatchMaxBytes, "EVENT_BATCH_MAX_BYTES", "batch-max-bytes", 8<<20, 0, "about the most bytes per batch (the rows' sizes in an insert); a batch is written when it reaches this or EVENT_BATCH_SIZE rows (0: no byte bound)")
-	src.Int(&c.ClickHouseBatchSize, "CLICKHOUSE_BATCH_SIZE", "clickhouse-batch-size", 10000, 0, "most rows per ClickHouse insert; a writer that falls behind merges queued batches up to it (batches are still cut at EVENT_BATCH_SIZE; at least EVENT_BATCH_SIZE); also the rows per sweep round")
+	src.Int(&c.ClickHouseBatchSize, "CLICKHOUSE_BATCH_SIZE", "clickhouse-batch-size", 10000, 0, "most rows per ClickHouse insert; a writer that falls behind merges queued batches up to it, and a full batch waits up to EVENT_BATCH_TIMEOUT for the ones behind it (batches are still cut at EVENT_BATCH_SIZE; at least EVENT_BATCH_SIZE); also the rows per sweep round")
 	src.Int(&c.ClickHouseBatchMaxBytes, "CLICKHOUSE_BATCH_MAX_BYTES", "clickhouse-batch-max-bytes", 64<<20, 0, "about the most bytes per ClickHouse insert that merges queued batches (0: no byte bound; at least EVENT_BATCH_MAX_BYTES)")
 
 	src.Group("Delivery and retries")

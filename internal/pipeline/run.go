@@ -112,6 +112,7 @@ func (c Config) normalize() Config {
 		c.Run.Observer = c.Metrics
 	}
 	c.Writer.MaxInsertRows = max(c.Writer.MaxInsertRows, c.Run.BatchSize)
+	c.Writer.FullBatch, c.Writer.Linger = c.Run.BatchSize, c.Run.BatchTimeout
 	if c.VerifyWindow <= 0 {
 		c.VerifyWindow = 24 * time.Hour
 	}

@@ -2,6 +2,8 @@ package pipeline_test
 
 import (
 	"context"
+	"net/url"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -25,7 +27,7 @@ type running struct {
 	done   chan error
 }
 
-func start(t *testing.T, e *fixture.Env, wrap func(pipeline.Sink) pipeline.Sink) *running {
+func start(t *testing.T, e *fixture.Env, wrap func(pipeline.Sink) pipeline.Sink, opts ...func(*pipeline.Config)) *running {
 	t.Helper()
 	cfg := pipeline.Config{
 		Replication: replication.Config{DSN: e.DSN, Slot: e.Slot, Publication: e.Publication, StatusInterval: 100 * time.Millisecond},
@@ -35,6 +37,9 @@ func start(t *testing.T, e *fixture.Env, wrap func(pipeline.Sink) pipeline.Sink)
 		// Rows that land in the slot's creation snapshot are backfilled; the sweep
 		// delivers them.
 		SweepInterval: time.Second,
+	}
+	for _, o := range opts {
+		o(&cfg)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &running{cancel: cancel, done: make(chan error, 1)}
@@ -120,6 +125,78 @@ func TestStreamDeliversExactlyTheCommittedEvents(t *testing.T) {
 			r.stop(t)
 		})
 	}
+}
+
+// insertSizes records the rows of every ClickHouse insert.
+type insertSizes struct {
+	pipeline.Sink
+	mu    sync.Mutex
+	sizes []int
+}
+
+func (s *insertSizes) Insert(ctx context.Context, events []record.Event) error {
+	s.mu.Lock()
+	s.sizes = append(s.sizes, len(events))
+	s.mu.Unlock()
+	return s.Sink.Insert(ctx, events)
+}
+
+// TestFullBatchesWaitForOneInsert: batches that arrive full mean rows are
+// flowing, and the writer waits for the ones behind them instead of sending
+// each as it comes: a 5,000-row transaction cut into ten full batches of
+// 500 goes to ClickHouse as one insert of 5,000 rows, exactly once.
+func TestFullBatchesWaitForOneInsert(t *testing.T) {
+	e := fixture.New(t, testenv.ModernClickHouse(t))
+	sizes := &insertSizes{}
+	start(t, e, func(s pipeline.Sink) pipeline.Sink { sizes.Sink = s; return sizes }, func(c *pipeline.Config) {
+		// The timeout bounds the wait; long, so that only the batches' arrival ends it.
+		c.Run = replication.RunConfig{BatchSize: 500, BatchTimeout: time.Minute}
+		c.Writer.MaxInsertRows = 5000
+	})
+	e.WaitStreaming(t)
+	e.Insert(t, 5000, false)
+	e.AssertExactlyDelivered(t, 2*time.Minute, e.CurrentWAL(t))
+	sizes.mu.Lock()
+	defer sizes.mu.Unlock()
+	if len(sizes.sizes) != 1 || sizes.sizes[0] != 5000 {
+		t.Fatalf("rows per ClickHouse insert %v, want [5000]: the writer sent full batches without waiting for those behind them", sizes.sizes)
+	}
+}
+
+// TestStopWhileIdleIsPrompt: a stop interrupts a receive that waits for the
+// next message, however far off the next status update is (an hour here):
+// the pipeline drains, acknowledges and returns, and what it delivered stays
+// delivered once.
+func TestStopWhileIdleIsPrompt(t *testing.T) {
+	e := fixture.New(t, testenv.ModernClickHouse(t))
+	r := start(t, e, nil, func(c *pipeline.Config) {
+		c.Replication.StatusInterval = time.Hour
+		// No keepalives either: nothing but the stop may wake the receive.
+		c.Replication.DSN = withParam(c.Replication.DSN, "options", "-c wal_sender_timeout=0")
+	})
+	e.WaitStreaming(t)
+	e.Insert(t, 10, false)
+	walPos := e.CurrentWAL(t)
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(50 * time.Millisecond) {
+		if _, processed := e.Committed(t); processed == 10 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the 10 rows were not processed within a minute")
+		}
+	}
+	r.stop(t) // fails the test if the pipeline has not returned within a minute
+	// The stop's acknowledgement confirmed the rows: nothing to replay.
+	e.AssertExactlyDelivered(t, time.Minute, walPos)
+}
+
+// withParam adds a query parameter to a URL DSN.
+func withParam(dsn, key, value string) string {
+	sep := "?"
+	if strings.Contains(dsn, "?") {
+		sep = "&"
+	}
+	return dsn + sep + url.QueryEscape(key) + "=" + strings.ReplaceAll(url.QueryEscape(value), "+", "%20")
 }
 
 const insertN = `INSERT INTO event_outbox (event_type, event_date_time, event_context)

@@ -57,6 +57,12 @@ type WriterConfig struct {
 	// (CLICKHOUSE_BATCH_MAX_BYTES); zero: no cap. A batch over it alone is
 	// still sent whole: the stream bounds batches by bytes too.
 	MaxInsertBytes int
+	// FullBatch is the stream's batch size (EVENT_BATCH_SIZE) and Linger its
+	// timeout (EVENT_BATCH_TIMEOUT). A batch that arrives full was cut by size,
+	// so rows are arriving faster than one batch per Linger: merge then waits
+	// up to Linger for more batches to fill the insert. Zero: no waiting.
+	FullBatch int
+	Linger    time.Duration
 	// Retry is the backoff for transient ClickHouse and PostgreSQL errors.
 	Retry retry.Policy
 	// InDoubtUntil is the in-flight LSN recorded before the last stop: replayed rows
@@ -95,7 +101,10 @@ type Writer struct {
 	log      *zap.Logger
 	recorded uint64
 	next     *batch.Batch // taken from the queue by merge, for the next insert
-	stager   *stager      // nil: streamed transactions are not staged
+	// spare is the events slice of an earlier merged insert, cleared, for
+	// the next merge to grow into instead of allocating.
+	spare  []record.Event
+	stager *stager // nil: streamed transactions are not staged
 	// stale, when this session does not stage, is where earlier sessions
 	// staged: cleared at the start all the same (see clearStale).
 	stale   *stager
@@ -179,6 +188,7 @@ func (w *Writer) Run(ctx context.Context, in <-chan *batch.Batch) error {
 		if o, err = w.deliver(ctx, b); err != nil {
 			break
 		}
+		w.release(b)
 		outcomes <- o
 	}
 	close(outcomes)
@@ -198,23 +208,47 @@ var errSettleStopped = errors.New("not settled: an earlier status update failed"
 // merge appends batches already queued behind b, up to MaxInsertRows, so a writer that
 // fell behind catches up with fewer, larger inserts. Queued batches are contiguous.
 //
+// When b is an ordinary batch that arrived full (see WriterConfig.FullBatch),
+// merge also waits up to Linger for batches still to come: ClickHouse's CPU
+// per INSERT is nearly fixed, so a flow that would otherwise go out in
+// inserts of a few batches each costs it several times more per row. A batch
+// cut by the timeout means the flow is slow, and it goes out at once.
+//
 // A queued batch that would take the insert past MaxInsertBytes, or that
 // does not belong in b's insert (sameInsert), stays queued for the next
 // insert: it is peeked at through w.next, never dropped.
 func (w *Writer) merge(b *batch.Batch, in <-chan *batch.Batch) *batch.Batch {
+	var deadline <-chan time.Time
+	if w.cfg.Linger > 0 && w.cfg.FullBatch > 0 && b.Streamed == nil && b.Len() >= w.cfg.FullBatch {
+		t := time.NewTimer(w.cfg.Linger)
+		defer t.Stop()
+		deadline = t.C
+	}
 	for b.Len() < w.cfg.MaxInsertRows {
+		var next *batch.Batch
+		var ok bool
 		select {
-		case next, ok := <-in:
-			if !ok {
-				return b
-			}
-			if !sameInsert(b, next) || (w.cfg.MaxInsertBytes > 0 && b.Bytes+next.Bytes > w.cfg.MaxInsertBytes) {
-				w.next = next
-				return b
-			}
-			w.appendBatch(b, next, len(in))
+		case next, ok = <-in:
 		default:
+			if deadline == nil {
+				return b
+			}
+			select {
+			case next, ok = <-in:
+			case <-deadline:
+				return b
+			}
+		}
+		if !ok {
 			return b
+		}
+		if !sameInsert(b, next) || (w.cfg.MaxInsertBytes > 0 && b.Bytes+next.Bytes > w.cfg.MaxInsertBytes) {
+			w.next = next
+			return b
+		}
+		w.appendBatch(b, next, len(in))
+		if next.Streamed == nil {
+			w.recycle(next.Events) // copied into b
 		}
 	}
 	return b
@@ -252,16 +286,53 @@ func (w *Writer) appendBatch(b, next *batch.Batch, queued int) {
 // appendEvents appends next's rows to b. It grows b once for everything
 // queued now (up to the cap), not by doubling: a merged insert of 10,000
 // rows was copied four times, a quarter of the streamer's allocations in
-// profiles.
+// profiles. When nothing is queued (merge waiting for batches one by one)
+// it doubles, or growing by one batch at a time would copy the insert once
+// per batch.
 func (w *Writer) appendEvents(b, next *batch.Batch, queued int) {
 	if need := b.Len() + next.Len(); need > cap(b.Events) {
-		want := min(max(need, b.Len()+next.Len()*(1+queued)), w.cfg.MaxInsertRows+next.Len())
-		grown := make([]record.Event, b.Len(), max(want, need))
+		want := min(max(need, b.Len()+next.Len()*(1+queued), 2*b.Len()), w.cfg.MaxInsertRows+next.Len())
+		var grown []record.Event
+		if cap(w.spare) >= max(want, need) {
+			grown, w.spare = w.spare[:b.Len()], nil
+		} else {
+			grown = make([]record.Event, b.Len(), max(want, need))
+		}
 		copy(grown, b.Events)
+		if b.Streamed == nil {
+			w.recycle(b.Events)
+		}
 		b.Events = grown
 	}
 	b.Events = append(b.Events, next.Events...)
 	b.Bytes += next.Bytes
+}
+
+// recycle hands a batch's events back to the stream's batches once they
+// were copied into a merged insert; only slices of the stream's batch size,
+// so the queue's batches do not grow.
+func (w *Writer) recycle(events []record.Event) {
+	if w.cfg.FullBatch > 0 && cap(events) <= w.cfg.FullBatch {
+		batch.Recycle(events)
+	}
+}
+
+// release recycles an ordinary batch's events after its insert (its outcome
+// keeps ids, not events): a merged insert's slice becomes the next merge's
+// spare, a batch's own goes back to the stream.
+func (w *Writer) release(b *batch.Batch) {
+	if b.Streamed != nil {
+		return // the stager may still read it
+	}
+	if cap(b.Events) > w.cfg.FullBatch {
+		if cap(b.Events) > cap(w.spare) {
+			clear(b.Events)
+			w.spare = b.Events[:0]
+		}
+	} else {
+		w.recycle(b.Events)
+	}
+	b.Events = nil
 }
 
 // outcome is a batch that went through ClickHouse and whose outbox rows still need
