@@ -86,6 +86,8 @@ have_helm() { command -v helm >/dev/null 2>&1 || [ -x "$helm_bin" ] || [ -n "${O
 installs=()
 have_pg || installs+=("postgresql")
 if only_all; then
+	# fetch-pg-resetwal.sh downloads from Debian's mirror with curl or wget.
+	command -v curl >/dev/null 2>&1 || command -v wget >/dev/null 2>&1 || installs+=("--no-install-recommends curl")
 	have_ch || installs+=("clickhouse-server clickhouse-client")
 	have_promtool || installs+=("--no-install-recommends prometheus")
 	have_zookeeper || installs+=("--no-install-recommends zookeeper")
