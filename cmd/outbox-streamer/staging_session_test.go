@@ -26,7 +26,12 @@ func TestStagingClearedWhenTheSameProcessReconnects(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	cmd, out := startStreamer(t, envFor(e, "DATABASE_URL="+smallWorkMem(e.DSN)))
-	fixture.WaitFor(t, time.Minute, "streaming", func() bool { return slotPID(t, e) != 0 })
+	// The slot is active while it is being created; a transaction opened then can
+	// hold its creation back (a consistent point waits for it), so wait for the
+	// session to stream.
+	fixture.WaitFor(t, time.Minute, "streaming", func() bool {
+		return strings.Contains(out.String(), `"msg":"streaming"`) && slotPID(t, e) != 0
+	})
 	tx := beginLargeTransaction(ctx, t, e.Pool, "staged.then.rolled.back")
 	staged := func() uint64 { return stagedRows(ctx, t, e) }
 	fixture.WaitFor(t, time.Minute, "the open transaction staged", func() bool { return staged() > 0 })
