@@ -108,12 +108,14 @@ func Open(ctx context.Context, cfg Config, log *zap.Logger) (*Stream, error) {
 
 	if !slot.Exists {
 		var res pglogrepl.CreateReplicationSlotResult
+		stopWatch := watchSlotCreation(ctx, plain, log)
 		if failover.want {
 			res, err = createFailoverSlot(ctx, conn, cfg.Slot)
 		} else {
 			res, err = pglogrepl.CreateReplicationSlot(ctx, conn, cfg.Slot, "pgoutput",
 				pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
 		}
+		stopWatch()
 		if err != nil {
 			conn.Close(context.Background())
 			if fault.IsPostgres(err, pgerrcode.DuplicateObject) {
