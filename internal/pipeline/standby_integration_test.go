@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
@@ -20,6 +21,7 @@ import (
 	"github.com/outbox-streamer/outbox-streamer/internal/harness/testenv"
 	"github.com/outbox-streamer/outbox-streamer/internal/metrics"
 	"github.com/outbox-streamer/outbox-streamer/internal/pipeline"
+	"github.com/outbox-streamer/outbox-streamer/internal/standby"
 	"github.com/outbox-streamer/outbox-streamer/replication"
 )
 
@@ -343,5 +345,52 @@ func TestWaitForStandbyConfirmationIsReported(t *testing.T) {
 	}
 	if n := logs.FilterMessageSnippet("holds this slot's changes back until the standbys").Len(); n != 1 {
 		t.Errorf("the wait was logged %d times, want once", n)
+	}
+}
+
+// TestStandbyHoldByApplicationNameNeedsPgMonitor: pg_stat_replication hides a
+// standby's flush_lsn from a role without pg_monitor (or pg_read_all_stats),
+// so a hold by application_name could never see the standby catch up; the
+// start is refused with what to grant, and accepted once it is granted.
+func TestStandbyHoldByApplicationNameNeedsPgMonitor(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	pg := testenv.PrivatePostgres(t)
+	e := fixture.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
+	const app = "hold_unprivileged"
+	sb, err := pg.StartStandby(ctx, localsvc.StandbyOptions{Slot: standbySlot, Settings: map[string]string{
+		"primary_conninfo": fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=postgres application_name=%s", pg.Port, app)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sb.Stop() })
+	fixture.WaitFor(t, time.Minute, "the standby in pg_stat_replication", func() bool {
+		var n int
+		_ = e.Pool.QueryRow(ctx, "SELECT count(*) FROM pg_stat_replication WHERE application_name = $1 AND flush_lsn IS NOT NULL", app).Scan(&n)
+		return n == 1
+	})
+	if _, err := e.Pool.Exec(ctx, "CREATE ROLE hold_reader LOGIN"); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := pgxpool.ParseConfig(e.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.ConnConfig.User = "hold_reader"
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+
+	_, err = standby.Open(ctx, standby.Config{Name: app}, pool, zap.NewNop(), nil)
+	if err == nil || !strings.Contains(err.Error(), "pg_monitor") || !strings.Contains(err.Error(), app) {
+		t.Fatalf("hold by application_name without pg_monitor: got %v, want a refusal that names the standby and pg_monitor", err)
+	}
+	if _, err := e.Pool.Exec(ctx, "GRANT pg_monitor TO hold_reader"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := standby.Open(ctx, standby.Config{Name: app}, pool, zap.NewNop(), nil); err != nil {
+		t.Fatalf("hold by application_name with pg_monitor: %v", err)
 	}
 }
