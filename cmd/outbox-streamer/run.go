@@ -9,6 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/outbox-streamer/outbox-streamer/internal/config"
 	"github.com/outbox-streamer/outbox-streamer/internal/outboxstore"
@@ -66,7 +67,13 @@ func runSweepOnce(ctx context.Context, cfg *config.Config, log *zap.Logger, stdo
 	store := outboxstore.NewFor(pool, service.RetryConfig(cfg), cfg.Outbox).InZone(cfg.TimeZone)
 	scfg := sweep.Config{BatchSize: cfg.ClickHouseBatchSize, TimeZone: cfg.TimeZone, Slot: cfg.Slot}
 	if cfg.StandbyHold != "" {
-		hold, err := standby.Open(ctx, standby.Config{Name: cfg.StandbyHold}, pool, log, nil)
+		// A person running --sweep sees only errors by default; a wait for the
+		// standby must not look like a hang, so the hold's warnings show.
+		holdLog := log
+		if !cfg.LogLevelExplicit {
+			holdLog = newLogger(cfg, forService).WithOptions(zap.IncreaseLevel(zapcore.WarnLevel))
+		}
+		hold, err := standby.Open(ctx, standby.Config{Name: cfg.StandbyHold}, pool, holdLog, nil)
 		if err != nil {
 			return err
 		}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -47,29 +46,15 @@ func startStandbyPair(ctx context.Context, t *testing.T, settings map[string]str
 	return standbyPair{e: e, primary: pg, standby: sb}
 }
 
-// pauseWALReceiver stops the standby's WAL receiver with SIGSTOP (the
-// standby stays up but receives and flushes nothing) and returns what
-// resumes it; the test's end resumes it too.
+// pauseWALReceiver stops the standby's WAL receiver (localsvc's
+// PauseWALReceiver) and returns what resumes it; the test's end resumes it too.
 func (p standbyPair) pauseWALReceiver(ctx context.Context, t *testing.T) (resume func()) {
 	t.Helper()
-	var pid int
-	fixture.WaitFor(t, time.Minute, "the standby's WAL receiver", func() bool {
-		conn, err := pgx.Connect(ctx, p.standby.DSN())
-		if err != nil {
-			return false
-		}
-		defer conn.Close(context.Background())
-		return conn.QueryRow(ctx, "SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'").Scan(&pid) == nil
-	})
-	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-		t.Fatalf("SIGSTOP the WAL receiver %d: %v", pid, err)
-	}
-	resumed := false
-	resume = func() {
-		if !resumed {
-			resumed = true
-			_ = syscall.Kill(pid, syscall.SIGCONT)
-		}
+	wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	resume, err := p.standby.PauseWALReceiver(wctx)
+	if err != nil {
+		t.Fatal(err)
 	}
 	t.Cleanup(resume)
 	return resume

@@ -9,6 +9,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -234,4 +235,39 @@ func (p *Postgres) Promote(ctx context.Context) error {
 		return fmt.Errorf("promote standby on port %d: not promoted within %v", p.Port, p.opts.StartTimeout)
 	}
 	return nil
+}
+
+// PauseWALReceiver stops a standby's WAL receiver with SIGSTOP, once it
+// streams: the standby stays up but receives and flushes nothing, as if
+// the network to the primary were cut. The returned resume (SIGCONT) may be
+// called more than once.
+func (p *Postgres) PauseWALReceiver(ctx context.Context) (resume func(), err error) {
+	var pid int
+	for {
+		pid, err = p.walReceiverPID(ctx)
+		if err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("standby on port %d: no streaming WAL receiver: %w", p.Port, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		return nil, fmt.Errorf("SIGSTOP the WAL receiver %d: %w", pid, err)
+	}
+	var once sync.Once
+	return func() { once.Do(func() { _ = syscall.Kill(pid, syscall.SIGCONT) }) }, nil
+}
+
+func (p *Postgres) walReceiverPID(ctx context.Context) (int, error) {
+	conn, err := pgx.Connect(ctx, p.DSN())
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close(context.Background())
+	var pid int
+	err = conn.QueryRow(ctx, "SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'").Scan(&pid)
+	return pid, err
 }
