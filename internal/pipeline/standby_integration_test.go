@@ -46,6 +46,26 @@ func startStandbyPair(ctx context.Context, t *testing.T, settings map[string]str
 	return standbyPair{e: e, primary: pg, standby: sb}
 }
 
+// startStandbyByApp is startStandbyPair with the standby connecting as
+// application_name app, once pg_stat_replication shows its flush position.
+func startStandbyByApp(ctx context.Context, t *testing.T, app string) standbyPair {
+	t.Helper()
+	pg := testenv.PrivatePostgres(t)
+	e := fixture.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
+	sb, err := pg.StartStandby(ctx, localsvc.StandbyOptions{Slot: standbySlot, Settings: map[string]string{
+		"primary_conninfo": fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=postgres application_name=%s", pg.Port, app)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sb.Stop() })
+	fixture.WaitFor(t, time.Minute, "the standby in pg_stat_replication", func() bool {
+		var n int
+		_ = e.Pool.QueryRow(ctx, "SELECT count(*) FROM pg_stat_replication WHERE application_name = $1 AND flush_lsn IS NOT NULL", app).Scan(&n)
+		return n == 1
+	})
+	return standbyPair{e: e, primary: pg, standby: sb}
+}
+
 // pauseWALReceiver stops the standby's WAL receiver (localsvc's
 // PauseWALReceiver) and returns what resumes it; the test's end resumes it too.
 func (p standbyPair) pauseWALReceiver(ctx context.Context, t *testing.T) (resume func()) {
@@ -213,21 +233,9 @@ func TestStandbyHoldDeliversNothingTheStandbyLacks(t *testing.T) {
 func TestStandbyHoldByApplicationNameHoldsWhileTheStandbyIsGone(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	pg := testenv.PrivatePostgres(t)
-	e := fixture.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
 	const app = "hold_by_app"
-	sb, err := pg.StartStandby(ctx, localsvc.StandbyOptions{Slot: standbySlot, Settings: map[string]string{
-		"primary_conninfo": fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=postgres application_name=%s", pg.Port, app)}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = sb.Stop() })
-	p := standbyPair{e: e, primary: pg, standby: sb}
-	fixture.WaitFor(t, time.Minute, "the standby in pg_stat_replication", func() bool {
-		var n int
-		_ = e.Pool.QueryRow(ctx, "SELECT count(*) FROM pg_stat_replication WHERE application_name = $1", app).Scan(&n)
-		return n == 1
-	})
+	p := startStandbyByApp(ctx, t, app)
+	e, sb := p.e, p.standby
 
 	m := metrics.New()
 	log, logs := observed(t)
@@ -340,20 +348,8 @@ func TestWaitForStandbyConfirmationIsReported(t *testing.T) {
 func TestStandbyHoldByApplicationNameNeedsPgMonitor(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	pg := testenv.PrivatePostgres(t)
-	e := fixture.NewOn(t, pg.DSN(), testenv.ModernClickHouse(t))
 	const app = "hold_unprivileged"
-	sb, err := pg.StartStandby(ctx, localsvc.StandbyOptions{Slot: standbySlot, Settings: map[string]string{
-		"primary_conninfo": fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=postgres application_name=%s", pg.Port, app)}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = sb.Stop() })
-	fixture.WaitFor(t, time.Minute, "the standby in pg_stat_replication", func() bool {
-		var n int
-		_ = e.Pool.QueryRow(ctx, "SELECT count(*) FROM pg_stat_replication WHERE application_name = $1 AND flush_lsn IS NOT NULL", app).Scan(&n)
-		return n == 1
-	})
+	e := startStandbyByApp(ctx, t, app).e
 	if _, err := e.Pool.Exec(ctx, "CREATE ROLE hold_reader LOGIN"); err != nil {
 		t.Fatal(err)
 	}
