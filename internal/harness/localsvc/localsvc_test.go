@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -239,7 +240,8 @@ func exerciseClickHouse(ctx context.Context, t *testing.T, ch *localsvc.ClickHou
 		t.Fatal(err)
 	}
 	if err := frozen.Ping(frozenCtx); err == nil {
-		t.Errorf("ping answered by a frozen server")
+		listeners, _ := exec.Command("ss", "-ltnp").CombinedOutput()
+		t.Errorf("ping on %s answered by a frozen server (pid %d); listening sockets:\n%s", ch.Addr(), ch.Pid(), listeners)
 	}
 	frozen.Close()
 	frozenCancel()

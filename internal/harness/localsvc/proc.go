@@ -364,8 +364,57 @@ func alive(pid int) bool {
 	return data[i+2] != 'Z'
 }
 
-// freeze stops (SIGSTOP) the process and its descendants.
-func (p *process) freeze() error { return p.signalTree(syscall.SIGSTOP) }
+// freeze stops (SIGSTOP) the process and its descendants and returns once
+// every thread of them is stopped: the signal is asynchronous, and a thread
+// waiting for a CPU on a loaded machine runs on until it is scheduled.
+func (p *process) freeze() error {
+	if p.exited() {
+		return nil
+	}
+	if err := p.signalTree(syscall.SIGSTOP); err != nil {
+		return err
+	}
+	pids := append([]int{p.cmd.Process.Pid}, descendants(p.cmd.Process.Pid)...)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		running := runningThreads(pids)
+		if len(running) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("freeze pid %d: threads %v still running 5s after SIGSTOP", p.cmd.Process.Pid, running)
+		}
+		time.Sleep(time.Millisecond) // bounded poll: no notification of a stop to a non-parent
+	}
+}
+
+// runningThreads lists the threads (as pid/tid) of pids that are neither
+// stopped nor gone.
+func runningThreads(pids []int) []string {
+	var out []string
+	for _, pid := range pids {
+		tasks, err := os.ReadDir(filepath.Join("/proc", strconv.Itoa(pid), "task"))
+		if err != nil {
+			continue // exited
+		}
+		for _, t := range tasks {
+			data, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "task", t.Name(), "stat"))
+			if err != nil {
+				continue
+			}
+			i := bytes.LastIndexByte(data, ')')
+			if i < 0 || i+2 >= len(data) {
+				continue
+			}
+			switch data[i+2] {
+			case 'T', 't', 'Z', 'X':
+			default:
+				out = append(out, fmt.Sprintf("%d/%s:%c", pid, t.Name(), data[i+2]))
+			}
+		}
+	}
+	return out
+}
 
 // thaw resumes (SIGCONT) the process and its descendants.
 func (p *process) thaw() error { return p.signalTree(syscall.SIGCONT) }
