@@ -6,8 +6,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net/url"
+	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -277,11 +280,21 @@ func (e *dbEnv) chCount(ctx context.Context) (uint64, error) {
 	return n, err
 }
 
-// poll calls cond every interval until it returns true, an error, or the timeout.
+// poll calls cond every interval until it returns true, an error, or the
+// timeout. A connection the server reset or closed is not an error of the
+// run: cond is asked again, up to maxResets times in a row.
 func poll(ctx context.Context, timeout, interval time.Duration, what string, cond func() (bool, error)) error {
+	const maxResets = 3
 	deadline := time.Now().Add(timeout)
+	resets := 0
 	for {
 		ok, err := cond()
+		if err != nil && connReset(err) && resets < maxResets && ctx.Err() == nil {
+			resets++
+			fmt.Fprintf(os.Stderr, "outbox-bench: waiting for %s: %v (asking again)\n", what, err)
+			continue
+		}
+		resets = 0
 		if err != nil {
 			return fmt.Errorf("waiting for %s: %w", what, err)
 		}
@@ -494,4 +507,11 @@ func (e *dbEnv) lastInserted(ctx context.Context) (time.Time, error) {
 	var t time.Time
 	err := e.CH.QueryRow(ctx, "SELECT max(inserted_at) FROM "+e.Table).Scan(&t)
 	return t, err
+}
+
+// connReset reports an error of a connection the server reset or closed
+// while the bench was using it.
+func connReset(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
 }
