@@ -162,9 +162,22 @@ func (s *Store) MarkProcessed(ctx context.Context, refs []Ref) (vanished []int64
 	if len(refs) == 0 {
 		return nil, nil
 	}
+	const set = `SET status = 'processed', updated_at = {now}, last_error = NULL, next_attempt_at = NULL`
+	// A batch of one producer's rows has consecutive ids: one range scan of
+	// the primary key instead of a lookup per id. Anything short of every row
+	// updated takes the general path, which leaves this statement's rows alone.
+	if lo, hi, ok := consecutive(refs); ok && len(refs) > 1 {
+		tag, err := s.db.Exec(ctx, s.sql(`UPDATE {outbox} `+set+`
+			WHERE id BETWEEN $1 AND $2 AND status <> 'processed'`), lo, hi)
+		if err != nil {
+			return nil, fmt.Errorf("mark %d outbox rows processed: %w", len(refs), err)
+		}
+		if tag.RowsAffected() == int64(len(refs)) {
+			return nil, nil
+		}
+	}
 	vanished, err = s.untilVisible(ctx, refs, "status = 'processed'", func(ctx context.Context, ids []int64) (pgx.Rows, error) {
-		return s.db.Query(ctx, s.sql(`UPDATE {outbox}
-			SET status = 'processed', updated_at = {now}, last_error = NULL, next_attempt_at = NULL
+		return s.db.Query(ctx, s.sql(`UPDATE {outbox} `+set+`
 			WHERE id = ANY($1) AND status <> 'processed'
 			RETURNING id`), ids)
 	})
@@ -291,6 +304,16 @@ func (s *Store) visibleXids(ctx context.Context, refs []Ref) (map[uint32]bool, e
 		out[uint32(x)] = true
 	}
 	return out, nil
+}
+
+// consecutive reports whether refs' ids ascend one by one, and their range.
+func consecutive(refs []Ref) (lo, hi int64, ok bool) {
+	for i, r := range refs {
+		if r.ID != refs[0].ID+int64(i) {
+			return 0, 0, false
+		}
+	}
+	return refs[0].ID, refs[len(refs)-1].ID, true
 }
 
 func idsOf(refs []Ref) []int64 {

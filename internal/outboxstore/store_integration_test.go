@@ -225,3 +225,82 @@ func TestClaimUsesTheIndex(t *testing.T) {
 		t.Errorf("the first %d claimed rows have no next_attempt_at, want all %d such rows first", firstScheduled, unscheduled)
 	}
 }
+
+// TestMarkProcessedByRange: a batch with consecutive ids is updated by range;
+// rows just outside it, and a row in a gap of a batch that is not
+// consecutive, stay pending; a range with a row already processed and one
+// deleted falls back to the row-by-row path and reports the deleted one.
+func TestMarkProcessedByRange(t *testing.T) {
+	e := fixture.New(t, testenv.ModernClickHouse(t))
+	ctx := context.Background()
+	store := outboxstore.New(e.Pool, outboxstore.RetryConfig{})
+	insert := func(n int) []outboxstore.Ref {
+		t.Helper()
+		rows, err := e.Pool.Query(ctx, `INSERT INTO event_outbox (event_type, event_date_time)
+			SELECT 't', now() AT TIME ZONE 'UTC' FROM generate_series(1, $1)
+			RETURNING id, xmin::text::bigint`, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var refs []outboxstore.Ref
+		for rows.Next() {
+			var id, xid int64
+			if err := rows.Scan(&id, &xid); err != nil {
+				t.Fatal(err)
+			}
+			refs = append(refs, outboxstore.Ref{ID: id, Xid: uint32(xid)})
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatal(err)
+		}
+		return refs
+	}
+	status := func(id int64) string {
+		t.Helper()
+		var s string
+		if err := e.Pool.QueryRow(ctx, "SELECT status FROM event_outbox WHERE id = $1", id).Scan(&s); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	want := func(refs []outboxstore.Ref, st string) {
+		t.Helper()
+		for _, r := range refs {
+			if got := status(r.ID); got != st {
+				t.Errorf("row %d is %s, want %s", r.ID, got, st)
+			}
+		}
+	}
+
+	refs := insert(12)
+	vanished, err := store.MarkProcessed(ctx, refs[1:11])
+	if err != nil || len(vanished) != 0 {
+		t.Fatalf("consecutive batch: vanished %v, %v", vanished, err)
+	}
+	want(refs[1:11], "processed")
+	want([]outboxstore.Ref{refs[0], refs[11]}, "pending")
+
+	refs = insert(10)
+	gapped := append(append([]outboxstore.Ref{}, refs[:4]...), refs[5:]...)
+	if _, err := store.MarkProcessed(ctx, gapped); err != nil {
+		t.Fatal(err)
+	}
+	want(gapped, "processed")
+	want(refs[4:5], "pending")
+
+	refs = insert(10)
+	if _, err := store.MarkProcessed(ctx, refs[2:3]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Pool.Exec(ctx, "DELETE FROM event_outbox WHERE id = $1", refs[6].ID); err != nil {
+		t.Fatal(err)
+	}
+	vanished, err = store.MarkProcessed(ctx, refs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vanished) != 1 || vanished[0] != refs[6].ID {
+		t.Errorf("vanished = %v, want [%d]", vanished, refs[6].ID)
+	}
+	want(append(append([]outboxstore.Ref{}, refs[:6]...), refs[7:]...), "processed")
+}
