@@ -38,6 +38,20 @@ type servers struct {
 	// OutboxDDL runs on every fresh outbox database after the migrations
 	// (--outbox-ddl): a way to measure a schema variant.
 	OutboxDDL []string
+	// revive, when set, starts again a local server that crashed.
+	revive func(context.Context) error
+}
+
+// reviveCrashed starts again a local server that crashed during the last
+// scenario, so that one crash fails one scenario run, not every one after it.
+func (s *servers) reviveCrashed(ctx context.Context) error {
+	if s.revive == nil {
+		return nil
+	}
+	if err := s.revive(ctx); err != nil {
+		return fmt.Errorf("start a crashed server again: %w", err)
+	}
+	return nil
 }
 
 // fillVersions asks the servers for their versions when they are not known yet.

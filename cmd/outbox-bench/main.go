@@ -32,6 +32,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -243,6 +244,9 @@ func (b *bench) run(ctx context.Context) error {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
+			if err := b.srv.reviveCrashed(ctx); err != nil {
+				return err
+			}
 			b.progressf("repetition %d/%d: %s %s ...", rep, b.cfg.Reps, s.key, s.name)
 			began := time.Now()
 			m, err := s.run(ctx, b)
@@ -314,8 +318,11 @@ const benchStandby = "bench_standby"
 
 // startServers starts the local PostgreSQL and ClickHouse 26.7 the bench runs
 // on, and a physical standby of the PostgreSQL when scenario eh runs.
-func startServers(ctx context.Context, cfg benchConfig) (*servers, func(), error) {
-	opts := localsvc.PostgresOptions{Durable: cfg.PGDurable, Settings: map[string]string{}}
+func startServers(ctx context.Context, cfg benchConfig, stderr io.Writer) (*servers, func(), error) {
+	// A server that dies mid-run fails that scenario; its report says why
+	// (the harness removes its logs when the bench ends).
+	onCrash := func(c *localsvc.Crash) { fmt.Fprintf(stderr, "outbox-bench: %v\n", c) }
+	opts := localsvc.PostgresOptions{Durable: cfg.PGDurable, Settings: map[string]string{}, OnCrash: onCrash}
 	if cfg.PGAsyncCommit {
 		opts.Settings["synchronous_commit"] = "off"
 	} else {
@@ -343,7 +350,7 @@ func startServers(ctx context.Context, cfg benchConfig) (*servers, func(), error
 	}
 	// Direct: the reset shield's forwarding would cost throughput, and the
 	// bench never resets a connection mid-query (it stops streamers with SIGTERM).
-	ch, err := localsvc.StartClickHouse(ctx, localsvc.ClickHouseOptions{Direct: true})
+	ch, err := localsvc.StartClickHouse(ctx, localsvc.ClickHouseOptions{Direct: true, OnCrash: onCrash})
 	stop := func() {
 		if ch != nil {
 			_ = ch.Stop()
@@ -358,7 +365,18 @@ func startServers(ctx context.Context, cfg benchConfig) (*servers, func(), error
 		stop()
 		return nil, nil, fmt.Errorf("start ClickHouse: %w", err)
 	}
-	return &servers{PGDSN: pg.DSN(), PGVersion: pg.Version, CHAddr: ch.Addr(), CHVersion: ch.Version, CHLog: ch.LogPath, OutboxDDL: cfg.OutboxDDL}, stop, nil
+	revive := func(ctx context.Context) error {
+		var errs []error
+		if pg.Crash() != nil {
+			errs = append(errs, pg.Start(ctx))
+		}
+		if ch.Crash() != nil {
+			errs = append(errs, ch.Start(ctx))
+		}
+		return errors.Join(errs...)
+	}
+	return &servers{PGDSN: pg.DSN(), PGVersion: pg.Version, CHAddr: ch.Addr(), CHVersion: ch.Version, CHLog: ch.LogPath,
+		OutboxDDL: cfg.OutboxDDL, revive: revive}, stop, nil
 }
 
 func main() {
@@ -397,7 +415,7 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 	facts := machineFacts()
 	fmt.Fprintf(stderr, "outbox-bench: starting PostgreSQL and ClickHouse (load average %s)\n", facts.LoadStart)
 	sctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-	srv, stopServers, err := startServers(sctx, cfg)
+	srv, stopServers, err := startServers(sctx, cfg, stderr)
 	cancel()
 	if err != nil {
 		fmt.Fprintf(stderr, "outbox-bench: %v\n", err)
