@@ -348,8 +348,11 @@ func startServers(ctx context.Context, cfg benchConfig, stderr io.Writer) (*serv
 			return nil, nil, fmt.Errorf("start a standby: %w", err)
 		}
 	}
-	// Direct: the reset shield's forwarding would cost throughput, and the
-	// bench never resets a connection mid-query (it stops streamers with SIGTERM).
+	// Direct: the reset shield's forwarding would cost throughput. A streamer
+	// stopped while a ClickHouse query is in flight still resets that
+	// connection now and then (c's first start: about 1 run in 20), which
+	// aborts this chDB build's server (see localsvc's resetShield); the run
+	// loop then starts it again (servers.reviveCrashed).
 	ch, err := localsvc.StartClickHouse(ctx, localsvc.ClickHouseOptions{Direct: true, OnCrash: onCrash})
 	stop := func() {
 		if ch != nil {
