@@ -349,10 +349,10 @@ func startServers(ctx context.Context, cfg benchConfig, stderr io.Writer) (*serv
 		}
 	}
 	// Direct: the reset shield's forwarding would cost throughput. A streamer
-	// stopped while a ClickHouse query is in flight still resets that
-	// connection now and then (c's first start: about 1 run in 20), which
-	// aborts this chDB build's server (see localsvc's resetShield); the run
-	// loop then starts it again (servers.reviveCrashed).
+	// stopped while a ClickHouse reply is in flight resets that connection,
+	// which aborts this chDB build's server (see localsvc's resetShield): the
+	// scenarios stop the binary only once its client has connected, and the
+	// run loop starts a crashed server again (servers.reviveCrashed).
 	ch, err := localsvc.StartClickHouse(ctx, localsvc.ClickHouseOptions{Direct: true, OnCrash: onCrash})
 	stop := func() {
 		if ch != nil {

@@ -61,6 +61,16 @@ func runDrainWith(ctx context.Context, b *bench, key string, backfill bool, extr
 		if err != nil {
 			return nil, err
 		}
+		// Stopped before its ClickHouse client finished connecting, the
+		// binary exits with a reply unread, the kernel resets the connection
+		// and this chDB build's server aborts (see main's startServers).
+		if err := poll(ctx, time.Minute, 10*time.Millisecond, "the streamer's ClickHouse connection", func() (bool, error) {
+			_, ok := s.loggedAt("connected to clickhouse")
+			return ok, e.checkWatch()
+		}); err != nil {
+			_ = s.Stop(stopTimeout)
+			return nil, err
+		}
 		e.watch = nil
 		if err := s.Stop(stopTimeout); err != nil {
 			return nil, err

@@ -146,7 +146,16 @@ func procMem(pid int) (rss, hwm int64, err error) {
 
 // streamingAt returns the time of the last "streaming" log line (the replication
 // stream started) of the current run, from the binary's JSON log.
-func (s *streamer) streamingAt() (time.Time, bool) {
+func (s *streamer) streamingAt() (time.Time, bool) { return s.loggedAt("streaming") }
+
+// loggedAt returns the time of the current run's last log line whose message
+// is msg, from the binary's JSON log.
+func (s *streamer) loggedAt(msg string) (time.Time, bool) {
+	want, err := json.Marshal(msg)
+	if err != nil {
+		return time.Time{}, false
+	}
+	want = append([]byte(`"msg":`), want...)
 	f, err := os.Open(s.logPath)
 	if err != nil {
 		return time.Time{}, false
@@ -157,7 +166,7 @@ func (s *streamer) streamingAt() (time.Time, bool) {
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		line := sc.Bytes()
-		if !bytes.Contains(line, []byte(`"msg":"streaming"`)) {
+		if !bytes.Contains(line, want) {
 			continue
 		}
 		var rec struct {
