@@ -24,6 +24,10 @@ type design struct {
 	index string // DDL after the table (may be empty)
 	ff    int    // fillfactor
 	form  string // the UPDATE; $1 = ids
+	// origin runs the updates in a session with a replication origin and
+	// decodes with pgoutput's origin 'none' (PostgreSQL 16+), which drops
+	// changes that carry an origin before they are queued for the commit.
+	origin bool
 }
 
 const markProcessed = `UPDATE %s SET status = 'processed', updated_at = now() AT TIME ZONE 'UTC', last_error = NULL, next_attempt_at = NULL
@@ -58,14 +62,15 @@ func main() {
 	partial := `CREATE INDEX ON %s (status, next_attempt_at, id) WHERE status <> 'processed'`
 	byNext := `CREATE INDEX ON %s (next_attempt_at, id) WHERE next_attempt_at IS NOT NULL`
 	designs := []design{
-		{"current: partial index on status, fillfactor 100", partial, 100, markProcessed},
-		{"current, UPDATE ... FROM unnest", partial, 100, markProcessedUnnest},
-		{"current, id range and = ANY", partial, 100, markProcessedRange},
-		{"partial index on status, fillfactor 80", partial, 80, markProcessed},
-		{"index on next_attempt_at only, fillfactor 100", byNext, 100, markProcessed},
-		{"index on next_attempt_at only, fillfactor 90", byNext, 90, markProcessed},
-		{"index on next_attempt_at only, fillfactor 80", byNext, 80, markProcessed},
-		{"index on next_attempt_at only, fillfactor 60", byNext, 60, markProcessed},
+		{"current: partial index on status, fillfactor 100", partial, 100, markProcessed, false},
+		{"current, UPDATE ... FROM unnest", partial, 100, markProcessedUnnest, false},
+		{"current, id range and = ANY", partial, 100, markProcessedRange, false},
+		{"partial index on status, fillfactor 80", partial, 80, markProcessed, false},
+		{"index on next_attempt_at only, fillfactor 100", byNext, 100, markProcessed, false},
+		{"index on next_attempt_at only, fillfactor 90", byNext, 90, markProcessed, false},
+		{"index on next_attempt_at only, fillfactor 80", byNext, 80, markProcessed, false},
+		{"index on next_attempt_at only, fillfactor 60", byNext, 60, markProcessed, false},
+		{"current, updates under a replication origin (16+)", partial, 100, markProcessed, true},
 	}
 	fmt.Printf("%d rows inserted pending in transactions of %d, then marked processed %d at a time (the writer's statement)\n\n", *rows, *batch, *batch)
 	fmt.Printf("%-52s %10s %9s %7s %9s %9s %12s %12s\n", "design", "rows/s", "WAL B/row", "HOT %", "heap MiB", "index MiB", "decode ins/s", "decode upd/s")
@@ -136,13 +141,34 @@ func measure(ctx context.Context, pool *pgxpool.Pool, table string, d design, ro
 		return err
 	}
 	update := fmt.Sprintf(d.form, ident)
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Release()
+	decodeOptions := ""
+	if d.origin {
+		originName := table + "_origin"
+		_, _ = conn.Exec(ctx, "SELECT pg_replication_origin_drop($1)", originName)
+		if _, err := conn.Exec(ctx, "SELECT pg_replication_origin_create($1)", originName); err != nil {
+			return err
+		}
+		if _, err := conn.Exec(ctx, "SELECT pg_replication_origin_session_setup($1)", originName); err != nil {
+			return err
+		}
+		defer func() {
+			_, _ = conn.Exec(context.Background(), "SELECT pg_replication_origin_session_reset()")
+			_, _ = conn.Exec(context.Background(), "SELECT pg_replication_origin_drop($1)", originName)
+		}()
+		decodeOptions = ", 'origin', 'none'"
+	}
 	t0 := time.Now()
 	ids := make([]int64, batch)
 	for done := 0; done < rows; done += batch {
 		for i := range ids {
 			ids[i] = minID + int64(done+i)
 		}
-		r, err := pool.Query(ctx, update, ids)
+		r, err := conn.Query(ctx, update, ids)
 		if err != nil {
 			return err
 		}
@@ -176,7 +202,7 @@ func measure(ctx context.Context, pool *pgxpool.Pool, table string, d design, ro
 		t0 := time.Now()
 		var n int64
 		err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_logical_slot_get_binary_changes($1, $2::pg_lsn, NULL,
-			'proto_version', '1', 'publication_names', $3)`, slot, upto, pub).Scan(&n)
+			'proto_version', '1', 'publication_names', $3`+decodeOptions+`)`, slot, upto, pub).Scan(&n)
 		return time.Since(t0), err
 	}
 	decIns, err := decode(insertsEnd)
